@@ -1,0 +1,74 @@
+"""The knobs of the GPU block-group schedule, one frozen config, with a default per GPU.
+
+The same ``ScheduleConfig`` drives the hand-written default and every MetaSchedule candidate:
+the tuning space samples these fields and calls the same schedule body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Knobs of the block-group schedule.
+
+    Attributes
+    ----------
+    block_threads : threads per thread block, in every group (the launch's blockDim).
+    norm_threads_per_row : threads that reduce one cache row (``threadIdx.x``); a block
+        normalizes ``block_threads / norm_threads_per_row`` rows (``threadIdx.y``). Both rope
+        groups use the same ``(x, y)`` thread shape, so no thread of the merged launch idles.
+        32 (one warp) reduces with shuffles alone; more threads add a shared-memory step.
+    vector_bytes : bytes per global load/store (16: one ``uint4`` per access).
+    rope_vectors_per_thread : vectors each q-rope thread handles, strided by the block's
+        span, so one block covers ``block_threads * that`` vectors (heads per block grow).
+    unroll : unroll the per-thread element loops explicitly.
+    """
+
+    block_threads: int = 128
+    norm_threads_per_row: int = 32
+    vector_bytes: int = 16
+    rope_vectors_per_thread: int = 1
+    unroll: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_threads % self.norm_threads_per_row:
+            raise ValueError("block_threads must be a multiple of norm_threads_per_row")
+        if self.norm_threads_per_row % 32 or not 32 <= self.block_threads <= 1024:
+            raise ValueError("norm_threads_per_row must be a multiple of 32 and "
+                             "block_threads within [32, 1024]")
+        if self.vector_bytes not in (4, 8, 16):
+            raise ValueError(f"vector_bytes must be 4, 8 or 16, got {self.vector_bytes}")
+        if self.rope_vectors_per_thread < 1:
+            raise ValueError("rope_vectors_per_thread must be positive")
+
+    @property
+    def norm_rows_per_block(self) -> int:
+        """Cache rows one norm block normalizes."""
+        return self.block_threads // self.norm_threads_per_row
+
+    def vector_elems(self, dtype: str, *dims: int) -> int:
+        """Elements per vector access for ``dtype``: as wide as ``vector_bytes`` allows while
+        dividing every dim in ``dims``."""
+        elems = max(self.vector_bytes // _ITEMSIZE[dtype], 1)
+        while elems > 1 and any(d % elems for d in dims):
+            elems //= 2
+        return elems
+
+
+def default_schedule_config(target: tvm.target.Target) -> ScheduleConfig:
+    """The hand-written default for a CUDA target.
+
+    Every NVIDIA GPU from sm_70 on gets the same shape: 128-thread blocks of four warps, a warp
+    per cache row (shuffle-only reduction, no barrier), 16-byte accesses, one vector per q-rope
+    thread (decode spreads a token's heads over the most blocks). Tuning records refine it per
+    GPU and token-count bucket.
+    """
+    if target.kind.name != "cuda":
+        raise ValueError(f"the block-group schedule is for CUDA targets, got {target.kind.name}")
+    return ScheduleConfig()

@@ -1,0 +1,32 @@
+"""The block-group schedule of the whole fused op: each branch on its own thread blocks.
+
+Each branch is scheduled on its own (``rope.py``, ``norm.py``) and so becomes its own GPU
+launch; the ``MergeBlockGroups`` pass of ``tvm_fused.block_groups`` later concatenates those
+launches into one kernel whose ``blockIdx.x`` ranges are the groups: q rope, k rope, norm.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir
+
+from tvm_fused.config import OpConfig
+from tvm_fused.definition import fused_rope_rmsnorm_func
+
+from .config import ScheduleConfig
+from .norm import schedule_norm_branch
+from .rope import schedule_rope_branch
+
+
+def apply_block_group_schedule(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConfig) -> None:
+    """Apply ``config`` to a schedule of ``fused_rope_rmsnorm_func(op)`` in place."""
+    schedule_rope_branch(sch, "q", op, config, items=config.rope_vectors_per_thread)
+    schedule_rope_branch(sch, "k", op, config, items=1)
+    schedule_norm_branch(sch, op, config)
+
+
+def schedule_fused_rope_rmsnorm(op: OpConfig, config: ScheduleConfig) -> tvm.IRModule:
+    """The scheduled IRModule of the fused op for a CUDA target."""
+    sch = s_tir.Schedule(fused_rope_rmsnorm_func(op))
+    apply_block_group_schedule(sch, op, config)
+    return sch.mod

@@ -1,0 +1,67 @@
+"""Schedule of the norm branch (``norm_*`` stages) onto its own thread blocks.
+
+The store stage is the anchor. ``X`` threads per row, ``Y`` rows per block, ``V`` elements per
+vector, ``I = kv_norm_dim / (X * V)`` vectors per thread:
+
+    for blk  in blockIdx.x  (ceil(n / Y))
+     for ty  in threadIdx.y (Y)                        one cache row per ty
+       locate token t and its page                      (registers)
+       for tx in threadIdx.x (X): for i in I: x[i*X*V + tx*V : +V]  -> vector loads (registers)
+       sum of squares: per thread, then across the X threads        (shuffles [+ smem])
+       for tx in threadIdx.x (X):
+         scale = rsqrt(sumsq / D + eps)
+         for i in I: gamma vector load; y = (x * scale) * gamma; vector store (skipped on padding)
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from tvm_fused.config import OpConfig
+
+from .config import ScheduleConfig
+from .util import set_local
+
+
+def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConfig) -> None:
+    """Bind the ``norm_*`` stages: ``norm_threads_per_row`` threads per cache row."""
+    locate, load, sumsq, scale, apply, store = (
+        sch.get_sblock(f"norm_{stage}")
+        for stage in ("locate", "load", "sumsq", "scale", "apply", "store")
+    )
+    x, y = config.norm_threads_per_row, config.norm_rows_per_block
+    vector = config.vector_elems(op.dtype, op.kv_norm_dim)
+    span = x * vector
+
+    def split_row(loop):
+        """Row loop -> (threadIdx.x, vectors per thread, vector lanes)."""
+        it, tx, vec = sch.split(loop, [None, x, vector])
+        sch.reorder(tx, it, vec)
+        sch.bind(tx, "threadIdx.x")
+        return tx, it, vec
+
+    t, c = sch.get_loops(store)
+    blk, ty = sch.split(t, [None, y])
+    sch.bind(blk, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    tx, it, vec = split_row(c)
+    sch.vectorize(vec)
+    sch.compute_at(apply, it)
+    if config.unroll:
+        sch.unroll(sch.get_loops(apply)[-1])
+    gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])
+    sch.compute_at(gamma, it)
+    sch.vectorize(sch.get_loops(gamma)[-1])
+    sch.compute_at(scale, tx)
+
+    sch.compute_at(sumsq, ty)
+    split_row(sch.get_loops(sumsq)[-1])
+    sch.compute_at(load, ty)
+    sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
+    sch.compute_at(locate, ty)
+    set_local(sch, locate, load, sumsq, scale, apply)
+    # the row staged by `load` is read back in another threadIdx.x loop, so buffer compaction
+    # would size it for the whole row: index it per thread (vector i, lane v), which is exact
+    # in registers, where each thread has its own copy
+    sch.transform_layout(load, ("write", 0), lambda t, c: (t, c // span, c % vector),
+                         assume_injective_transform=True)

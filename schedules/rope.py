@@ -1,0 +1,73 @@
+"""Schedule of a rope branch (``q_*`` or ``k_*`` stages) onto its own thread blocks.
+
+The store stage is the anchor; every other stage is computed at its per-vector loop. A head's
+``R`` rope elements are split over ``L = R / E`` lanes of ``E`` elements (one vector ``V``
+interleaved; two for NeoX, whose pairs sit ``R / 2`` apart). A block's ``Y * X`` threads cover
+``Y * X / L`` heads of one token (many heads: q), or whole tokens (few: k, or q with few heads):
+
+    for blk   in blockIdx.x  (n * ceil(H / heads per block), or ceil(n / tokens per block))
+     for ty   in threadIdx.y (Y)
+      for tx  in threadIdx.x (X)                      thread -> (token, head, lane)
+       for item in range(items)                       heads (or tokens) a thread handles
+         locate token t: binary search of input_row_offsets        (registers)
+         freqs[pos, lane*E : +E]          ->  vector loads         (registers)
+         x[t, h, lane*E : +E]             ->  vector loads         (registers; 0 on padding)
+         rotate E elements                    (unrolled, fp32)
+         store                            ->  vector stores        (skipped on padding)
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from tvm_fused.config import OpConfig
+
+from .config import ScheduleConfig
+from .util import loops_under, set_local, vectorize_tail
+
+
+def schedule_rope_branch(
+    sch: s_tir.Schedule, prefix: str, op: OpConfig, config: ScheduleConfig, items: int
+) -> None:
+    """Bind the ``{prefix}_locate/freqs/load/rope/store`` stages; ``items`` vectors a thread."""
+    locate, freqs, load, rope, store = (
+        sch.get_sblock(f"{prefix}_{stage}")
+        for stage in ("locate", "freqs", "load", "rope", "store")
+    )
+    vector = config.vector_elems(op.dtype, op.rope_dim // (1 if op.interleaved else 2))
+    elems = vector if op.interleaved else 2 * vector
+    lanes = op.rope_dim // elems
+    threads = config.block_threads
+    heads = op.num_q_heads if prefix == "q" else 1
+
+    t, *head, j, p = sch.get_loops(store)
+    j_lane, j_elem = sch.split(j, [lanes, None])
+    sch.reorder(j_lane, j_elem, p)
+    elem = sch.fuse(j_elem, p)
+    if heads * lanes >= threads:  # blocks tile a token's heads
+        blk_part, item, head_part = sch.split(head[0], [None, items, threads // lanes])
+        blk = sch.fuse(t, blk_part)
+        thread = sch.fuse(head_part, j_lane)
+    else:  # a block takes whole tokens
+        blk, item, tok_part = sch.split(t, [None, items, threads // (heads * lanes)])
+        thread = sch.fuse(tok_part, *head, j_lane)
+    ty, tx = sch.split(thread, [None, config.norm_threads_per_row])
+    sch.reorder(blk, ty, tx, item, elem)
+    sch.bind(blk, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    if op.interleaved:
+        sch.vectorize(elem)
+    else:  # elem = (j, p): put p outside so each vector runs along j, contiguous in memory
+        j_vec, p = sch.split(elem, [None, 2])
+        sch.reorder(p, j_vec)
+        sch.vectorize(j_vec)
+
+    for stage in (rope, load, freqs, locate):
+        sch.compute_at(stage, item)
+    if config.unroll:
+        for loop in loops_under(sch, rope, item):
+            sch.unroll(loop)
+    vectorize_tail(sch, freqs, item, config.vector_elems(op.freqs_dtype, elems))
+    vectorize_tail(sch, load, item, vector, pairs_first=op.interleaved)
+    set_local(sch, locate, freqs, load, rope)

@@ -1,0 +1,39 @@
+"""Small schedule helpers shared by the branch schedules."""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+
+def loops_under(sch: s_tir.Schedule, block: s_tir.SBlockRV, loop: s_tir.LoopRV) -> list:
+    """The loops around ``block`` nested inside ``loop`` (those a compute-at created)."""
+    loops = sch.get_loops(block)
+    target = sch.get(loop)
+    index = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(target))
+    return loops[index + 1:]
+
+
+def vectorize_tail(sch: s_tir.Schedule, block: s_tir.SBlockRV, at: s_tir.LoopRV, vector: int,
+                   pairs_first: bool = True) -> None:
+    """Fuse the loops a compute-at placed around a rope copy ``block`` (inside ``at``) and
+    vectorize by ``vector``.
+
+    The copy's last two loops are (pair j, element p). Memory runs along (j, p) when pairs are
+    adjacent (``pairs_first``) and along j alone when they sit half a row apart (NeoX): then p
+    goes outside so each vector is contiguous.
+    """
+    loops = loops_under(sch, block, at)
+    if not pairs_first:
+        *outer, j, p = loops
+        sch.reorder(*outer, p, j)
+        loops = [*outer, p, j]
+    _, inner = sch.split(sch.fuse(*loops), [None, vector])
+    sch.vectorize(inner)
+
+
+def set_local(sch: s_tir.Schedule, *blocks: s_tir.SBlockRV) -> None:
+    """Keep every buffer the given blocks write in registers."""
+    for block in blocks:
+        for index in range(len(sch.get(block).writes)):
+            sch.set_scope(block, index, "local")
+

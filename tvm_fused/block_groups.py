@@ -1,0 +1,169 @@
+"""MergeBlockGroups: one GPU launch from the sibling launches of a scheduled PrimFunc.
+
+A PrimFunc whose branches are scheduled on their own lowers to one launch per branch:
+
+    attr blockIdx.x = G0 { allocs; attr threadIdx.y = Y0 { attr threadIdx.x = X0 { body0 } } }
+    attr blockIdx.x = G1 { ... body1 ... }
+
+This pass, run right before ``SplitHostDevice``, turns them into one launch whose block
+groups are the branches, in order:
+
+    attr blockIdx.x = max(G0 + G1, 1) { attr threadIdx.x = N = max(X0*Y0, X1*Y1) {
+      if blockIdx.x < G0:            bx0 = blockIdx.x;      tx0 = tid % X0; ty0 = tid / X0
+                                     [if tid < X0*Y0:] body0
+      elif blockIdx.x < G0 + G1:     bx1 = blockIdx.x - G0; ...              body1
+    } }
+
+Grid sizes stay symbolic; blocks of one group run only their own branch. Each branch keeps
+its own thread shape, recovered from the linear thread index, so its warps hold the same
+threads as in its own launch (warp shuffles stay valid); a branch with fewer threads than
+the merged block runs on the first ones. A branch that synchronizes the block
+(``tvm_storage_sync``) must span the whole block, since the idle threads would never arrive
+at its barrier: the pass raises otherwise. Only 1-D grids (``blockIdx.x``) are merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.ir import Op, Range
+from tvm.tirx import stmt as S
+
+_THREAD_TAGS = ("threadIdx.x", "threadIdx.y", "threadIdx.z")
+_BARRIER = Op.get("tirx.tvm_storage_sync")
+
+
+@dataclass
+class _Group:
+    """One branch's launch: its block variable and count, thread variables and body."""
+
+    block_var: tvm.tirx.Var
+    blocks: tvm.ir.PrimExpr
+    threads: dict  # tag -> (var, extent); extents are constants
+    body: S.Stmt
+
+    @property
+    def num_threads(self) -> int:
+        num = 1
+        for _, extent in self.threads.values():
+            num *= extent
+        return num
+
+
+def _launch_tag(stmt) -> str | None:
+    if isinstance(stmt, S.AttrStmt) and stmt.attr_key == "thread_extent":
+        return stmt.node.thread_tag
+    return None
+
+
+def _children(stmt) -> list:
+    if isinstance(stmt, S.SeqStmt):
+        return list(stmt.seq)
+    return [c for c in (getattr(stmt, "body", None), getattr(stmt, "then_case", None),
+                        getattr(stmt, "else_case", None)) if c is not None]
+
+
+def _walk(stmt):
+    yield stmt
+    for child in _children(stmt):
+        yield from _walk(child)
+
+
+def _has_barrier(stmt) -> bool:
+    return any(isinstance(s, S.Evaluate) and isinstance(s.value, tvm.tirx.Call)
+               and s.value.op.same_as(_BARRIER) for s in _walk(stmt))
+
+
+def _strip_thread_launches(stmt, threads: dict):
+    """``stmt`` without its ``threadIdx`` launches (recorded in ``threads``), which must sit in
+    the leading sequence of the branch, as lowering leaves them."""
+    tag = _launch_tag(stmt)
+    if tag in _THREAD_TAGS:
+        extent = stmt.value
+        if not isinstance(extent, tvm.tirx.IntImm) or tag in threads:
+            raise ValueError(f"MergeBlockGroups: {tag} must be launched once, with a constant "
+                             f"extent, got {extent}")
+        threads[tag] = (stmt.node.var, int(extent))
+        return _strip_thread_launches(stmt.body, threads)
+    if isinstance(stmt, S.SeqStmt):
+        return S.SeqStmt([_strip_thread_launches(s, threads) for s in stmt.seq])
+    if any(_launch_tag(s) for s in _walk(stmt)):
+        raise ValueError("MergeBlockGroups: a thread launch is nested inside other statements")
+    return stmt
+
+
+def _parse_group(launch) -> _Group:
+    threads: dict = {}
+    body = _strip_thread_launches(launch.body, threads)
+    return _Group(launch.node.var, launch.value, threads, body)
+
+
+def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int) -> S.Stmt:
+    """The group's body, its old launch variables bound to the merged ones."""
+    binds = [S.Bind(group.block_var, block_id - first_block)]
+    stride = 1
+    for tag in _THREAD_TAGS:
+        if tag in group.threads:
+            var, extent = group.threads[tag]
+            binds.append(S.Bind(var, thread_id // stride % extent if stride > 1
+                                else thread_id % extent))
+            stride *= extent
+    body = S.SeqStmt([*binds, group.body])
+    if group.num_threads < num_threads:
+        if _has_barrier(group.body):
+            raise ValueError(
+                f"MergeBlockGroups: a branch of {group.num_threads} threads synchronizes its "
+                f"block, but the merged block has {num_threads}; give every branch that "
+                "synchronizes the full thread count")
+        body = S.IfThenElse(thread_id < group.num_threads, body, None)
+    return body
+
+
+def merge_launches(stmts: list) -> list:
+    """Merge the ``blockIdx.x`` launches in a flat statement list into one.
+
+    Statements before the first launch stay first; let-bindings between launches (host-side
+    index arithmetic) move before the merged launch. Returns the new statement list.
+    """
+    launch_ids = [i for i, s in enumerate(stmts) if _launch_tag(s) == "blockIdx.x"]
+    if len(launch_ids) < 2:
+        return stmts
+    if any(_launch_tag(s) in ("blockIdx.y", "blockIdx.z") for st in stmts for s in _walk(st)):
+        raise ValueError("MergeBlockGroups: only 1-D grids (blockIdx.x) can be merged")
+    first = launch_ids[0]
+    hoisted = [s for s in stmts[first:] if _launch_tag(s) is None]
+    if not all(isinstance(s, S.Bind) for s in hoisted):
+        raise ValueError("MergeBlockGroups: only let-bindings may stand between launches")
+    groups = [_parse_group(stmts[i]) for i in launch_ids]
+    num_threads = max(g.num_threads for g in groups)
+
+    block_id = tvm.tirx.Var("blockIdx.x", "int32")
+    thread_id = tvm.tirx.Var("threadIdx.x", "int32")
+    first_block = tvm.tirx.IntImm("int32", 0)
+    branches = []
+    for group in groups:
+        end = first_block + group.blocks
+        branches.append((block_id < end,
+                         _branch(group, block_id, thread_id, first_block, num_threads)))
+        first_block = end
+    chain = None
+    for cond, body in reversed(branches):
+        chain = S.IfThenElse(cond, body, chain)
+
+    grid = tvm.tirx.max(first_block, 1)
+    launch = S.AttrStmt(
+        tvm.tirx.IterVar(Range(0, grid), block_id, 1, "blockIdx.x"), "thread_extent", grid,
+        S.AttrStmt(tvm.tirx.IterVar(Range(0, num_threads), thread_id, 1, "threadIdx.x"),
+                   "thread_extent", num_threads, chain))
+    return [*stmts[:first], *hoisted, launch]
+
+
+@tvm.tirx.transform.prim_func_pass(opt_level=0, name="tvm_fused.MergeBlockGroups")
+def MergeBlockGroups(func, _mod, _ctx):
+    """Merge the sibling GPU launches at the top level of ``func``'s body into one."""
+    stmts = list(func.body.seq) if isinstance(func.body, S.SeqStmt) else [func.body]
+    merged = merge_launches(stmts)
+    if merged is stmts:
+        return func
+    return func.with_body(S.SeqStmt(merged))

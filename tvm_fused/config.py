@@ -1,0 +1,69 @@
+"""The static description of one fused-op instance: everything a built module is specialized on.
+
+Token count, batch size, page count, pages per request and ``max_seq_len`` are *not* here: they
+are symbolic in the PrimFunc, so one built module serves every batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("bfloat16", "float16", "float32")
+FREQS_DTYPES = ("float32", "bfloat16")
+OFFSETS_DTYPES = ("uint32", "int32")
+
+
+@dataclass(frozen=True)
+class OpConfig:
+    """Static dimensions and dtypes of the fused MLA RoPE + RMSNorm op.
+
+    Attributes
+    ----------
+    num_q_heads : q heads per token (``q_rope.shape[1]``).
+    rope_dim : rotary dims per head, and the width of the cache row's rope part (even).
+    kv_norm_dim : width of the cache row's latent part, RMS-normalized in place.
+    page_size : cache rows per page (any power of two).
+    dtype : dtype of ``q_rope``, ``q_rope_output`` and ``k_cache``.
+    freqs_dtype : dtype of ``freqs_cis``.
+    gamma_dtype : dtype of ``gamma``.
+    offsets_dtype : dtype of ``input_row_offsets``.
+    interleaved : GPT-J pairs ``(x[2j], x[2j+1])`` if True, NeoX pairs ``(x[j], x[j + rope_dim/2])``
+        otherwise.
+    stride_multiple : the row strides of ``q_rope``, ``q_rope_output`` and ``k_cache`` (and
+        their data pointers, in elements) are multiples of this; 16 bytes' worth lets the
+        GPU schedule prove its vector accesses aligned. 1 assumes nothing.
+    """
+
+    num_q_heads: int = 128
+    rope_dim: int = 64
+    kv_norm_dim: int = 512
+    page_size: int = 128
+    dtype: str = "bfloat16"
+    freqs_dtype: str = "float32"
+    gamma_dtype: str = "bfloat16"
+    offsets_dtype: str = "uint32"
+    interleaved: bool = True
+    stride_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_q_heads", "rope_dim", "kv_norm_dim", "page_size", "stride_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rope_dim % 2:
+            raise ValueError(f"rope_dim must be even, got {self.rope_dim}")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("gamma_dtype", self.gamma_dtype, DTYPES)
+        _check_choice("freqs_dtype", self.freqs_dtype, FREQS_DTYPES)
+        _check_choice("offsets_dtype", self.offsets_dtype, OFFSETS_DTYPES)
+
+    @property
+    def row_width(self) -> int:
+        """Elements in one cache row: ``kv_norm_dim + rope_dim``."""
+        return self.kv_norm_dim + self.rope_dim
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

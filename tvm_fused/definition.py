@@ -1,0 +1,244 @@
+"""The compute definition of the fused MLA prologue as one TensorIR PrimFunc (no schedule).
+
+``fused_rope_rmsnorm_func(config)`` returns a block-based PrimFunc whose stages read like
+SPEC.md. Three branches, each locating its own token because on the GPU they run in different
+thread blocks; ``row(t)`` is cache row ``k_cache[page[t], pos[t] % page_size]``:
+
+    q branch     q_locate  t           q_pos[t]: position of token t, -1 for padding rows
+                 q_freqs   t, j, p     cos/sin of pair j at q_pos[t] (row 0 for padding)
+                 q_load    t, h, j, p  q_in  = q_rope[t, h, pair j, elem p]        (real rows)
+                 q_rope    t, h, j, p  q_out = rope(q_in[t, h, j, :], freqs[q_pos[t], j])[p]
+                 q_store   t, h, j, p  q_rope_output[t, h, pair j, elem p] = q_out  (real rows)
+    k branch     k_locate, k_freqs, k_load, k_rope, k_store: the same on row(t)[kv_norm_dim:]
+    norm branch  norm_locate, norm_load (row(t)[:kv_norm_dim]),
+                 norm_sumsq  t, c (reduction)  sumsq[t] = sum_c float32(x[t, c])^2
+                 norm_scale  t                 scale[t] = rsqrt(sumsq[t] / kv_norm_dim + eps)
+                 norm_apply  t, c              y[t, c] = dtype(gamma_dtype(x * scale[t]) * gamma[c])
+                 norm_store  t, c              row(t)[c] = y[t, c]                 (real rows)
+
+Loads and stores are stages of their own, guarded by ``pos >= 0`` (padding loads yield 0), so that a schedule can
+stage rows through registers with wide vector accesses and padding rows are never touched.
+Rope pairs are addressed through views of shape ``[..., rope_dim / 2, 2]`` whose strides
+encode the pairing (interleaved: ``(2, 1)``; NeoX: ``(1, rope_dim / 2)``), so one body serves
+both modes. The cache is updated in place: it is read through ``*_in`` views and written
+through others of the same memory, which keeps the dataflow a stage pipeline; every element is
+loaded before the store that overwrites it, by the same block instance's thread.
+
+Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU thread blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tvm
+from tvm.script import tirx as T
+
+from .config import OpConfig
+
+OP_NAME = "fused_rope_rmsnorm"
+
+
+def _f32(x):
+    return T.Cast("float32", x)
+
+
+def _rotate(x0, x1, cos, sin, p):
+    """Element ``p`` of the pair ``(x0, x1)`` rotated by ``(cos, sin)``, all float32."""
+    return T.if_then_else(p == 0, x0 * cos - x1 * sin, x0 * sin + x1 * cos)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
+    """The fused op as an unscheduled block-based PrimFunc named ``fused_rope_rmsnorm``.
+
+    Parameters of the PrimFunc, in call order (``n`` tokens, ``H`` heads, ``R`` rope_dim,
+    ``D`` kv_norm_dim; every other dim symbolic too):
+
+    - q_rope ``[n, H, R]`` dtype, strides ``(qs0, qs1, 1)``
+    - q_rope_output ``[n, H, R]`` dtype, strides ``(os0, os1, 1)``; may be ``q_rope`` itself
+    - input_row_offsets ``[batch + 1]`` offsets_dtype
+    - freqs_cis ``[max_seq_len, R]`` freqs_dtype, contiguous
+    - gamma ``[D]`` gamma_dtype
+    - k_cache ``[num_pages, page_size, D + R]`` dtype, strides ``(ks0, ks1, 1)``
+    - lookup_table ``[batch, max_pages]`` int32, strides ``(ls0, 1)``
+    - cache_lengths ``[batch]`` int32
+    - epsilon float32
+    """
+    H, R, D, PS = config.num_q_heads, config.rope_dim, config.kv_norm_dim, config.page_size
+    W, R2 = config.row_width, config.rope_dim // 2
+    dtype, gdtype, fdtype = config.dtype, config.gamma_dtype, config.freqs_dtype
+    pj, pp = (2, 1) if config.interleaved else (1, R2)  # pair-view strides of (j, p)
+    A = config.stride_multiple
+
+    def aligned(stride):
+        """``stride`` as a visible multiple of ``A`` (equal to it: the caller checks), so that
+        vector accesses through the views are provably aligned."""
+        return stride // A * A
+
+    # fmt: off
+    @T.macro
+    def locate(vt, offsets, lookup_table, cache_lengths, pos, page):
+        """pos[vt] = position of token vt, -1 past offsets[-1]; page[vt] = its physical page."""
+        lo = T.alloc_buffer((1,), "int32", scope="local")
+        hi = T.alloc_buffer((1,), "int32", scope="local")
+        lo[0] = 0
+        hi[0] = T.Cast("int32", offsets.shape[0]) - 1
+        while lo[0] < hi[0]:  # largest b with offsets[b] <= vt
+            mid: T.int32 = (lo[0] + hi[0] + 1) // 2
+            if T.Cast("int32", offsets[mid]) <= vt:
+                lo[0] = mid
+            else:
+                hi[0] = mid - 1
+        if vt < T.Cast("int32", offsets[offsets.shape[0] - 1]):
+            pos[vt] = cache_lengths[lo[0]] + vt - T.Cast("int32", offsets[lo[0]])
+            if page is not None:
+                page[vt] = lookup_table[lo[0], pos[vt] // PS]
+        else:
+            pos[vt] = -1
+            if page is not None:
+                page[vt] = 0
+
+    @T.prim_func(s_tir=True)
+    def fused_rope_rmsnorm(
+        q_handle: T.handle, out_handle: T.handle, offsets_handle: T.handle,
+        freqs_handle: T.handle, gamma_handle: T.handle, k_handle: T.handle,
+        lookup_handle: T.handle, lengths_handle: T.handle, epsilon: T.float32,
+    ):
+        T.func_attr({"global_symbol": OP_NAME})
+        n, batch, max_seq_len, num_pages, max_pages = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        qs0, qs1, os0, os1, ks0, ks1, ls0 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        q_rope = T.match_buffer(q_handle, (n, H, R), dtype, strides=(qs0, qs1, 1))
+        q_rope_output = T.match_buffer(out_handle, (n, H, R), dtype, strides=(os0, os1, 1))
+        offsets = T.match_buffer(offsets_handle, (batch + 1,), config.offsets_dtype)
+        freqs_cis = T.match_buffer(freqs_handle, (max_seq_len, R), fdtype)
+        gamma = T.match_buffer(gamma_handle, (D,), gdtype)
+        k_cache = T.match_buffer(k_handle, (num_pages, PS, W), dtype, strides=(ks0, ks1, 1))
+        lookup_table = T.match_buffer(lookup_handle, (batch, max_pages), "int32", strides=(ls0, 1))
+        cache_lengths = T.match_buffer(lengths_handle, (batch,), "int32")
+
+        q_pos = T.sblock_alloc_buffer((n,), "int32")
+        q_freqs = T.sblock_alloc_buffer((n, R2, 2), fdtype)
+        q_in = T.sblock_alloc_buffer((n, H, R2, 2), dtype)
+        q_out = T.sblock_alloc_buffer((n, H, R2, 2), dtype)
+        k_pos = T.sblock_alloc_buffer((n,), "int32")
+        k_page = T.sblock_alloc_buffer((n,), "int32")
+        k_freqs = T.sblock_alloc_buffer((n, R2, 2), fdtype)
+        k_in = T.sblock_alloc_buffer((n, R2, 2), dtype)
+        k_out = T.sblock_alloc_buffer((n, R2, 2), dtype)
+        norm_pos = T.sblock_alloc_buffer((n,), "int32")
+        norm_page = T.sblock_alloc_buffer((n,), "int32")
+        norm_in = T.sblock_alloc_buffer((n, D), dtype)
+        sumsq = T.sblock_alloc_buffer((n,), "float32")
+        scale = T.sblock_alloc_buffer((n,), "float32")
+        norm_out = T.sblock_alloc_buffer((n, D), dtype)
+
+        q_pairs = T.decl_buffer((n, H, R2, 2), dtype, data=q_rope.data,
+                                elem_offset=q_rope.elem_offset, strides=(aligned(qs0), aligned(qs1), pj, pp))
+        out_pairs = T.decl_buffer((n, H, R2, 2), dtype, data=q_rope_output.data,
+                                  elem_offset=q_rope_output.elem_offset, strides=(aligned(os0), aligned(os1), pj, pp))
+        freqs_pairs = T.decl_buffer((max_seq_len, R2, 2), fdtype, data=freqs_cis.data,
+                                    elem_offset=freqs_cis.elem_offset, strides=(R, 2, 1))
+        k_rows_in = T.decl_buffer((num_pages, PS, W), dtype, data=k_cache.data,
+                                  elem_offset=k_cache.elem_offset, strides=(aligned(ks0), aligned(ks1), 1))
+        k_pairs_in = T.decl_buffer((num_pages, PS, R2, 2), dtype, data=k_cache.data,
+                                   elem_offset=k_cache.elem_offset + D, strides=(aligned(ks0), aligned(ks1), pj, pp))
+        k_pairs = T.decl_buffer((num_pages, PS, R2, 2), dtype, data=k_cache.data,
+                                elem_offset=k_cache.elem_offset + D, strides=(aligned(ks0), aligned(ks1), pj, pp))
+
+        # q branch
+        for t in range(n):
+            with T.sblock("q_locate"):
+                vt = T.axis.spatial(n, t)
+                T.reads(offsets[0:batch + 1], cache_lengths[0:batch])
+                T.writes(q_pos[vt])
+                locate(vt, offsets, lookup_table, cache_lengths, q_pos, None)
+        for t, j, p in T.grid(n, R2, 2):
+            with T.sblock("q_freqs"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                q_freqs[vt, vj, vp] = freqs_pairs[T.max(q_pos[vt], 0), vj, vp]
+        for t, h, j, p in T.grid(n, H, R2, 2):
+            with T.sblock("q_load"):
+                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
+                if q_pos[vt] >= 0:
+                    q_in[vt, vh, vj, vp] = q_pairs[vt, vh, vj, vp]
+                else:
+                    q_in[vt, vh, vj, vp] = T.Cast(dtype, 0)
+        for t, h, j, p in T.grid(n, H, R2, 2):
+            with T.sblock("q_rope"):
+                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
+                q_out[vt, vh, vj, vp] = T.Cast(dtype, _rotate(
+                    _f32(q_in[vt, vh, vj, 0]), _f32(q_in[vt, vh, vj, 1]),
+                    _f32(q_freqs[vt, vj, 0]), _f32(q_freqs[vt, vj, 1]), vp))
+        for t, h, j, p in T.grid(n, H, R2, 2):
+            with T.sblock("q_store"):
+                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
+                if q_pos[vt] >= 0:
+                    out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
+
+        # k branch: the rope part of each new cache row, in place
+        for t in range(n):
+            with T.sblock("k_locate"):
+                vt = T.axis.spatial(n, t)
+                T.reads(offsets[0:batch + 1], cache_lengths[0:batch], lookup_table[0:batch, 0:max_pages])
+                T.writes(k_pos[vt], k_page[vt])
+                locate(vt, offsets, lookup_table, cache_lengths, k_pos, k_page)
+        for t, j, p in T.grid(n, R2, 2):
+            with T.sblock("k_freqs"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                k_freqs[vt, vj, vp] = freqs_pairs[T.max(k_pos[vt], 0), vj, vp]
+        for t, j, p in T.grid(n, R2, 2):
+            with T.sblock("k_load"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                if k_pos[vt] >= 0:
+                    k_in[vt, vj, vp] = k_pairs_in[k_page[vt], k_pos[vt] % PS, vj, vp]
+                else:
+                    k_in[vt, vj, vp] = T.Cast(dtype, 0)
+        for t, j, p in T.grid(n, R2, 2):
+            with T.sblock("k_rope"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                k_out[vt, vj, vp] = T.Cast(dtype, _rotate(
+                    _f32(k_in[vt, vj, 0]), _f32(k_in[vt, vj, 1]),
+                    _f32(k_freqs[vt, vj, 0]), _f32(k_freqs[vt, vj, 1]), vp))
+        for t, j, p in T.grid(n, R2, 2):
+            with T.sblock("k_store"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                if k_pos[vt] >= 0:
+                    k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
+
+        # norm branch: the latent part of each new cache row, in place
+        for t in range(n):
+            with T.sblock("norm_locate"):
+                vt = T.axis.spatial(n, t)
+                T.reads(offsets[0:batch + 1], cache_lengths[0:batch], lookup_table[0:batch, 0:max_pages])
+                T.writes(norm_pos[vt], norm_page[vt])
+                locate(vt, offsets, lookup_table, cache_lengths, norm_pos, norm_page)
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_load"):
+                vt, vc = T.axis.remap("SS", [t, c])
+                if norm_pos[vt] >= 0:
+                    norm_in[vt, vc] = k_rows_in[norm_page[vt], norm_pos[vt] % PS, vc]
+                else:
+                    norm_in[vt, vc] = T.Cast(dtype, 0)
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_sumsq"):
+                vt, vc = T.axis.remap("SR", [t, c])
+                with T.init():
+                    sumsq[vt] = T.float32(0)
+                sumsq[vt] = sumsq[vt] + _f32(norm_in[vt, vc]) * _f32(norm_in[vt, vc])
+        for t in range(n):
+            with T.sblock("norm_scale"):
+                vt = T.axis.spatial(n, t)
+                scale[vt] = T.rsqrt(sumsq[vt] / T.float32(D) + epsilon)
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_apply"):
+                vt, vc = T.axis.remap("SS", [t, c])
+                norm_out[vt, vc] = T.Cast(dtype, T.Cast(gdtype, _f32(norm_in[vt, vc]) * scale[vt]) * gamma[vc])
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_store"):
+                vt, vc = T.axis.remap("SS", [t, c])
+                if norm_pos[vt] >= 0:
+                    k_cache[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
+    # fmt: on
+
+    return fused_rope_rmsnorm
