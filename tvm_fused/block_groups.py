@@ -71,7 +71,7 @@ def _walk(stmt):
 
 
 def _has_barrier(stmt) -> bool:
-    return any(isinstance(s, S.Evaluate) and isinstance(s.value, tvm.tirx.Call)
+    return any(isinstance(s, S.Evaluate) and isinstance(s.value, tvm.ir.Call)
                and s.value.op.same_as(_BARRIER) for s in _walk(stmt))
 
 
@@ -99,15 +99,23 @@ def _parse_group(launch) -> _Group:
     return _Group(launch.node.var, launch.value, threads, body)
 
 
+def _dtype(expr) -> str:
+    return str(expr.ty)
+
+
+def _cast(value, like):
+    """``value`` in the dtype of ``like``."""
+    return value if _dtype(value) == _dtype(like) else tvm.tirx.Cast(_dtype(like), value)
+
+
 def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int) -> S.Stmt:
     """The group's body, its old launch variables bound to the merged ones."""
-    binds = [S.Bind(group.block_var, block_id - first_block)]
+    binds = [S.Bind(group.block_var, _cast(block_id - first_block, group.block_var))]
     stride = 1
     for tag in _THREAD_TAGS:
         if tag in group.threads:
             var, extent = group.threads[tag]
-            binds.append(S.Bind(var, thread_id // stride % extent if stride > 1
-                                else thread_id % extent))
+            binds.append(S.Bind(var, _cast(thread_id // stride % extent, var)))
             stride *= extent
     body = S.SeqStmt([*binds, group.body])
     if group.num_threads < num_threads:
@@ -138,12 +146,13 @@ def merge_launches(stmts: list) -> list:
     groups = [_parse_group(stmts[i]) for i in launch_ids]
     num_threads = max(g.num_threads for g in groups)
 
-    block_id = tvm.tirx.Var("blockIdx.x", "int32")
-    thread_id = tvm.tirx.Var("threadIdx.x", "int32")
-    first_block = tvm.tirx.IntImm("int32", 0)
+    index_dtype = _dtype(groups[0].blocks)
+    block_id = tvm.tirx.Var("blockIdx.x", index_dtype)
+    thread_id = tvm.tirx.Var("threadIdx.x", index_dtype)
+    first_block = tvm.tirx.IntImm(index_dtype, 0)
     branches = []
     for group in groups:
-        end = first_block + group.blocks
+        end = first_block + _cast(group.blocks, block_id)
         branches.append((block_id < end,
                          _branch(group, block_id, thread_id, first_block, num_threads)))
         first_block = end
@@ -151,11 +160,13 @@ def merge_launches(stmts: list) -> list:
     for cond, body in reversed(branches):
         chain = S.IfThenElse(cond, body, chain)
 
-    grid = tvm.tirx.max(first_block, 1)
+    zero = tvm.tirx.IntImm(index_dtype, 0)
+    grid = tvm.tirx.max(first_block, tvm.tirx.IntImm(index_dtype, 1))
+    block_dim = tvm.tirx.IntImm(index_dtype, num_threads)
     launch = S.AttrStmt(
-        tvm.tirx.IterVar(Range(0, grid), block_id, 1, "blockIdx.x"), "thread_extent", grid,
-        S.AttrStmt(tvm.tirx.IterVar(Range(0, num_threads), thread_id, 1, "threadIdx.x"),
-                   "thread_extent", num_threads, chain))
+        tvm.tirx.IterVar(Range(zero, grid), block_id, 1, "blockIdx.x"), "thread_extent", grid,
+        S.AttrStmt(tvm.tirx.IterVar(Range(zero, block_dim), thread_id, 1, "threadIdx.x"),
+                   "thread_extent", block_dim, chain))
     return [*stmts[:first], *hoisted, launch]
 
 

@@ -65,10 +65,13 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     - cache_lengths ``[batch]`` int32
     - epsilon float32
     """
-    H, R, D, PS = config.num_q_heads, config.rope_dim, config.kv_norm_dim, config.page_size
-    W, R2 = config.row_width, config.rope_dim // 2
+    # static dims as 64-bit constants, like the symbolic ones (the ABI binds int64 shapes)
+    H, R, D, PS, W, R2, ONE = (T.int64(v) for v in (
+        config.num_q_heads, config.rope_dim, config.kv_norm_dim, config.page_size,
+        config.row_width, config.rope_dim // 2, 1))
     dtype, gdtype, fdtype = config.dtype, config.gamma_dtype, config.freqs_dtype
-    pj, pp = (2, 1) if config.interleaved else (1, R2)  # pair-view strides of (j, p)
+    TWO = T.int64(2)
+    pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
     A = config.stride_multiple
 
     def aligned(stride):
@@ -80,18 +83,19 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     @T.macro
     def locate(vt, offsets, lookup_table, cache_lengths, pos, page):
         """pos[vt] = position of token vt, -1 past offsets[-1]; page[vt] = its physical page."""
+        token: T.let = T.Cast("int32", vt)
         lo = T.alloc_buffer((1,), "int32", scope="local")
         hi = T.alloc_buffer((1,), "int32", scope="local")
         lo[0] = 0
         hi[0] = T.Cast("int32", offsets.shape[0]) - 1
-        while lo[0] < hi[0]:  # largest b with offsets[b] <= vt
+        while lo[0] < hi[0]:  # largest b with offsets[b] <= token
             mid: T.int32 = (lo[0] + hi[0] + 1) // 2
-            if T.Cast("int32", offsets[mid]) <= vt:
+            if T.Cast("int32", offsets[mid]) <= token:
                 lo[0] = mid
             else:
                 hi[0] = mid - 1
-        if vt < T.Cast("int32", offsets[offsets.shape[0] - 1]):
-            pos[vt] = cache_lengths[lo[0]] + vt - T.Cast("int32", offsets[lo[0]])
+        if token < T.Cast("int32", offsets[offsets.shape[0] - 1]):
+            pos[vt] = cache_lengths[lo[0]] + token - T.Cast("int32", offsets[lo[0]])
             if page is not None:
                 page[vt] = lookup_table[lo[0], pos[vt] // PS]
         else:
@@ -106,15 +110,17 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         lookup_handle: T.handle, lengths_handle: T.handle, epsilon: T.float32,
     ):
         T.func_attr({"global_symbol": OP_NAME})
-        n, batch, max_seq_len, num_pages, max_pages = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        qs0, qs1, os0, os1, ks0, ks1, ls0 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        q_rope = T.match_buffer(q_handle, (n, H, R), dtype, strides=(qs0, qs1, 1))
-        q_rope_output = T.match_buffer(out_handle, (n, H, R), dtype, strides=(os0, os1, 1))
-        offsets = T.match_buffer(offsets_handle, (batch + 1,), config.offsets_dtype)
+        # 64-bit sizes and strides: a layer view of a large multi-layer cache spans > 2^31 elements
+        n, batch, max_seq_len, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        qs0, qs1, os0, os1, ks0, ks1, ls0 = (T.int64(), T.int64(), T.int64(), T.int64(), T.int64(),
+                                             T.int64(), T.int64())
+        q_rope = T.match_buffer(q_handle, (n, H, R), dtype, strides=(qs0, qs1, ONE))
+        q_rope_output = T.match_buffer(out_handle, (n, H, R), dtype, strides=(os0, os1, ONE))
+        offsets = T.match_buffer(offsets_handle, (batch + ONE,), config.offsets_dtype)
         freqs_cis = T.match_buffer(freqs_handle, (max_seq_len, R), fdtype)
         gamma = T.match_buffer(gamma_handle, (D,), gdtype)
-        k_cache = T.match_buffer(k_handle, (num_pages, PS, W), dtype, strides=(ks0, ks1, 1))
-        lookup_table = T.match_buffer(lookup_handle, (batch, max_pages), "int32", strides=(ls0, 1))
+        k_cache = T.match_buffer(k_handle, (num_pages, PS, W), dtype, strides=(ks0, ks1, ONE))
+        lookup_table = T.match_buffer(lookup_handle, (batch, max_pages), "int32", strides=(ls0, ONE))
         cache_lengths = T.match_buffer(lengths_handle, (batch,), "int32")
 
         q_pos = T.sblock_alloc_buffer((n,), "int32")
@@ -138,7 +144,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         out_pairs = T.decl_buffer((n, H, R2, 2), dtype, data=q_rope_output.data,
                                   elem_offset=q_rope_output.elem_offset, strides=(aligned(os0), aligned(os1), pj, pp))
         freqs_pairs = T.decl_buffer((max_seq_len, R2, 2), fdtype, data=freqs_cis.data,
-                                    elem_offset=freqs_cis.elem_offset, strides=(R, 2, 1))
+                                    elem_offset=freqs_cis.elem_offset, strides=(R, TWO, ONE))
         k_rows_in = T.decl_buffer((num_pages, PS, W), dtype, data=k_cache.data,
                                   elem_offset=k_cache.elem_offset, strides=(aligned(ks0), aligned(ks1), 1))
         k_pairs_in = T.decl_buffer((num_pages, PS, R2, 2), dtype, data=k_cache.data,
@@ -153,24 +159,24 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                 T.reads(offsets[0:batch + 1], cache_lengths[0:batch])
                 T.writes(q_pos[vt])
                 locate(vt, offsets, lookup_table, cache_lengths, q_pos, None)
-        for t, j, p in T.grid(n, R2, 2):
+        for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("q_freqs"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 q_freqs[vt, vj, vp] = freqs_pairs[T.max(q_pos[vt], 0), vj, vp]
-        for t, h, j, p in T.grid(n, H, R2, 2):
+        for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_load"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
                 if q_pos[vt] >= 0:
                     q_in[vt, vh, vj, vp] = q_pairs[vt, vh, vj, vp]
                 else:
                     q_in[vt, vh, vj, vp] = T.Cast(dtype, 0)
-        for t, h, j, p in T.grid(n, H, R2, 2):
+        for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_rope"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
                 q_out[vt, vh, vj, vp] = T.Cast(dtype, _rotate(
                     _f32(q_in[vt, vh, vj, 0]), _f32(q_in[vt, vh, vj, 1]),
                     _f32(q_freqs[vt, vj, 0]), _f32(q_freqs[vt, vj, 1]), vp))
-        for t, h, j, p in T.grid(n, H, R2, 2):
+        for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_store"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
                 if q_pos[vt] >= 0:
@@ -183,24 +189,24 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                 T.reads(offsets[0:batch + 1], cache_lengths[0:batch], lookup_table[0:batch, 0:max_pages])
                 T.writes(k_pos[vt], k_page[vt])
                 locate(vt, offsets, lookup_table, cache_lengths, k_pos, k_page)
-        for t, j, p in T.grid(n, R2, 2):
+        for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_freqs"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 k_freqs[vt, vj, vp] = freqs_pairs[T.max(k_pos[vt], 0), vj, vp]
-        for t, j, p in T.grid(n, R2, 2):
+        for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_load"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 if k_pos[vt] >= 0:
                     k_in[vt, vj, vp] = k_pairs_in[k_page[vt], k_pos[vt] % PS, vj, vp]
                 else:
                     k_in[vt, vj, vp] = T.Cast(dtype, 0)
-        for t, j, p in T.grid(n, R2, 2):
+        for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_rope"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 k_out[vt, vj, vp] = T.Cast(dtype, _rotate(
                     _f32(k_in[vt, vj, 0]), _f32(k_in[vt, vj, 1]),
                     _f32(k_freqs[vt, vj, 0]), _f32(k_freqs[vt, vj, 1]), vp))
-        for t, j, p in T.grid(n, R2, 2):
+        for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_store"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 if k_pos[vt] >= 0:

@@ -43,6 +43,7 @@ def _lowering_passes(config) -> list:
         tirx.transform.BF16ComputeLegalize(),
         tirx.transform.NarrowDataType(32),
         s_tir.transform.LoopPartition(),
+        tirx.transform.StmtSimplify(),  # added: folds (f // 2) * 2 + f % 2 (pair views) to f
         tirx.transform.VectorizeLoop(not bool(config.get("tirx.disable_vectorize", False))),
         s_tir.transform.InjectVirtualThread(),
         s_tir.transform.InjectDoubleBuffer(),

@@ -1,0 +1,142 @@
+"""MergeBlockGroups on small PrimFuncs of its own: one launch, concatenated block ranges."""
+
+import re
+
+import pytest
+import tvm
+from tvm.script import tirx as T
+from tvm.tirx import stmt as S
+
+from tvm_fused import pipeline
+from tvm_fused.block_groups import MergeBlockGroups
+from tvm_fused.build import cuda_target
+
+
+def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False):
+    """Branch a: out_a[i] = 2 * a[i], one row of ``threads_a`` per block. Branch b: out_b[i]
+    = a[i] + 1 over blocks of ``tx_b`` x ``ty_b`` threads, optionally followed by a block-wide
+    shared-memory exchange (a barrier)."""
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def func(a_handle: T.handle, oa_handle: T.handle, ob_handle: T.handle):
+        n = T.int32()
+        a = T.match_buffer(a_handle, (n, 64), "float32")
+        out_a = T.match_buffer(oa_handle, (n, 64), "float32")
+        out_b = T.match_buffer(ob_handle, (n, 64), "float32")
+        for bx in T.thread_binding(n, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads_a, thread="threadIdx.x"):
+                with T.sblock("a"):
+                    vi, vj = T.axis.remap("SS", [bx, tx])
+                    T.where(tx < 64)
+                    out_a[vi, vj] = a[vi, vj] * T.float32(2)
+        for bx in T.thread_binding((n * 64 + tx_b * ty_b - 1) // (tx_b * ty_b), thread="blockIdx.x"):
+            for ty in T.thread_binding(ty_b, thread="threadIdx.y"):
+                for tx in T.thread_binding(tx_b, thread="threadIdx.x"):
+                    with T.sblock("b"):
+                        T.reads(a[0:n, 0:64])
+                        T.writes(out_b[0:n, 0:64])
+                        v: T.let = (bx * ty_b + ty) * tx_b + tx
+                        if shared_reduce_b:
+                            buf = T.alloc_buffer((tx_b * ty_b,), "float32", scope="shared")
+                            buf[ty * tx_b + tx] = a[v // 64, v % 64]
+                            T.tvm_storage_sync("shared")
+                            if v < n * 64:
+                                out_b[v // 64, v % 64] = buf[(ty * tx_b + tx + 1) % (tx_b * ty_b)]
+                        elif v < n * 64:
+                            out_b[v // 64, v % 64] = a[v // 64, v % 64] + T.float32(1)
+    # fmt: on
+    return func
+
+
+def _lower(func):
+    """Run the tvm_fused pipeline up to (not including) SplitHostDevice's host/device split."""
+    target = cuda_target()
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    mod = tvm.tirx.transform.BindTarget(target.with_host("llvm"))(mod)
+    passes = pipeline._lowering_passes(tvm.transform.PassContext.current().config)
+    stop = next(i for i, p in enumerate(passes) if p.info.name == "tirx.SplitHostDevice")
+    with target:
+        return tvm.ir.transform.Sequential(passes[:stop])(mod)["main"]
+
+
+def _launches(func):
+    found = []
+
+    def visit(stmt):
+        if isinstance(stmt, S.AttrStmt) and stmt.attr_key == "thread_extent":
+            found.append((stmt.node.thread_tag, stmt.value))
+        if isinstance(stmt, S.SeqStmt):
+            for s in stmt.seq:
+                visit(s)
+        for name in ("body", "then_case", "else_case"):
+            child = getattr(stmt, name, None)
+            if child is not None:
+                visit(child)
+
+    visit(func.body)
+    return found
+
+
+def _evaluate(expr, **values):
+    """Value of a printed integer TIR expression of non-negative symbols."""
+    text = str(expr).replace("T.max", "max").replace("T.min", "min")
+    return eval(text, {"max": max, "min": min}, values)  # noqa: S307 - our own printed IR
+
+
+def test_one_launch_with_concatenated_grid_and_widest_block():
+    merged = _lower(two_branches(threads_a=64, tx_b=32, ty_b=4))
+    launches = _launches(merged)
+    assert [tag for tag, _ in launches] == ["blockIdx.x", "threadIdx.x"]
+    grid, block = (value for _, value in launches)
+    assert int(block) == 128  # the widest branch: 32 x 4
+    for n in (0, 1, 7, 1000):  # n blocks of branch a, then ceil(64 n / 128) of branch b
+        assert _evaluate(grid, n=n) == max(n + (64 * n + 127) // 128, 1)
+    script = merged.script()
+    assert "threadIdx_x < 64" in script  # branch a (64 threads) runs on the first 64
+    assert script.count("blockIdx_x < ") == 2  # one range test per group
+
+
+def test_single_launch_is_left_alone():
+    @T.prim_func(s_tir=True)
+    def one(a: T.Buffer((8, 32), "float32"), b: T.Buffer((8, 32), "float32")):
+        for bx in T.thread_binding(8, thread="blockIdx.x"):
+            for tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("c"):
+                    vi, vj = T.axis.remap("SS", [bx, tx])
+                    b[vi, vj] = a[vi, vj]
+
+    lowered = _lower(one)
+    assert [int(v) for _, v in _launches(lowered)] == [8, 32]
+
+
+def test_barrier_in_a_predicated_branch_is_rejected():
+    with pytest.raises(Exception, match="synchronizes its block"):
+        _lower(two_branches(threads_a=256, tx_b=32, ty_b=4, shared_reduce_b=True))
+
+
+def test_barrier_in_a_full_width_branch_is_accepted():
+    merged = _lower(two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=True))
+    assert "tvm_storage_sync" in merged.script()
+
+
+def test_cuda_source_has_one_kernel():
+    target = cuda_target()
+    with target:
+        executable = tvm.compile(two_branches(), target=target,
+                                 tir_pipeline=pipeline.PIPELINE_NAME)
+    source = executable.mod.imports[0].inspect_source()
+    assert source.count("__global__ void") == 2  # the declaration and the definition
+    assert "__launch_bounds__(128)" in source
+
+
+def test_pass_is_a_noop_on_host_code():
+    @T.prim_func(s_tir=True)
+    def host(a: T.Buffer((4,), "float32")):
+        for i in range(4):
+            with T.sblock("c"):
+                vi = T.axis.remap("S", [i])
+                a[vi] = a[vi] + T.float32(1)
+
+    mod = tvm.IRModule({"main": host})
+    tvm.ir.assert_structural_equal(MergeBlockGroups(mod), mod)

@@ -1,0 +1,146 @@
+"""Every bad input raises a clear exception naming the argument, and changes nothing."""
+
+import pytest
+import torch
+
+from tvm_fused import fused_rope_rmsnorm
+from tvm_fused.inputs import make_inputs
+
+
+def _inputs():
+    return make_inputs([2, 0, 3], [5, 1, 127], num_q_heads=4, page_size=16, padding_rows=1)
+
+
+def _call(args, **kwargs):
+    names = ("q_rope", "input_row_offsets", "freqs_cis", "gamma", "k_cache", "lookup_table",
+             "cache_lengths")
+    call = dict(zip(names, args))
+    out = kwargs.pop("out", None)
+    call.update({k: v for k, v in kwargs.items() if k in names})
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    return fused_rope_rmsnorm(*(call[n] for n in names), out=out, **options)
+
+
+def _bad(name, make, error, match):
+    """A replacement for argument ``name`` built from good inputs, and what it must raise."""
+    return pytest.param(name, make, error, match, id=f"{name}:{make.__name__}")
+
+
+def wrong_dtype_q(i): return i.q_rope.float()
+def int_q(i): return i.q_rope.to(torch.int32)
+def rank_q(i): return i.q_rope[0]
+def list_q(i): return i.q_rope.tolist()
+def fp32_cache(i): return i.k_cache.float()
+def short_row_cache(i): return i.k_cache[..., :-2]
+def page_size_3(i): return i.k_cache[:, :3]
+def noncontig_last_cache(i): return i.k_cache.transpose(1, 2)
+def int64_offsets(i): return i.input_row_offsets.to(torch.int64)
+def short_offsets(i): return i.input_row_offsets[:-1]
+def float_lookup(i): return i.lookup_table.float()
+def short_lookup(i): return i.lookup_table[:-1]
+def int64_lengths(i): return i.cache_lengths.to(torch.int64)
+def long_lengths(i): return torch.cat([i.cache_lengths, i.cache_lengths[:1]])
+def short_gamma(i): return i.gamma[:-1]
+def int_gamma(i): return i.gamma.to(torch.int32)
+def meta_gamma(i): return i.gamma.to("meta")
+def odd_freqs(i): return i.freqs_cis[:, :-1]
+def column_major_freqs(i): return i.freqs_cis.t().contiguous().t()
+def int_freqs(i): return i.freqs_cis.to(torch.int32)
+def fp16_freqs(i): return i.freqs_cis.half()
+
+
+BAD_ARGUMENTS = [
+    _bad("q_rope", wrong_dtype_q, TypeError, "k_cache must have dtype q_rope's"),
+    _bad("q_rope", int_q, TypeError, "q_rope must have dtype"),
+    _bad("q_rope", rank_q, ValueError, "q_rope must have 3 dims"),
+    _bad("q_rope", list_q, TypeError, "q_rope must be a torch.Tensor"),
+    _bad("k_cache", fp32_cache, TypeError, "k_cache must have dtype q_rope's"),
+    _bad("k_cache", short_row_cache, ValueError, "k_cache rows must hold"),
+    _bad("k_cache", page_size_3, ValueError, "page size"),
+    _bad("k_cache", noncontig_last_cache, ValueError, "k_cache must be contiguous in its last"),
+    _bad("input_row_offsets", int64_offsets, TypeError, "input_row_offsets must have dtype"),
+    _bad("input_row_offsets", short_offsets, ValueError, "input_row_offsets must have batch"),
+    _bad("lookup_table", float_lookup, TypeError, "lookup_table must have dtype"),
+    _bad("lookup_table", short_lookup, ValueError, "lookup_table must have batch"),
+    _bad("cache_lengths", int64_lengths, TypeError, "cache_lengths must have dtype"),
+    _bad("cache_lengths", long_lengths, ValueError, "input_row_offsets must have batch"),
+    _bad("gamma", short_gamma, ValueError, "k_cache rows must hold"),
+    _bad("gamma", int_gamma, TypeError, "gamma must have dtype"),
+    _bad("gamma", meta_gamma, ValueError, "gamma is on meta"),
+    _bad("freqs_cis", odd_freqs, ValueError, "freqs_cis must have rope_dim"),
+    _bad("freqs_cis", column_major_freqs, ValueError, "freqs_cis must be contiguous"),
+    _bad("freqs_cis", int_freqs, TypeError, "freqs_cis must have dtype"),
+    _bad("freqs_cis", fp16_freqs, TypeError, "freqs_cis must have dtype"),
+]
+
+
+def _snapshot(inputs):
+    return [t.clone() for t in (inputs.q_storage, inputs.cache_storage,
+                                inputs.input_row_offsets, inputs.lookup_table,
+                                inputs.cache_lengths, inputs.freqs_cis, inputs.gamma)]
+
+
+def _unchanged(inputs, snapshot):
+    return all(torch.equal(a, b) for a, b in zip(_snapshot(inputs), snapshot))
+
+
+@pytest.mark.parametrize("name, make, error, match", BAD_ARGUMENTS)
+def test_bad_argument_raises_and_writes_nothing(name, make, error, match):
+    inputs = _inputs()
+    snapshot = _snapshot(inputs)
+    with pytest.raises(error, match=match):
+        _call(inputs.args(), **{name: make(inputs)})
+    assert _unchanged(inputs, snapshot)
+
+
+def test_out_with_wrong_shape_dtype_or_strides():
+    inputs = _inputs()
+    snapshot = _snapshot(inputs)
+    for out, message in (
+        (torch.empty(inputs.q_rope.shape[0] + 1, *inputs.q_rope.shape[1:],
+                     dtype=inputs.q_rope.dtype), "out must have the shape"),
+        (torch.empty(inputs.q_rope.shape, dtype=torch.float64), "out must have dtype"),
+        (inputs.q_rope.as_strided(inputs.q_rope.shape, (64 * 4, 1, 0)), "out must be contiguous"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=message):
+            _call(inputs.args(), out=out)
+    assert _unchanged(inputs, snapshot)
+
+
+def test_odd_rope_dim():
+    inputs = make_inputs([1], [0], num_q_heads=2, rope_dim=6, kv_norm_dim=10, page_size=4)
+    with pytest.raises(ValueError, match="rope_dim"):
+        _call(inputs.args(), q_rope=inputs.q_rope[..., :5],
+              freqs_cis=inputs.freqs_cis[:, :5].contiguous(),
+              k_cache=inputs.k_cache[..., :15])
+
+
+@pytest.mark.parametrize("case", [
+    "offsets_not_from_zero", "offsets_decreasing", "offsets_beyond_rows",
+    "position_beyond_freqs", "page_beyond_lookup_table", "page_id_out_of_range",
+    "negative_cache_length",
+])
+def test_validate_rejects_out_of_range_contents(case):
+    inputs = _inputs()
+    args = list(inputs.args())
+    if case == "offsets_not_from_zero":
+        args[1] = torch.tensor([1, 2, 2, 5], dtype=torch.uint32)
+    elif case == "offsets_decreasing":
+        args[1] = torch.tensor([0, 3, 2, 5], dtype=torch.uint32)
+    elif case == "offsets_beyond_rows":
+        args[1] = torch.tensor([0, 2, 2, 7], dtype=torch.uint32)
+    elif case == "position_beyond_freqs":
+        args[2] = inputs.freqs_cis[:100]
+    elif case == "page_beyond_lookup_table":
+        args[6] = torch.tensor([5, 1, 16 * inputs.lookup_table.shape[1]], dtype=torch.int32)
+    elif case == "page_id_out_of_range":
+        args[5] = inputs.lookup_table.clone()
+        args[5][2, 7] = inputs.k_cache.shape[0]
+    elif case == "negative_cache_length":
+        args[6] = torch.tensor([5, -1, 127], dtype=torch.int32)
+    snapshot = _snapshot(inputs)
+    with pytest.raises(ValueError):
+        _call(args, validate=True)
+    assert _unchanged(inputs, snapshot)
+
+

@@ -1,0 +1,126 @@
+"""The torch-facing entry point: ``fused_rope_rmsnorm``."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .build import CPU_TARGET, cuda_target
+from .cache import get_kernel
+from .config import OpConfig
+from .validation import check_arguments, check_contents
+
+_TVM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
+               torch.int32: "int32", torch.uint32: "uint32"}
+_VECTOR_BYTES = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _device_target(device: torch.device):
+    if device.type == "cpu":
+        return CPU_TARGET
+    major, minor = torch.cuda.get_device_capability(device)
+    suffix = "a" if major >= 9 else ""  # Hopper+ arch-specific features (sm_90a)
+    return cuda_target(f"sm_{major}{minor}{suffix}")
+
+
+def _stride_multiple(q_rope, out, k_cache) -> int:
+    """Elements per 16 bytes if the strided tensors' rows and pointers are 16-byte aligned,
+    else 1 (then the kernel makes no alignment assumption)."""
+    elems = _VECTOR_BYTES // q_rope.element_size()
+    for tensor in (q_rope, out, k_cache):
+        if tensor.data_ptr() % _VECTOR_BYTES or tensor.stride(0) % elems or (
+                tensor.stride(1) % elems):
+            return 1
+    return elems
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device: torch.device, op: OpConfig):
+    return get_kernel(op, _device_target(device))
+
+
+def fused_rope_rmsnorm(
+    q_rope: torch.Tensor,
+    input_row_offsets: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    gamma: torch.Tensor,
+    k_cache: torch.Tensor,
+    lookup_table: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    *,
+    epsilon: float = 1e-6,
+    out: torch.Tensor | None = None,
+    interleaved: bool = True,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """MLA prologue in one launch: RoPE on q, RoPE and RMSNorm on the new cache rows.
+
+    For request ``b``'s ``i``-th new token ``t = offsets[b] + i`` at ``pos = cache_lengths[b]
+    + i``, with ``row = k_cache[lookup_table[b, pos // page_size], pos % page_size]``::
+
+        out[t, h]         = rope(q_rope[t, h], freqs_cis[pos])       every head h
+        row[D:]           = rope(row[D:], freqs_cis[pos])            in place
+        row[:D]           = dtype(gamma.dtype(x * rsqrt(mean(x^2) + epsilon)) * gamma)
+
+    ``rope`` rotates pairs ``(x[2j], x[2j+1])`` (``interleaved``) or ``(x[j], x[j + R/2])``
+    by ``(cos, sin) = freqs_cis[pos, 2j : 2j+2]`` in float32. Rows of ``q_rope`` past
+    ``input_row_offsets[-1]`` are neither read nor written.
+
+    Parameters
+    ----------
+    q_rope : ``[n, H, R]`` bf16/fp16/fp32; any strides with a contiguous last dim.
+    input_row_offsets : ``[batch + 1]`` uint32 or int32, prefix sums of new tokens.
+    freqs_cis : ``[max_seq_len, R]`` fp32 or bf16, contiguous; (cos, sin) pairs per row.
+    gamma : ``[D]`` bf16/fp16/fp32, the RMSNorm weight.
+    k_cache : ``[num_pages, page_size, D + R]`` in q_rope's dtype, updated in place; any
+        strides with a contiguous last dim (a layer of a multi-layer cache works).
+    lookup_table : ``[batch, max_pages]`` int32, physical page of each logical page.
+    cache_lengths : ``[batch]`` int32, tokens in the cache before this step.
+    epsilon : RMSNorm epsilon.
+    out : ``[n, H, R]`` in q_rope's dtype, receives roped q; may be ``q_rope`` itself. A new
+        contiguous tensor if None (its padding rows are left uninitialized).
+    interleaved : GPT-J pairs if True, NeoX (half-split) pairs if False.
+    validate : also prove every position, page and offset in range before launching (a
+        device sync); default True on CPU, False on GPU (keeps the call sync-free and
+        CUDA-graph capturable).
+
+    Returns
+    -------
+    ``out`` (or the new tensor) holding the roped q.
+
+    Example
+    -------
+    >>> q = torch.randn(3, 16, 64, dtype=torch.bfloat16)
+    >>> k_cache = torch.randn(4, 16, 576, dtype=torch.bfloat16)
+    >>> angles = torch.arange(64.)[:, None] * 0.1 ** torch.arange(32.)[None]
+    >>> freqs = torch.stack((angles.cos(), angles.sin()), -1).flatten(1)
+    >>> q_out = fused_rope_rmsnorm(
+    ...     q, torch.tensor([0, 3], dtype=torch.int32), freqs,
+    ...     torch.ones(512, dtype=torch.bfloat16), k_cache,
+    ...     torch.tensor([[2, 0]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32))
+    >>> q_out.shape
+    torch.Size([3, 16, 64])
+    """
+    check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
+                    cache_lengths, out)
+    if validate is None:
+        validate = q_rope.device.type == "cpu"
+    if validate:
+        check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
+                       cache_lengths)
+    if out is None:
+        out = torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
+    if q_rope.shape[0] == 0:
+        return out
+    on_gpu = q_rope.device.type == "cuda"
+    op = OpConfig(
+        num_q_heads=q_rope.shape[1], rope_dim=q_rope.shape[2], kv_norm_dim=gamma.shape[0],
+        page_size=k_cache.shape[1], dtype=_TVM_DTYPES[q_rope.dtype],
+        freqs_dtype=_TVM_DTYPES[freqs_cis.dtype], gamma_dtype=_TVM_DTYPES[gamma.dtype],
+        offsets_dtype=_TVM_DTYPES[input_row_offsets.dtype], interleaved=interleaved,
+        stride_multiple=_stride_multiple(q_rope, out, k_cache) if on_gpu else 1)
+    _kernel(q_rope.device, op)(q_rope, out, input_row_offsets, freqs_cis, gamma, k_cache,
+                               lookup_table, cache_lengths, float(epsilon))
+    return out

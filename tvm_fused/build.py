@@ -1,0 +1,84 @@
+"""Building the fused op: definition -> schedule -> TIR pipeline -> runtime module.
+
+``build`` compiles one configuration for one target. The CUDA path applies the block-group
+schedule and lowers through the ``tvm_fused`` pipeline (which merges the branch launches);
+the ``llvm`` path builds the unscheduled definition itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import tvm
+
+from . import pipeline
+from .config import OpConfig
+from .definition import OP_NAME, fused_rope_rmsnorm_func
+from .schedules import ScheduleConfig, default_schedule_config, schedule_fused_rope_rmsnorm
+
+CPU_TARGET = "llvm"
+DEFAULT_CUDA_TARGET = "nvidia/nvidia-h100"
+
+
+def cuda_target(arch: str | None = None) -> tvm.target.Target:
+    """A CUDA target with the limits MetaSchedule and the schedules need.
+
+    ``arch`` is an ``sm_XX`` string; None gives the H100 tag (``sm_90a``). Other archs take
+    the H100's limits (every NVIDIA GPU since Volta allows 1024 threads and 48 KiB of static
+    shared memory per block).
+    """
+    base = tvm.target.Target(DEFAULT_CUDA_TARGET)
+    if arch is None or arch == base.attrs["arch"]:
+        return base
+    config = {key: base.attrs[key] for key in base.attrs.keys()}
+    config.update(kind="cuda", arch=arch)
+    return tvm.target.Target(config)
+
+
+def as_target(target: str | tvm.target.Target) -> tvm.target.Target:
+    """``target`` as a Target: ``"cuda"`` means the default CUDA target."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    return cuda_target() if target == "cuda" else tvm.target.Target(target)
+
+
+def _use_nvcc_without_nvrtc() -> None:
+    """TVM compiles CUDA with NVRTC unless told otherwise, which needs cuda-bindings."""
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+
+
+def scheduled_module(op: OpConfig, target: tvm.target.Target,
+                     schedule: ScheduleConfig | None = None) -> tvm.IRModule:
+    """The IRModule to compile for ``target``: scheduled for CUDA, as defined for CPUs."""
+    if target.kind.name == "cuda":
+        return schedule_fused_rope_rmsnorm(op, schedule or default_schedule_config(target))
+    if target.kind.name != "llvm":
+        raise ValueError(f"unsupported target kind {target.kind.name!r}: use cuda or llvm")
+    return tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(op)})
+
+
+def build(op: OpConfig, target: str | tvm.target.Target = CPU_TARGET,
+          schedule: ScheduleConfig | None = None) -> tvm.runtime.Executable:
+    """Compile the fused op for ``target``.
+
+    Returns the executable; ``executable[OP_NAME]`` is the kernel, called with the arguments
+    of ``definition.fused_rope_rmsnorm_func`` in order (torch tensors pass through DLPack).
+    ``schedule`` overrides the target's default block-group schedule (CUDA only).
+    """
+    target = as_target(target)
+    mod = scheduled_module(op, target, schedule)
+    if target.kind.name == "cuda":
+        _use_nvcc_without_nvrtc()
+    with target:
+        return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
+
+
+def cuda_source(op: OpConfig, target: str | tvm.target.Target = "cuda",
+                schedule: ScheduleConfig | None = None) -> str:
+    """The CUDA C++ source of the fused kernel (needs no GPU)."""
+    target = as_target(target)
+    if target.kind.name != "cuda":
+        raise ValueError("cuda_source needs a CUDA target")
+    return build(op, target, schedule).mod.imports[0].inspect_source()

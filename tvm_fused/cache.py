@@ -1,0 +1,101 @@
+"""Built kernels, cached in memory and on disk.
+
+A kernel is keyed by everything its code depends on: the op config, the schedule config, the
+target (with its GPU arch), the TVM version and a digest of this package's compiler sources.
+The disk cache (``$TVM_FUSED_CACHE_DIR``, default ``~/.cache/tvm_fused``) holds one shared
+library per key, written to a temporary name and renamed into place, so concurrent first
+uses never see a partial file; a file that fails to load is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import tvm
+
+from .build import as_target, build
+from .config import OpConfig
+from .definition import OP_NAME
+from .schedules import ScheduleConfig
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_kernels: dict = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """Digest of the sources that decide the generated code."""
+    digest = hashlib.sha256()
+    files = sorted(_PACKAGE_DIR.glob("*.py")) + sorted((_PACKAGE_DIR / "schedules").glob("*.py"))
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept between processes."""
+    return Path(os.environ.get("TVM_FUSED_CACHE_DIR", Path.home() / ".cache" / "tvm_fused"))
+
+
+def kernel_key(op: OpConfig, target: tvm.target.Target, schedule: ScheduleConfig | None) -> str:
+    """A file-name-safe key of one build."""
+    payload = json.dumps({
+        "op": dataclasses.asdict(op),
+        "schedule": dataclasses.asdict(schedule) if schedule else None,
+        "target": str(target),
+        "tvm": tvm.__version__,
+        "sources": _source_digest(),
+    }, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _load(path: Path):
+    try:
+        return tvm.runtime.load_module(str(path))[OP_NAME]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
+        warnings.warn(f"tvm_fused: rebuilding unreadable cached kernel {path}: {err}",
+                      stacklevel=3)
+        return None
+
+
+def _store(executable, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
+    os.close(fd)
+    try:
+        executable.export_library(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def get_kernel(op: OpConfig, target: str | tvm.target.Target,
+               schedule: ScheduleConfig | None = None):
+    """The callable kernel for ``op`` on ``target``: from memory, else disk, else built."""
+    target = as_target(target)
+    key = kernel_key(op, target, schedule)
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        kernel = _kernels.get(key)
+        if kernel is None:
+            path = cache_dir() / f"{OP_NAME}-{key}.so"
+            kernel = _load(path) if path.exists() else None
+            if kernel is None:
+                executable = build(op, target, schedule)
+                _store(executable, path)
+                kernel = executable[OP_NAME]
+            _kernels[key] = kernel
+    return kernel

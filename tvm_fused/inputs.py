@@ -1,0 +1,127 @@
+"""Realistic random inputs of the fused op, for the CLI, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+ROPE_THETA = 10000.0
+NOPE_DIM = 128  # q's non-rope part: q_rope is usually the view q[..., 128:192]
+
+
+@dataclasses.dataclass
+class OpInputs:
+    """The arguments of ``fused_rope_rmsnorm`` (``q_rope`` first), and what they came from.
+
+    ``cache_storage`` is the whole tensor ``k_cache`` views (several layers when
+    ``layers > 1``); ``q_storage`` the whole q (``q_rope`` is its last ``rope_dim`` columns).
+    """
+
+    q_rope: torch.Tensor
+    input_row_offsets: torch.Tensor
+    freqs_cis: torch.Tensor
+    gamma: torch.Tensor
+    k_cache: torch.Tensor
+    lookup_table: torch.Tensor
+    cache_lengths: torch.Tensor
+    q_storage: torch.Tensor
+    cache_storage: torch.Tensor
+
+    def args(self) -> tuple:
+        """Positional arguments of ``fused_rope_rmsnorm`` and the reference."""
+        return (self.q_rope, self.input_row_offsets, self.freqs_cis, self.gamma, self.k_cache,
+                self.lookup_table, self.cache_lengths)
+
+    def to(self, device) -> OpInputs:
+        """A copy on ``device`` (views stay views of the copied storage)."""
+        return self._with(lambda t: t.to(device, copy=True))
+
+    def clone(self) -> OpInputs:
+        """A deep copy on the same device."""
+        return self._with(torch.clone)
+
+    def _with(self, copy) -> OpInputs:
+        q_storage, cache_storage = copy(self.q_storage), copy(self.cache_storage)
+
+        def view(tensor, storage):
+            return storage.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+
+        return OpInputs(view(self.q_rope, q_storage), copy(self.input_row_offsets),
+                        copy(self.freqs_cis), copy(self.gamma), view(self.k_cache, cache_storage),
+                        copy(self.lookup_table), copy(self.cache_lengths), q_storage,
+                        cache_storage)
+
+
+def rope_freqs(max_seq_len: int, rope_dim: int, dtype=torch.float32) -> torch.Tensor:
+    """``[max_seq_len, rope_dim]``: column ``2j`` = cos(p θ_j), ``2j+1`` = sin(p θ_j)."""
+    theta = ROPE_THETA ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * theta[None]
+    return torch.stack((angles.cos(), angles.sin()), dim=-1).flatten(1).to(dtype)
+
+
+def make_inputs(
+    new_tokens: list[int],
+    cache_lengths: list[int],
+    *,
+    num_q_heads: int = 128,
+    rope_dim: int = 64,
+    kv_norm_dim: int = 512,
+    page_size: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    gamma_dtype: torch.dtype | None = None,
+    freqs_dtype: torch.dtype = torch.float32,
+    offsets_dtype: torch.dtype = torch.uint32,
+    padding_rows: int = 0,
+    strided_q: bool = True,
+    layers: int = 1,
+    spare_pages: int = 3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> OpInputs:
+    """Random inputs for requests with ``new_tokens[b]`` new tokens after ``cache_lengths[b]``.
+
+    Pages are assigned to requests in a shuffled order, with ``spare_pages`` unused ones;
+    lookup-table entries past a request's pages are -1 (a kernel that read them would fault).
+    ``strided_q`` makes ``q_rope`` the rope columns of a ``[n, H, 128 + R]`` q; ``layers > 1``
+    makes ``k_cache`` layer ``layers // 2`` of a multi-layer cache.
+    """
+    if len(new_tokens) != len(cache_lengths):
+        raise ValueError("new_tokens and cache_lengths need one entry per request")
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(new_tokens)
+    total = sum(new_tokens)
+    rows = total + padding_rows
+    nope = NOPE_DIM if strided_q else 0
+    q_storage = torch.randn(rows, num_q_heads, nope + rope_dim, generator=gen).to(dtype)
+    q_rope = q_storage[..., nope:]
+
+    ends = [c + t for c, t in zip(cache_lengths, new_tokens)]
+    pages_per_request = [math.ceil(e / page_size) for e in ends]
+    num_pages = sum(pages_per_request) + spare_pages
+    max_pages = max(pages_per_request, default=0) + 1
+    order = torch.randperm(num_pages, generator=gen)
+    lookup_table = torch.full((batch, max_pages), -1, dtype=torch.int32)
+    used = 0
+    for b, count in enumerate(pages_per_request):
+        lookup_table[b, :count] = order[used:used + count].to(torch.int32)
+        used += count
+
+    width = kv_norm_dim + rope_dim
+    cache_storage = torch.randn(num_pages, layers, page_size, width, generator=gen).to(dtype)
+    k_cache = cache_storage[:, layers // 2]
+    gamma = (1 + 0.25 * torch.randn(kv_norm_dim, generator=gen)).to(gamma_dtype or dtype)
+    offsets = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int64)
+    inputs = OpInputs(
+        q_rope=q_rope,
+        input_row_offsets=offsets.to(offsets_dtype),
+        freqs_cis=rope_freqs(max(ends, default=0) + 5, rope_dim, freqs_dtype),
+        gamma=gamma,
+        k_cache=k_cache,
+        lookup_table=lookup_table,
+        cache_lengths=torch.tensor(cache_lengths, dtype=torch.int32),
+        q_storage=q_storage,
+        cache_storage=cache_storage,
+    )
+    return inputs.to(device) if torch.device(device).type != "cpu" else inputs
