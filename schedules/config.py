@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import tvm
 
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+from tvm_fused.config import ITEMSIZE, OpConfig
+
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,10 @@ class ScheduleConfig:
         """Cache rows one norm block normalizes."""
         return self.block_threads // self.norm_threads_per_row
 
-    def vector_elems(self, dtype: str, *dims: int) -> int:
-        """Elements per vector access for ``dtype``: as wide as ``vector_bytes`` allows while
-        dividing every dim in ``dims``."""
-        elems = max(self.vector_bytes // _ITEMSIZE[dtype], 1)
+    def vector_elems(self, op: OpConfig, dtype: str, *dims: int) -> int:
+        """Elements per vector access of ``dtype``: as wide as ``vector_bytes`` and the op's
+        alignment allow while dividing every dim in ``dims``."""
+        elems = max(min(self.vector_bytes, op.alignment) // ITEMSIZE[dtype], 1)
         while elems > 1 and any(d % elems for d in dims):
             elems //= 2
         return elems

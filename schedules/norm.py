@@ -30,7 +30,7 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
         for stage in ("locate", "load", "sumsq", "scale", "apply", "store")
     )
     x, y = config.norm_threads_per_row, config.norm_rows_per_block
-    vector = config.vector_elems(op.dtype, op.kv_norm_dim)
+    vector = config.vector_elems(op, op.dtype, op.kv_norm_dim)
     span = x * vector
 
     def split_row(loop):
@@ -51,7 +51,8 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
         sch.unroll(sch.get_loops(apply)[-1])
     gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])
     sch.compute_at(gamma, it)
-    sch.vectorize(sch.get_loops(gamma)[-1])
+    gamma_vector = config.vector_elems(op, op.gamma_dtype, vector)
+    sch.vectorize(sch.split(sch.get_loops(gamma)[-1], [None, gamma_vector])[-1])
     sch.compute_at(scale, tx)
 
     sch.compute_at(sumsq, ty)

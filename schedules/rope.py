@@ -34,7 +34,7 @@ def schedule_rope_branch(
         sch.get_sblock(f"{prefix}_{stage}")
         for stage in ("locate", "freqs", "load", "rope", "store")
     )
-    vector = config.vector_elems(op.dtype, op.rope_dim // (1 if op.interleaved else 2))
+    vector = config.vector_elems(op, op.dtype, op.rope_dim // (1 if op.interleaved else 2))
     elems = vector if op.interleaved else 2 * vector
     lanes = op.rope_dim // elems
     threads = config.block_threads
@@ -68,6 +68,6 @@ def schedule_rope_branch(
     if config.unroll:
         for loop in loops_under(sch, rope, item):
             sch.unroll(loop)
-    vectorize_tail(sch, freqs, item, config.vector_elems(op.freqs_dtype, elems))
+    vectorize_tail(sch, freqs, item, config.vector_elems(op, op.freqs_dtype, elems))
     vectorize_tail(sch, load, item, vector, pairs_first=op.interleaved)
     set_local(sch, locate, freqs, load, rope)

@@ -25,15 +25,15 @@ def _device_target(device: torch.device):
     return cuda_target(f"sm_{major}{minor}{suffix}")
 
 
-def _stride_multiple(q_rope, out, k_cache) -> int:
-    """Elements per 16 bytes if the strided tensors' rows and pointers are 16-byte aligned,
-    else 1 (then the kernel makes no alignment assumption)."""
-    elems = _VECTOR_BYTES // q_rope.element_size()
-    for tensor in (q_rope, out, k_cache):
-        if tensor.data_ptr() % _VECTOR_BYTES or tensor.stride(0) % elems or (
-                tensor.stride(1) % elems):
-            return 1
-    return elems
+def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
+    """The largest power of two up to 16 dividing every pointer and row stride, in bytes."""
+    alignment = _VECTOR_BYTES
+    for tensor in (q_rope, out, freqs_cis, gamma, k_cache):
+        size = tensor.element_size()
+        for value in (tensor.data_ptr(), *(s * size for s in tensor.stride()[:-1])):
+            while value % alignment:
+                alignment //= 2
+    return alignment
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,13 +114,13 @@ def fused_rope_rmsnorm(
         out = torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
     if q_rope.shape[0] == 0:
         return out
-    on_gpu = q_rope.device.type == "cuda"
+    on_gpu = q_rope.device.type == "cuda"  # (the CPU build ignores alignment)
     op = OpConfig(
         num_q_heads=q_rope.shape[1], rope_dim=q_rope.shape[2], kv_norm_dim=gamma.shape[0],
         page_size=k_cache.shape[1], dtype=_TVM_DTYPES[q_rope.dtype],
         freqs_dtype=_TVM_DTYPES[freqs_cis.dtype], gamma_dtype=_TVM_DTYPES[gamma.dtype],
         offsets_dtype=_TVM_DTYPES[input_row_offsets.dtype], interleaved=interleaved,
-        stride_multiple=_stride_multiple(q_rope, out, k_cache) if on_gpu else 1)
+        alignment=_alignment(q_rope, out, freqs_cis, gamma, k_cache) if on_gpu else 16)
     _kernel(q_rope.device, op)(q_rope, out, input_row_offsets, freqs_cis, gamma, k_cache,
                                lookup_table, cache_lengths, float(epsilon))
     return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 DTYPES = ("bfloat16", "float16", "float32")
 FREQS_DTYPES = ("float32", "bfloat16")
 OFFSETS_DTYPES = ("uint32", "int32")
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,9 @@ class OpConfig:
     offsets_dtype : dtype of ``input_row_offsets``.
     interleaved : GPT-J pairs ``(x[2j], x[2j+1])`` if True, NeoX pairs ``(x[j], x[j + rope_dim/2])``
         otherwise.
-    stride_multiple : the row strides of ``q_rope``, ``q_rope_output`` and ``k_cache`` (and
-        their data pointers, in elements) are multiples of this; 16 bytes' worth lets the
-        GPU schedule prove its vector accesses aligned. 1 assumes nothing.
+    alignment : bytes that every tensor's data pointer and row strides are multiples of
+        (16 lets the GPU kernel use 16-byte vector accesses; the element size of ``dtype``
+        assumes nothing). The kernel relies on it: callers check it per call.
     """
 
     num_q_heads: int = 128
@@ -43,10 +44,10 @@ class OpConfig:
     gamma_dtype: str = "bfloat16"
     offsets_dtype: str = "uint32"
     interleaved: bool = True
-    stride_multiple: int = 1
+    alignment: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("num_q_heads", "rope_dim", "kv_norm_dim", "page_size", "stride_multiple"):
+        for name in ("num_q_heads", "rope_dim", "kv_norm_dim", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rope_dim % 2:
@@ -57,6 +58,12 @@ class OpConfig:
         _check_choice("gamma_dtype", self.gamma_dtype, DTYPES)
         _check_choice("freqs_dtype", self.freqs_dtype, FREQS_DTYPES)
         _check_choice("offsets_dtype", self.offsets_dtype, OFFSETS_DTYPES)
+        if self.alignment not in (1, 2, 4, 8, 16):
+            raise ValueError(f"alignment must be a power of two up to 16, got {self.alignment}")
+
+    def aligned_elems(self, dtype: str) -> int:
+        """Elements of ``dtype`` that ``alignment`` bytes hold (at least 1)."""
+        return max(self.alignment // ITEMSIZE[dtype], 1)
 
     @property
     def row_width(self) -> int:

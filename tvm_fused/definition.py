@@ -72,7 +72,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     dtype, gdtype, fdtype = config.dtype, config.gamma_dtype, config.freqs_dtype
     TWO = T.int64(2)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
-    A = config.stride_multiple
+    A = config.aligned_elems(dtype)
 
     def aligned(stride):
         """``stride`` as a visible multiple of ``A`` (equal to it: the caller checks), so that

@@ -1,0 +1,93 @@
+"""CUDA code generation without a GPU: one kernel in three block groups, built by nvcc."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import tvm
+from tvm.script import tirx as T
+
+from tvm_fused import OpConfig, cuda_source, pipeline
+from tvm_fused.build import cuda_target
+
+CONFIGS = {
+    "deepseek-v3": OpConfig(num_q_heads=128),
+    "v2-lite-fp16": OpConfig(num_q_heads=16, dtype="float16", gamma_dtype="float16"),
+    "one-head-fp32-neox": OpConfig(num_q_heads=1, dtype="float32", gamma_dtype="float32",
+                                   page_size=1, interleaved=False),
+    "unaligned-int32-offsets": OpConfig(num_q_heads=64, offsets_dtype="int32",
+                                        freqs_dtype="bfloat16", alignment=2),
+}
+
+
+def _nvcc():
+    path = shutil.which("nvcc")
+    if path is None:
+        if os.environ.get("TVM_FUSED_REQUIRE_NVCC"):
+            pytest.fail("nvcc is required here (TVM_FUSED_REQUIRE_NVCC is set)")
+        pytest.skip("nvcc not found")
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def source(request):
+    return request.param, cuda_source(CONFIGS[request.param])
+
+
+def test_one_kernel_in_three_block_groups(source):
+    _, src = source
+    assert src.count("__global__ void") == 2  # declaration + definition: a single kernel
+    groups = re.findall(r"if \(\(\(int64_t\)blockIdx\.x\) < ", src)
+    assert len(groups) == 3, "q rope, k rope and norm groups"
+    assert "__launch_bounds__(128)" in src
+
+
+def test_branches_stay_in_their_groups(source):
+    """Only the last group (norm) reduces; the q rope group comes first."""
+    _, src = source
+    kernel = src[src.rindex('extern "C" __global__'):]
+    assert kernel.count("__shfl_down_sync") == 5  # one warp reduction: 32 -> 1
+    assert kernel.index("__shfl_down_sync") > kernel.rindex("if (((int64_t)blockIdx.x) < ")
+    first_q_access = min(i for i in (kernel.find("(q_pairs_ptr"), kernel.find("q_pairs_ptr["))
+                         if i >= 0)
+    assert kernel.index("if (((int64_t)blockIdx.x) < ") < first_q_access
+
+
+def test_aligned_configs_use_16_byte_accesses(source):
+    name, src = source
+    if CONFIGS[name].alignment < 16:
+        assert "uint4" not in src.replace("make_uint4", "")
+    else:
+        assert src.count("*(uint4*)") + src.count("*(float4*)") >= 6
+
+
+def test_nvcc_builds_sm90a_with_no_local_memory(source, tmp_path):
+    name, src = source
+    cu = tmp_path / f"{name}.cu"
+    cu.write_text(src)
+    result = subprocess.run(
+        [_nvcc(), "-cubin", "-arch=sm_90a", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
+         str(cu)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in result.stderr, \
+        result.stderr
+
+
+def test_pipeline_mirrors_tvm_default_on_a_single_launch():
+    @T.prim_func(s_tir=True)
+    def copy(a: T.Buffer((64, 128), "float16"), b: T.Buffer((64, 128), "float16")):
+        for bx in T.thread_binding(64, thread="blockIdx.x"):
+            for tx in T.thread_binding(16, thread="threadIdx.x"):
+                for v in T.vectorized(8):
+                    with T.sblock("copy"):
+                        i = T.axis.spatial(64, bx)
+                        j = T.axis.spatial(128, tx * 8 + v)
+                        b[i, j] = a[i, j] * T.float16(2)
+
+    target = cuda_target()
+    with target:
+        ours = tvm.compile(copy, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
+        theirs = tvm.compile(copy, target=target)
+    assert ours.mod.imports[0].inspect_source() == theirs.mod.imports[0].inspect_source()
