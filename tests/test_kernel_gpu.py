@@ -1,0 +1,101 @@
+"""The CUDA kernel against the float64 reference, and its serving-stack behaviour."""
+
+import pytest
+import torch
+
+from tvm_fused import fused_rope_rmsnorm
+from tvm_fused.checking import check_run, run_and_check
+from tvm_fused.inputs import make_inputs
+
+from .cases import DECODE, PREFILL, RAGGED, matrix_id
+from .test_kernel_cpu import MATRIX
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("index", range(len(MATRIX)),
+                         ids=[matrix_id(*case) for case in MATRIX])
+def test_matrix(index):
+    """The CPU matrix, on the GPU."""
+    heads, dtype, page_size = MATRIX[index]
+    new_tokens, cache_lengths = (RAGGED, DECODE, PREFILL)[index % 3]
+    inputs = make_inputs(new_tokens, cache_lengths, num_q_heads=heads, page_size=page_size,
+                         dtype=dtype, padding_rows=index % 4, strided_q=index % 2 == 0,
+                         layers=1 + 2 * (index % 2),
+                         offsets_dtype=(torch.uint32, torch.int32)[index // 2 % 2],
+                         seed=index, device="cuda")
+    report = run_and_check(inputs, in_place=index % 4 == 1, interleaved=index % 5 != 2,
+                           validate=True)
+    assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 7, 4096, 20000])
+def test_token_counts(tokens):
+    """Token counts from none to far more than one wave of blocks, 128 heads bf16."""
+    requests = max(1, min(tokens, 13))
+    new = [tokens // requests + (i < tokens % requests) for i in range(requests)]
+    cached = [(97 * i) % 3000 for i in range(requests)]
+    inputs = make_inputs(new, cached, padding_rows=3, seed=tokens, device="cuda")
+    report = run_and_check(inputs, validate=True)
+    assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+def test_unaligned_views_fall_back_to_narrow_accesses(interleaved):
+    """q_rope at an odd element offset: 2-byte alignment, still correct."""
+    inputs = make_inputs(*RAGGED, num_q_heads=16, page_size=16, device="cuda")
+    storage = torch.randn(inputs.q_rope.numel() * 2 + 1, device="cuda").to(torch.bfloat16)
+    odd = storage[1:1 + inputs.q_rope.numel()].view(inputs.q_rope.shape)
+    odd.copy_(inputs.q_rope)
+    inputs.q_storage, inputs.q_rope = storage, odd
+    report = run_and_check(inputs, interleaved=interleaved)
+    assert report.ok, report.summary()
+
+
+def test_side_stream():
+    """The kernel runs on torch's current stream: ordered with work queued there."""
+    inputs = make_inputs(*PREFILL, num_q_heads=128, device="cuda")
+    before = inputs.clone()
+    stream = torch.cuda.Stream()
+    out = torch.empty_like(inputs.q_rope)
+    with torch.cuda.stream(stream):
+        # queued first on the side stream: make the q rows the kernel reads
+        torch.cuda._sleep(1_000_000)
+        inputs.q_rope.copy_(before.q_rope)
+        result = fused_rope_rmsnorm(*inputs.args(), out=out)
+    stream.synchronize()
+    out_before = out.clone()  # every row is real here; nothing to compare in padding
+    report = check_run(before, inputs, result, out_before)
+    assert report.q_within_tolerance and report.k_norm_within_tolerance, report.summary()
+
+
+def test_cuda_graph_replay_with_fewer_real_tokens():
+    """Capture at a padded size, replay with new data and fewer real tokens: outputs right,
+    padding rows and every other cache row untouched."""
+    capture_rows = 24
+    static = make_inputs([5, 9, 10], [3, 100, 250], num_q_heads=16, page_size=16,
+                         device="cuda")
+    out = torch.empty_like(static.q_rope)
+    fused_rope_rmsnorm(*static.args(), out=out)  # builds the kernel outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_rope_rmsnorm(*static.args(), out=out)
+    for seed, (new, cached) in enumerate([([2, 0, 7], [5, 6, 120]), ([1, 1, 1], [0, 15, 16]),
+                                          ([8, 8, 8], [200, 1, 33])]):
+        fresh = make_inputs(new, cached, num_q_heads=16, page_size=16,
+                            padding_rows=capture_rows - sum(new), seed=seed + 1)
+        # same tensors as captured, new contents (the cache keeps its shape and pages)
+        static.q_rope.copy_(fresh.q_rope)
+        static.input_row_offsets.copy_(fresh.input_row_offsets)
+        static.cache_lengths.copy_(fresh.cache_lengths)
+        static.lookup_table.zero_()
+        static.lookup_table[:, :fresh.lookup_table.shape[1]].copy_(
+            fresh.lookup_table[:, :static.lookup_table.shape[1]])
+        static.lookup_table.clamp_(min=0)
+        before = static.clone()
+        out.normal_()
+        out_before = out.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        report = check_run(before, static, out, out_before)
+        assert report.ok, report.summary()

@@ -1,0 +1,108 @@
+"""Command line: ``python -m tvm_fused run`` (build, check, time) and ``... source``."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+import torch
+
+from .api import fused_rope_rmsnorm
+from .build import cuda_source, cuda_target
+from .checking import run_and_check
+from .config import OpConfig
+from .inputs import make_inputs
+from .timing import op_bytes, time_cuda
+from .torch_baseline import torch_fused_rope_rmsnorm
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heads", type=int, default=128, help="q heads (default 128)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--page-size", type=int, default=128)
+    parser.add_argument("--rope-dim", type=int, default=64)
+    parser.add_argument("--kv-norm-dim", type=int, default=512)
+    parser.add_argument("--neox", action="store_true", help="NeoX (half-split) rope pairs")
+
+
+def _split(tokens: int, requests: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """``tokens`` new tokens over ``requests`` requests, after cached contexts of 0-4k."""
+    base, extra = divmod(tokens, requests)
+    new = [base + (i < extra) for i in range(requests)]
+    return new, [rng.randrange(0, 4096) for _ in range(requests)]
+
+
+def run(args: argparse.Namespace) -> int:
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    name = torch.cuda.get_device_name(device) if use_cuda else "CPU (llvm target)"
+    requests = args.requests or max(1, min(args.tokens, 8))
+    new, cached = _split(args.tokens, requests, random.Random(0))
+    dtype = DTYPES[args.dtype]
+    inputs = make_inputs(new, cached, num_q_heads=args.heads, rope_dim=args.rope_dim,
+                         kv_norm_dim=args.kv_norm_dim, page_size=args.page_size, dtype=dtype,
+                         device=device)
+    print(f"device: {name}")
+    print(f"op: {args.heads} heads, rope_dim {args.rope_dim}, kv_norm_dim {args.kv_norm_dim}, "
+          f"page size {args.page_size}, {args.dtype}, {'NeoX' if args.neox else 'interleaved'}"
+          f", {args.tokens} tokens in {requests} requests")
+    report = run_and_check(inputs.clone(), interleaved=not args.neox)
+    print(f"check: {report.summary()}")
+    if not report.ok:
+        return 1
+    if use_cuda:
+        _time(inputs, args, name)
+    return 0
+
+
+def _time(inputs, args, gpu_name: str) -> None:
+    out = torch.empty_like(inputs.q_rope)
+    interleaved = not args.neox
+    kernel = time_cuda(lambda: fused_rope_rmsnorm(*inputs.args(), out=out,
+                                                  interleaved=interleaved, validate=False),
+                       reps=args.reps)
+    baseline = time_cuda(lambda: torch_fused_rope_rmsnorm(
+        *inputs.args(), num_tokens=args.tokens, out=out, interleaved=interleaved),
+        reps=args.reps)
+    moved = op_bytes(args.tokens, args.heads, args.rope_dim, args.kv_norm_dim,
+                     inputs.q_rope.dtype)
+    for label, timing in (("tvm-fused", kernel), ("plain torch", baseline)):
+        print(f"{label:>12}: {timing.median_us:9.2f} us (p20 {timing.p20_us:.2f}, p80 "
+              f"{timing.p80_us:.2f}), {moved / timing.median_us / 1e3:7.1f} GB/s  "
+              f"[{gpu_name}, cold L2, CUDA events, {timing.reps} runs]")
+    print(f"speedup over plain torch: {baseline.median_us / kernel.median_us:.2f}x")
+
+
+def source(args: argparse.Namespace) -> int:
+    op = OpConfig(num_q_heads=args.heads, rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
+                  page_size=args.page_size, dtype=args.dtype, gamma_dtype=args.dtype,
+                  interleaved=not args.neox)
+    print(cuda_source(op, cuda_target(args.arch)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tvm_fused", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser(
+        "run", help="build the fused kernel, check it against torch, time it on a GPU")
+    _add_config_options(run_parser)
+    run_parser.add_argument("--tokens", type=int, default=1024)
+    run_parser.add_argument("--requests", type=int, default=0,
+                            help="requests the tokens are spread over (default min(tokens, 8))")
+    run_parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    run_parser.add_argument("--reps", type=int, default=50, help="timed runs on a GPU")
+    run_parser.set_defaults(func=run)
+    source_parser = commands.add_parser("source", help="print the generated CUDA source")
+    _add_config_options(source_parser)
+    source_parser.add_argument("--arch", default=None, help="sm_XX (default sm_90a)")
+    source_parser.set_defaults(func=source)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""GPU timing with CUDA events on a cold L2 cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import torch
+
+FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MiB)
+
+
+@dataclasses.dataclass
+class Timing:
+    """Kernel times in microseconds over ``reps`` cold-cache runs."""
+
+    median_us: float
+    p20_us: float
+    p80_us: float
+    reps: int
+
+
+def time_cuda(fn, reps: int = 50, warmup: int = 5) -> Timing:
+    """Time ``fn()`` with CUDA events around it alone; L2 is flushed before each run."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(1000 * s.elapsed_time(e) for s, e in zip(starts, ends))
+    quantiles = statistics.quantiles(times, n=5)
+    return Timing(statistics.median(times), quantiles[0], quantiles[3], reps)
+
+
+def op_bytes(num_tokens: int, num_q_heads: int, rope_dim: int, kv_norm_dim: int,
+             dtype: torch.dtype, freqs_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the op must move: q rope read + written, each cache row read + written, the
+    freqs row read, and gamma once."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    freqs_size = torch.tensor([], dtype=freqs_dtype).element_size()
+    per_token = (2 * num_q_heads * rope_dim + 2 * (kv_norm_dim + rope_dim)) * size \
+        + rope_dim * freqs_size
+    return num_tokens * per_token + kv_norm_dim * size
