@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks of the foundation issue, in one go on the GPU machine (see README):
+# GPU tests, `python -m tvm_fused run` for 16 and 128 heads, timings, compute-sanitizer.
+# Usage: scripts/gpu_session.sh OUTDIR
+set -uo pipefail
+out=${1:?output directory}
+mkdir -p "$out"
+python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
+  cat "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+status=0
+python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest_gpu.log" | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for heads in 16 128; do
+  python3 -m tvm_fused run --heads "$heads" --tokens 1024 2>&1 | tee -a "$out/run.log" || status=1
+done
+for tokens in 1 64 1024 8192; do
+  python3 -m tvm_fused run --heads 128 --tokens "$tokens" --reps 100 2>&1 \
+    | tee -a "$out/timings.log" | grep -E "tvm-fused|plain torch|speedup|check" || status=1
+done
+compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m tvm_fused run --heads 128 \
+  --tokens 257 --reps 2 >"$out/memcheck.log" 2>&1 || status=1
+tail -3 "$out/memcheck.log"
+exit $status
