@@ -40,6 +40,10 @@ def schedule_rope_branch(
     threads = config.block_threads
     heads = op.num_q_heads if prefix == "q" else 1
 
+    if not op.interleaved:  # registers in memory order too, (p, j): vectors stay contiguous
+        for block in (load, rope):
+            sch.transform_layout(block, ("write", 0), lambda *i: (*i[:-2], i[-1], i[-2]))
+
     t, *head, j, p = sch.get_loops(store)
     j_lane, j_elem = sch.split(j, [lanes, None])
     sch.reorder(j_lane, j_elem, p)

@@ -22,6 +22,8 @@ def vectorize_tail(sch: s_tir.Schedule, block: s_tir.SBlockRV, at: s_tir.LoopRV,
     adjacent (``pairs_first``) and along j alone when they sit half a row apart (NeoX): then p
     goes outside so each vector is contiguous.
     """
+    if vector == 1:
+        return
     loops = loops_under(sch, block, at)
     if not pairs_first:
         *outer, j, p = loops

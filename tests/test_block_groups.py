@@ -140,3 +140,27 @@ def test_pass_is_a_noop_on_host_code():
 
     mod = tvm.IRModule({"main": host})
     tvm.ir.assert_structural_equal(MergeBlockGroups(mod), mod)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared_reduce_b", [False, True], ids=["plain", "with-barrier"])
+def test_merged_launch_runs_both_branches_on_the_gpu(shared_reduce_b):
+    import torch
+
+    target = cuda_target()
+    with target:
+        executable = tvm.compile(two_branches(shared_reduce_b=shared_reduce_b), target=target,
+                                 tir_pipeline=pipeline.PIPELINE_NAME)
+    for n in (1, 5, 300):
+        a = torch.randn(n, 64, device="cuda")
+        out_a, out_b = torch.full_like(a, -1), torch.full_like(a, -1)
+        executable["main"](a, out_a, out_b)
+        torch.cuda.synchronize()
+        assert torch.equal(out_a, a * 2)
+        if shared_reduce_b:  # each thread reads its neighbour's value, within its block of 128
+            flat = a.flatten().view(-1, 1)
+            padded = torch.cat([flat, flat.new_zeros((-len(flat)) % 128, 1)]).view(-1, 128)
+            expected = padded.roll(-1, dims=1).flatten()[:a.numel()].view_as(a)
+        else:
+            expected = a + 1
+        assert torch.equal(out_b, expected)

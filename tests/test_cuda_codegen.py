@@ -17,6 +17,7 @@ CONFIGS = {
     "v2-lite-fp16": OpConfig(num_q_heads=16, dtype="float16", gamma_dtype="float16"),
     "one-head-fp32-neox": OpConfig(num_q_heads=1, dtype="float32", gamma_dtype="float32",
                                    page_size=1, interleaved=False),
+    "v3-neox": OpConfig(num_q_heads=128, interleaved=False),
     "unaligned-int32-offsets": OpConfig(num_q_heads=64, offsets_dtype="int32",
                                         freqs_dtype="bfloat16", alignment=2),
 }

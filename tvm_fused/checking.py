@@ -1,10 +1,13 @@
 """Checking a run of the op against the float64 reference, with ulp-based tolerances.
 
-Tolerances follow from the spec's rounding: RoPE rounds once from float32, so it may land one
-ulp of the output dtype off the float64 result, plus float32 error on the pair's magnitude;
-RMSNorm rounds twice (to the gamma dtype before and after the product), so two ulps, plus the
-float32 sum of squares (at most ``kv_norm_dim / 2`` float32 epsilons, relative). Everything the
-op must not touch is compared bit for bit.
+Tolerances follow from the spec's rounding. RoPE rounds once from float32: one ulp of the
+output dtype off the float64 result, plus float32 error on the pair's magnitude (cancellation
+can make the result itself tiny). RMSNorm rounds to the gamma dtype, multiplies by gamma and
+rounds again: the first rounding may flip (one ulp of the normalized value, which gamma turns
+into up to two ulps of the product) and the second adds its own, so three ulps; plus the
+float32 sum of squares (at most ``kv_norm_dim / 2`` float32 epsilons, relative). Errors are
+reported in ulps of the output dtype at the reference value. Everything the op must not touch
+is compared bit for bit.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor, out_before: 
                                                                    interleaved)
     k_rope_ulps, k_rope_ok = _score(rows_out[:, kv_norm_dim:], rope_ref, rope_tol, dtype)
     norm_ref = rows_ref[:, :kv_norm_dim]
-    norm_tol = 2 * ulp(norm_ref, dtype) + norm_ref.abs() * (kv_norm_dim / 2 + 4) * F32_EPS
+    norm_tol = 3 * ulp(norm_ref, dtype) + norm_ref.abs() * (kv_norm_dim / 2 + 4) * F32_EPS
     k_norm_ulps, k_norm_ok = _score(rows_out[:, :kv_norm_dim], norm_ref, norm_tol, dtype)
 
     touched = torch.zeros(before.k_cache.shape[:2], dtype=torch.bool)

@@ -70,7 +70,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         config.num_q_heads, config.rope_dim, config.kv_norm_dim, config.page_size,
         config.row_width, config.rope_dim // 2, 1))
     dtype, gdtype, fdtype = config.dtype, config.gamma_dtype, config.freqs_dtype
-    TWO = T.int64(2)
+    ZERO, TWO = T.int64(0), T.int64(2)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
     A = config.aligned_elems(dtype)
 
@@ -124,14 +124,14 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         cache_lengths = T.match_buffer(lengths_handle, (batch,), "int32")
 
         q_pos = T.sblock_alloc_buffer((n,), "int32")
-        q_freqs = T.sblock_alloc_buffer((n, R2, 2), fdtype)
-        q_in = T.sblock_alloc_buffer((n, H, R2, 2), dtype)
-        q_out = T.sblock_alloc_buffer((n, H, R2, 2), dtype)
+        q_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
+        q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
+        q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
         k_pos = T.sblock_alloc_buffer((n,), "int32")
         k_page = T.sblock_alloc_buffer((n,), "int32")
-        k_freqs = T.sblock_alloc_buffer((n, R2, 2), fdtype)
-        k_in = T.sblock_alloc_buffer((n, R2, 2), dtype)
-        k_out = T.sblock_alloc_buffer((n, R2, 2), dtype)
+        k_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
+        k_in = T.sblock_alloc_buffer((n, R2, TWO), dtype)
+        k_out = T.sblock_alloc_buffer((n, R2, TWO), dtype)
         norm_pos = T.sblock_alloc_buffer((n,), "int32")
         norm_page = T.sblock_alloc_buffer((n,), "int32")
         norm_in = T.sblock_alloc_buffer((n, D), dtype)
@@ -139,17 +139,17 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         scale = T.sblock_alloc_buffer((n,), "float32")
         norm_out = T.sblock_alloc_buffer((n, D), dtype)
 
-        q_pairs = T.decl_buffer((n, H, R2, 2), dtype, data=q_rope.data,
+        q_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope.data,
                                 elem_offset=q_rope.elem_offset, strides=(aligned(qs0), aligned(qs1), pj, pp))
-        out_pairs = T.decl_buffer((n, H, R2, 2), dtype, data=q_rope_output.data,
+        out_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope_output.data,
                                   elem_offset=q_rope_output.elem_offset, strides=(aligned(os0), aligned(os1), pj, pp))
-        freqs_pairs = T.decl_buffer((max_seq_len, R2, 2), fdtype, data=freqs_cis.data,
+        freqs_pairs = T.decl_buffer((max_seq_len, R2, TWO), fdtype, data=freqs_cis.data,
                                     elem_offset=freqs_cis.elem_offset, strides=(R, TWO, ONE))
         k_rows_in = T.decl_buffer((num_pages, PS, W), dtype, data=k_cache.data,
                                   elem_offset=k_cache.elem_offset, strides=(aligned(ks0), aligned(ks1), 1))
-        k_pairs_in = T.decl_buffer((num_pages, PS, R2, 2), dtype, data=k_cache.data,
+        k_pairs_in = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
                                    elem_offset=k_cache.elem_offset + D, strides=(aligned(ks0), aligned(ks1), pj, pp))
-        k_pairs = T.decl_buffer((num_pages, PS, R2, 2), dtype, data=k_cache.data,
+        k_pairs = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
                                 elem_offset=k_cache.elem_offset + D, strides=(aligned(ks0), aligned(ks1), pj, pp))
 
         # q branch
@@ -174,8 +174,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             with T.sblock("q_rope"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
                 q_out[vt, vh, vj, vp] = T.Cast(dtype, _rotate(
-                    _f32(q_in[vt, vh, vj, 0]), _f32(q_in[vt, vh, vj, 1]),
-                    _f32(q_freqs[vt, vj, 0]), _f32(q_freqs[vt, vj, 1]), vp))
+                    _f32(q_in[vt, vh, vj, ZERO]), _f32(q_in[vt, vh, vj, ONE]),
+                    _f32(q_freqs[vt, vj, ZERO]), _f32(q_freqs[vt, vj, ONE]), vp))
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_store"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
@@ -204,8 +204,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             with T.sblock("k_rope"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 k_out[vt, vj, vp] = T.Cast(dtype, _rotate(
-                    _f32(k_in[vt, vj, 0]), _f32(k_in[vt, vj, 1]),
-                    _f32(k_freqs[vt, vj, 0]), _f32(k_freqs[vt, vj, 1]), vp))
+                    _f32(k_in[vt, vj, ZERO]), _f32(k_in[vt, vj, ONE]),
+                    _f32(k_freqs[vt, vj, ZERO]), _f32(k_freqs[vt, vj, ONE]), vp))
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_store"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
