@@ -39,7 +39,8 @@ def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False):
                         v: T.let = (bx * ty_b + ty) * tx_b + tx
                         if shared_reduce_b:
                             buf = T.alloc_buffer((tx_b * ty_b,), "float32", scope="shared")
-                            buf[ty * tx_b + tx] = a[v // 64, v % 64]
+                            buf[ty * tx_b + tx] = T.if_then_else(v < n * 64, a[v // 64, v % 64],
+                                                                 T.float32(0))
                             T.tvm_storage_sync("shared")
                             if v < n * 64:
                                 out_b[v // 64, v % 64] = buf[(ty * tx_b + tx + 1) % (tx_b * ty_b)]
