@@ -13,7 +13,6 @@ import tvm
 from tvm_fused.config import ITEMSIZE, OpConfig
 
 
-
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Knobs of the block-group schedule.

@@ -1,35 +1,17 @@
 """The llvm-built kernel against the float64 reference, over the CPU test matrix."""
 
-import itertools
-
 import pytest
 import torch
 
 from tvm_fused.checking import run_and_check
 from tvm_fused.inputs import make_inputs
 
-from .cases import DECODE, PREFILL, RAGGED, matrix_id
-
-HEADS = (1, 16, 128)
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-PAGE_SIZES = (1, 16, 128)
-MATRIX = list(itertools.product(HEADS, DTYPES, PAGE_SIZES))
+from .cases import DECODE, MATRIX, MATRIX_IDS, RAGGED, check_matrix_case
 
 
-@pytest.mark.parametrize("index", range(len(MATRIX)),
-                         ids=[matrix_id(*case) for case in MATRIX])
+@pytest.mark.parametrize("index", range(len(MATRIX)), ids=MATRIX_IDS)
 def test_matrix(index):
-    """Every (heads, dtype, page size); the other options rotate so that each combination of
-    layout, mode and offsets dtype appears across the matrix."""
-    heads, dtype, page_size = MATRIX[index]
-    new_tokens, cache_lengths = (RAGGED, DECODE, PREFILL)[index % 3]
-    inputs = make_inputs(new_tokens, cache_lengths, num_q_heads=heads, page_size=page_size,
-                         dtype=dtype, padding_rows=index % 4, strided_q=index % 2 == 0,
-                         layers=1 + 2 * (index % 2),
-                         offsets_dtype=(torch.uint32, torch.int32)[index // 2 % 2],
-                         seed=index)
-    report = run_and_check(inputs, in_place=index % 4 == 1,
-                           interleaved=index % 5 != 2)
+    report = check_matrix_case(index, "cpu")
     assert report.ok, report.summary()
 
 

@@ -7,25 +7,15 @@ from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.checking import check_run, run_and_check
 from tvm_fused.inputs import make_inputs
 
-from .cases import DECODE, PREFILL, RAGGED, matrix_id
-from .test_kernel_cpu import MATRIX
+from .cases import MATRIX, MATRIX_IDS, PREFILL, RAGGED, check_matrix_case
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("index", range(len(MATRIX)),
-                         ids=[matrix_id(*case) for case in MATRIX])
+@pytest.mark.parametrize("index", range(len(MATRIX)), ids=MATRIX_IDS)
 def test_matrix(index):
     """The CPU matrix, on the GPU."""
-    heads, dtype, page_size = MATRIX[index]
-    new_tokens, cache_lengths = (RAGGED, DECODE, PREFILL)[index % 3]
-    inputs = make_inputs(new_tokens, cache_lengths, num_q_heads=heads, page_size=page_size,
-                         dtype=dtype, padding_rows=index % 4, strided_q=index % 2 == 0,
-                         layers=1 + 2 * (index % 2),
-                         offsets_dtype=(torch.uint32, torch.int32)[index // 2 % 2],
-                         seed=index, device="cuda")
-    report = run_and_check(inputs, in_place=index % 4 == 1, interleaved=index % 5 != 2,
-                           validate=True)
+    report = check_matrix_case(index, "cuda")
     assert report.ok, report.summary()
 
 

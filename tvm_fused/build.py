@@ -45,7 +45,8 @@ def as_target(target: str | tvm.target.Target) -> tvm.target.Target:
 
 def _use_nvcc_without_nvrtc() -> None:
     """TVM compiles CUDA with NVRTC unless told otherwise, which needs cuda-bindings."""
-    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+    spec = importlib.util.find_spec
+    if spec("cuda") is None or spec("cuda.bindings") is None:
         os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
 
 

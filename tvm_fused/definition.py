@@ -16,13 +16,13 @@ thread blocks; ``row(t)`` is cache row ``k_cache[page[t], pos[t] % page_size]``:
                  norm_apply  t, c              y[t, c] = dtype(gamma_dtype(x * scale[t]) * gamma[c])
                  norm_store  t, c              row(t)[c] = y[t, c]                 (real rows)
 
-Loads and stores are stages of their own, guarded by ``pos >= 0`` (padding loads yield 0), so that a schedule can
-stage rows through registers with wide vector accesses and padding rows are never touched.
-Rope pairs are addressed through views of shape ``[..., rope_dim / 2, 2]`` whose strides
-encode the pairing (interleaved: ``(2, 1)``; NeoX: ``(1, rope_dim / 2)``), so one body serves
-both modes. The cache is updated in place: it is read through ``*_in`` views and written
-through others of the same memory, which keeps the dataflow a stage pipeline; every element is
-loaded before the store that overwrites it, by the same block instance's thread.
+Loads and stores are stages of their own, guarded by ``pos >= 0`` (padding loads yield 0), so
+that a schedule can stage rows through registers with wide vector accesses and padding rows
+are never touched. Rope pairs are addressed through views of shape ``[..., rope_dim / 2, 2]``
+whose strides encode the pairing (interleaved: ``(2, 1)``; NeoX: ``(1, rope_dim / 2)``), so
+one body serves both modes. The cache is updated in place: loads read it through ``*_in``
+views and stores write it through others of the same memory, which keeps the dataflow a stage
+pipeline; a row is stored only after the stages before have read all of it.
 
 Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU thread blocks.
 """
@@ -79,10 +79,15 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         vector accesses through the views are provably aligned."""
         return stride // A * A
 
+    def pair_strides(s0, s1):
+        """Strides of a ``[..., R/2, 2]`` pair view of rows with strides ``(s0, s1, 1)``."""
+        return (aligned(s0), aligned(s1), pj, pp)
+
     # fmt: off
     @T.macro
     def locate(vt, offsets, lookup_table, cache_lengths, pos, page):
-        """pos[vt] = position of token vt, -1 past offsets[-1]; page[vt] = its physical page."""
+        """pos[vt] = position of token vt (-1 past offsets[-1]); page[vt] = its physical page
+        (when ``page`` is given)."""
         token: T.let = T.Cast("int32", vt)
         lo = T.alloc_buffer((1,), "int32", scope="local")
         hi = T.alloc_buffer((1,), "int32", scope="local")
@@ -110,17 +115,19 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         lookup_handle: T.handle, lengths_handle: T.handle, epsilon: T.float32,
     ):
         T.func_attr({"global_symbol": OP_NAME})
-        # 64-bit sizes and strides: a layer view of a large multi-layer cache spans > 2^31 elements
-        n, batch, max_seq_len, num_pages, max_pages = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        qs0, qs1, os0, os1, ks0, ks1, ls0 = (T.int64(), T.int64(), T.int64(), T.int64(), T.int64(),
-                                             T.int64(), T.int64())
+        # 64-bit sizes and strides: a layer view of a multi-layer cache spans > 2^31 elements
+        n, batch, max_seq_len, num_pages, max_pages = (
+            T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
+        qs0, qs1, os0, os1, ks0, ks1, ls0 = (
+            T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
         q_rope = T.match_buffer(q_handle, (n, H, R), dtype, strides=(qs0, qs1, ONE))
         q_rope_output = T.match_buffer(out_handle, (n, H, R), dtype, strides=(os0, os1, ONE))
         offsets = T.match_buffer(offsets_handle, (batch + ONE,), config.offsets_dtype)
         freqs_cis = T.match_buffer(freqs_handle, (max_seq_len, R), fdtype)
         gamma = T.match_buffer(gamma_handle, (D,), gdtype)
         k_cache = T.match_buffer(k_handle, (num_pages, PS, W), dtype, strides=(ks0, ks1, ONE))
-        lookup_table = T.match_buffer(lookup_handle, (batch, max_pages), "int32", strides=(ls0, ONE))
+        lookup_table = T.match_buffer(lookup_handle, (batch, max_pages), "int32",
+                                      strides=(ls0, ONE))
         cache_lengths = T.match_buffer(lengths_handle, (batch,), "int32")
 
         q_pos = T.sblock_alloc_buffer((n,), "int32")
@@ -140,23 +147,26 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         norm_out = T.sblock_alloc_buffer((n, D), dtype)
 
         q_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope.data,
-                                elem_offset=q_rope.elem_offset, strides=(aligned(qs0), aligned(qs1), pj, pp))
+                                elem_offset=q_rope.elem_offset, strides=pair_strides(qs0, qs1))
         out_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope_output.data,
-                                  elem_offset=q_rope_output.elem_offset, strides=(aligned(os0), aligned(os1), pj, pp))
+                                  elem_offset=q_rope_output.elem_offset,
+                                  strides=pair_strides(os0, os1))
         freqs_pairs = T.decl_buffer((max_seq_len, R2, TWO), fdtype, data=freqs_cis.data,
                                     elem_offset=freqs_cis.elem_offset, strides=(R, TWO, ONE))
         k_rows_in = T.decl_buffer((num_pages, PS, W), dtype, data=k_cache.data,
-                                  elem_offset=k_cache.elem_offset, strides=(aligned(ks0), aligned(ks1), 1))
+                                  elem_offset=k_cache.elem_offset,
+                                  strides=(aligned(ks0), aligned(ks1), ONE))
         k_pairs_in = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
-                                   elem_offset=k_cache.elem_offset + D, strides=(aligned(ks0), aligned(ks1), pj, pp))
+                                   elem_offset=k_cache.elem_offset + D,
+                                   strides=pair_strides(ks0, ks1))
         k_pairs = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
-                                elem_offset=k_cache.elem_offset + D, strides=(aligned(ks0), aligned(ks1), pj, pp))
+                                elem_offset=k_cache.elem_offset + D, strides=pair_strides(ks0, ks1))
 
         # q branch
         for t in range(n):
             with T.sblock("q_locate"):
                 vt = T.axis.spatial(n, t)
-                T.reads(offsets[0:batch + 1], cache_lengths[0:batch])
+                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
                 T.writes(q_pos[vt])
                 locate(vt, offsets, lookup_table, cache_lengths, q_pos, None)
         for t, j, p in T.grid(n, R2, TWO):
@@ -186,7 +196,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t in range(n):
             with T.sblock("k_locate"):
                 vt = T.axis.spatial(n, t)
-                T.reads(offsets[0:batch + 1], cache_lengths[0:batch], lookup_table[0:batch, 0:max_pages])
+                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
                 T.writes(k_pos[vt], k_page[vt])
                 locate(vt, offsets, lookup_table, cache_lengths, k_pos, k_page)
         for t, j, p in T.grid(n, R2, TWO):
@@ -216,7 +226,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t in range(n):
             with T.sblock("norm_locate"):
                 vt = T.axis.spatial(n, t)
-                T.reads(offsets[0:batch + 1], cache_lengths[0:batch], lookup_table[0:batch, 0:max_pages])
+                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
                 T.writes(norm_pos[vt], norm_page[vt])
                 locate(vt, offsets, lookup_table, cache_lengths, norm_pos, norm_page)
         for t, c in T.grid(n, D):
@@ -239,7 +249,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, c in T.grid(n, D):
             with T.sblock("norm_apply"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                norm_out[vt, vc] = T.Cast(dtype, T.Cast(gdtype, _f32(norm_in[vt, vc]) * scale[vt]) * gamma[vc])
+                normed = T.meta_var(T.Cast(gdtype, _f32(norm_in[vt, vc]) * scale[vt]))
+                norm_out[vt, vc] = T.Cast(dtype, normed * gamma[vc])
         for t, c in T.grid(n, D):
             with T.sblock("norm_store"):
                 vt, vc = T.axis.remap("SS", [t, c])
