@@ -29,7 +29,7 @@ def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False):
                     vi, vj = T.axis.remap("SS", [bx, tx])
                     T.where(tx < 64)
                     out_a[vi, vj] = a[vi, vj] * T.float32(2)
-        blocks_b = (n * 64 + tx_b * ty_b - 1) // (tx_b * ty_b)
+        blocks_b: T.let = (n * 64 + tx_b * ty_b - 1) // (tx_b * ty_b)
         for bx in T.thread_binding(blocks_b, thread="blockIdx.x"):
             for ty in T.thread_binding(ty_b, thread="threadIdx.y"):
                 for tx in T.thread_binding(tx_b, thread="threadIdx.x"):

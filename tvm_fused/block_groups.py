@@ -131,8 +131,9 @@ def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int) -
 def merge_launches(stmts: list) -> list:
     """Merge the ``blockIdx.x`` launches in a flat statement list into one.
 
-    Statements before the first launch stay first; let-bindings between launches (host-side
-    index arithmetic) move before the merged launch. Returns the new statement list.
+    Statements before the first launch stay first; let-bindings and buffer declarations
+    between launches (host-side index arithmetic) move before the merged launch. Returns the
+    new statement list.
     """
     launch_ids = [i for i, s in enumerate(stmts) if _launch_tag(s) == "blockIdx.x"]
     if len(launch_ids) < 2:
@@ -141,8 +142,9 @@ def merge_launches(stmts: list) -> list:
         raise ValueError("MergeBlockGroups: only 1-D grids (blockIdx.x) can be merged")
     first = launch_ids[0]
     hoisted = [s for s in stmts[first:] if _launch_tag(s) is None]
-    if not all(isinstance(s, S.Bind) for s in hoisted):
-        raise ValueError("MergeBlockGroups: only let-bindings may stand between launches")
+    if not all(isinstance(s, (S.Bind, S.DeclBuffer)) for s in hoisted):
+        raise ValueError("MergeBlockGroups: only let-bindings and buffer declarations may stand "
+                         "between launches")
     groups = [_parse_group(stmts[i]) for i in launch_ids]
     num_threads = max(g.num_threads for g in groups)
 
