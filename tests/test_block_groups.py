@@ -16,6 +16,8 @@ def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False):
     = a[i] + 1 over blocks of ``tx_b`` x ``ty_b`` threads, optionally followed by a block-wide
     shared-memory exchange (a barrier)."""
 
+    span_b = tx_b * ty_b
+
     # fmt: off
     @T.prim_func(s_tir=True)
     def func(a_handle: T.handle, oa_handle: T.handle, ob_handle: T.handle):
@@ -29,8 +31,7 @@ def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False):
                     vi, vj = T.axis.remap("SS", [bx, tx])
                     T.where(tx < 64)
                     out_a[vi, vj] = a[vi, vj] * T.float32(2)
-        blocks_b: T.let = (n * 64 + tx_b * ty_b - 1) // (tx_b * ty_b)
-        for bx in T.thread_binding(blocks_b, thread="blockIdx.x"):
+        for bx in T.thread_binding((n * 64 + span_b - 1) // span_b, thread="blockIdx.x"):
             for ty in T.thread_binding(ty_b, thread="threadIdx.y"):
                 for tx in T.thread_binding(tx_b, thread="threadIdx.x"):
                     with T.sblock("b"):
