@@ -25,8 +25,10 @@ class ScheduleConfig:
         groups use the same ``(x, y)`` thread shape, so no thread of the merged launch idles.
         32 (one warp) reduces with shuffles alone; more threads add a shared-memory step.
     vector_bytes : bytes per global load/store (16: one ``uint4`` per access).
-    rope_vectors_per_thread : vectors each q-rope thread handles, strided by the block's
-        span, so one block covers ``block_threads * that`` vectors (heads per block grow).
+    rope_vectors_per_thread : vectors each rope thread handles, strided by the block's span,
+        so a block covers that many times more heads (q) or tokens (k): fewer, longer blocks.
+    norm_rows_per_thread : cache rows each norm thread group normalizes one after another,
+        so a norm block covers that many times more tokens.
     unroll : unroll the per-thread element loops explicitly.
     """
 
@@ -34,6 +36,7 @@ class ScheduleConfig:
     norm_threads_per_row: int = 32
     vector_bytes: int = 16
     rope_vectors_per_thread: int = 1
+    norm_rows_per_thread: int = 1
     unroll: bool = True
 
     def __post_init__(self) -> None:
@@ -44,8 +47,8 @@ class ScheduleConfig:
                              "block_threads within [32, 1024]")
         if self.vector_bytes not in (4, 8, 16):
             raise ValueError(f"vector_bytes must be 4, 8 or 16, got {self.vector_bytes}")
-        if self.rope_vectors_per_thread < 1:
-            raise ValueError("rope_vectors_per_thread must be positive")
+        if self.rope_vectors_per_thread < 1 or self.norm_rows_per_thread < 1:
+            raise ValueError("rope_vectors_per_thread and norm_rows_per_thread must be positive")
 
     @property
     def norm_rows_per_block(self) -> int:

@@ -21,7 +21,7 @@ from .rope import schedule_rope_branch
 def apply_block_group_schedule(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConfig) -> None:
     """Apply ``config`` to a schedule of ``fused_rope_rmsnorm_func(op)`` in place."""
     schedule_rope_branch(sch, "q", op, config, items=config.rope_vectors_per_thread)
-    schedule_rope_branch(sch, "k", op, config, items=1)
+    schedule_rope_branch(sch, "k", op, config, items=config.rope_vectors_per_thread)
     schedule_norm_branch(sch, op, config)
 
 

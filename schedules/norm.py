@@ -3,8 +3,9 @@
 The store stage is the anchor. ``X`` threads per row, ``Y`` rows per block, ``V`` elements per
 vector, ``I = kv_norm_dim / (X * V)`` vectors per thread:
 
-    for blk  in blockIdx.x  (ceil(n / Y))
-     for ty  in threadIdx.y (Y)                        one cache row per ty
+    for blk  in blockIdx.x  (ceil(n / (Y * rows)))
+     for ty  in threadIdx.y (Y)
+      for row in range(rows)                            one cache row at a time
        locate token t and its page                      (registers)
        for tx in threadIdx.x (X): for i in I: x[i*X*V + tx*V : +V]  -> vector loads (registers)
        sum of squares: per thread, then across the X threads        (shuffles [+ smem])
@@ -41,7 +42,13 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
         return tx, it, vec
 
     t, c = sch.get_loops(store)
-    blk, ty = sch.split(t, [None, y])
+    rows = config.norm_rows_per_thread
+    if rows > 1:
+        blk, row, ty = sch.split(t, [None, rows, y])
+        sch.reorder(ty, row)
+    else:
+        blk, ty = sch.split(t, [None, y])
+        row = ty
     sch.bind(blk, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     tx, it, vec = split_row(c)
@@ -55,11 +62,11 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
     sch.vectorize(sch.split(sch.get_loops(gamma)[-1], [None, gamma_vector])[-1])
     sch.compute_at(scale, tx)
 
-    sch.compute_at(sumsq, ty)
+    sch.compute_at(sumsq, row)
     split_row(sch.get_loops(sumsq)[-1])
-    sch.compute_at(load, ty)
+    sch.compute_at(load, row)
     sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
-    sch.compute_at(locate, ty)
+    sch.compute_at(locate, row)
     set_local(sch, locate, load, sumsq, scale, apply)
     # the row staged by `load` is read back in another threadIdx.x loop, so buffer compaction
     # would size it for the whole row: index it per thread (vector i, lane v), which is exact

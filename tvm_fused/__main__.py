@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from pathlib import Path
 
 import torch
 
@@ -84,6 +85,38 @@ def source(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune(args: argparse.Namespace) -> int:
+    from .build import as_target
+    from .tuning.records import CPU_DEVICE, default_logs_dir
+    from .tuning.tune import RpcTarget
+    from .tuning.tune import tune as run_tuning
+
+    op = OpConfig(num_q_heads=args.heads, rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
+                  page_size=args.page_size, dtype=args.dtype, gamma_dtype=args.dtype,
+                  interleaved=not args.neox)
+    if args.target == "auto":
+        target = cuda_target() if torch.cuda.is_available() else as_target("llvm")
+    else:
+        target = as_target(args.target)
+    if target.kind.name == "cuda":
+        device_name = torch.cuda.get_device_name()
+        if args.target == "auto":
+            major, minor = torch.cuda.get_device_capability()
+            target = cuda_target(f"sm_{major}{minor}{'a' if major >= 9 else ''}")
+    else:
+        device_name = CPU_DEVICE
+    rpc = None
+    if args.rpc_tracker:
+        host, port = args.rpc_tracker.rsplit(":", 1)
+        rpc = RpcTarget(host, int(port), args.rpc_key, args.rpc_workers)
+    logs_dir = Path(args.out) if args.out else default_logs_dir()
+    work_dir = Path(args.work_dir) / f"{device_name.replace(' ', '_')}-{op.num_q_heads}h"
+    run_tuning(op, target, buckets=tuple(int(b) for b in args.buckets.split(",")),
+               trials=args.trials, logs_dir=logs_dir, work_dir=work_dir,
+               device_name=device_name, cost_model=args.cost_model, rpc=rpc)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tvm_fused", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_options(source_parser)
     source_parser.add_argument("--arch", default=None, help="sm_XX (default sm_90a)")
     source_parser.set_defaults(func=source)
+    tune_parser = commands.add_parser(
+        "tune", help="tune the block-group schedule with MetaSchedule, per token bucket")
+    _add_config_options(tune_parser)
+    tune_parser.add_argument("--buckets", default="1,8,64,512,4096,32768",
+                             help="token counts to tune for (comma-separated)")
+    tune_parser.add_argument("--trials", type=int, default=32,
+                             help="measured candidates per bucket, the default included")
+    tune_parser.add_argument("--target", default="auto",
+                             help="auto (this GPU, else llvm), cuda, llvm or a target JSON")
+    tune_parser.add_argument("--out", default=None,
+                             help="records folder (default: the package's tuning_logs/)")
+    tune_parser.add_argument("--work-dir", default="tuning_work",
+                             help="MetaSchedule's working database; re-runs resume from it")
+    tune_parser.add_argument("--cost-model", choices=("auto", "xgb", "random", "mlp"),
+                             default="auto", help="auto: xgb if xgboost imports, else random")
+    tune_parser.add_argument("--rpc-tracker", default=None,
+                             help="HOST:PORT of a TVM RPC tracker to measure on")
+    tune_parser.add_argument("--rpc-key", default="gpu", help="device key at the tracker")
+    tune_parser.add_argument("--rpc-workers", type=int, default=1,
+                             help="measurements in flight over RPC (one per server)")
+    tune_parser.set_defaults(func=tune)
     args = parser.parse_args(argv)
     return args.func(args)
 

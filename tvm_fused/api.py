@@ -9,6 +9,8 @@ import torch
 from .build import CPU_TARGET, cuda_target
 from .cache import get_kernel
 from .config import OpConfig
+from .schedules import ScheduleConfig
+from .tuning.records import default_logs_dir, schedule_for
 from .validation import check_arguments, check_contents
 
 _TVM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
@@ -37,8 +39,20 @@ def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device: torch.device, op: OpConfig):
-    return get_kernel(op, _device_target(device))
+def _kernel(device: torch.device, op: OpConfig, schedule: ScheduleConfig | None):
+    return get_kernel(op, _device_target(device), schedule)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _schedule(device: torch.device, op: OpConfig, tokens: int) -> ScheduleConfig | None:
+    """The tuned schedule of ``tokens``' bucket on this GPU, or None (the default)."""
+    if device.type != "cuda":
+        return None
+    return schedule_for(default_logs_dir(), _device_name(device), op, tokens)
 
 
 def fused_rope_rmsnorm(
@@ -54,6 +68,7 @@ def fused_rope_rmsnorm(
     out: torch.Tensor | None = None,
     interleaved: bool = True,
     validate: bool | None = None,
+    schedule: ScheduleConfig | None = None,
 ) -> torch.Tensor:
     """MLA prologue in one launch: RoPE on q, RoPE and RMSNorm on the new cache rows.
 
@@ -85,6 +100,8 @@ def fused_rope_rmsnorm(
     validate : also prove every position, page and offset in range before launching (a
         device sync); default True on CPU, False on GPU (keeps the call sync-free and
         CUDA-graph capturable).
+    schedule : a block-group schedule to use instead of the tuned one for this token count's
+        bucket (``tuning_logs/``) or, without records for this GPU, the default.
 
     Returns
     -------
@@ -121,6 +138,8 @@ def fused_rope_rmsnorm(
         freqs_dtype=_TVM_DTYPES[freqs_cis.dtype], gamma_dtype=_TVM_DTYPES[gamma.dtype],
         offsets_dtype=_TVM_DTYPES[input_row_offsets.dtype], interleaved=interleaved,
         alignment=_alignment(q_rope, out, freqs_cis, gamma, k_cache) if on_gpu else 16)
-    _kernel(q_rope.device, op)(q_rope, out, input_row_offsets, freqs_cis, gamma, k_cache,
-                               lookup_table, cache_lengths, float(epsilon))
+    if schedule is None:
+        schedule = _schedule(q_rope.device, op, q_rope.shape[0])
+    _kernel(q_rope.device, op, schedule)(q_rope, out, input_row_offsets, freqs_cis, gamma,
+                                         k_cache, lookup_table, cache_lengths, float(epsilon))
     return out

@@ -2,7 +2,7 @@
 
 ``build`` compiles one configuration for one target. The CUDA path applies the block-group
 schedule and lowers through the ``tvm_fused`` pipeline (which merges the branch launches);
-the ``llvm`` path builds the unscheduled definition itself.
+the ``llvm`` path applies the CPU schedule of the same PrimFunc.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from . import pipeline
 from .config import OpConfig
 from .definition import OP_NAME, fused_rope_rmsnorm_func
 from .schedules import ScheduleConfig, default_schedule_config, schedule_fused_rope_rmsnorm
+from .schedules.cpu import CpuScheduleConfig, apply_cpu_schedule
 
 CPU_TARGET = "llvm"
 DEFAULT_CUDA_TARGET = "nvidia/nvidia-h100"
@@ -51,22 +52,28 @@ def _use_nvcc_without_nvrtc() -> None:
 
 
 def scheduled_module(op: OpConfig, target: tvm.target.Target,
-                     schedule: ScheduleConfig | None = None) -> tvm.IRModule:
-    """The IRModule to compile for ``target``: scheduled for CUDA, as defined for CPUs."""
+                     schedule: ScheduleConfig | CpuScheduleConfig | None = None) -> tvm.IRModule:
+    """The IRModule to compile for ``target``: the block-group schedule for CUDA, the CPU
+    schedule for ``llvm``."""
     if target.kind.name == "cuda":
         return schedule_fused_rope_rmsnorm(op, schedule or default_schedule_config(target))
     if target.kind.name != "llvm":
         raise ValueError(f"unsupported target kind {target.kind.name!r}: use cuda or llvm")
-    return tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(op)})
+    sch = tvm.s_tir.Schedule(tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(op)}))
+    sch.work_on(OP_NAME)
+    apply_cpu_schedule(sch, schedule or CpuScheduleConfig())
+    return sch.mod
 
 
 def build(op: OpConfig, target: str | tvm.target.Target = CPU_TARGET,
-          schedule: ScheduleConfig | None = None) -> tvm.runtime.Executable:
+          schedule: ScheduleConfig | CpuScheduleConfig | None = None
+          ) -> tvm.runtime.Executable:
     """Compile the fused op for ``target``.
 
     Returns the executable; ``executable[OP_NAME]`` is the kernel, called with the arguments
     of ``definition.fused_rope_rmsnorm_func`` in order (torch tensors pass through DLPack).
-    ``schedule`` overrides the target's default block-group schedule (CUDA only).
+    ``schedule`` overrides the target's default schedule (a ``ScheduleConfig`` for CUDA, a
+    ``CpuScheduleConfig`` for ``llvm``).
     """
     target = as_target(target)
     mod = scheduled_module(op, target, schedule)

@@ -51,7 +51,7 @@ def kernel_key(op: OpConfig, target: tvm.target.Target, schedule: ScheduleConfig
     """A file-name-safe key of one build."""
     payload = json.dumps({
         "op": dataclasses.asdict(op),
-        "schedule": dataclasses.asdict(schedule) if schedule else None,
+        "schedule": [type(schedule).__name__, dataclasses.asdict(schedule)] if schedule else None,
         "target": str(target),
         "tvm": tvm.__version__,
         "sources": _source_digest(),

@@ -1,0 +1,40 @@
+"""The CPU schedule of the same PrimFunc (``llvm`` target): each branch's stages are
+computed per token, and chunks of tokens run as parallel tasks.
+
+    for chunk in parallel(ceil(n / tokens_per_task)):        (or serial)
+      for t in chunk:
+        q: locate, freqs, load, rope, store of token t       (per-token buffers)
+    ... the same for the k and norm branches
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir
+
+BRANCH_STAGES = {
+    "q": ("locate", "freqs", "load", "rope"),
+    "k": ("locate", "freqs", "load", "rope"),
+    "norm": ("locate", "load", "sumsq", "scale", "apply"),
+}
+
+
+@dataclass(frozen=True)
+class CpuScheduleConfig:
+    """Knobs of the CPU schedule: tokens per parallel task, and whether tasks run in
+    parallel."""
+
+    tokens_per_task: int = 4
+    parallel: bool = True
+
+
+def apply_cpu_schedule(sch: s_tir.Schedule, config: CpuScheduleConfig) -> None:
+    """Apply ``config`` to a schedule of ``fused_rope_rmsnorm_func(op)`` in place."""
+    for prefix, stages in BRANCH_STAGES.items():
+        store = sch.get_sblock(f"{prefix}_store")
+        chunk, token = sch.split(sch.get_loops(store)[0], [None, config.tokens_per_task])
+        if config.parallel:
+            sch.parallel(chunk)
+        for stage in reversed(stages):
+            sch.compute_at(sch.get_sblock(f"{prefix}_{stage}"), token)

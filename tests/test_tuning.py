@@ -1,0 +1,139 @@
+"""MetaSchedule tuning on the CPU: the space, a tiny end-to-end run, record handling, and
+the staleness check of the committed records."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import tvm
+from tvm import s_tir
+
+from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func, pipeline
+from tvm_fused.build import cuda_target
+from tvm_fused.checking import check_run
+from tvm_fused.inputs import make_inputs
+from tvm_fused.schedules import ScheduleConfig
+from tvm_fused.schedules.cpu import CpuScheduleConfig
+from tvm_fused.schedules.space import (
+    CPU_SPACE,
+    GPU_SPACE,
+    config_from_trace,
+    sample_config,
+    schedule_fn,
+)
+from tvm_fused.tuning import records
+from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
+from tvm_fused.tuning.tune import tune
+from tvm_fused.tuning.workload import bucket_workload, workload_hash
+
+SPACE_OPS = (OpConfig(num_q_heads=128), OpConfig(num_q_heads=1, dtype="float32",
+                                                 gamma_dtype="float32", interleaved=False))
+
+
+@pytest.mark.parametrize("op", SPACE_OPS, ids=["v3-bf16", "one-head-fp32-neox"])
+@pytest.mark.parametrize("seed", range(1, 11))
+def test_space_draws_only_valid_schedules(op, seed):
+    """Any draw schedules, lowers to one CUDA kernel for the H100, and decodes back."""
+    sch = s_tir.Schedule(fused_rope_rmsnorm_func(op), seed=seed)
+    schedule_fn(op, GPU_SPACE)(sch)
+    config = config_from_trace(sch.trace.as_json(), GPU_SPACE)
+    assert config.block_threads % config.norm_threads_per_row == 0
+    target = cuda_target()
+    with target:
+        executable = tvm.compile(sch.mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
+    source = executable.mod.imports[0].inspect_source()
+    assert source.count("__global__ void") == 2
+    assert f"__launch_bounds__({config.block_threads})" in source
+
+
+@pytest.mark.parametrize("fixed", [ScheduleConfig(), ScheduleConfig(
+    block_threads=256, norm_threads_per_row=64, vector_bytes=8, rope_vectors_per_thread=4,
+    norm_rows_per_thread=2, unroll=False)])
+def test_fixed_config_is_recorded_as_decisions(fixed):
+    sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+    assert sample_config(sch, GPU_SPACE, fixed) == fixed
+    assert config_from_trace(sch.trace.as_json(), GPU_SPACE) == fixed
+
+
+def test_nearest_bucket():
+    assert [nearest_bucket(n) for n in (1, 2, 3, 5, 20, 64, 100, 1000, 3000, 10**6)] == \
+        [1, 1, 8, 8, 8, 64, 64, 512, 4096, 32768]  # geometric midpoints: 2.8, 22.6, ...
+
+
+def test_tiny_llvm_tuning_end_to_end(tmp_path):
+    """Tune two buckets on the CPU, read the records back, build with them, check; a second
+    run resumes from the work database instead of tuning again."""
+    op = OpConfig(num_q_heads=2, dtype="float32", gamma_dtype="float32")
+    logs, work = tmp_path / "logs", tmp_path / "work"
+    lines = []
+    dest = tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=3, logs_dir=logs,
+                work_dir=work, device_name=records.CPU_DEVICE, cost_model="random",
+                builder_workers=2, log=lines.append)
+    assert any("default schedule" in line for line in lines)
+    metadata = json.loads((dest / records.METADATA).read_text())
+    assert set(metadata["buckets"]) == {"1", "8"}
+    assert all(entry["records"] == 3 for entry in metadata["buckets"].values())
+    configs = records.tuned_configs(str(logs), records.CPU_DEVICE, op)
+    assert set(configs) == {1, 8} and all(isinstance(c, CpuScheduleConfig)
+                                          for c in configs.values())
+
+    chosen = records.schedule_for(logs, records.CPU_DEVICE, op, 6)
+    kernel = build(op, "llvm", chosen)[OP_NAME]
+    inputs = make_inputs([4, 2], [3, 9], num_q_heads=2, dtype=torch.float32)
+    before = inputs.clone()
+    out = torch.randn_like(inputs.q_rope)
+    out_before = out.clone()
+    kernel(inputs.q_rope, out, *inputs.args()[1:], 1e-6)
+    assert check_run(before, inputs, out, out_before).ok
+
+    lines.clear()
+    tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=3, logs_dir=logs, work_dir=work,
+         device_name=records.CPU_DEVICE, cost_model="random", builder_workers=2,
+         log=lines.append)
+    assert sum("already: skipped" in line for line in lines) == 2
+
+
+def test_no_records_falls_back_with_one_warning(tmp_path):
+    op = OpConfig(num_q_heads=3)
+    with pytest.warns(UserWarning, match="no tuning records"):
+        assert records.schedule_for(tmp_path, "Imaginary GPU", op, 10) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert records.schedule_for(tmp_path, "Imaginary GPU", op, 500) is None
+
+
+def test_malformed_record_lines_are_skipped(tmp_path):
+    path = tmp_path / records.RECORDS
+    good = json.dumps([0, [[[], []], [1e-5, 2e-5], {}, []]])
+    failed = json.dumps([0, [[[], []], [1e10], {}, []]])
+    path.write_text("\n".join([good, "{not json", '[1, "short"]', failed, good[:20]]) + "\n")
+    with pytest.warns(UserWarning, match="malformed tuning record") as caught:
+        kept = records.read_records(path)
+    assert len(kept) == 1 and kept[0][2] == [1e-5, 2e-5]
+    assert len(caught) == 3
+
+
+COMMITTED = sorted(records.default_logs_dir().glob(f"*/*/{records.METADATA}"))
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no committed tuning records yet")
+@pytest.mark.parametrize("metadata_path", COMMITTED,
+                         ids=[f"{p.parent.parent.name}/{p.parent.name}" for p in COMMITTED])
+def test_committed_records_match_the_current_definition(metadata_path: Path):
+    """MetaSchedule finds records by the workload's structural hash: a change to the
+    TensorIR definition that orphans the committed records fails here (re-tune)."""
+    metadata = json.loads(metadata_path.read_text())
+    op = OpConfig(**metadata["op"])
+    stored = set(records.workload_hashes(metadata_path.parent / (records.WORKLOADS + ".xz")))
+    for tokens, entry in metadata["buckets"].items():
+        current = workload_hash(bucket_workload(op, int(tokens)))
+        assert current == entry["workload"], f"bucket {tokens}: the definition changed"
+        assert current in stored
+    configs = records.tuned_configs(str(records.default_logs_dir()), metadata["gpu"], op)
+    assert set(configs) == {int(t) for t in metadata["buckets"]}
+
+
+def test_default_buckets_cover_decode_and_prefill():
+    assert BUCKETS[0] == 1 and BUCKETS[-1] >= 32768

@@ -1,0 +1,1 @@
+"""Committed MetaSchedule records, one folder per GPU (installed as tvm_fused.tuning_logs)."""

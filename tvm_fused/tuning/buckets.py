@@ -1,0 +1,37 @@
+"""Token-count buckets: MetaSchedule tunes static shapes, the op is dynamic in tokens.
+
+Each bucket is tuned on a realistic batch: decode buckets (up to 64 tokens) are one new token
+for each of as many requests with long cached contexts; prefill buckets are a few requests
+of many new tokens. At run time the call's token count (``q_rope.shape[0]``, known on the
+host) picks the nearest bucket on a log scale, with no device sync.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+BUCKETS = (1, 8, 64, 512, 4096, 32768)
+DECODE_MAX = 64
+
+
+def bucket_case(tokens: int) -> tuple[list[int], list[int]]:
+    """``(new_tokens, cache_lengths)`` per request for a bucket of ``tokens`` tokens."""
+    if tokens <= DECODE_MAX:
+        return [1] * tokens, [1024 + (977 * i) % 3072 for i in range(tokens)]
+    requests = max(1, min(8, tokens // 512))
+    base, extra = divmod(tokens, requests)
+    new = [base + (i < extra) for i in range(requests)]
+    return new, [(331 * i) % 2048 for i in range(requests)]
+
+
+def nearest_bucket(tokens: int, buckets=BUCKETS) -> int:
+    """The bucket closest to ``tokens`` in log scale (ties go to the larger)."""
+    ordered = sorted(buckets)
+    i = bisect.bisect_left(ordered, tokens)
+    if i == 0:
+        return ordered[0]
+    if i == len(ordered):
+        return ordered[-1]
+    lower, upper = ordered[i - 1], ordered[i]
+    return lower if math.log(tokens / lower) < math.log(upper / tokens) else upper

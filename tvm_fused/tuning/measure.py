@@ -1,0 +1,90 @@
+"""Building and timing MetaSchedule candidates of the fused op.
+
+The builder compiles with the ``tvm_fused`` pipeline (the one the runtime build uses, with
+the block-group merge). The runners feed every candidate the bucket's *valid* inputs (real
+offsets, page tables and positions: random integers would send it out of bounds), rebuilt
+in the runner process from the argument shapes. Locally on a GPU, a candidate is timed like
+the benchmarks, with CUDA events on a cold L2; over RPC, with TVM's time evaluator.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import torch
+import tvm
+
+from .. import pipeline
+from ..config import OpConfig
+from ..definition import OP_NAME
+from ..timing import time_cuda
+from .workload import bucket_inputs
+
+_CUDA = 2  # DLPack device type
+
+
+def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
+    """MetaSchedule builder function: compile with the tvm_fused pipeline; return the runtime
+    module (an Executable would reach the exporter as a plain callable)."""
+    with target:
+        return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME).mod
+
+
+def _op_and_tokens(args_info) -> tuple[OpConfig, int]:
+    """Recover the op config and token count from the workload's argument shapes, in the
+    order of the PrimFunc's parameters (q, out, offsets, freqs, gamma, k, table, lengths)."""
+    (_, q_dtype, q_shape), _, (_, off_dtype, _), (_, f_dtype, _), (_, g_dtype, g_shape), \
+        (_, _, k_shape), _, _ = args_info
+    tokens, heads, rope_dim = q_shape
+    op = OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=g_shape[0],
+                  page_size=k_shape[1], dtype=q_dtype, freqs_dtype=f_dtype,
+                  gamma_dtype=g_dtype, offsets_dtype=off_dtype)
+    return op, tokens
+
+
+def _bucket_tensors(args_info, device) -> list[torch.Tensor]:
+    op, tokens = _op_and_tokens(args_info)
+    inputs = bucket_inputs(op, tokens, device=device)
+    out = torch.empty(inputs.q_rope.shape, dtype=inputs.q_rope.dtype, device=device)
+    tensors = [inputs.q_rope, out, *inputs.args()[1:]]
+    for tensor, (_, dtype, shape) in zip(tensors, args_info):
+        if list(tensor.shape) != list(shape) or str(tensor.dtype).removeprefix("torch.") != dtype:
+            raise ValueError(f"bucket inputs {tuple(tensor.shape)} {tensor.dtype} do not match "
+                             f"the workload's {shape} {dtype}")
+    return tensors
+
+
+def alloc_local(device: tvm.runtime.Device, args_info, alloc_repeat: int) -> list:
+    """LocalRunner allocation: the bucket's inputs as torch tensors on ``device``."""
+    torch_device = "cuda" if device.dlpack_device_type() == _CUDA else "cpu"
+    return [_bucket_tensors(args_info, torch_device) for _ in range(alloc_repeat)]
+
+
+def run_local(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
+    """LocalRunner timing, in seconds: cold-L2 CUDA events on a GPU, TVM's evaluator else."""
+    kernel = rt_mod[OP_NAME]  # epsilon is bound in the workload: tensors only
+    if device.dlpack_device_type() == _CUDA:
+        costs = []
+        for args in repeated_args:
+            timing = time_cuda(lambda a=args: kernel(*a), reps=evaluator_config.repeat *
+                               evaluator_config.number)
+            costs.append(timing.median_us * 1e-6)
+        return costs
+    evaluator = rt_mod.time_evaluator(OP_NAME, device, number=evaluator_config.number,
+                                      repeat=evaluator_config.repeat,
+                                      min_repeat_ms=evaluator_config.min_repeat_ms)
+    return [float(c) for args in repeated_args for c in evaluator(*args).results]
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if tensor.dtype == torch.uint32:
+        return tensor.view(torch.int32).numpy().view(np.uint32)
+    return tensor.contiguous().numpy()
+
+
+def alloc_rpc(session, device, args_info, alloc_repeat: int) -> list:
+    """RPCRunner allocation: the bucket's inputs, made here and copied to the remote."""
+    arrays = [_to_numpy(t) for t in _bucket_tensors(args_info, "cpu")]
+    return [[tvm.runtime.tensor(a, device) for a in arrays] for _ in range(alloc_repeat)]

@@ -1,0 +1,166 @@
+"""Tuning records in the repository: layout, compaction, lookup at build time, staleness.
+
+``tuning_logs/<gpu>/<op key>/`` holds, per tuned op configuration:
+
+- ``database_tuning_record.json``: MetaSchedule's record table, the best few per workload;
+- ``database_workload.json.xz``: its workload table, xz-compressed (the PrimFuncs are large);
+- ``metadata.json``: GPU, versions, date, trials, and per bucket the workload's structural
+  hash, the best and the default time.
+
+At build time only the record table and the metadata are read (plain JSON, no TVM parsing):
+the best record of a bucket's workload is decoded into its ScheduleConfig.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import lzma
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from ..config import OpConfig
+from ..schedules.space import CPU_SPACE, GPU_SPACE, config_from_trace
+from .buckets import nearest_bucket
+
+RECORDS = "database_tuning_record.json"
+WORKLOADS = "database_workload.json"
+METADATA = "metadata.json"
+KEEP_PER_WORKLOAD = 3
+TUNED_ALIGNMENT = 16
+CPU_DEVICE = "cpu-llvm"
+
+
+def default_logs_dir() -> Path:
+    """The committed records: ``tuning_logs/``, installed as ``tvm_fused.tuning_logs``."""
+    from .. import tuning_logs
+
+    return Path(tuning_logs.__file__).resolve().parent
+
+
+def gpu_slug(name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def op_key(op: OpConfig) -> str:
+    """The records folder of an op: the dims and dtype the best knobs depend on."""
+    pairing = "gptj" if op.interleaved else "neox"
+    return (f"{op.dtype}-h{op.num_q_heads}-r{op.rope_dim}-d{op.kv_norm_dim}-p{op.page_size}-"
+            f"{pairing}")
+
+
+def records_dir(logs_dir: Path, gpu_name: str, op: OpConfig) -> Path:
+    return Path(logs_dir) / gpu_slug(gpu_name) / op_key(op)
+
+
+def _mean(run_secs) -> float:
+    secs = [float(s) for s in run_secs]
+    return sum(secs) / len(secs) if secs else float("inf")
+
+
+def _parse(line: str):
+    """``(workload index, trace json, run seconds)`` of a record line (ValueError if
+    malformed)."""
+    try:
+        index, (trace, run_secs, *_) = json.loads(line)
+        return int(index), trace, [float(s) for s in run_secs]
+    except (TypeError, ValueError) as err:
+        raise ValueError(str(err)) from err
+
+
+def read_records(path: Path) -> list[tuple[int, list, list[float], str]]:
+    """``(workload index, trace json, run seconds, line)`` of each measured record; malformed
+    lines are skipped with a warning, failed runs silently."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            index, trace, run_secs = _parse(line)
+        except ValueError as err:
+            warnings.warn(f"tvm_fused: skipping malformed tuning record {path}:{number}: {err}",
+                          stacklevel=2)
+            continue
+        if run_secs and max(run_secs) < 1e9:  # MetaSchedule marks failed runs with 1e10
+            records.append((index, trace, run_secs, line))
+    return records
+
+
+def workload_hashes(path: Path) -> list[str]:
+    """Structural hashes of a workload table (plain or ``.xz``), in line order."""
+    opener = lzma.open if str(path).endswith(".xz") else open
+    with opener(path, "rt") as lines:
+        return [json.loads(line)[0] for line in lines if line.strip()]
+
+
+def best_records(path: Path, workloads: Path) -> dict[str, list]:
+    """Workload hash -> its records ``(mean seconds, trace, line)``, fastest first."""
+    hashes = workload_hashes(workloads)
+    by_hash: dict[str, list] = {}
+    for index, trace, run_secs, line in read_records(path):
+        by_hash.setdefault(hashes[index], []).append((_mean(run_secs), trace, line))
+    return {h: sorted(rs, key=lambda r: r[0]) for h, rs in by_hash.items()}
+
+
+def compact(work_dir: Path, dest: Path, keep: int = KEEP_PER_WORKLOAD) -> None:
+    """Write ``dest``: the ``keep`` best records per workload of the database in
+    ``work_dir``, and those workloads, renumbered and xz-compressed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    workloads = Path(work_dir) / WORKLOADS
+    best = best_records(Path(work_dir) / RECORDS, workloads)
+    kept = sorted(best)
+    lines = {json.loads(line)[0]: line for line in workloads.read_text().splitlines()
+             if line.strip()}
+    with lzma.open(dest / (WORKLOADS + ".xz"), "wt", preset=9) as out:
+        out.writelines(lines[h] + "\n" for h in kept)
+    with open(dest / RECORDS, "w") as out:
+        for new_index, h in enumerate(kept):
+            for _, _, line in best[h][:keep]:
+                record = json.loads(line)
+                record[0] = new_index
+                out.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+
+def open_database(records_path: Path):
+    """The records folder as a MetaSchedule JSONDatabase (workloads decompressed into a
+    temporary folder)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tmp = Path(tempfile.mkdtemp(prefix="tvm_fused_db_"))
+    with lzma.open(records_path / (WORKLOADS + ".xz"), "rt") as src:
+        (tmp / WORKLOADS).write_text(src.read())
+    shutil.copy(records_path / RECORDS, tmp / RECORDS)
+    return ms.database.JSONDatabase(work_dir=str(tmp), allow_missing=False)
+
+
+def load_metadata(path: Path) -> dict:
+    return json.loads((Path(path) / METADATA).read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_configs(logs_dir: str, gpu_name: str, op: OpConfig) -> dict:
+    """Bucket -> best schedule config recorded for this device (a GPU's name, or
+    ``cpu-llvm``) and op; empty (with a one-line warning) if there are none."""
+    path = records_dir(Path(logs_dir), gpu_name, op)
+    if op.alignment < TUNED_ALIGNMENT or not (path / METADATA).is_file():
+        if op.alignment >= TUNED_ALIGNMENT:
+            warnings.warn(f"tvm_fused: no tuning records for {gpu_slug(gpu_name)}/{op_key(op)};"
+                          " using the default schedule", stacklevel=3)
+        return {}
+    best = best_records(path / RECORDS, path / (WORKLOADS + ".xz"))
+    space = CPU_SPACE if gpu_name == CPU_DEVICE else GPU_SPACE
+    return {int(tokens): config_from_trace(best[entry["workload"]][0][1], space)
+            for tokens, entry in load_metadata(path)["buckets"].items()
+            if entry["workload"] in best}
+
+
+def schedule_for(logs_dir, gpu_name: str, op: OpConfig, tokens: int):
+    """The tuned schedule config of the bucket nearest ``tokens``, or None (the default)."""
+    configs = tuned_configs(str(logs_dir), gpu_name, op)
+    if not configs:
+        return None
+    return configs[nearest_bucket(tokens, tuple(configs))]

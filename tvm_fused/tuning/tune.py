@@ -1,0 +1,198 @@
+"""The tuning driver: one MetaSchedule task per token-count bucket, records kept in the repo.
+
+For each bucket the hand-written default schedule is measured first (so the tuned choice is
+never worse than it), then ``ReplayFunc`` draws candidates from the design space until the
+bucket has ``trials`` measured records. The work directory's JSON database grows record by
+record, so a killed run loses at most the batch in flight and a re-run continues from it.
+At the end the database is compacted into ``tuning_logs/<gpu>/<op key>/`` with metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from ..config import OpConfig
+from ..definition import OP_NAME
+from ..schedules import default_schedule_config
+from ..schedules.cpu import CpuScheduleConfig
+from ..schedules.space import schedule_fn, space_for
+from . import records
+from .buckets import BUCKETS
+from .measure import alloc_local, alloc_rpc, build_candidate, run_local
+from .workload import bucket_workload, workload_hash
+
+BUILD_TIMEOUT_SEC = 180  # a fresh builder worker imports TVM's tensor intrinsics first
+RUN_TIMEOUT_SEC = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class RpcTarget:
+    """Where measurements go when they are distributed: an RPC tracker and a device key."""
+
+    tracker_host: str
+    tracker_port: int
+    key: str
+    workers: int = 1
+
+
+def _cost_model(name: str) -> str:
+    if name != "auto":
+        return name
+    try:
+        import xgboost  # noqa: F401
+    except ImportError:
+        return "random"
+    return "xgb"
+
+
+def _builder(workers: int):
+    return ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=BUILD_TIMEOUT_SEC,
+                                   max_workers=workers)
+
+
+def _runner(rpc: RpcTarget | None):
+    if rpc is None:
+        return ms.runner.LocalRunner(f_alloc_argument=alloc_local, f_run_evaluator=run_local,
+                                     timeout_sec=RUN_TIMEOUT_SEC)
+    config = ms.runner.RPCConfig(tracker_host=rpc.tracker_host, tracker_port=rpc.tracker_port,
+                                 tracker_key=rpc.key, session_timeout_sec=RUN_TIMEOUT_SEC)
+    return ms.runner.RPCRunner(config, f_alloc_argument=alloc_rpc, max_workers=rpc.workers)
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """One status line per measured batch: bucket, trials so far, best time."""
+
+    def __init__(self, names: list[str], log):
+        self.names, self.log, self.best, self.count = names, log, {}, {}
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+              runner_results):
+        name = self.names[task_id]
+        self.count[name] = self.count.get(name, 0) + len(runner_results)
+        for result in runner_results:
+            if result.run_secs:
+                secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                self.best[name] = min(self.best.get(name, float("inf")), secs)
+        failed = sum(1 for r in runner_results if r.error_msg)
+        best_us = self.best.get(name, float("nan")) * 1e6
+        self.log(f"[{name}] +{len(runner_results)} measured ({failed} failed), "
+                 f"{self.count[name]} this run, best {best_us:.2f} us")
+
+
+def _measure_default(workload, op, target, space, default, builder, runner, database):
+    """Measure the hand-written default of one bucket and commit it as a record."""
+    sch = tvm.s_tir.Schedule(workload)
+    schedule_fn(op, space, fixed=default)(sch)
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg:
+        raise RuntimeError(f"the default schedule failed to build: {built.error_msg}")
+    args_info = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+    device_type = "cuda" if target.kind.name == "cuda" else "cpu"
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device_type, args_info)])
+    result = future.result()
+    if result.error_msg:
+        raise RuntimeError(f"the default schedule failed to run: {result.error_msg}")
+    database.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, database.commit_workload(workload), result.run_secs, target, args_info))
+    return sum(float(s) for s in result.run_secs) / len(result.run_secs)
+
+
+def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: int = 32,
+         logs_dir: Path, work_dir: Path, device_name: str, cost_model: str = "auto",
+         rpc: RpcTarget | None = None, builder_workers: int | None = None,
+         log=print) -> Path:
+    """Tune ``op`` for ``target`` per bucket; return the folder the compacted records went to.
+
+    ``trials`` counts measured candidates per bucket, the default included; buckets that
+    already have that many records in ``work_dir`` are skipped.
+    """
+    space = space_for(target)
+    default = default_schedule_config(target) if target.kind.name == "cuda" \
+        else CpuScheduleConfig()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    workers = builder_workers or max(1, min(16, (os.cpu_count() or 2)))
+    builder, runner = _builder(workers), _runner(rpc)
+    started = time.time()
+
+    workloads = {tokens: bucket_workload(op, tokens) for tokens in buckets}
+    default_secs = {}
+    tasks, names, remaining = [], [], []
+    for tokens, workload in workloads.items():
+        name = f"{OP_NAME}-{tokens}tok"
+        done = len(database.get_top_k(database.commit_workload(workload), trials))
+        if done == 0:
+            default_secs[tokens] = _measure_default(workload, op, target, space, default,
+                                                    builder, runner, database)
+            log(f"[{name}] default schedule: {default_secs[tokens] * 1e6:.2f} us")
+            done = 1
+        if done >= trials:
+            log(f"[{name}] {done} records already: skipped")
+            continue
+        tasks.append(ms.TuneContext(
+            mod=workload, target=target, task_name=name, num_threads=workers,
+            space_generator=ms.space_generator.ScheduleFn(
+                schedule_fn(op, space), sch_rules=[], postprocs=[], mutator_probs={}),
+            search_strategy=ms.search_strategy.ReplayFunc()))
+        names.append(name)
+        remaining.append(trials - done)
+    if tasks:
+        callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                     _Progress(names, log)]
+        ms.tune.tune_tasks(
+            tasks=tasks, task_weights=[1.0] * len(tasks), work_dir=str(work_dir),
+            max_trials_global=sum(remaining), max_trials_per_task=max(remaining),
+            num_trials_per_iter=min(16, max(remaining)), builder=builder, runner=runner,
+            database=database, cost_model=_cost_model(cost_model), task_scheduler="round-robin",
+            measure_callbacks=callbacks)
+    dest = records.records_dir(logs_dir, device_name, op)
+    records.compact(work_dir, dest)
+    _write_metadata(dest, op, target, device_name, workloads, trials, default_secs,
+                    time.time() - started, work_dir, rpc)
+    log(f"records: {dest} ({time.time() - started:.0f} s)")
+    return dest
+
+
+def _write_metadata(dest, op, target, device_name, workloads, trials, default_secs,
+                    seconds, work_dir, rpc):
+    best = records.best_records(Path(work_dir) / records.RECORDS,
+                                Path(work_dir) / records.WORKLOADS)
+    previous = records.load_metadata(dest) if (dest / records.METADATA).is_file() else {}
+    buckets = {}
+    for tokens, workload in workloads.items():
+        shash = workload_hash(workload)
+        entries = best.get(shash, [])
+        old = previous.get("buckets", {}).get(str(tokens), {})
+        buckets[str(tokens)] = {
+            "workload": shash,
+            "records": len(entries),
+            "best_us": entries[0][0] * 1e6 if entries else None,
+            "default_us": default_secs[tokens] * 1e6 if tokens in default_secs
+            else old.get("default_us"),
+        }
+    metadata = {
+        "gpu": device_name,
+        "op": dataclasses.asdict(op),
+        "target": str(target),
+        "versions": {"tvm": tvm.__version__, "torch": torch.__version__,
+                     "cuda": torch.version.cuda, "python": platform.python_version()},
+        "date": datetime.date.today().isoformat(),
+        "trials_per_bucket": trials,
+        "tuning_seconds_last_run": round(seconds),
+        "timing": ("median of CUDA-event runs on a cold L2" if target.kind.name == "cuda"
+                   and rpc is None else "TVM time evaluator"),
+        "buckets": buckets,
+    }
+    (dest / records.METADATA).write_text(json.dumps(metadata, indent=1) + "\n")

@@ -1,0 +1,56 @@
+"""The static-shape workload of a bucket and inputs that make its runs valid."""
+
+from __future__ import annotations
+
+import torch
+import tvm
+import tvm_ffi
+
+from ..config import OpConfig
+from ..definition import fused_rope_rmsnorm_func
+from ..inputs import OpInputs, make_inputs
+from .buckets import bucket_case
+
+EPSILON = 1e-6
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                 "int32": torch.int32, "uint32": torch.uint32}
+
+
+def bucket_inputs(op: OpConfig, tokens: int, device="cpu") -> OpInputs:
+    """The inputs a bucket is tuned and timed on: a realistic batch of ``tokens`` tokens,
+    every tensor compact (so a remote runner can rebuild them as plain arrays)."""
+    new_tokens, cache_lengths = bucket_case(tokens)
+    return make_inputs(
+        new_tokens, cache_lengths, num_q_heads=op.num_q_heads, rope_dim=op.rope_dim,
+        kv_norm_dim=op.kv_norm_dim, page_size=op.page_size, dtype=_TORCH_DTYPES[op.dtype],
+        gamma_dtype=_TORCH_DTYPES[op.gamma_dtype], freqs_dtype=_TORCH_DTYPES[op.freqs_dtype],
+        offsets_dtype=_TORCH_DTYPES[op.offsets_dtype], strided_q=False, device=device)
+
+
+def _static_buffer(param, shape, strides):
+    """A buffer like ``param``'s with concrete 64-bit shape (and strides, if it has any)."""
+    dims = [tvm.tirx.IntImm("int64", int(v)) for v in shape]
+    steps = [tvm.tirx.IntImm("int64", int(v)) for v in strides] if param.strides else []
+    return tvm.tirx.decl_buffer(dims, str(param.ty.dtype), param.name, strides=steps)
+
+
+def bucket_workload(op: OpConfig, tokens: int) -> tvm.IRModule:
+    """The PrimFunc specialized to bucket ``tokens``: every shape and stride a constant (the
+    layouts of ``bucket_inputs``, q_rope_output contiguous) and epsilon bound to 1e-6
+    (MetaSchedule measures functions of tensors only)."""
+    func = fused_rope_rmsnorm_func(op)
+    inputs = bucket_inputs(op, tokens)
+    out = torch.empty(inputs.q_rope.shape)
+    tensors = (inputs.q_rope, out, inputs.input_row_offsets, inputs.freqs_cis, inputs.gamma,
+               inputs.k_cache, inputs.lookup_table, inputs.cache_lengths)
+    # offsets' shape, batch + 1, follows from cache_lengths' (specialize binds plain vars)
+    binding = {param: _static_buffer(param, tensor.shape, tensor.stride())
+               for param, tensor in zip(func.params, tensors)
+               if tensor is not inputs.input_row_offsets}
+    binding[func.params[-1]] = tvm.tirx.FloatImm("float32", EPSILON)
+    return tvm.IRModule({"main": func.specialize(binding)})
+
+
+def workload_hash(workload: tvm.IRModule) -> str:
+    """The key MetaSchedule files a workload under (``module_equality="structural"``)."""
+    return str(tvm_ffi.structural_hash(workload))
