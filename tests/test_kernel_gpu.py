@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tvm_fused.schedules import ScheduleConfig
 
 from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.checking import check_run, run_and_check
@@ -89,3 +90,28 @@ def test_cuda_graph_replay_with_fewer_real_tokens():
         torch.cuda.synchronize()
         report = check_run(before, static, out, out_before)
         assert report.ok, report.summary()
+
+
+SCHEDULES = [
+    ScheduleConfig(block_threads=64, norm_threads_per_row=32, vector_bytes=4),
+    ScheduleConfig(block_threads=256, norm_threads_per_row=64, rope_vectors_per_thread=2,
+                   norm_rows_per_thread=2, unroll=False),
+    ScheduleConfig(block_threads=512, norm_threads_per_row=128, vector_bytes=8,
+                   rope_vectors_per_thread=4, norm_rows_per_thread=4),
+]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["narrow", "two-warp-rows", "wide"])
+@pytest.mark.parametrize("heads, interleaved", [(128, True), (1, False)],
+                         ids=["v3", "one-head-neox"])
+def test_schedule_variants(schedule, heads, interleaved):
+    """Knob values the tuner may pick: shared-memory row reductions, several rows or heads
+    per thread, narrow vectors."""
+    inputs = make_inputs(*RAGGED, num_q_heads=heads, page_size=16, padding_rows=2,
+                         device="cuda")
+    before = inputs.clone()
+    out = torch.randn_like(inputs.q_rope)
+    out_before = out.clone()
+    fused_rope_rmsnorm(*inputs.args(), out=out, interleaved=interleaved, schedule=schedule)
+    report = check_run(before, inputs, out, out_before, interleaved=interleaved)
+    assert report.ok, report.summary()

@@ -9,20 +9,19 @@ import pytest
 import torch
 import tvm
 from tvm import s_tir
-
-from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func, pipeline
-from tvm_fused.build import cuda_target
-from tvm_fused.checking import check_run
-from tvm_fused.inputs import make_inputs
 from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.schedules.cpu import CpuScheduleConfig
 from tvm_fused.schedules.space import (
-    CPU_SPACE,
     GPU_SPACE,
     config_from_trace,
     sample_config,
     schedule_fn,
 )
+
+from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func, pipeline
+from tvm_fused.build import cuda_target
+from tvm_fused.checking import check_run
+from tvm_fused.inputs import make_inputs
 from tvm_fused.tuning import records
 from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
 from tvm_fused.tuning.tune import tune

@@ -117,6 +117,23 @@ def tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from .bench import measure, schedule_providers, write_csv
+
+    if not torch.cuda.is_available():
+        print("bench needs a CUDA GPU")
+        return 1
+    rows = []
+    for heads in (int(h) for h in args.heads_list.split(",")):
+        op = OpConfig(num_q_heads=heads, rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
+                      page_size=args.page_size, dtype=args.dtype, gamma_dtype=args.dtype)
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            rows += measure(op, tokens, schedule_providers(op, tokens), reps=args.reps)
+    if args.csv:
+        write_csv(rows, Path(args.csv))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tvm_fused", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     tune_parser.add_argument("--rpc-workers", type=int, default=1,
                              help="measurements in flight over RPC (one per server)")
     tune_parser.set_defaults(func=tune)
+    bench_parser = commands.add_parser(
+        "bench", help="time the tuned and default kernels against plain torch (GPU)")
+    _add_config_options(bench_parser)
+    bench_parser.add_argument("--heads-list", default="128", help="comma-separated head counts")
+    bench_parser.add_argument("--tokens", default="1,8,64,512,4096,32768")
+    bench_parser.add_argument("--reps", type=int, default=100)
+    bench_parser.add_argument("--csv", default=None, help="append the rows to this CSV")
+    bench_parser.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Tuning on the GPU machine (see README): schedule-variant tests, a loopback RPC tuning demo,
+# then the per-bucket tuning of the given head counts; records and work databases go to OUT.
+# Usage: scripts/gpu_tune.sh OUT "HEADS:TRIALS ..." [--rpc-demo]
+set -uo pipefail
+out=${1:?output directory}; plan=${2:?e.g. "128:24 16:16"}; shift 2
+mkdir -p "$out"
+python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
+  cat "$out/install.log"; exit 1; }
+if [ "${1:-}" = "--rpc-demo" ]; then
+  python3 -m pytest -q -m gpu tests/test_kernel_gpu.py -k variants 2>&1 | tail -3
+  python3 -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190 >"$out/rpc.log" 2>&1 &
+  sleep 3
+  python3 -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key h100 >>"$out/rpc.log" 2>&1 &
+  sleep 5
+  timeout 300 python3 -m tvm_fused tune --heads 16 --buckets 64 --trials 4 \
+    --rpc-tracker 127.0.0.1:9190 --rpc-key h100 --out /tmp/rpc_logs --work-dir /tmp/rpc_work \
+    2>&1 | grep -v "^\s*$" | tail -6 | tee "$out/rpc_tune.log"
+  cat /tmp/rpc_logs/*/*/metadata.json >>"$out/rpc_tune.log" 2>/dev/null
+  kill %1 %2 2>/dev/null
+fi
+for item in $plan; do
+  heads=${item%%:*}; trials=${item##*:}
+  start=$(date +%s)
+  python3 -m tvm_fused tune --heads "$heads" --trials "$trials" --work-dir "$out/work" \
+    2>&1 | grep -E "^\[|records:" | tee -a "$out/tune.log"
+  echo "heads $heads trials $trials: $(( $(date +%s) - start )) s wall" | tee -a "$out/tune.log"
+  tar czf "$out/tuning_logs.tgz" tuning_logs
+done
