@@ -22,8 +22,9 @@ fi
 for item in $plan; do
   heads=${item%%:*}; trials=${item##*:}
   start=$(date +%s)
-  python3 -m tvm_fused tune --heads "$heads" --trials "$trials" --work-dir "$out/work" \
+  python3 -m tvm_fused tune --heads "$heads" --trials "$trials" --work-dir /tmp/tuning_work \
     2>&1 | grep -E "^\[|records:" | tee -a "$out/tune.log"
   echo "heads $heads trials $trials: $(( $(date +%s) - start )) s wall" | tee -a "$out/tune.log"
   tar czf "$out/tuning_logs.tgz" tuning_logs
+  tar czf "$out/tuning_work.tgz" -C /tmp tuning_work
 done
