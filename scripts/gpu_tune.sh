@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Tuning on the GPU machine (see README): schedule-variant tests, a loopback RPC tuning demo,
 # then the per-bucket tuning of the given head counts; records and work databases go to OUT.
-# Usage: scripts/gpu_tune.sh OUT "HEADS:TRIALS ..." [--rpc-demo]
+# Usage: scripts/gpu_tune.sh OUT "HEADS:TRIALS ..." [--rpc-demo]   (plan may be "")
 set -uo pipefail
 out=${1:?output directory}; plan=${2:?e.g. "128:24 16:16"}; shift 2
 mkdir -p "$out"
 python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
   cat "$out/install.log"; exit 1; }
-if [ "${1:-}" = "--rpc-demo" ]; then
-  python3 -m pytest -q -m gpu tests/test_kernel_gpu.py -k variants 2>&1 | tail -3
+if [ "${1:-}" = "--rpc-demo" ]; then  # the tracker needs tornado: carry its wheel in .whl/
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/tornado-*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   python3 -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190 >"$out/rpc.log" 2>&1 &
   sleep 3
   python3 -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key h100 >>"$out/rpc.log" 2>&1 &
