@@ -3,7 +3,7 @@
 # then the per-bucket tuning of the given head counts; records and work databases go to OUT.
 # Usage: scripts/gpu_tune.sh OUT "HEADS:TRIALS ..." [--rpc-demo]   (plan may be "")
 set -uo pipefail
-out=${1:?output directory}; plan=${2:?e.g. "128:24 16:16"}; shift 2
+out=${1:?output directory}; plan=${2-}; shift 2
 mkdir -p "$out"
 python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
   cat "$out/install.log"; exit 1; }
