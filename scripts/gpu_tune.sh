@@ -12,7 +12,8 @@ if [ "${1:-}" = "--rpc-demo" ]; then  # the tracker needs tornado: carry its whe
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   python3 -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190 >"$out/rpc.log" 2>&1 &
   sleep 3
-  python3 -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key h100 >>"$out/rpc.log" 2>&1 &
+  python3 -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key h100 --no-fork \
+    >>"$out/rpc.log" 2>&1 &  # forked sessions cannot initialize CUDA
   sleep 5
   timeout 300 python3 -m tvm_fused tune --heads 16 --buckets 64 --trials 4 \
     --rpc-tracker 127.0.0.1:9190 --rpc-key h100 --out /tmp/rpc_logs --work-dir /tmp/rpc_work \
