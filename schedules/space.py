@@ -18,7 +18,7 @@ from tvm import s_tir
 
 from tvm_fused.config import OpConfig
 
-from .config import ScheduleConfig
+from .config import ScheduleConfig, default_schedule_config
 from .cpu import CpuScheduleConfig, apply_cpu_schedule
 from .fused import apply_block_group_schedule
 
@@ -32,6 +32,7 @@ class DesignSpace:
     knobs: dict
     config_type: type
     apply: Callable  # (sch, op, config) -> None
+    default: object  # the hand-written default config
     constrain: Callable = lambda name, chosen, values: values
 
     def make_config(self, values: dict):
@@ -57,6 +58,7 @@ GPU_SPACE = DesignSpace(
     },
     config_type=ScheduleConfig,
     apply=apply_block_group_schedule,
+    default=default_schedule_config(tvm.target.Target("nvidia/nvidia-h100")),
     constrain=_gpu_constraint,
 )
 
@@ -64,6 +66,7 @@ CPU_SPACE = DesignSpace(
     knobs={"tokens_per_task": (1, 4, 16), "parallel": (1, 0)},
     config_type=CpuScheduleConfig,
     apply=lambda sch, op, config: apply_cpu_schedule(sch, config),
+    default=CpuScheduleConfig(),
 )
 
 

@@ -136,3 +136,21 @@ def test_committed_records_match_the_current_definition(metadata_path: Path):
 
 def test_default_buckets_cover_decode_and_prefill():
     assert BUCKETS[0] == 1 and BUCKETS[-1] >= 32768
+
+
+def test_choose_keeps_the_default_unless_clearly_faster():
+    default = GPU_SPACE.default
+    other = ScheduleConfig(block_threads=256)
+
+    def ranked(*entries):
+        traces = []
+        for secs, config in entries:
+            sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+            sample_config(sch, GPU_SPACE, config)
+            traces.append((secs, sch.trace.as_json(), ""))
+        return traces
+
+    assert records.choose(ranked((1.00, other), (1.03, default)), GPU_SPACE) == default
+    assert records.choose(ranked((1.00, other), (1.10, default)), GPU_SPACE) == other
+    assert records.choose(ranked((1.00, default), (1.01, other)), GPU_SPACE) == default
+    assert records.choose(ranked((1.00, other)), GPU_SPACE) == other

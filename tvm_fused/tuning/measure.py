@@ -66,9 +66,8 @@ def run_local(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
     if device.dlpack_device_type() == _CUDA:
         costs = []
         for args in repeated_args:
-            timing = time_cuda(lambda a=args: kernel(*a), reps=evaluator_config.repeat *
-                               evaluator_config.number)
-            costs.append(timing.median_us * 1e-6)
+            runs = evaluator_config.repeat * evaluator_config.number
+            costs.append(time_cuda(lambda a=args: kernel(*a), reps=runs).median_us * 1e-6)
         return costs
     evaluator = rt_mod.time_evaluator(OP_NAME, device, number=evaluator_config.number,
                                       repeat=evaluator_config.repeat,

@@ -30,6 +30,7 @@ RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
 METADATA = "metadata.json"
 KEEP_PER_WORKLOAD = 3
+MIN_SPEEDUP = 1.05  # a tuned config replaces the default only if this much faster
 TUNED_ALIGNMENT = 16
 CPU_DEVICE = "cpu-llvm"
 
@@ -106,9 +107,10 @@ def best_records(path: Path, workloads: Path) -> dict[str, list]:
     return {h: sorted(rs, key=lambda r: r[0]) for h, rs in by_hash.items()}
 
 
-def compact(work_dir: Path, dest: Path, keep: int = KEEP_PER_WORKLOAD) -> None:
+def compact(work_dir: Path, dest: Path, space, default, keep: int = KEEP_PER_WORKLOAD) -> None:
     """Write ``dest``: the ``keep`` best records per workload of the database in
-    ``work_dir``, and those workloads, renumbered and xz-compressed."""
+    ``work_dir`` and the record of the ``default`` config (of ``space``), and those
+    workloads, renumbered and xz-compressed."""
     dest.mkdir(parents=True, exist_ok=True)
     workloads = Path(work_dir) / WORKLOADS
     best = best_records(Path(work_dir) / RECORDS, workloads)
@@ -119,7 +121,9 @@ def compact(work_dir: Path, dest: Path, keep: int = KEEP_PER_WORKLOAD) -> None:
         out.writelines(lines[h] + "\n" for h in kept)
     with open(dest / RECORDS, "w") as out:
         for new_index, h in enumerate(kept):
-            for _, _, line in best[h][:keep]:
+            defaults = [r for r in best[h] if config_from_trace(r[1], space) == default]
+            chosen = best[h][:keep] + [r for r in defaults[:1] if r not in best[h][:keep]]
+            for _, _, line in chosen:
                 record = json.loads(line)
                 record[0] = new_index
                 out.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -153,9 +157,22 @@ def tuned_configs(logs_dir: str, gpu_name: str, op: OpConfig) -> dict:
         return {}
     best = best_records(path / RECORDS, path / (WORKLOADS + ".xz"))
     space = CPU_SPACE if gpu_name == CPU_DEVICE else GPU_SPACE
-    return {int(tokens): config_from_trace(best[entry["workload"]][0][1], space)
+    return {int(tokens): choose(best[entry["workload"]], space)
             for tokens, entry in load_metadata(path)["buckets"].items()
             if entry["workload"] in best}
+
+
+def choose(ranked: list, space):
+    """The config to build from a workload's records, fastest first: the fastest, unless a
+    recorded default is within ``MIN_SPEEDUP`` of it (then the default: the margin is the
+    run-to-run spread of microsecond kernels, and the default is the better-tested one)."""
+    fastest_secs, fastest_trace, _ = ranked[0]
+    fastest = config_from_trace(fastest_trace, space)
+    for secs, trace, _ in ranked:
+        config = config_from_trace(trace, space)
+        if config == space.default and secs < fastest_secs * MIN_SPEEDUP:
+            return config
+    return fastest
 
 
 def schedule_for(logs_dir, gpu_name: str, op: OpConfig, tokens: int):

@@ -24,8 +24,6 @@ from tvm.s_tir import meta_schedule as ms
 
 from ..config import OpConfig
 from ..definition import OP_NAME
-from ..schedules import default_schedule_config
-from ..schedules.cpu import CpuScheduleConfig
 from ..schedules.space import schedule_fn, space_for
 from . import records
 from .buckets import BUCKETS
@@ -34,6 +32,7 @@ from .workload import bucket_workload, workload_hash
 
 BUILD_TIMEOUT_SEC = 180  # a fresh builder worker imports TVM's tensor intrinsics first
 RUN_TIMEOUT_SEC = 120
+RUNS_PER_CANDIDATE = 40  # microsecond kernels: the median of few runs is noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +43,9 @@ class RpcTarget:
     tracker_port: int
     key: str
     workers: int = 1
+
+
+_EVALUATOR = ms.runner.EvaluatorConfig(number=1, repeat=RUNS_PER_CANDIDATE, min_repeat_ms=0)
 
 
 def _cost_model(name: str) -> str:
@@ -64,10 +66,11 @@ def _builder(workers: int):
 def _runner(rpc: RpcTarget | None):
     if rpc is None:
         return ms.runner.LocalRunner(f_alloc_argument=alloc_local, f_run_evaluator=run_local,
-                                     timeout_sec=RUN_TIMEOUT_SEC)
+                                     timeout_sec=RUN_TIMEOUT_SEC, evaluator_config=_EVALUATOR)
     config = ms.runner.RPCConfig(tracker_host=rpc.tracker_host, tracker_port=rpc.tracker_port,
                                  tracker_key=rpc.key, session_timeout_sec=RUN_TIMEOUT_SEC)
-    return ms.runner.RPCRunner(config, f_alloc_argument=alloc_rpc, max_workers=rpc.workers)
+    return ms.runner.RPCRunner(config, f_alloc_argument=alloc_rpc, max_workers=rpc.workers,
+                               evaluator_config=_EVALUATOR)
 
 
 @derived_object
@@ -119,8 +122,7 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
     already have that many records in ``work_dir`` are skipped.
     """
     space = space_for(target)
-    default = default_schedule_config(target) if target.kind.name == "cuda" \
-        else CpuScheduleConfig()
+    default = space.default
     work_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     workers = builder_workers or max(1, min(16, (os.cpu_count() or 2)))
@@ -158,7 +160,7 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
             database=database, cost_model=_cost_model(cost_model), task_scheduler="round-robin",
             measure_callbacks=callbacks)
     dest = records.records_dir(logs_dir, device_name, op)
-    records.compact(work_dir, dest)
+    records.compact(work_dir, dest, space, default)
     _write_metadata(dest, op, target, device_name, workloads, trials, default_secs,
                     time.time() - started, work_dir, rpc)
     log(f"records: {dest} ({time.time() - started:.0f} s)")
