@@ -150,7 +150,7 @@ def test_choose_keeps_the_default_unless_clearly_faster():
             traces.append((secs, sch.trace.as_json(), ""))
         return traces
 
-    assert records.choose(ranked((1.00, other), (1.03, default)), GPU_SPACE) == default
-    assert records.choose(ranked((1.00, other), (1.10, default)), GPU_SPACE) == other
+    assert records.choose(ranked((1.00, other), (1.08, default)), GPU_SPACE) == default
+    assert records.choose(ranked((1.00, other), (1.15, default)), GPU_SPACE) == other
     assert records.choose(ranked((1.00, default), (1.01, other)), GPU_SPACE) == default
     assert records.choose(ranked((1.00, other)), GPU_SPACE) == other

@@ -30,7 +30,9 @@ RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
 METADATA = "metadata.json"
 KEEP_PER_WORKLOAD = 3
-MIN_SPEEDUP = 1.05  # a tuned config replaces the default only if this much faster
+# A tuned config replaces the default only if this much faster. On the H100 the same kernel
+# measured up to 6% apart between runs at ~6 us (launch-bound decode), so less is noise.
+MIN_SPEEDUP = 1.10
 TUNED_ALIGNMENT = 16
 CPU_DEVICE = "cpu-llvm"
 

@@ -24,7 +24,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from ..config import OpConfig
 from ..definition import OP_NAME
-from ..schedules.space import schedule_fn, space_for
+from ..schedules.space import config_from_trace, schedule_fn, space_for
 from . import records
 from .buckets import BUCKETS
 from .measure import alloc_local, alloc_rpc, build_candidate, run_local
@@ -130,15 +130,14 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
     started = time.time()
 
     workloads = {tokens: bucket_workload(op, tokens) for tokens in buckets}
-    default_secs = {}
     tasks, names, remaining = [], [], []
     for tokens, workload in workloads.items():
         name = f"{OP_NAME}-{tokens}tok"
         done = len(database.get_top_k(database.commit_workload(workload), trials))
         if done == 0:
-            default_secs[tokens] = _measure_default(workload, op, target, space, default,
-                                                    builder, runner, database)
-            log(f"[{name}] default schedule: {default_secs[tokens] * 1e6:.2f} us")
+            secs = _measure_default(workload, op, target, space, default, builder, runner,
+                                    database)
+            log(f"[{name}] default schedule: {secs * 1e6:.2f} us")
             done = 1
         if done >= trials:
             log(f"[{name}] {done} records already: skipped")
@@ -161,28 +160,30 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
             measure_callbacks=callbacks)
     dest = records.records_dir(logs_dir, device_name, op)
     records.compact(work_dir, dest, space, default)
-    _write_metadata(dest, op, target, device_name, workloads, trials, default_secs,
+    _write_metadata(dest, op, target, device_name, workloads, trials, space,
                     time.time() - started, work_dir, rpc)
     log(f"records: {dest} ({time.time() - started:.0f} s)")
     return dest
 
 
-def _write_metadata(dest, op, target, device_name, workloads, trials, default_secs,
-                    seconds, work_dir, rpc):
+def _write_metadata(dest, op, target, device_name, workloads, trials, space, seconds,
+                    work_dir, rpc):
     best = records.best_records(Path(work_dir) / records.RECORDS,
                                 Path(work_dir) / records.WORKLOADS)
     previous = records.load_metadata(dest) if (dest / records.METADATA).is_file() else {}
     buckets = {}
     for tokens, workload in workloads.items():
         shash = workload_hash(workload)
-        entries = best.get(shash, [])
-        old = previous.get("buckets", {}).get(str(tokens), {})
+        ranked = best.get(shash, [])
+        default_secs = [secs for secs, trace, _ in ranked
+                        if config_from_trace(trace, space) == space.default]
+        chosen = records.choose(ranked, space) if ranked else space.default
         buckets[str(tokens)] = {
             "workload": shash,
-            "records": len(entries),
-            "best_us": entries[0][0] * 1e6 if entries else None,
-            "default_us": default_secs[tokens] * 1e6 if tokens in default_secs
-            else old.get("default_us"),
+            "records": len(ranked),
+            "best_us": ranked[0][0] * 1e6 if ranked else None,
+            "default_us": default_secs[0] * 1e6 if default_secs else None,
+            "chosen": "default" if chosen == space.default else dataclasses.asdict(chosen),
         }
     metadata = {
         "gpu": device_name,
@@ -192,7 +193,7 @@ def _write_metadata(dest, op, target, device_name, workloads, trials, default_se
                      "cuda": torch.version.cuda, "python": platform.python_version()},
         "date": datetime.date.today().isoformat(),
         "trials_per_bucket": trials,
-        "tuning_seconds_last_run": round(seconds),
+        "tuning_seconds": round(seconds) + previous.get("tuning_seconds", 0),
         "timing": ("median of CUDA-event runs on a cold L2" if target.kind.name == "cuda"
                    and rpc is None else "TVM time evaluator"),
         "buckets": buckets,
