@@ -134,6 +134,14 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def fuzz(args: argparse.Namespace) -> int:
+    from .fuzz import fuzz as run_fuzz
+
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    return 1 if run_fuzz(args.seed, args.cases, device) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tvm_fused", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--reps", type=int, default=100)
     bench_parser.add_argument("--csv", default=None, help="append the rows to this CSV")
     bench_parser.set_defaults(func=bench)
+    fuzz_parser = commands.add_parser(
+        "fuzz", help="random cases against the float64 reference (a repro line per failure)")
+    fuzz_parser.add_argument("--seed", type=int, default=0, help="seed of the first case")
+    fuzz_parser.add_argument("--cases", type=int, default=100)
+    fuzz_parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    fuzz_parser.set_defaults(func=fuzz)
     args = parser.parse_args(argv)
     return args.func(args)
 

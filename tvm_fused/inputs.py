@@ -77,6 +77,7 @@ def make_inputs(
     strided_q: bool = True,
     layers: int = 1,
     spare_pages: int = 3,
+    prefix_pool: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> OpInputs:
@@ -84,6 +85,8 @@ def make_inputs(
 
     Pages are assigned to requests in a shuffled order, with ``spare_pages`` unused ones;
     lookup-table entries past a request's pages are -1 (a kernel that read them would fault).
+    With ``prefix_pool``, the pages that hold only cached rows (which the op must not touch)
+    are drawn from a shared pool of that many pages, so long contexts stay small in memory.
     ``strided_q`` makes ``q_rope`` the rope columns of a ``[n, H, 128 + R]`` q; ``layers > 1``
     makes ``k_cache`` layer ``layers // 2`` of a multi-layer cache.
     """
@@ -99,14 +102,20 @@ def make_inputs(
 
     ends = [c + t for c, t in zip(cache_lengths, new_tokens)]
     pages_per_request = [math.ceil(e / page_size) for e in ends]
-    num_pages = sum(pages_per_request) + spare_pages
+    # logical pages before first_own[b] hold only cached rows: shared pool pages if asked
+    first_own = [min(c // page_size, p) if prefix_pool else 0
+                 for c, p in zip(cache_lengths, pages_per_request)]
+    pool = prefix_pool or 0
+    num_pages = pool + sum(p - f for p, f in zip(pages_per_request, first_own)) + spare_pages
     max_pages = max(pages_per_request, default=0) + 1
-    order = torch.randperm(num_pages, generator=gen)
+    order = torch.randperm(num_pages, generator=gen).to(torch.int32)
     lookup_table = torch.full((batch, max_pages), -1, dtype=torch.int32)
-    used = 0
-    for b, count in enumerate(pages_per_request):
-        lookup_table[b, :count] = order[used:used + count].to(torch.int32)
-        used += count
+    used = pool
+    for b, (count, first) in enumerate(zip(pages_per_request, first_own)):
+        if first:
+            lookup_table[b, :first] = order[torch.randint(pool, (first,), generator=gen)]
+        lookup_table[b, first:count] = order[used:used + count - first]
+        used += count - first
 
     width = kv_norm_dim + rope_dim
     cache_storage = torch.randn(num_pages, layers, page_size, width, generator=gen).to(dtype)

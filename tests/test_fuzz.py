@@ -1,0 +1,34 @@
+"""Randomized differential testing (see ``tvm_fused.fuzz``): a few hundred cases on the CPU,
+a thousand on the GPU. A failure lists one-line repros."""
+
+import pytest
+
+from tvm_fused.fuzz import fuzz, random_case
+
+CHUNK = 20
+CPU_CASES = 200
+GPU_CASES = 1000
+GPU_FIRST_SEED = 100_000
+
+
+@pytest.mark.parametrize("start", range(0, CPU_CASES, CHUNK))
+def test_fuzz_cpu(start):
+    failures = fuzz(start, CHUNK, "cpu", log=lambda _: None)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("start", range(GPU_FIRST_SEED, GPU_FIRST_SEED + GPU_CASES, 5 * CHUNK))
+def test_fuzz_gpu(start):
+    failures = fuzz(start, 5 * CHUNK, "cuda", log=lambda _: None)
+    assert not failures, "\n".join(failures)
+
+
+def test_cases_are_reproducible_and_varied():
+    assert random_case(7) == random_case(7)
+    cases = [random_case(seed) for seed in range(300)]
+    assert {c.page_size for c in cases} >= {1, 256} and {c.heads for c in cases} >= {1, 128}
+    assert any(0 in c.new_tokens for c in cases) and any(c.in_place for c in cases)
+    assert any(not c.interleaved for c in cases) and any(c.layers > 1 for c in cases)
+    assert any(length % c.page_size == 0 and length > 0
+               for c in cases for length in c.cache_lengths if c.page_size > 1)

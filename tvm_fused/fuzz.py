@@ -1,0 +1,110 @@
+"""Randomized differential testing of the op against the float64 reference.
+
+Case ``seed`` is fully determined by its seed: batch 1-64 with empty requests, 0-300 new
+tokens per request, cache lengths 0-8192 drawn mostly at page boundaries, page sizes 1-256,
+1-128 heads, every dtype, strided or contiguous and in-place or separate q, multi-layer cache
+views, shuffled page tables, padding rows, interleaved and NeoX pairs. A failing case prints
+a one-line repro: ``python -m tvm_fused fuzz --seed S --cases 1 --device D``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+from .checking import CheckReport, run_and_check
+from .inputs import make_inputs
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# a small grid of shapes keeps the number of distinct kernels (builds) bounded
+HEADS = (1, 2, 5, 16, 64, 128)
+PAGE_SIZES = (1, 2, 16, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class FuzzCase:
+    """One random case; ``describe()`` is its one-line summary."""
+
+    seed: int
+    new_tokens: tuple
+    cache_lengths: tuple
+    heads: int
+    page_size: int
+    dtype: torch.dtype
+    gamma_dtype: torch.dtype
+    freqs_dtype: torch.dtype
+    offsets_dtype: torch.dtype
+    padding_rows: int
+    strided_q: bool
+    layers: int
+    in_place: bool
+    interleaved: bool
+
+    def describe(self) -> str:
+        return (f"seed={self.seed} batch={len(self.new_tokens)} tokens={sum(self.new_tokens)} "
+                f"heads={self.heads} page={self.page_size} {str(self.dtype)[6:]} "
+                f"gamma={str(self.gamma_dtype)[6:]} freqs={str(self.freqs_dtype)[6:]} "
+                f"offsets={str(self.offsets_dtype)[6:]} pad={self.padding_rows} "
+                f"strided={self.strided_q} layers={self.layers} in_place={self.in_place} "
+                f"{'interleaved' if self.interleaved else 'neox'}")
+
+
+def _cache_length(rng: random.Random, page_size: int) -> int:
+    if rng.random() < 0.6:  # at, just before or just after a page boundary
+        boundary = page_size * rng.randrange(0, 8192 // page_size + 1)
+        return min(8192, max(0, boundary + rng.choice((-1, 0, 1))))
+    return rng.randrange(0, 8193)
+
+
+def random_case(seed: int, max_tokens: int = 300) -> FuzzCase:
+    """The case of ``seed`` (deterministic)."""
+    rng = random.Random(seed)
+    batch = rng.randint(1, 64)
+    heads = rng.choice(HEADS)
+    budget = max(1, 4096 // heads)  # keep a case's q under ~4k token-heads on the CPU
+    new = [0 if rng.random() < 0.2 else rng.randint(1, max_tokens) for _ in range(batch)]
+    while sum(new) > budget:
+        new[rng.randrange(batch)] //= 2
+    page_size = rng.choice(PAGE_SIZES)
+    dtype = rng.choice(DTYPES)
+    return FuzzCase(
+        seed=seed, new_tokens=tuple(new),
+        cache_lengths=tuple(_cache_length(rng, page_size) for _ in range(batch)),
+        heads=heads, page_size=page_size, dtype=dtype,
+        gamma_dtype=rng.choice((dtype, torch.float32)),
+        freqs_dtype=rng.choice((torch.float32, torch.float32, torch.bfloat16)),
+        offsets_dtype=rng.choice((torch.uint32, torch.int32)),
+        padding_rows=rng.choice((0, 0, 1, 7)), strided_q=rng.random() < 0.7,
+        layers=rng.choice((1, 1, 3)), in_place=rng.random() < 0.3,
+        interleaved=rng.random() < 0.8)
+
+
+def run_case(case: FuzzCase, device: str) -> CheckReport:
+    """Run ``case`` on ``device`` and check it (validation on, so bad cases would raise)."""
+    inputs = make_inputs(
+        list(case.new_tokens), list(case.cache_lengths), num_q_heads=case.heads,
+        page_size=case.page_size, dtype=case.dtype, gamma_dtype=case.gamma_dtype,
+        freqs_dtype=case.freqs_dtype, offsets_dtype=case.offsets_dtype,
+        padding_rows=case.padding_rows, strided_q=case.strided_q, layers=case.layers,
+        prefix_pool=3, seed=case.seed, device=device)
+    return run_and_check(inputs, in_place=case.in_place, interleaved=case.interleaved,
+                         validate=True)
+
+
+def repro(case: FuzzCase, device: str) -> str:
+    return f"python -m tvm_fused fuzz --seed {case.seed} --cases 1 --device {device}"
+
+
+def fuzz(first_seed: int, cases: int, device: str, log=print) -> list[str]:
+    """Run ``cases`` cases from ``first_seed``; return the repro line of each failure."""
+    failures = []
+    for seed in range(first_seed, first_seed + cases):
+        case = random_case(seed)
+        report = run_case(case, device)
+        if not report.ok:
+            failures.append(f"{repro(case, device)}  # {case.describe()}: {report.summary()}")
+            log(f"FAIL {failures[-1]}")
+    log(f"{cases - len(failures)}/{cases} cases passed on {device}")
+    return failures
