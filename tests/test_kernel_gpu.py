@@ -109,9 +109,5 @@ def test_schedule_variants(schedule, heads, interleaved):
     per thread, narrow vectors."""
     inputs = make_inputs(*RAGGED, num_q_heads=heads, page_size=16, padding_rows=2,
                          device="cuda")
-    before = inputs.clone()
-    out = torch.randn_like(inputs.q_rope)
-    out_before = out.clone()
-    fused_rope_rmsnorm(*inputs.args(), out=out, interleaved=interleaved, schedule=schedule)
-    report = check_run(before, inputs, out, out_before, interleaved=interleaved)
+    report = run_and_check(inputs, interleaved=interleaved, schedule=schedule)
     assert report.ok, report.summary()

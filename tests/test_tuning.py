@@ -93,6 +93,17 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
          log=lines.append)
     assert sum("already: skipped" in line for line in lines) == 2
 
+    # a run killed while writing leaves a truncated line: the next run drops it and goes on
+    table = work / records.RECORDS
+    table.write_text(table.read_text() + table.read_text().splitlines()[-1][:40])
+    lines.clear()
+    with pytest.warns(UserWarning, match="dropping malformed line"):
+        tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=4, logs_dir=logs,
+             work_dir=work, device_name=records.CPU_DEVICE, cost_model="random",
+             builder_workers=2, log=lines.append)
+    metadata = json.loads((dest / records.METADATA).read_text())
+    assert all(entry["records"] == 4 for entry in metadata["buckets"].values())
+
 
 def test_no_records_falls_back_with_one_warning(tmp_path):
     op = OpConfig(num_q_heads=3)

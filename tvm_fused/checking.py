@@ -129,16 +129,17 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor, out_before: 
 
 
 def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool = True,
-                  epsilon: float = 1e-6, validate: bool | None = None) -> CheckReport:
+                  epsilon: float = 1e-6, validate: bool | None = None,
+                  schedule=None) -> CheckReport:
     """Run ``fused_rope_rmsnorm`` on ``inputs`` (updating them) and check the result.
 
     The output is ``q_rope`` itself if ``in_place``, else a buffer of random values, so that
-    rows the op must not write are recognizable.
+    rows the op must not write are recognizable. ``schedule`` overrides the GPU schedule.
     """
     before = inputs.clone()
     out = inputs.q_rope if in_place else torch.randn_like(inputs.q_rope)
     out_before = out.clone()
     result = fused_rope_rmsnorm(*inputs.args(), out=out, epsilon=epsilon,
-                                interleaved=interleaved, validate=validate)
+                                interleaved=interleaved, validate=validate, schedule=schedule)
     return check_run(before, inputs, result, out_before, in_place=in_place, epsilon=epsilon,
                      interleaved=interleaved)

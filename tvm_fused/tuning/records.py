@@ -93,6 +93,30 @@ def read_records(path: Path) -> list[tuple[int, list, list[float], str]]:
     return records
 
 
+def drop_malformed_lines(path: Path) -> int:
+    """Rewrite a JSON-lines table without its lines that do not parse (a run killed while
+    writing leaves a truncated last line, on which MetaSchedule's reader would stop); return
+    how many went, each with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            json.loads(line)
+            kept.append(line)
+        except ValueError:
+            if line.strip():
+                dropped += 1
+                warnings.warn(f"tvm_fused: dropping malformed line {path}:{number}",
+                              stacklevel=2)
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 def workload_hashes(path: Path) -> list[str]:
     """Structural hashes of a workload table (plain or ``.xz``), in line order."""
     opener = lzma.open if str(path).endswith(".xz") else open

@@ -124,6 +124,8 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
     space = space_for(target)
     default = space.default
     work_dir.mkdir(parents=True, exist_ok=True)
+    for table in (records.WORKLOADS, records.RECORDS):
+        records.drop_malformed_lines(work_dir / table)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     workers = builder_workers or max(1, min(16, (os.cpu_count() or 2)))
     builder, runner = _builder(workers), _runner(rpc)

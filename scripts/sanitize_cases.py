@@ -1,0 +1,33 @@
+"""Edge cases run under compute-sanitizer by scripts/sanitize.sh (GPU): no tokens, one
+token, far more tokens than one wave of blocks, page size 1, padding rows, in place, NeoX,
+and schedules with shared-memory row reductions."""
+
+import sys
+
+from tvm_fused.schedules import ScheduleConfig
+
+from tvm_fused.checking import run_and_check
+from tvm_fused.inputs import make_inputs
+
+CASES = [
+    dict(new=[0], cached=[5]),
+    dict(new=[1], cached=[0]),
+    dict(new=[1], cached=[127], page_size=1),
+    dict(new=[3000, 0, 2000], cached=[0, 9, 4000], padding_rows=5),
+    dict(new=[7, 1, 0, 9], cached=[15, 16, 1, 255], page_size=1, in_place=True),
+    dict(new=[5, 6], cached=[100, 3], heads=1, interleaved=False),
+    dict(new=[40, 3], cached=[7, 300], schedule=ScheduleConfig(
+        block_threads=256, norm_threads_per_row=128, norm_rows_per_thread=2)),
+]
+
+failed = 0
+for case in CASES:
+    inputs = make_inputs(case["new"], case["cached"], num_q_heads=case.get("heads", 128),
+                         page_size=case.get("page_size", 128),
+                         padding_rows=case.get("padding_rows", 0), device="cuda")
+    report = run_and_check(inputs, in_place=case.get("in_place", False),
+                           interleaved=case.get("interleaved", True), validate=True,
+                           schedule=case.get("schedule"))
+    print(("ok  " if report.ok else "FAIL"), case, report.summary())
+    failed += not report.ok
+sys.exit(1 if failed else 0)

@@ -1,0 +1,84 @@
+"""The torch custom ops: eager, under torch.compile(fullgraph=True), on CPU and GPU."""
+
+import pytest
+import torch
+
+import tvm_fused.torch_op  # noqa: F401  (registers torch.ops.tvm_fused.*)
+from tvm_fused.checking import check_run
+from tvm_fused.inputs import make_inputs
+
+from .cases import RAGGED
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _inputs(device):
+    return make_inputs(*RAGGED, num_q_heads=4, page_size=16, layers=3, device=device)
+
+
+def _out_of_place(*args):
+    return torch.ops.tvm_fused.fused_rope_rmsnorm(*args, 1e-6, True)
+
+
+def _in_place(q, *args):
+    torch.ops.tvm_fused.fused_rope_rmsnorm_(q, *args, 1e-6, True)
+    return q
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_out_of_place_op(device, compiled):
+    inputs = _inputs(device)
+    before = inputs.clone()
+    fn = torch.compile(_out_of_place, fullgraph=True) if compiled else _out_of_place
+    out = fn(*inputs.args())
+    report = check_run(before, inputs, out, out.clone())
+    assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_in_place_op(device, compiled):
+    inputs = _inputs(device)
+    before = inputs.clone()
+    fn = torch.compile(_in_place, fullgraph=True) if compiled else _in_place
+    out = fn(*inputs.args())
+    assert out.data_ptr() == inputs.q_rope.data_ptr()
+    report = check_run(before, inputs, inputs.q_rope, before.q_rope, in_place=True)
+    assert report.ok, report.summary()
+
+
+def _mutated(op):
+    schema = op.default._schema
+    return {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
+
+
+def test_ops_declare_their_mutations():
+    assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm_) == {"q_rope", "k_cache"}
+    assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm) == {"k_cache"}
+
+
+@pytest.mark.gpu
+def test_in_place_op_in_a_cuda_graph_and_reduce_overhead_compile():
+    inputs = _inputs("cuda")
+    static_q = inputs.q_rope
+    torch.ops.tvm_fused.fused_rope_rmsnorm_(*inputs.args(), 1e-6, True)  # build first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.tvm_fused.fused_rope_rmsnorm_(*inputs.args(), 1e-6, True)
+    fresh = _inputs("cpu")
+    static_q.copy_(fresh.q_rope)
+    inputs.cache_storage.copy_(fresh.cache_storage)
+    before = inputs.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    report = check_run(before, inputs, static_q, before.q_rope, in_place=True)
+    assert report.ok, report.summary()
+
+    compiled = torch.compile(_out_of_place, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up runs, then graph replays
+        inputs = _inputs("cuda")
+        before = inputs.clone()
+        out = compiled(*inputs.args()).clone()
+        report = check_run(before, inputs, out, out.clone())
+        assert report.ok, report.summary()
