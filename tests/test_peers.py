@@ -1,0 +1,53 @@
+"""The benchmark peers compute the same op: checked against the float64 reference."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tvm_fused.checking import check_run
+from tvm_fused.inputs import make_inputs
+
+from .cases import RAGGED
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from tvm_fused.checking import check_run
+    from tvm_fused.inputs import make_inputs
+    from tvm_fused.peers.triton_fused import triton_fused_rope_rmsnorm
+    for dtype, interleaved in ((torch.float32, True), (torch.bfloat16, False)):
+        inputs = make_inputs([3, 0, 2], [5, 1, 14], num_q_heads=4, page_size=16, dtype=dtype,
+                             padding_rows=2)
+        before = inputs.clone()
+        out = torch.randn_like(inputs.q_rope)
+        out_before = out.clone()
+        triton_fused_rope_rmsnorm(*inputs.args(), out=out, interleaved=interleaved,
+                                  heads_per_program=2)
+        report = check_run(before, inputs, out, out_before, interleaved=interleaved)
+        assert report.ok, report.summary()
+""")
+
+
+def test_triton_fused_peer_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+def test_triton_fused_peer_on_the_gpu(interleaved):
+    from tvm_fused.peers.triton_fused import triton_fused_rope_rmsnorm
+
+    inputs = make_inputs(*RAGGED, num_q_heads=128, padding_rows=3, device="cuda")
+    before = inputs.clone()
+    out = torch.randn_like(inputs.q_rope)
+    out_before = out.clone()
+    triton_fused_rope_rmsnorm(*inputs.args(), out=out, interleaved=interleaved)
+    report = check_run(before, inputs, out, out_before, interleaved=interleaved)
+    assert report.ok, report.summary()

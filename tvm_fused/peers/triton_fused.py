@@ -1,0 +1,102 @@
+"""The fused op as one Triton kernel: the peer a user would write instead of TVM.
+
+One program per (token, block of heads); the last block of each token normalizes the cache
+row and rotates its rope part. Every program finds its token's request by a binary search of
+``input_row_offsets`` and returns at once for padding rows. Heads per program and warps are
+autotuned per (heads, rope_dim, kv_norm_dim) with ``triton.autotune``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.autotune(
+    configs=[triton.Config({"HEADS_PER_PROGRAM": h}, num_warps=w)
+             for h in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)],
+    key=["NUM_HEADS", "ROPE_DIM", "NORM_DIM"],
+    reset_to_zero=None,
+)
+@triton.jit
+def _fused_kernel(q_ptr, out_ptr, offsets_ptr, freqs_ptr, gamma_ptr, k_ptr, table_ptr,
+                  lengths_ptr, epsilon, batch,
+                  q_s0, q_s1, o_s0, o_s1, k_s0, k_s1, t_s0,
+                  NUM_HEADS: tl.constexpr, ROPE_DIM: tl.constexpr, HALF: tl.constexpr,
+                  NORM_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  HEADS_PER_PROGRAM: tl.constexpr):
+    token = tl.program_id(0)
+    block = tl.program_id(1)
+    if token >= tl.load(offsets_ptr + batch).to(tl.int32):
+        return
+    lo = 0
+    hi = batch
+    while lo < hi:  # largest b with offsets[b] <= token
+        mid = (lo + hi + 1) // 2
+        if tl.load(offsets_ptr + mid).to(tl.int32) <= token:
+            lo = mid
+        else:
+            hi = mid - 1
+    pos = tl.load(lengths_ptr + lo) + token - tl.load(offsets_ptr + lo).to(tl.int32)
+    j = tl.arange(0, HALF)
+    cos = tl.load(freqs_ptr + pos * ROPE_DIM + 2 * j).to(tl.float32)
+    sin = tl.load(freqs_ptr + pos * ROPE_DIM + 2 * j + 1).to(tl.float32)
+    if INTERLEAVED:
+        first, second = 2 * j, 2 * j + 1
+    else:
+        first, second = j, j + HALF
+    num_blocks = tl.cdiv(NUM_HEADS, HEADS_PER_PROGRAM)
+    if block < num_blocks:  # q rope for a block of heads
+        heads = block * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
+        mask = heads[:, None] < NUM_HEADS
+        src = q_ptr + token.to(tl.int64) * q_s0 + heads[:, None].to(tl.int64) * q_s1
+        dst = out_ptr + token.to(tl.int64) * o_s0 + heads[:, None].to(tl.int64) * o_s1
+        x0 = tl.load(src + first[None, :], mask=mask).to(tl.float32)
+        x1 = tl.load(src + second[None, :], mask=mask).to(tl.float32)
+        tl.store(dst + first[None, :], (x0 * cos - x1 * sin).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(dst + second[None, :], (x0 * sin + x1 * cos).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+    else:  # the cache row: rope part, then RMSNorm of the latent part
+        page = tl.load(table_ptr + lo.to(tl.int64) * t_s0 + pos // PAGE_SIZE)
+        row = k_ptr + page.to(tl.int64) * k_s0 + (pos % PAGE_SIZE).to(tl.int64) * k_s1
+        x0 = tl.load(row + NORM_DIM + first).to(tl.float32)
+        x1 = tl.load(row + NORM_DIM + second).to(tl.float32)
+        tl.store(row + NORM_DIM + first, (x0 * cos - x1 * sin).to(k_ptr.dtype.element_ty))
+        tl.store(row + NORM_DIM + second, (x0 * sin + x1 * cos).to(k_ptr.dtype.element_ty))
+        c = tl.arange(0, NORM_DIM)
+        x = tl.load(row + c).to(tl.float32)
+        scale = tl.rsqrt(tl.sum(x * x, axis=0) / NORM_DIM + epsilon)
+        gamma = tl.load(gamma_ptr + c)
+        normed = (x * scale).to(gamma_ptr.dtype.element_ty)
+        y = (normed.to(tl.float32) * gamma.to(tl.float32)).to(gamma_ptr.dtype.element_ty)
+        tl.store(row + c, y.to(k_ptr.dtype.element_ty))
+
+
+def triton_fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache,
+                              lookup_table, cache_lengths, *, epsilon=1e-6, out=None,
+                              interleaved=True, heads_per_program=None):
+    """Same arguments and effect as ``tvm_fused.fused_rope_rmsnorm``; returns ``out``.
+    ``heads_per_program`` fixes that knob (4 warps) instead of autotuning."""
+    if out is None:
+        out = torch.empty_like(q_rope)
+    tokens, heads, rope_dim = q_rope.shape
+    norm_dim = gamma.shape[0]
+    offsets = input_row_offsets.view(torch.int32)
+
+    def grid(meta):
+        return (tokens, triton.cdiv(heads, meta["HEADS_PER_PROGRAM"]) + 1)
+
+    kernel, meta = _fused_kernel, {}
+    if heads_per_program is not None:
+        kernel, meta = _fused_kernel.fn, {"HEADS_PER_PROGRAM": heads_per_program}
+    if tokens:
+        kernel[grid](
+            q_rope, out, offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
+            epsilon, cache_lengths.shape[0], q_rope.stride(0), q_rope.stride(1),
+            out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+            lookup_table.stride(0), NUM_HEADS=heads, ROPE_DIM=rope_dim, HALF=rope_dim // 2,
+            NORM_DIM=norm_dim,
+            PAGE_SIZE=k_cache.shape[1], INTERLEAVED=interleaved, **meta)
+    return out
