@@ -10,14 +10,14 @@ from tvm_fused.checking import run_and_check
 from tvm_fused.inputs import make_inputs
 
 CASES = [
-    dict(new=[0], cached=[5]),
-    dict(new=[1], cached=[0]),
-    dict(new=[1], cached=[127], page_size=1),
-    dict(new=[3000, 0, 2000], cached=[0, 9, 4000], padding_rows=5),
-    dict(new=[7, 1, 0, 9], cached=[15, 16, 1, 255], page_size=1, in_place=True),
-    dict(new=[5, 6], cached=[100, 3], heads=1, interleaved=False),
-    dict(new=[40, 3], cached=[7, 300], schedule=ScheduleConfig(
-        block_threads=256, norm_threads_per_row=128, norm_rows_per_thread=2)),
+    {"new": [0], "cached": [5]},
+    {"new": [1], "cached": [0]},
+    {"new": [1], "cached": [127], "page_size": 1},
+    {"new": [3000, 0, 2000], "cached": [0, 9, 4000], "padding_rows": 5},
+    {"new": [7, 1, 0, 9], "cached": [15, 16, 1, 255], "page_size": 1, "in_place": True},
+    {"new": [5, 6], "cached": [100, 3], "heads": 1, "interleaved": False},
+    {"new": [40, 3], "cached": [7, 300], "schedule": ScheduleConfig(
+        block_threads=256, norm_threads_per_row=128, norm_rows_per_thread=2)},
 ]
 
 failed = 0

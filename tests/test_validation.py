@@ -50,11 +50,11 @@ def fp16_freqs(i): return i.freqs_cis.half()
 
 
 BAD_ARGUMENTS = [
-    _bad("q_rope", wrong_dtype_q, TypeError, "k_cache must have dtype q_rope's"),
+    _bad("q_rope", wrong_dtype_q, TypeError, "k_cache must have dtype of q_rope"),
     _bad("q_rope", int_q, TypeError, "q_rope must have dtype"),
     _bad("q_rope", rank_q, ValueError, "q_rope must have 3 dims"),
     _bad("q_rope", list_q, TypeError, "q_rope must be a torch.Tensor"),
-    _bad("k_cache", fp32_cache, TypeError, "k_cache must have dtype q_rope's"),
+    _bad("k_cache", fp32_cache, TypeError, "k_cache must have dtype of q_rope"),
     _bad("k_cache", short_row_cache, ValueError, "k_cache rows must hold"),
     _bad("k_cache", page_size_3, ValueError, "page size"),
     _bad("k_cache", noncontig_last_cache, ValueError, "k_cache must be contiguous in its last"),

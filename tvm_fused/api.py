@@ -10,7 +10,8 @@ from .build import CPU_TARGET, cuda_target
 from .cache import get_kernel
 from .config import OpConfig
 from .schedules import ScheduleConfig
-from .tuning.records import default_logs_dir, schedule_for
+from .tuning.buckets import nearest_bucket
+from .tuning.records import default_logs_dir, tuned_configs
 from .validation import check_arguments, check_contents
 
 _TVM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
@@ -18,7 +19,7 @@ _TVM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 _VECTOR_BYTES = 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_target(device: torch.device):
     if device.type == "cpu":
         return CPU_TARGET
@@ -29,30 +30,46 @@ def _device_target(device: torch.device):
 
 def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
     """The largest power of two up to 16 dividing every pointer and row stride, in bytes."""
-    alignment = _VECTOR_BYTES
+    bits = _VECTOR_BYTES
     for tensor in (q_rope, out, freqs_cis, gamma, k_cache):
         size = tensor.element_size()
-        for value in (tensor.data_ptr(), *(s * size for s in tensor.stride()[:-1])):
-            while value % alignment:
-                alignment //= 2
-    return alignment
+        bits |= tensor.data_ptr()
+        for stride in tensor.stride()[:-1]:
+            bits |= stride * size
+    return bits & -bits  # the lowest set bit
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(device: torch.device, op: OpConfig, schedule: ScheduleConfig | None):
-    return get_kernel(op, _device_target(device), schedule)
+class _Launcher:
+    """The kernels of one op on one device: the tuned schedule of each token bucket (from
+    ``tuning_logs/`` for this GPU), else the default; built or loaded on first use."""
+
+    def __init__(self, device: torch.device, op: OpConfig):
+        self.op, self.target = op, _device_target(device)
+        self.tuned = {} if device.type != "cuda" else tuned_configs(
+            str(default_logs_dir()), torch.cuda.get_device_name(device), op)
+        self.buckets = tuple(sorted(self.tuned))
+        self.kernels: dict = {}
+
+    def kernel(self, tokens: int, schedule: ScheduleConfig | None):
+        if schedule is None and self.buckets:
+            schedule = self.tuned[nearest_bucket(tokens, self.buckets)]
+        kernel = self.kernels.get(schedule)
+        if kernel is None:
+            kernel = self.kernels[schedule] = get_kernel(self.op, self.target, schedule)
+        return kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
-def _schedule(device: torch.device, op: OpConfig, tokens: int) -> ScheduleConfig | None:
-    """The tuned schedule of ``tokens``' bucket on this GPU, or None (the default)."""
-    if device.type != "cuda":
-        return None
-    return schedule_for(default_logs_dir(), _device_name(device), op, tokens)
+@functools.cache
+def _launcher(device: torch.device, heads: int, rope_dim: int, kv_norm_dim: int,
+              page_size: int, dtype: torch.dtype, freqs_dtype: torch.dtype,
+              gamma_dtype: torch.dtype, offsets_dtype: torch.dtype, interleaved: bool,
+              alignment: int) -> _Launcher:
+    op = OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=kv_norm_dim,
+                  page_size=page_size, dtype=_TVM_DTYPES[dtype],
+                  freqs_dtype=_TVM_DTYPES[freqs_dtype], gamma_dtype=_TVM_DTYPES[gamma_dtype],
+                  offsets_dtype=_TVM_DTYPES[offsets_dtype], interleaved=interleaved,
+                  alignment=alignment)
+    return _Launcher(device, op)
 
 
 def fused_rope_rmsnorm(
@@ -132,14 +149,12 @@ def fused_rope_rmsnorm(
     if q_rope.shape[0] == 0:
         return out
     on_gpu = q_rope.device.type == "cuda"  # (the CPU build ignores alignment)
-    op = OpConfig(
-        num_q_heads=q_rope.shape[1], rope_dim=q_rope.shape[2], kv_norm_dim=gamma.shape[0],
-        page_size=k_cache.shape[1], dtype=_TVM_DTYPES[q_rope.dtype],
-        freqs_dtype=_TVM_DTYPES[freqs_cis.dtype], gamma_dtype=_TVM_DTYPES[gamma.dtype],
-        offsets_dtype=_TVM_DTYPES[input_row_offsets.dtype], interleaved=interleaved,
-        alignment=_alignment(q_rope, out, freqs_cis, gamma, k_cache) if on_gpu else 16)
-    if schedule is None:
-        schedule = _schedule(q_rope.device, op, q_rope.shape[0])
-    _kernel(q_rope.device, op, schedule)(q_rope, out, input_row_offsets, freqs_cis, gamma,
-                                         k_cache, lookup_table, cache_lengths, float(epsilon))
+    _, heads, rope_dim = q_rope.shape
+    launcher = _launcher(
+        q_rope.device, heads, rope_dim, gamma.shape[0], k_cache.shape[1], q_rope.dtype,
+        freqs_cis.dtype, gamma.dtype, input_row_offsets.dtype, interleaved,
+        _alignment(q_rope, out, freqs_cis, gamma, k_cache) if on_gpu else _VECTOR_BYTES)
+    launcher.kernel(q_rope.shape[0], schedule)(q_rope, out, input_row_offsets, freqs_cis,
+                                               gamma, k_cache, lookup_table, cache_lengths,
+                                               float(epsilon))
     return out

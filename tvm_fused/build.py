@@ -32,7 +32,7 @@ def cuda_target(arch: str | None = None) -> tvm.target.Target:
     base = tvm.target.Target(DEFAULT_CUDA_TARGET)
     if arch is None or arch == base.attrs["arch"]:
         return base
-    config = {key: base.attrs[key] for key in base.attrs.keys()}
+    config = {key: base.attrs[key] for key in base.attrs}
     config.update(kind="cuda", arch=arch)
     return tvm.target.Target(config)
 

@@ -48,7 +48,7 @@ def _rotate(x0, x1, cos, sin, p):
     return T.if_then_else(p == 0, x0 * cos - x1 * sin, x0 * sin + x1 * cos)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     """The fused op as an unscheduled block-based PrimFunc named ``fused_rope_rmsnorm``.
 
@@ -87,20 +87,38 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     @T.macro
     def locate(vt, offsets, lookup_table, cache_lengths, pos, page):
         """pos[vt] = position of token vt (-1 past offsets[-1]); page[vt] = its physical page
-        (when ``page`` is given)."""
+        (when ``page`` is given).
+
+        Request ``min(token, batch - 1)`` is tried first, its offsets and length loaded in
+        one round with ``offsets[batch]``: right for every token of a decode step (one new
+        token per request), which so skips the log2(batch) dependent loads of the binary
+        search that finds the request otherwise."""
         token: T.let = T.Cast("int32", vt)
+        batch: T.let = T.Cast("int32", offsets.shape[0]) - 1
         lo = T.alloc_buffer((1,), "int32", scope="local")
         hi = T.alloc_buffer((1,), "int32", scope="local")
+        base = T.alloc_buffer((1,), "int32", scope="local")  # cache_lengths[b] - offsets[b]
         lo[0] = 0
-        hi[0] = T.Cast("int32", offsets.shape[0]) - 1
+        hi[0] = batch
+        base[0] = -1  # not known yet (a true -1 is merely recomputed below)
+        if batch > 0:
+            guess: T.let = T.min(token, batch - 1)
+            first: T.let = T.Cast("int32", offsets[guess])
+            length: T.let = cache_lengths[guess]
+            if first <= token and token < T.Cast("int32", offsets[guess + 1]):
+                lo[0] = guess
+                hi[0] = guess
+                base[0] = length - first
         while lo[0] < hi[0]:  # largest b with offsets[b] <= token
             mid: T.int32 = (lo[0] + hi[0] + 1) // 2
             if T.Cast("int32", offsets[mid]) <= token:
                 lo[0] = mid
             else:
                 hi[0] = mid - 1
-        if token < T.Cast("int32", offsets[offsets.shape[0] - 1]):
-            pos[vt] = cache_lengths[lo[0]] + token - T.Cast("int32", offsets[lo[0]])
+        if token < T.Cast("int32", offsets[batch]):
+            if base[0] == -1:
+                base[0] = cache_lengths[lo[0]] - T.Cast("int32", offsets[lo[0]])
+            pos[vt] = base[0] + token
             if page is not None:
                 page[vt] = lookup_table[lo[0], pos[vt] // PS]
         else:

@@ -23,8 +23,9 @@ class Timing:
 HOST_LEAD_CYCLES = 2_000_000  # ~1 ms of GPU spinning: the host enqueues fn() meanwhile
 
 
-def time_cuda(fn, reps: int = 50, warmup: int = 5) -> Timing:
-    """Time ``fn()``'s GPU work with CUDA events; L2 is flushed before each run.
+def time_cuda(fn, reps: int = 50, warmup: int = 5, cold: bool = True) -> Timing:
+    """Time ``fn()``'s GPU work with CUDA events; L2 is flushed before each run (unless not
+    ``cold``: then the inputs stay in L2 from the run before).
 
     Before each start event the GPU spins for about a millisecond, so the host has enqueued
     ``fn()`` by the time the event fires: the interval is GPU time, not Python launch time,
@@ -36,7 +37,8 @@ def time_cuda(fn, reps: int = 50, warmup: int = 5) -> Timing:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends):
-        flush.zero_()
+        if cold:
+            flush.zero_()
         torch.cuda._sleep(HOST_LEAD_CYCLES)
         start.record()
         fn()

@@ -171,7 +171,7 @@ def load_metadata(path: Path) -> dict:
     return json.loads((Path(path) / METADATA).read_text())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tuned_configs(logs_dir: str, gpu_name: str, op: OpConfig) -> dict:
     """Bucket -> best schedule config recorded for this device (a GPU's name, or
     ``cpu-llvm``) and op; empty (with a one-line warning) if there are none."""

@@ -1,0 +1,63 @@
+"""Where a decode call's time goes (GPU): cold vs warm L2, the launch floor, host time.
+
+Prints GPU time of the op at 1 and 64 tokens (128 heads) on a cold and a warm L2, of an
+empty kernel launched the same way (the floor any implementation pays), and the host time of
+one Python call split into its parts.
+"""
+
+import time
+
+import torch
+
+from tvm_fused import fused_rope_rmsnorm
+from tvm_fused.api import _alignment, _launcher
+from tvm_fused.config import OpConfig
+from tvm_fused.timing import time_cuda
+from tvm_fused.tuning.workload import bucket_inputs
+from tvm_fused.validation import check_arguments
+
+
+def host_us(fn, calls=2000):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+print(torch.cuda.get_device_name())
+empty = torch.empty(0, device="cuda")
+for label, fn in (("empty kernel", lambda: torch.cuda._sleep(0)),):
+    print(f"{label:28s} cold {time_cuda(fn, reps=200).median_us:6.2f} us   "
+          f"warm {time_cuda(fn, reps=200, cold=False).median_us:6.2f} us")
+def probe(tokens):
+    x = bucket_inputs(OpConfig(), tokens, device="cuda")
+    out = torch.empty_like(x.q_rope)
+    args = x.args()
+    q = x.q_rope
+    launcher = _launcher(q.device, 128, 64, 512, 128, q.dtype, x.freqs_cis.dtype, x.gamma.dtype,
+                         x.input_row_offsets.dtype, True, 16)
+    kernel = launcher.kernel(tokens, None)
+
+    def call():
+        fused_rope_rmsnorm(*args, out=out, validate=False)
+
+    def raw():
+        kernel(q, out, *args[1:], 1e-6)
+
+    call()
+    print(f"{tokens:3d} tok op              cold {time_cuda(call, reps=200).median_us:6.2f} us"
+          f"   warm {time_cuda(call, reps=200, cold=False).median_us:6.2f} us")
+    checks = host_us(lambda: check_arguments(*args, out))
+    alignment = host_us(lambda: _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache))
+    print(f"{tokens:3d} tok host per call: full {host_us(call):5.2f} us, kernel only "
+          f"{host_us(raw):5.2f} us, check_arguments {checks:5.2f} us, alignment "
+          f"{alignment:5.2f} us, torch add_ {host_us(lambda: empty.add_(1)):5.2f} us")
+
+
+for tokens in (1, 64):
+    probe(tokens)
