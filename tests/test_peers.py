@@ -51,3 +51,26 @@ def test_triton_fused_peer_on_the_gpu(interleaved):
     triton_fused_rope_rmsnorm(*inputs.args(), out=out, interleaved=interleaved)
     report = check_run(before, inputs, out, out_before, interleaved=interleaved)
     assert report.ok, report.summary()
+
+
+@pytest.mark.gpu
+def test_liger_peer_on_the_gpu():
+    pytest.importorskip("liger_kernel")
+    from tvm_fused.peers.liger import liger_rope_rmsnorm
+
+    inputs = make_inputs(*RAGGED, num_q_heads=128, padding_rows=3, device="cuda")
+    before = inputs.clone()
+    out = torch.randn_like(inputs.q_rope)
+    out_before = out.clone()
+    liger_rope_rmsnorm(*inputs.args(), num_tokens=inputs.q_rope.shape[0], out=out)
+    report = check_run(before, inputs, out, out_before, interleaved=False)
+    assert report.ok, report.summary()
+
+
+def test_liger_peer_refuses_interleaved_pairs():
+    pytest.importorskip("liger_kernel")
+    from tvm_fused.peers.liger import liger_rope_rmsnorm
+
+    inputs = make_inputs([1], [3], num_q_heads=2)
+    with pytest.raises(ValueError, match="NeoX"):
+        liger_rope_rmsnorm(*inputs.args(), num_tokens=1, interleaved=True)

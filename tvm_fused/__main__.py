@@ -118,19 +118,35 @@ def tune(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from .bench import measure, schedule_providers, write_csv
+    from .bench import ALL_PROVIDERS, DECODE_TOKENS, PREFILL_TOKENS, SUITE, run_suite
 
     if not torch.cuda.is_available():
         print("bench needs a CUDA GPU")
         return 1
-    rows = []
-    for heads in (int(h) for h in args.heads_list.split(",")):
-        op = OpConfig(num_q_heads=heads, rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
-                      page_size=args.page_size, dtype=args.dtype, gamma_dtype=args.dtype)
-        for tokens in (int(t) for t in args.tokens.split(",")):
-            rows += measure(op, tokens, schedule_providers(op, tokens), reps=args.reps)
-    if args.csv:
-        write_csv(rows, Path(args.csv))
+    base = OpConfig(rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
+                    page_size=args.page_size, dtype=args.dtype, gamma_dtype=args.dtype)
+    parts = SUITE
+    if args.tokens or args.heads_list or args.providers or args.neox:
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else \
+            DECODE_TOKENS + PREFILL_TOKENS
+        names = args.providers.split(",") if args.providers else ALL_PROVIDERS
+        parts = [(int(h), not args.neox, tokens, names)
+                 for h in (args.heads_list or "128").split(",")]
+    _, failures = run_suite(parts, base, Path(args.csv) if args.csv else None, reps=args.reps)
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    return 1 if failures else 0
+
+
+def bench_report(args: argparse.Namespace) -> int:
+    from .bench_report import markdown_table, plot, read_rows
+
+    rows = read_rows(Path(args.csv))
+    for heads, pairing in ((int(h), p) for h in args.heads_list.split(",")
+                           for p in ("gptj", "neox")):
+        print(markdown_table(rows, heads, pairing), end="\n\n")
+    if args.png:
+        plot(rows, Path(args.png))
     return 0
 
 
@@ -139,7 +155,7 @@ def fuzz(args: argparse.Namespace) -> int:
 
     device = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
-    return 1 if run_fuzz(args.seed, args.cases, device) else 0
+    return 1 if run_fuzz(args.seed, args.cases, device, jobs=args.jobs) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,17 +196,28 @@ def main(argv: list[str] | None = None) -> int:
                              help="measurements in flight over RPC (one per server)")
     tune_parser.set_defaults(func=tune)
     bench_parser = commands.add_parser(
-        "bench", help="time the tuned and default kernels against plain torch (GPU)")
+        "bench", help="check, then time, tvm-fused and its peers on the GPU (the suite of "
+        "tvm_fused.bench.SUITE unless heads, tokens, providers or --neox are given)")
     _add_config_options(bench_parser)
-    bench_parser.add_argument("--heads-list", default="128", help="comma-separated head counts")
-    bench_parser.add_argument("--tokens", default="1,8,64,512,4096,32768")
+    bench_parser.add_argument("--heads-list", default="", help="comma-separated head counts")
+    bench_parser.add_argument("--tokens", default="", help="comma-separated token counts")
+    bench_parser.add_argument("--providers", default="",
+                              help="comma-separated, from tvm_fused.bench.ALL_PROVIDERS")
     bench_parser.add_argument("--reps", type=int, default=100)
     bench_parser.add_argument("--csv", default=None, help="append the rows to this CSV")
     bench_parser.set_defaults(func=bench)
+    report_parser = commands.add_parser(
+        "bench-report", help="markdown tables and a PNG plot from a bench CSV (no GPU)")
+    report_parser.add_argument("csv")
+    report_parser.add_argument("--png", default=None, help="write the plot here")
+    report_parser.add_argument("--heads-list", default="128,64,16")
+    report_parser.set_defaults(func=bench_report)
     fuzz_parser = commands.add_parser(
         "fuzz", help="random cases against the float64 reference (a repro line per failure)")
     fuzz_parser.add_argument("--seed", type=int, default=0, help="seed of the first case")
     fuzz_parser.add_argument("--cases", type=int, default=100)
+    fuzz_parser.add_argument("--jobs", type=int, default=1,
+                             help="worker processes (cases build kernels in parallel)")
     fuzz_parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     fuzz_parser.set_defaults(func=fuzz)
     args = parser.parse_args(argv)

@@ -1,9 +1,12 @@
 """GPU benchmarks: every provider of the op checked, then timed on the same inputs.
 
-A provider is a function ``(inputs, out) -> None`` doing the whole op. Each is first checked
-against the float64 reference on its own copy of the inputs, then timed with CUDA events on a
-cold L2 (``timing.time_cuda``). Rows carry the GPU name and library versions, so numbers
-from different machines are never mixed up.
+A provider is a function ``(inputs, out) -> None`` doing the whole op. Each is first run on a
+scratch copy of the inputs (compiles, autotunes), then checked against the float64 reference
+on a fresh copy, then timed with CUDA events on a cold L2 (``timing.time_cuda``): as issued
+from Python, and replayed from a captured CUDA graph (decode sizes); the host time of one
+Python call is measured too. Rows carry the GPU name and library versions, and the
+device-to-device copy bandwidth measured in the same run, so each row states its fraction of
+what the memory system delivers.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import functools
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,79 +27,193 @@ from .api import fused_rope_rmsnorm
 from .build import cuda_target
 from .checking import check_run
 from .config import OpConfig
-from .inputs import OpInputs
+from .inputs import OpInputs, make_inputs
 from .schedules import default_schedule_config
-from .timing import op_bytes, time_cuda
+from .timing import op_bytes, time_cuda, time_graph
 from .torch_baseline import torch_fused_rope_rmsnorm
+from .tuning.buckets import bucket_case
 from .tuning.records import default_logs_dir, schedule_for
-from .tuning.workload import bucket_inputs
 
 Provider = Callable[[OpInputs, torch.Tensor], None]
 
+DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PREFILL_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768)
+DECODE_MAX = 256
+CHECK_MAX_TOKENS = 4096  # the float64 reference runs on the CPU: larger checks take minutes
+PREFIX_POOL_PAGES = 64  # decode contexts share cached pages: 256 long requests fit in memory
+COPY_BYTES = 1 << 30
 
-def tvm_provider(schedule=None) -> Provider:
+
+def sweep_inputs(op: OpConfig, tokens: int, device="cuda") -> OpInputs:
+    """Inputs of ``tokens`` tokens: a decode step (one new token for each of ``tokens``
+    requests with 1k-4k cached) up to ``DECODE_MAX``, else a prefill of a few requests.
+    ``q_rope`` is the rope view ``q[..., 128:]`` of a full MLA q, as in a model."""
+    new_tokens, cache_lengths = bucket_case(tokens, decode_max=DECODE_MAX)
+    dtype = getattr(torch, op.dtype)
+    return make_inputs(new_tokens, cache_lengths, num_q_heads=op.num_q_heads,
+                       rope_dim=op.rope_dim, kv_norm_dim=op.kv_norm_dim,
+                       page_size=op.page_size, dtype=dtype, gamma_dtype=dtype,
+                       prefix_pool=PREFIX_POOL_PAGES, device=device)
+
+
+def tvm_provider(schedule, interleaved: bool) -> Provider:
     def run(inputs: OpInputs, out: torch.Tensor) -> None:
-        fused_rope_rmsnorm(*inputs.args(), out=out, validate=False, schedule=schedule)
+        fused_rope_rmsnorm(*inputs.args(), out=out, validate=False, schedule=schedule,
+                           interleaved=interleaved)
 
     return run
 
 
-def torch_provider(inputs: OpInputs, out: torch.Tensor) -> None:
-    torch_fused_rope_rmsnorm(*inputs.args(), num_tokens=inputs.q_rope.shape[0], out=out)
+def _with_token_count(fn, interleaved: bool) -> Provider:
+    """A provider from an implementation that takes the real token count from the host."""
+    def run(inputs: OpInputs, out: torch.Tensor) -> None:
+        fn(*inputs.args(), num_tokens=inputs.q_rope.shape[0], out=out, interleaved=interleaved)
+
+    return run
 
 
-def schedule_providers(op: OpConfig, tokens: int) -> dict[str, Provider]:
-    """The tuned schedule of ``tokens``' bucket, the hand-written default, plain torch."""
-    gpu = torch.cuda.get_device_name()
-    tuned = schedule_for(default_logs_dir(), gpu, op, tokens)
-    providers = {"tvm-fused default": tvm_provider(default_schedule_config(cuda_target()))}
-    if tuned is not None:
-        providers["tvm-fused tuned"] = tvm_provider(tuned)
-    providers["torch eager"] = torch_provider
-    return providers
+@functools.cache
+def _compiled_torch():
+    return torch.compile(torch_fused_rope_rmsnorm, dynamic=True)
+
+
+def providers(op: OpConfig, tokens: int, names: tuple[str, ...]) -> dict[str, Provider]:
+    """The providers in ``names`` that exist for ``op``: "tvm-fused tuned" only with tuning
+    records for this GPU, "liger" only for NeoX pairs."""
+    from .peers.triton_fused import triton_fused_rope_rmsnorm
+
+    interleaved = op.interleaved
+    tuned = schedule_for(default_logs_dir(), torch.cuda.get_device_name(), op, tokens)
+    makers = {
+        "tvm-fused tuned": lambda: tvm_provider(tuned, interleaved),
+        "tvm-fused default": lambda: tvm_provider(default_schedule_config(cuda_target()),
+                                                  interleaved),
+        "triton fused": lambda: lambda inputs, out: triton_fused_rope_rmsnorm(
+            *inputs.args(), out=out, interleaved=interleaved),
+        "liger": lambda: _with_token_count(_liger(), interleaved),
+        "torch.compile": lambda: _with_token_count(_compiled_torch(), interleaved),
+        "torch eager": lambda: _with_token_count(torch_fused_rope_rmsnorm, interleaved),
+    }
+    available = {"tvm-fused tuned": tuned is not None, "liger": not interleaved}
+    return {name: makers[name]() for name in names if available.get(name, True)}
+
+
+def _liger():
+    from .peers.liger import liger_rope_rmsnorm
+
+    return liger_rope_rmsnorm
 
 
 @dataclasses.dataclass
 class Row:
     gpu: str
     provider: str
+    pairing: str
     heads: int
     tokens: int
+    regime: str
     dtype: str
     median_us: float
     p20_us: float
     p80_us: float
+    graph_us: float
+    host_us: float
     tb_per_s: float
+    copy_fraction: float
+    same_bytes_copy_us: float
+    checked: bool
     max_q_ulp: float
     max_norm_ulp: float
     date: str
     versions: str
 
 
-def measure(op: OpConfig, tokens: int, providers: dict[str, Provider], reps: int = 100,
-            log=print) -> list[Row]:
-    """Check, then time, each provider on the bucket inputs of ``tokens`` tokens."""
+def copy_bandwidth(nbytes: int = COPY_BYTES, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in TB/s (bytes read + written), cold L2."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    timing = time_cuda(lambda: dst.copy_(src), reps=reps)
+    return nbytes / timing.median_us / 1e6
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host time of one call of ``fn()`` (enqueueing only), averaged over ``calls``."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def _check(name, provider, base: OpInputs, interleaved: bool, tokens: int):
+    """Warm ``provider`` up on a scratch copy, then run it on a fresh copy and check it.
+    Returns ``(inputs, out, report)``; report is None past ``CHECK_MAX_TOKENS``."""
+    provider(base.clone(), torch.empty_like(base.q_rope))
+    inputs = base.clone()
+    out = torch.randn_like(inputs.q_rope)
+    out_before = out.clone()
+    provider(inputs, out)
+    torch.cuda.synchronize()
+    if tokens > CHECK_MAX_TOKENS:
+        return inputs, out, None
+    report = check_run(base, inputs, out, out_before, interleaved=interleaved)
+    if not report.ok:
+        raise AssertionError(f"{name} is wrong at {tokens} tokens: {report.summary()}")
+    return inputs, out, report
+
+
+def _graph_us(call, reps: int, log) -> float:
+    """Median replay time of ``call`` captured in a CUDA graph; NaN if it cannot be captured."""
+    try:
+        return time_graph(call, reps=reps).median_us
+    except Exception as error:  # noqa: BLE001 (not every peer is capturable)
+        log(f"  CUDA graph capture failed: {error!r}"[:500])
+        return math.nan
+
+
+def measure(op: OpConfig, tokens: int, provider_map: dict[str, Provider], copy_tb_s: float,
+            failures: list[str], reps: int = 100, log=print) -> list[Row]:
+    """Check, then time, each provider on ``sweep_inputs(op, tokens)``; a provider that
+    raises or computes a wrong result is logged and appended to ``failures``."""
     gpu = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}, tvm {tvm.__version__}, cuda {torch.version.cuda}"
-    base = bucket_inputs(op, tokens, device="cuda")
+    base = sweep_inputs(op, tokens)
     moved = op_bytes(tokens, op.num_q_heads, op.rope_dim, op.kv_norm_dim, base.q_rope.dtype)
+    src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    same_bytes_copy = time_cuda(lambda: dst.copy_(src), reps=reps).median_us
+    decode = tokens <= DECODE_MAX
     rows = []
-    for name, provider in providers.items():
-        inputs = base.clone()
-        out = torch.randn_like(inputs.q_rope)
-        out_before = out.clone()
-        provider(inputs, out)
-        torch.cuda.synchronize()
-        report = check_run(base, inputs, out, out_before)
-        if not report.ok:
-            raise AssertionError(f"{name} is wrong at {tokens} tokens: {report.summary()}")
-        timing = time_cuda(lambda p=provider, i=inputs, o=out: p(i, o), reps=reps)
-        row = Row(gpu, name, op.num_q_heads, tokens, op.dtype, timing.median_us, timing.p20_us,
-                  timing.p80_us, moved / timing.median_us / 1e6, report.q_ulps,
-                  report.k_norm_ulps, datetime.date.today().isoformat(), versions)
-        log(f"{gpu} | {op.num_q_heads:3d} heads | {tokens:6d} tokens | {name:<20} "
-            f"{row.median_us:9.2f} us (p20 {row.p20_us:.2f}, p80 {row.p80_us:.2f}) "
-            f"{row.tb_per_s:6.3f} TB/s")
+    for name, provider in provider_map.items():
+        try:
+            inputs, out, report = _check(name, provider, base, op.interleaved, tokens)
+        except Exception as error:  # noqa: BLE001 (a failing peer is reported, not timed)
+            log(f"{gpu} | {op.num_q_heads:3d} heads | {tokens:6d} tok | {name:<17} FAILED: "
+                f"{error!r}"[:2000])
+            failures.append(f"{name} at {tokens} tokens, {op.num_q_heads} heads: {error!r}")
+            continue
+
+        def call(p=provider, i=inputs, o=out):
+            p(i, o)
+
+        timing = time_cuda(call, reps=reps)
+        graph_us = _graph_us(call, reps, log) if decode else math.nan
+        host = host_us(call) if decode else math.nan
+        tb_s = moved / timing.median_us / 1e6
+        row = Row(gpu, name, "gptj" if op.interleaved else "neox", op.num_q_heads, tokens,
+                  "decode" if decode else "prefill", op.dtype, timing.median_us,
+                  timing.p20_us, timing.p80_us, graph_us, host, tb_s, tb_s / copy_tb_s,
+                  same_bytes_copy, report is not None,
+                  report.q_ulps if report else math.nan,
+                  report.k_norm_ulps if report else math.nan,
+                  datetime.date.today().isoformat(), versions)
+        log(f"{gpu} | {row.pairing} {op.num_q_heads:3d} heads | {tokens:6d} tok | {name:<17} "
+            f"{row.median_us:9.2f} us (p20 {row.p20_us:.2f}, p80 {row.p80_us:.2f}) graph "
+            f"{graph_us:7.2f} us host {host:6.2f} us {tb_s:6.3f} TB/s "
+            f"({100 * row.copy_fraction:5.1f}% of copy) checked={row.checked}")
         rows.append(row)
     return rows
 
@@ -107,3 +227,35 @@ def write_csv(rows: list[Row], path: Path) -> None:
         if new:
             writer.writeheader()
         writer.writerows(dataclasses.asdict(r) for r in rows)
+
+
+ALL_PROVIDERS = ("tvm-fused tuned", "tvm-fused default", "triton fused", "liger",
+                 "torch.compile", "torch eager")
+# (heads, interleaved, token counts, providers): the sweep of the README's performance section
+SUITE = (
+    (128, True, DECODE_TOKENS + PREFILL_TOKENS, ALL_PROVIDERS),
+    (16, True, (4096, 32768), ("tvm-fused default", "triton fused")),
+    (64, True, (4096, 32768), ("tvm-fused default", "triton fused")),
+    (128, False, (1, 64, 256, 4096, 32768),
+     ("tvm-fused default", "triton fused", "liger", "torch eager")),
+)
+
+
+def run_suite(parts, base: OpConfig, csv_path: Path | None, reps: int = 100,
+              log=print) -> tuple[list[Row], list[str]]:
+    """Measure every part ``(heads, interleaved, token counts, providers)`` of ``parts`` on
+    ``base``'s other dims; rows are appended to ``csv_path`` as each token count finishes.
+    Returns the rows and the failures (providers that raised or were wrong)."""
+    copy_tb_s = copy_bandwidth()
+    log(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_tb_s:.3f} TB/s "
+        f"({COPY_BYTES >> 20} MiB read + written, cold L2)")
+    rows, failures = [], []
+    for heads, interleaved, token_counts, names in parts:
+        op = dataclasses.replace(base, num_q_heads=heads, interleaved=interleaved)
+        for tokens in token_counts:
+            measured = measure(op, tokens, providers(op, tokens, names), copy_tb_s, failures,
+                               reps, log)
+            if csv_path is not None:
+                write_csv(measured, csv_path)
+            rows += measured
+    return rows, failures

@@ -105,7 +105,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             guess: T.let = T.min(token, batch - 1)
             first: T.let = T.Cast("int32", offsets[guess])
             length: T.let = cache_lengths[guess]
-            if first <= token and token < T.Cast("int32", offsets[guess + 1]):
+            end: T.let = T.Cast("int32", offsets[guess + 1])
+            if first <= token and token < end:  # noqa: PLR1716 (TVMScript has no a <= b < c)
                 lo[0] = guess
                 hi[0] = guess
                 base[0] = length - first

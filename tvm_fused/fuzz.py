@@ -9,8 +9,11 @@ a one-line repro: ``python -m tvm_fused fuzz --seed S --cases 1 --device D``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing
 import random
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -97,14 +100,34 @@ def repro(case: FuzzCase, device: str) -> str:
     return f"python -m tvm_fused fuzz --seed {case.seed} --cases 1 --device {device}"
 
 
-def fuzz(first_seed: int, cases: int, device: str, log=print) -> list[str]:
-    """Run ``cases`` cases from ``first_seed``; return the repro line of each failure."""
-    failures = []
-    for seed in range(first_seed, first_seed + cases):
-        case = random_case(seed)
-        report = run_case(case, device)
-        if not report.ok:
-            failures.append(f"{repro(case, device)}  # {case.describe()}: {report.summary()}")
-            log(f"FAIL {failures[-1]}")
+def _failure(seed: int, device: str) -> str | None:
+    """The repro line of case ``seed`` if it fails, else None."""
+    case = random_case(seed)
+    report = run_case(case, device)
+    return None if report.ok else f"{repro(case, device)}  # {case.describe()}: " \
+        f"{report.summary()}"
+
+
+def fuzz(first_seed: int, cases: int, device: str, log=print, jobs: int = 1) -> list[str]:
+    """Run ``cases`` cases from ``first_seed``; return the repro line of each failure.
+
+    Most cases need a kernel of their own (a build: a few seconds with nvcc), so ``jobs > 1``
+    runs the cases in that many worker processes, which share the on-disk kernel cache."""
+    seeds = range(first_seed, first_seed + cases)
+    devices = [device] * cases
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=context))
+            results = pool.map(_failure, seeds, devices, chunksize=2)
+        else:
+            results = map(_failure, seeds, devices)
+        failures = []
+        for done, failure in enumerate(results, 1):
+            if failure is not None:
+                failures.append(failure)
+                log(f"FAIL {failure}")
+            if done % 100 == 0:
+                log(f"{done - len(failures)}/{done} cases passed so far")
     log(f"{cases - len(failures)}/{cases} cases passed on {device}")
     return failures

@@ -49,6 +49,20 @@ def time_cuda(fn, reps: int = 50, warmup: int = 5, cold: bool = True) -> Timing:
     return Timing(statistics.median(times), quantiles[0], quantiles[3], reps)
 
 
+def time_graph(fn, reps: int = 50) -> Timing:
+    """Time replays of ``fn()`` captured in a CUDA graph (cold L2), as a serving engine runs
+    decode steps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_cuda(graph.replay, reps=reps)
+
+
 def op_bytes(num_tokens: int, num_q_heads: int, rope_dim: int, kv_norm_dim: int,
              dtype: torch.dtype, freqs_dtype: torch.dtype = torch.float32) -> int:
     """Bytes the op must move: q rope read + written, each cache row read + written, the

@@ -3,7 +3,8 @@
 One program per (token, block of heads); the last block of each token normalizes the cache
 row and rotates its rope part. Every program finds its token's request by a binary search of
 ``input_row_offsets`` and returns at once for padding rows. Heads per program and warps are
-autotuned per (heads, rope_dim, kv_norm_dim) with ``triton.autotune``.
+autotuned with ``triton.autotune`` per (heads, rope_dim, kv_norm_dim) and token count rounded
+up to a power of two (decode and prefill want different grids).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import triton.language as tl
 @triton.autotune(
     configs=[triton.Config({"HEADS_PER_PROGRAM": h}, num_warps=w)
              for h in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)],
-    key=["NUM_HEADS", "ROPE_DIM", "NORM_DIM"],
+    key=["NUM_HEADS", "ROPE_DIM", "NORM_DIM", "token_bucket"],
     reset_to_zero=None,
 )
 @triton.jit
 def _fused_kernel(q_ptr, out_ptr, offsets_ptr, freqs_ptr, gamma_ptr, k_ptr, table_ptr,
-                  lengths_ptr, epsilon, batch,
+                  lengths_ptr, epsilon, batch, token_bucket,
                   q_s0, q_s1, o_s0, o_s1, k_s0, k_s1, t_s0,
                   NUM_HEADS: tl.constexpr, ROPE_DIM: tl.constexpr, HALF: tl.constexpr,
                   NORM_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -94,9 +95,8 @@ def triton_fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cac
     if tokens:
         kernel[grid](
             q_rope, out, offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-            epsilon, cache_lengths.shape[0], q_rope.stride(0), q_rope.stride(1),
-            out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+            epsilon, cache_lengths.shape[0], triton.next_power_of_2(tokens), q_rope.stride(0),
+            q_rope.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
             lookup_table.stride(0), NUM_HEADS=heads, ROPE_DIM=rope_dim, HALF=rope_dim // 2,
-            NORM_DIM=norm_dim,
-            PAGE_SIZE=k_cache.shape[1], INTERLEAVED=interleaved, **meta)
+            NORM_DIM=norm_dim, PAGE_SIZE=k_cache.shape[1], INTERLEAVED=interleaved, **meta)
     return out

@@ -15,9 +15,11 @@ BUCKETS = (1, 8, 64, 512, 4096, 32768)
 DECODE_MAX = 64
 
 
-def bucket_case(tokens: int) -> tuple[list[int], list[int]]:
-    """``(new_tokens, cache_lengths)`` per request for a bucket of ``tokens`` tokens."""
-    if tokens <= DECODE_MAX:
+def bucket_case(tokens: int, decode_max: int = DECODE_MAX) -> tuple[list[int], list[int]]:
+    """``(new_tokens, cache_lengths)`` per request for ``tokens`` tokens: a decode step (one
+    new token for each of ``tokens`` requests, 1k-4k cached) up to ``decode_max`` tokens,
+    else a prefill (a few requests, up to 8, of many new tokens)."""
+    if tokens <= decode_max:
         return [1] * tokens, [1024 + (977 * i) % 3072 for i in range(tokens)]
     requests = max(1, min(8, tokens // 512))
     base, extra = divmod(tokens, requests)
