@@ -7,16 +7,17 @@
 set -uo pipefail
 out=${1:?output directory}
 mkdir -p "$out"
-python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 || {
+{ python3 -m pip install -q -e . --no-deps --no-build-isolation
+  python3 -m pip install -q --no-deps .whl/liger_kernel-*.whl; } >"$out/install.log" 2>&1 || {
   cat "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 status=0
-timeout 150 scripts/sanitize.sh "$out/sanitize" || status=1
-timeout 170 python3 -m pytest -q -m gpu tests --deselect tests/test_fuzz.py::test_fuzz_gpu -rs \
+timeout 100 scripts/sanitize.sh "$out/sanitize" || status=1
+timeout 200 python3 -m pytest -q -m gpu tests --deselect tests/test_fuzz.py::test_fuzz_gpu -rs \
   --durations=10 2>&1 | tee "$out/pytest_gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 180 python3 -m tvm_fused fuzz --seed 100000 --cases 1000 --device cuda --jobs 16 2>&1 \
+timeout 150 python3 -m tvm_fused fuzz --seed 100000 --cases 1000 --device cuda --jobs 16 2>&1 \
   | tee "$out/fuzz_gpu.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 60 python3 scripts/probe_decode.py 2>&1 | tee "$out/probe_decode.log"
+timeout 45 python3 scripts/probe_decode.py 2>&1 | tee "$out/probe_decode.log"
 exit $status
