@@ -49,6 +49,12 @@ class ScheduleConfig:
             raise ValueError(f"vector_bytes must be 4, 8 or 16, got {self.vector_bytes}")
         if self.rope_vectors_per_thread < 1 or self.norm_rows_per_thread < 1:
             raise ValueError("rope_vectors_per_thread and norm_rows_per_thread must be positive")
+        if self.norm_threads_per_row > 32 and self.norm_rows_per_thread > 1:
+            # TVM's cross-warp allreduce reuses its shared-memory buffer with no barrier after
+            # the read, so a second row in the same threads races with the first (found by
+            # compute-sanitizer racecheck on an H100: wrong norms under its scheduling)
+            raise ValueError("norm_rows_per_thread > 1 needs norm_threads_per_row == 32 "
+                             "(one warp per row)")
 
     @property
     def norm_rows_per_block(self) -> int:

@@ -44,6 +44,8 @@ class DesignSpace:
 def _gpu_constraint(name: str, chosen: dict, values: tuple) -> tuple:
     if name == "norm_threads_per_row":  # a row's threads must fit (and tile) the block
         return tuple(v for v in values if chosen["block_threads"] % v == 0)
+    if name == "norm_rows_per_thread" and chosen["norm_threads_per_row"] > 32:
+        return (1,)  # see ScheduleConfig: a cross-warp reduction runs once per thread
     return values
 
 

@@ -17,7 +17,9 @@ CASES = [
     {"new": [7, 1, 0, 9], "cached": [15, 16, 1, 255], "page_size": 1, "in_place": True},
     {"new": [5, 6], "cached": [100, 3], "heads": 1, "interleaved": False},
     {"new": [40, 3], "cached": [7, 300], "schedule": ScheduleConfig(
-        block_threads=256, norm_threads_per_row=128, norm_rows_per_thread=2)},
+        block_threads=128, norm_threads_per_row=32, norm_rows_per_thread=4)},
+    {"new": [40, 3], "cached": [7, 300], "schedule": ScheduleConfig(
+        block_threads=256, norm_threads_per_row=128)},
 ]
 
 failed = 0

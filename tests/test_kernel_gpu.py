@@ -94,10 +94,10 @@ def test_cuda_graph_replay_with_fewer_real_tokens():
 
 SCHEDULES = [
     ScheduleConfig(block_threads=64, norm_threads_per_row=32, vector_bytes=4),
-    ScheduleConfig(block_threads=256, norm_threads_per_row=64, rope_vectors_per_thread=2,
+    ScheduleConfig(block_threads=256, norm_threads_per_row=32, rope_vectors_per_thread=2,
                    norm_rows_per_thread=2, unroll=False),
     ScheduleConfig(block_threads=512, norm_threads_per_row=128, vector_bytes=8,
-                   rope_vectors_per_thread=4, norm_rows_per_thread=4),
+                   rope_vectors_per_thread=4),
 ]
 
 

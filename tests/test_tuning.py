@@ -48,7 +48,7 @@ def test_space_draws_only_valid_schedules(op, seed):
 
 
 @pytest.mark.parametrize("fixed", [ScheduleConfig(), ScheduleConfig(
-    block_threads=256, norm_threads_per_row=64, vector_bytes=8, rope_vectors_per_thread=4,
+    block_threads=256, norm_threads_per_row=32, vector_bytes=8, rope_vectors_per_thread=4,
     norm_rows_per_thread=2, unroll=False)])
 def test_fixed_config_is_recorded_as_decisions(fixed):
     sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
@@ -165,3 +165,30 @@ def test_choose_keeps_the_default_unless_clearly_faster():
     assert records.choose(ranked((1.00, other), (1.15, default)), GPU_SPACE) == other
     assert records.choose(ranked((1.00, default), (1.01, other)), GPU_SPACE) == default
     assert records.choose(ranked((1.00, other)), GPU_SPACE) == other
+
+
+def test_multi_warp_rows_are_one_per_thread():
+    """A cross-warp row reduction repeated in one thread group races in shared memory (TVM's
+    allreduce has no barrier after its read; compute-sanitizer racecheck found it): such
+    configs are rejected, and the space never draws them."""
+    with pytest.raises(ValueError, match="one warp per row"):
+        ScheduleConfig(block_threads=256, norm_threads_per_row=64, norm_rows_per_thread=2)
+    assert GPU_SPACE.constrain("norm_rows_per_thread", {"norm_threads_per_row": 128},
+                               (1, 2, 4)) == (1,)
+
+
+def test_records_of_rejected_configs_are_skipped():
+    """Records tuned before a knob combination was found unsafe are skipped, with a warning."""
+    sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+    sample_config(sch, GPU_SPACE, ScheduleConfig(block_threads=256, norm_threads_per_row=64))
+    insts, decisions = sch.trace.as_json()
+    knobs = [i for i, inst in enumerate(insts) if inst[0] == "SampleCategorical"]
+    rows = knobs[list(GPU_SPACE.knobs).index("norm_rows_per_thread")]
+    insts[rows][2][0] = [1, 2, 4]  # as recorded before the constraint
+    decisions = [[index, 1 if int(index) == rows else value] for index, value in decisions]
+    other = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+    sample_config(other, GPU_SPACE, ScheduleConfig(block_threads=512))
+    ranked = [(1.0, [insts, decisions], ""), (1.2, other.trace.as_json(), "")]
+    with pytest.warns(UserWarning, match="one warp per row"):
+        assert records.choose(ranked, GPU_SPACE) == ScheduleConfig(block_threads=512)
+

@@ -118,7 +118,8 @@ def fuzz(first_seed: int, cases: int, device: str, log=print, jobs: int = 1) -> 
     with contextlib.ExitStack() as stack:
         if jobs > 1:
             context = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=context))
+            pool = stack.enter_context(ProcessPoolExecutor(
+                jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)))
             results = pool.map(_failure, seeds, devices, chunksize=2)
         else:
             results = map(_failure, seeds, devices)

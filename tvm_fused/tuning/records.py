@@ -167,6 +167,37 @@ def open_database(records_path: Path):
     return ms.database.JSONDatabase(work_dir=str(tmp), allow_missing=False)
 
 
+def rekey(path: Path, note: str) -> None:
+    """Point the records in ``path`` at the current definition's bucket workloads.
+
+    For a change of the TensorIR definition that keeps every block name and knob, so the
+    recorded traces still apply: the bucket workloads are rebuilt and their hashes replace
+    the old ones; ``note`` (why, and that the times were measured on the old definition) is
+    kept in the metadata under ``rekeyed``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .workload import bucket_workload, workload_hash
+
+    metadata = load_metadata(path)
+    op = OpConfig(**metadata["op"])
+    table = path / (WORKLOADS + ".xz")
+    with lzma.open(table, "rt") as lines:
+        entries = [line.rstrip("\n") for line in lines if line.strip()]
+    hashes = [json.loads(line)[0] for line in entries]
+    for tokens, bucket in metadata["buckets"].items():
+        workload = bucket_workload(op, int(tokens))
+        index = hashes.index(bucket["workload"]) if bucket["workload"] in hashes else None
+        line = json.dumps(ms.database.Workload(workload).as_json())
+        if index is None:
+            raise ValueError(f"bucket {tokens}'s workload is not in {table}")
+        entries[index] = line
+        bucket["workload"] = workload_hash(workload)
+    with lzma.open(table, "wt", preset=9) as out:
+        out.writelines(line + "\n" for line in entries)
+    metadata.setdefault("rekeyed", []).append(note)
+    (path / METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
+
+
 def load_metadata(path: Path) -> dict:
     return json.loads((Path(path) / METADATA).read_text())
 
@@ -188,14 +219,28 @@ def tuned_configs(logs_dir: str, gpu_name: str, op: OpConfig) -> dict:
             if entry["workload"] in best}
 
 
+def _usable(ranked: list, space) -> list:
+    """``(secs, config)`` of the records whose config this version accepts, fastest first;
+    the others (a knob combination since found unsafe) are skipped with a warning."""
+    usable = []
+    for secs, trace, _ in ranked:
+        try:
+            usable.append((secs, config_from_trace(trace, space)))
+        except (ValueError, IndexError, KeyError) as error:
+            warnings.warn(f"tvm_fused: skipping a tuning record: {error!r}", stacklevel=4)
+    return usable
+
+
 def choose(ranked: list, space):
     """The config to build from a workload's records, fastest first: the fastest, unless a
     recorded default is within ``MIN_SPEEDUP`` of it (then the default: the margin is the
-    run-to-run spread of microsecond kernels, and the default is the better-tested one)."""
-    fastest_secs, fastest_trace, _ = ranked[0]
-    fastest = config_from_trace(fastest_trace, space)
-    for secs, trace, _ in ranked:
-        config = config_from_trace(trace, space)
+    run-to-run spread of microsecond kernels, and the default is the better-tested one).
+    The default if no record is usable."""
+    usable = _usable(ranked, space)
+    if not usable:
+        return space.default
+    fastest_secs, fastest = usable[0]
+    for secs, config in usable:
         if config == space.default and secs < fastest_secs * MIN_SPEEDUP:
             return config
     return fastest
