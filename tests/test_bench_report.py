@@ -17,6 +17,7 @@ class _Row:
     pairing: str = "gptj"
     gpu: str = "Test GPU"
     graph_us: float = float("nan")
+    host_us: float = float("nan")
     tb_per_s: float = 1.0
     copy_fraction: float = 0.5
 

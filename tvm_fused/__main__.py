@@ -144,7 +144,9 @@ def bench_report(args: argparse.Namespace) -> int:
     rows = read_rows(Path(args.csv))
     for heads, pairing in ((int(h), p) for h in args.heads_list.split(",")
                            for p in ("gptj", "neox")):
-        print(markdown_table(rows, heads, pairing), end="\n\n")
+        table = markdown_table(rows, heads, pairing)
+        if table:
+            print(table, end="\n\n")
     if args.png:
         plot(rows, Path(args.png))
     return 0
