@@ -50,9 +50,9 @@ class ScheduleConfig:
         if self.rope_vectors_per_thread < 1 or self.norm_rows_per_thread < 1:
             raise ValueError("rope_vectors_per_thread and norm_rows_per_thread must be positive")
         if self.norm_threads_per_row > 32 and self.norm_rows_per_thread > 1:
-            # TVM's cross-warp allreduce reuses its shared-memory buffer with no barrier after
-            # the read, so a second row in the same threads races with the first (found by
-            # compute-sanitizer racecheck on an H100: wrong norms under its scheduling)
+            # racecheck found a race in multi-warp rows (the rsqrt stored over the shared
+            # reduction result, fixed in schedules/norm.py); repeating such a reduction in one
+            # block has not been rechecked on a GPU since, so it stays out of the space
             raise ValueError("norm_rows_per_thread > 1 needs norm_threads_per_row == 32 "
                              "(one warp per row)")
 

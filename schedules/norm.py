@@ -51,7 +51,7 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
         row = ty
     sch.bind(blk, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
-    tx, it, vec = split_row(c)
+    _, it, vec = split_row(c)
     sch.vectorize(vec)
     sch.compute_at(apply, it)
     if config.unroll:
@@ -60,14 +60,17 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
     sch.compute_at(gamma, it)
     gamma_vector = config.vector_elems(op, op.gamma_dtype, vector)
     sch.vectorize(sch.split(sch.get_loops(gamma)[-1], [None, gamma_vector])[-1])
-    sch.compute_at(scale, tx)
+    # rsqrt of the row's sum of squares, per element: a block of its own at threadIdx.x
+    # would store it over the reduction result, which a multi-warp row keeps in shared
+    # memory, while other warps still read the sum (a race racecheck found on the H100)
+    sch.compute_inline(scale)
 
     sch.compute_at(sumsq, row)
     split_row(sch.get_loops(sumsq)[-1])
     sch.compute_at(load, row)
     sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
     sch.compute_at(locate, row)
-    set_local(sch, locate, load, sumsq, scale, apply)
+    set_local(sch, locate, load, sumsq, apply)
     # the row staged by `load` is read back in another threadIdx.x loop, so buffer compaction
     # would size it for the whole row: index it per thread (vector i, lane v), which is exact
     # in registers, where each thread has its own copy
