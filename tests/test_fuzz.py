@@ -27,6 +27,11 @@ def test_fuzz_gpu():
     assert not failures, "\n".join(failures)
 
 
+def test_fuzz_in_worker_processes():
+    """``jobs > 1`` runs the cases in worker processes, with the same verdicts."""
+    assert fuzz(CPU_CASES, 4, "cpu", log=lambda _: None, jobs=2) == []
+
+
 def test_cases_are_reproducible_and_varied():
     assert random_case(7) == random_case(7)
     cases = [random_case(seed) for seed in range(300)]
