@@ -5,35 +5,23 @@ empty kernel launched the same way (the floor any implementation pays), and the 
 one Python call split into its parts.
 """
 
-import time
-
 import torch
 
 from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.api import _alignment, _launcher
+from tvm_fused.bench import host_us
 from tvm_fused.config import OpConfig
 from tvm_fused.timing import time_cuda
 from tvm_fused.tuning.workload import bucket_inputs
 from tvm_fused.validation import check_arguments
-
-
-def host_us(fn, calls=2000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
-
 
 print(torch.cuda.get_device_name())
 empty = torch.empty(0, device="cuda")
 for label, fn in (("empty kernel", lambda: torch.cuda._sleep(0)),):
     print(f"{label:28s} cold {time_cuda(fn, reps=200).median_us:6.2f} us   "
           f"warm {time_cuda(fn, reps=200, cold=False).median_us:6.2f} us")
+
+
 def probe(tokens):
     x = bucket_inputs(OpConfig(), tokens, device="cuda")
     out = torch.empty_like(x.q_rope)
@@ -54,8 +42,8 @@ def probe(tokens):
           f"   warm {time_cuda(call, reps=200, cold=False).median_us:6.2f} us")
     checks = host_us(lambda: check_arguments(*args, out))
     alignment = host_us(lambda: _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache))
-    print(f"{tokens:3d} tok host per call: full {host_us(call):5.2f} us, kernel only "
-          f"{host_us(raw):5.2f} us, check_arguments {checks:5.2f} us, alignment "
+    print(f"{tokens:3d} tok host per call: full {host_us(call, calls=2000):5.2f} us, kernel only "
+          f"{host_us(raw, calls=2000):5.2f} us, check_arguments {checks:5.2f} us, alignment "
           f"{alignment:5.2f} us, torch add_ {host_us(lambda: empty.add_(1)):5.2f} us")
 
 
