@@ -20,6 +20,7 @@ class _Row:
     host_us: float = float("nan")
     tb_per_s: float = 1.0
     copy_fraction: float = 0.5
+    same_bytes_copy_us: float = 3.0
 
 
 def _write(path, rows):

@@ -31,14 +31,16 @@ def _series(rows, heads: int, pairing: str) -> dict[str, dict[int, dict]]:
 def markdown_table(rows: list[dict], heads: int = 128, pairing: str = "gptj",
                    ours: str = OURS) -> str:
     """Per token count: our time (from Python, replayed in a CUDA graph, host time of the
-    call), bandwidth and fraction of copy, and every peer's time with our speedup over it
-    (``peer / ours``); empty without rows of ``ours``."""
+    call), bandwidth, fraction of the large-copy bandwidth, the time of a device copy of as
+    many bytes, and every peer's time with our speedup over it (``peer / ours``); empty
+    without rows of ``ours``."""
     series = _series(rows, heads, pairing)
     if ours not in series:
         return ""
     peers = [name for name in series if name != ours]
     gpu = next(iter(series[ours].values()))["gpu"]
-    header = ["tokens", f"{ours} µs", "graph µs", "host µs", "TB/s", "% of copy"] + [
+    header = ["tokens", f"{ours} µs", "graph µs", "host µs", "TB/s", "% of copy",
+              "same-bytes copy µs"] + [
         f"{p} µs (x)" for p in peers]
     lines = [f"{gpu}, {heads} heads, {pairing}, bf16, cold L2, median of CUDA-event runs",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -47,7 +49,8 @@ def markdown_table(rows: list[dict], heads: int = 128, pairing: str = "gptj",
         graph, host = float(row["graph_us"]), float(row["host_us"])
         cells = [str(tokens), f"{ours_us:.2f}", "" if math.isnan(graph) else f"{graph:.2f}",
                  "" if math.isnan(host) else f"{host:.1f}", f"{float(row['tb_per_s']):.2f}",
-                 f"{100 * float(row['copy_fraction']):.0f}"]
+                 f"{100 * float(row['copy_fraction']):.0f}",
+                 f"{float(row['same_bytes_copy_us']):.2f}"]
         for peer in peers:
             other = series[peer].get(tokens)
             cells.append("" if other is None else
