@@ -1,0 +1,38 @@
+"""The benchmark suite's inputs (CPU) and one small suite run end to end (GPU)."""
+
+import pytest
+import torch
+
+from tvm_fused.bench import DECODE_MAX, sweep_inputs
+from tvm_fused.config import OpConfig
+
+
+@pytest.mark.parametrize("tokens", [1, DECODE_MAX])
+def test_decode_sizes_are_one_token_per_long_request(tokens):
+    inputs = sweep_inputs(OpConfig(num_q_heads=2), tokens, device="cpu")
+    offsets = inputs.input_row_offsets.to(torch.int64)
+    assert offsets.tolist() == list(range(tokens + 1))
+    assert int(inputs.cache_lengths.min()) >= 1024
+    assert inputs.q_rope.stride(1) > inputs.q_rope.shape[2]  # the rope view of a full q
+
+
+def test_prefill_sizes_are_few_long_requests():
+    inputs = sweep_inputs(OpConfig(num_q_heads=2), 4096, device="cpu")
+    counts = (inputs.input_row_offsets[1:].to(torch.int64)
+              - inputs.input_row_offsets[:-1].to(torch.int64))
+    assert int(counts.sum()) == 4096 and len(counts) <= 8 and int(counts.min()) >= 512
+
+
+@pytest.mark.gpu
+def test_small_suite_checks_and_times_every_provider(tmp_path):
+    from tvm_fused.bench import run_suite
+    from tvm_fused.bench_report import read_rows
+
+    csv = tmp_path / "bench.csv"
+    rows, failures = run_suite([(4, True, (1, 2048), ("tvm-fused default", "torch eager"))],
+                               OpConfig(), csv, reps=5, log=lambda _: None)
+    assert not failures
+    assert {(r.provider, r.tokens) for r in rows} == {
+        (p, t) for p in ("tvm-fused default", "torch eager") for t in (1, 2048)}
+    assert all(r.checked and r.median_us > 0 and r.copy_fraction > 0 for r in rows)
+    assert len(read_rows(csv)) == 4
