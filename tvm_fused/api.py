@@ -142,6 +142,8 @@ def fused_rope_rmsnorm(
     """
     args = (q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths)
     if validate is False:
+        if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
+            check_arguments(*args, out)  # an alias of q_rope needs its strides (TVM can't tell)
         try:
             return _launch(*args, out, epsilon, interleaved, schedule)
         except Exception:
@@ -163,9 +165,6 @@ def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, 
     devices) raise before the launch."""
     if out is None:
         out = torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
-    elif out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-        check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
-                        cache_lengths, out)  # an alias of q_rope must have its strides
     if q_rope.shape[0] == 0:
         return out
     on_gpu = q_rope.device.type == "cuda"  # (the CPU build ignores alignment)

@@ -35,11 +35,7 @@ def torch_fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cach
     freqs = freqs_cis[pos].float()
     if out is None:
         out = torch.empty_like(q_rope)
-    # no slicing when every row is real: torch 2.11's Inductor cannot lower an in-place write
-    # to a dynamically sized slice (torch.compile of this function; pytorch#183259)
-    real_q, real_out = ((q_rope, out) if num_tokens == q_rope.shape[0] else
-                        (q_rope[:num_tokens], out[:num_tokens]))
-    real_out.copy_(rope(real_q.float(), freqs[:, None], interleaved).to(dtype))
+    out[:num_tokens] = rope(q_rope[:num_tokens].float(), freqs[:, None], interleaved).to(dtype)
     rows = k_cache[page, slot]
     k_cache[page, slot] = torch.cat((
         rmsnorm(rows[:, :kv_norm_dim], gamma, epsilon, dtype, torch.float32),

@@ -185,12 +185,11 @@ def rekey(path: Path, note: str) -> None:
         entries = [line.rstrip("\n") for line in lines if line.strip()]
     hashes = [json.loads(line)[0] for line in entries]
     for tokens, bucket in metadata["buckets"].items():
-        workload = bucket_workload(op, int(tokens))
-        index = hashes.index(bucket["workload"]) if bucket["workload"] in hashes else None
-        line = json.dumps(ms.database.Workload(workload).as_json())
-        if index is None:
+        if bucket["workload"] not in hashes:
             raise ValueError(f"bucket {tokens}'s workload is not in {table}")
-        entries[index] = line
+        workload = bucket_workload(op, int(tokens))
+        entries[hashes.index(bucket["workload"])] = json.dumps(
+            ms.database.Workload(workload).as_json())
         bucket["workload"] = workload_hash(workload)
     with lzma.open(table, "wt", preset=9) as out:
         out.writelines(line + "\n" for line in entries)
