@@ -2,20 +2,43 @@
 
 Prints GPU time of the op at 1 and 64 tokens (128 heads) on a cold and a warm L2, of an
 empty kernel launched the same way (the floor any implementation pays), and the host time of
-one Python call split into its parts.
+one Python call split into its parts, next to the host time of a trivial TVM kernel taking as
+many tensors (the floor of a call through TVM's FFI).
 """
 
 import torch
+import tvm
+import tvm_ffi
+from tvm.script import tirx as T
 
 from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.api import _alignment, _launcher
 from tvm_fused.bench import host_us
+from tvm_fused.build import cuda_target
 from tvm_fused.config import OpConfig
 from tvm_fused.timing import time_cuda
 from tvm_fused.tuning.workload import bucket_inputs
 from tvm_fused.validation import check_arguments
 
-print(torch.cuda.get_device_name())
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "tvm-ffi", tvm_ffi.__version__,
+      "DLPack C exchange API:", hasattr(torch.Tensor, "__dlpack_c_exchange_api__"))
+
+
+@T.prim_func
+def touch(a: T.Buffer((1,), "float32"), b: T.Buffer((1,), "float32"),
+          c: T.Buffer((1,), "float32"), d: T.Buffer((1,), "float32"),
+          e: T.Buffer((1,), "float32"), f: T.Buffer((1,), "float32"),
+          g: T.Buffer((1,), "float32"), h: T.Buffer((1,), "float32")):
+    T.func_attr({"global_symbol": "touch"})
+    for i in T.thread_binding(1, thread="threadIdx.x"):
+        a[i] = b[i] + c[i] + d[i] + e[i] + f[i] + g[i] + h[i]
+
+
+with cuda_target() as target:
+    touch_kernel = tvm.compile(tvm.IRModule({"touch": touch}), target=target)["touch"]
+buffers = [torch.zeros(1, device="cuda") for _ in range(8)]
+print(f"host per call of a trivial TVM kernel with 8 tensors: "
+      f"{host_us(lambda: touch_kernel(*buffers), calls=2000):5.2f} us")
 empty = torch.empty(0, device="cuda")
 for label, fn in (("empty kernel", lambda: torch.cuda._sleep(0)),):
     print(f"{label:28s} cold {time_cuda(fn, reps=200).median_us:6.2f} us   "

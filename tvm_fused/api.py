@@ -29,13 +29,16 @@ def _device_target(device: torch.device):
 
 
 def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
-    """The largest power of two up to 16 dividing every pointer and row stride, in bytes."""
-    bits = _VECTOR_BYTES
-    for tensor in (q_rope, out, freqs_cis, gamma, k_cache):
-        size = tensor.element_size()
-        bits |= tensor.data_ptr()
-        for stride in tensor.stride()[:-1]:
-            bits |= stride * size
+    """The largest power of two up to 16 dividing every pointer and row stride, in bytes.
+    (``gamma`` and ``freqs_cis`` are compact and ``out`` and ``k_cache`` share q's element
+    size, or the kernel's entry checks refuse them.)"""
+    q0, q1, _ = q_rope.stride()
+    o0, o1, _ = out.stride()
+    k0, k1, _ = k_cache.stride()
+    f0, _ = freqs_cis.stride()
+    bits = ((q0 | q1 | o0 | o1 | k0 | k1) * q_rope.element_size()
+            | f0 * freqs_cis.element_size() | q_rope.data_ptr() | out.data_ptr()
+            | k_cache.data_ptr() | freqs_cis.data_ptr() | gamma.data_ptr() | _VECTOR_BYTES)
     return bits & -bits  # the lowest set bit
 
 
@@ -163,17 +166,16 @@ def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, 
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
     Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
     devices) raise before the launch."""
+    tokens, heads, rope_dim = q_rope.shape
     if out is None:
-        out = torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
-    if q_rope.shape[0] == 0:
+        out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=q_rope.device)
+    if tokens == 0:
         return out
-    on_gpu = q_rope.device.type == "cuda"  # (the CPU build ignores alignment)
-    _, heads, rope_dim = q_rope.shape
     launcher = _launcher(
         q_rope.device, heads, rope_dim, gamma.shape[0], k_cache.shape[1], q_rope.dtype,
         freqs_cis.dtype, gamma.dtype, input_row_offsets.dtype, interleaved,
-        _alignment(q_rope, out, freqs_cis, gamma, k_cache) if on_gpu else _VECTOR_BYTES)
-    launcher.kernel(q_rope.shape[0], schedule)(q_rope, out, input_row_offsets, freqs_cis,
-                                               gamma, k_cache, lookup_table, cache_lengths,
-                                               float(epsilon))
+        _alignment(q_rope, out, freqs_cis, gamma, k_cache) if q_rope.is_cuda
+        else _VECTOR_BYTES)  # (the CPU build ignores alignment)
+    launcher.kernel(tokens, schedule)(q_rope, out, input_row_offsets, freqs_cis, gamma,
+                                      k_cache, lookup_table, cache_lengths, float(epsilon))
     return out

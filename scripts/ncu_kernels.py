@@ -1,0 +1,33 @@
+"""The kernels ncu should profile (run under scripts/ncu_kernels.sh on the GPU machine).
+
+Warms up (compiles, autotunes) the fused op of tvm-fused and of the Triton peer at several
+token counts (128 heads, GPT-J, bf16, the benchmark's inputs), then, inside
+cudaProfilerStart/Stop, launches an empty kernel and each provider once per token count, in
+the order printed: ncu's rows follow it.
+"""
+
+import torch
+
+from tvm_fused.bench import providers, sweep_inputs
+from tvm_fused.config import OpConfig
+
+TOKENS = (1, 8, 64, 256, 4096, 32768)
+NAMES = ("tvm-fused default", "triton fused")
+
+op = OpConfig()
+cases = []
+for tokens in TOKENS:
+    inputs = sweep_inputs(op, tokens)
+    out = torch.empty_like(inputs.q_rope)
+    for name, provider in providers(op, tokens, NAMES).items():
+        for _ in range(3):
+            provider(inputs, out)
+        cases.append((f"{name} {tokens}", lambda p=provider, i=inputs, o=out: p(i, o)))
+torch.cuda.synchronize()
+torch.cuda.cudart().cudaProfilerStart()
+torch.cuda._sleep(0)
+print("launch order: empty kernel,", ", ".join(label for label, _ in cases))
+for _, call in cases:
+    call()
+torch.cuda.synchronize()
+torch.cuda.cudart().cudaProfilerStop()
