@@ -23,16 +23,19 @@ def test_prefill_sizes_are_few_long_requests():
     assert int(counts.sum()) == 4096 and len(counts) <= 8 and int(counts.min()) >= 512
 
 
+PROVIDERS = ("tvm-fused default", "torch.compile", "torch eager")
+
+
 @pytest.mark.gpu
 def test_small_suite_checks_and_times_every_provider(tmp_path):
     from tvm_fused.bench import run_suite
     from tvm_fused.bench_report import read_rows
 
     csv = tmp_path / "bench.csv"
-    rows, failures = run_suite([(4, True, (1, 2048), ("tvm-fused default", "torch eager"))],
+    rows, failures = run_suite([(4, True, (1, 2048), PROVIDERS)],
                                OpConfig(), csv, reps=5, log=lambda _: None)
     assert not failures
     assert {(r.provider, r.tokens) for r in rows} == {
-        (p, t) for p in ("tvm-fused default", "torch eager") for t in (1, 2048)}
+        (p, t) for p in PROVIDERS for t in (1, 2048)}
     assert all(r.checked and r.median_us > 0 and r.copy_fraction > 0 for r in rows)
-    assert len(read_rows(csv)) == 4
+    assert len(read_rows(csv)) == len(rows) == 2 * len(PROVIDERS)

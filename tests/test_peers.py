@@ -75,3 +75,30 @@ def test_liger_peer_refuses_interleaved_pairs():
     inputs = make_inputs([1], [3], num_q_heads=2)
     with pytest.raises(ValueError, match="NeoX"):
         liger_rope_rmsnorm(*inputs.args(), num_tokens=1, interleaved=True)
+
+
+def _check_torch_baseline(fn, device: str, interleaved: bool):
+    inputs = make_inputs(*RAGGED, num_q_heads=8, padding_rows=3, device=device)
+    before = inputs.clone()
+    out = torch.randn_like(inputs.q_rope)
+    out_before = out.clone()
+    real_tokens = int(inputs.input_row_offsets[-1])  # the rows past it are padding
+    fn(*inputs.args(), num_tokens=real_tokens, out=out, interleaved=interleaved)
+    report = check_run(before, inputs, out, out_before, interleaved=interleaved)
+    assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+def test_torch_eager_baseline(interleaved):
+    from tvm_fused.torch_baseline import torch_fused_rope_rmsnorm
+
+    _check_torch_baseline(torch_fused_rope_rmsnorm, "cpu", interleaved)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torch_compile_baseline(device):
+    """The torch.compile peer compiles (Inductor once refused ``searchsorted`` over a slice
+    on CUDA) and stays correct."""
+    from tvm_fused.torch_baseline import torch_fused_rope_rmsnorm
+
+    _check_torch_baseline(torch.compile(torch_fused_rope_rmsnorm, dynamic=True), device, True)

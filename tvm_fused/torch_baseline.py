@@ -18,7 +18,7 @@ def token_pages(input_row_offsets, lookup_table, cache_lengths, page_size: int,
     cache row's physical page and slot in the page."""
     offsets = input_row_offsets.to(torch.int64)
     token = torch.arange(num_tokens, device=offsets.device)
-    request = torch.searchsorted(offsets[1:], token, right=True)
+    request = torch.searchsorted(offsets, token, right=True) - 1  # last b: offsets[b] <= token
     pos = cache_lengths.to(torch.int64)[request] + token - offsets[request]
     page = lookup_table[request, pos // page_size].to(torch.int64)
     return pos, page, pos % page_size
