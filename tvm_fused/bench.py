@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import functools
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,16 +137,19 @@ def copy_bandwidth(nbytes: int = COPY_BYTES, reps: int = 20) -> float:
     return nbytes / timing.median_us / 1e6
 
 
-def host_us(fn, calls: int = 50) -> float:
-    """Host time of one call of ``fn()`` (enqueueing only), averaged over ``calls``."""
+def host_us(fn, calls: int = 50, batches: int = 7) -> float:
+    """Host time of one call of ``fn()`` (enqueueing only): the median over ``batches`` of
+    the mean over ``calls`` back-to-back calls (the GPU drains between batches)."""
     fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    means = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        means.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(means)
 
 
 def _check(name, provider, base: OpInputs, interleaved: bool, tokens: int):
