@@ -129,12 +129,17 @@ class Row:
     versions: str
 
 
-def copy_bandwidth(nbytes: int = COPY_BYTES, reps: int = 20) -> float:
-    """Device-to-device copy bandwidth in TB/s (bytes read + written), cold L2."""
+def copy_us(nbytes: int, reps: int) -> float:
+    """Median µs of a device-to-device copy moving ``nbytes`` (half read, half written),
+    cold L2."""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    timing = time_cuda(lambda: dst.copy_(src), reps=reps)
-    return nbytes / timing.median_us / 1e6
+    return time_cuda(lambda: dst.copy_(src), reps=reps).median_us
+
+
+def copy_bandwidth(nbytes: int = COPY_BYTES, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in TB/s (bytes read + written), cold L2."""
+    return nbytes / copy_us(nbytes, reps) / 1e6
 
 
 def host_us(fn, calls: int = 50, batches: int = 7) -> float:
@@ -186,9 +191,7 @@ def measure(op: OpConfig, tokens: int, provider_map: dict[str, Provider], copy_t
     versions = f"torch {torch.__version__}, tvm {tvm.__version__}, cuda {torch.version.cuda}"
     base = sweep_inputs(op, tokens)
     moved = op_bytes(tokens, op.num_q_heads, op.rope_dim, op.kv_norm_dim, base.q_rope.dtype)
-    src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    same_bytes_copy = time_cuda(lambda: dst.copy_(src), reps=reps).median_us
+    same_bytes_copy = copy_us(moved, reps)
     decode = tokens <= DECODE_MAX
     rows = []
     for name, provider in provider_map.items():

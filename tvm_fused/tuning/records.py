@@ -133,10 +133,10 @@ def best_records(path: Path, workloads: Path) -> dict[str, list]:
     return {h: sorted(rs, key=lambda r: r[0]) for h, rs in by_hash.items()}
 
 
-def compact(work_dir: Path, dest: Path, space, default, keep: int = KEEP_PER_WORKLOAD) -> None:
+def compact(work_dir: Path, dest: Path, space, keep: int = KEEP_PER_WORKLOAD) -> None:
     """Write ``dest``: the ``keep`` best records per workload of the database in
-    ``work_dir`` and the record of the ``default`` config (of ``space``), and those
-    workloads, renumbered and xz-compressed."""
+    ``work_dir`` and the best record of ``space``'s default config, and those workloads,
+    renumbered and xz-compressed."""
     dest.mkdir(parents=True, exist_ok=True)
     workloads = Path(work_dir) / WORKLOADS
     best = best_records(Path(work_dir) / RECORDS, workloads)
@@ -147,7 +147,7 @@ def compact(work_dir: Path, dest: Path, space, default, keep: int = KEEP_PER_WOR
         out.writelines(lines[h] + "\n" for h in kept)
     with open(dest / RECORDS, "w") as out:
         for new_index, h in enumerate(kept):
-            defaults = [r for r in best[h] if config_from_trace(r[1], space) == default]
+            defaults = default_records(best[h], space)
             chosen = best[h][:keep] + [r for r in defaults[:1] if r not in best[h][:keep]]
             for _, _, line in chosen:
                 record = json.loads(line)
@@ -218,16 +218,20 @@ def tuned_configs(logs_dir: str, gpu_name: str, op: OpConfig) -> dict:
             if entry["workload"] in best}
 
 
-def _usable(ranked: list, space) -> list:
-    """``(secs, config)`` of the records whose config this version accepts, fastest first;
-    the others (a knob combination since found unsafe) are skipped with a warning."""
-    usable = []
-    for secs, trace, _ in ranked:
-        try:
-            usable.append((secs, config_from_trace(trace, space)))
-        except (ValueError, IndexError, KeyError) as error:
-            warnings.warn(f"tvm_fused: skipping a tuning record: {error!r}", stacklevel=4)
-    return usable
+def _config(trace, space):
+    """The schedule config a record's trace chose, or None (with a warning) if this version
+    rejects it (a knob combination since found unsafe)."""
+    try:
+        return config_from_trace(trace, space)
+    except (ValueError, IndexError, KeyError) as error:
+        warnings.warn(f"tvm_fused: skipping a tuning record: {error!r}", stacklevel=3)
+        return None
+
+
+def default_records(ranked: list, space) -> list:
+    """The records among ``ranked`` (``(secs, trace, line)``, fastest first) of
+    ``space.default``."""
+    return [record for record in ranked if _config(record[1], space) == space.default]
 
 
 def choose(ranked: list, space):
@@ -235,7 +239,8 @@ def choose(ranked: list, space):
     recorded default is within ``MIN_SPEEDUP`` of it (then the default: the margin is the
     run-to-run spread of microsecond kernels, and the default is the better-tested one).
     The default if no record is usable."""
-    usable = _usable(ranked, space)
+    usable = [(secs, config) for secs, trace, _ in ranked
+              if (config := _config(trace, space)) is not None]
     if not usable:
         return space.default
     fastest_secs, fastest = usable[0]

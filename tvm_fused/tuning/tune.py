@@ -24,7 +24,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from ..config import OpConfig
 from ..definition import OP_NAME
-from ..schedules.space import config_from_trace, schedule_fn, space_for
+from ..schedules.space import schedule_fn, space_for
 from . import records
 from .buckets import BUCKETS
 from .measure import alloc_local, alloc_rpc, build_candidate, run_local
@@ -161,7 +161,7 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
             database=database, cost_model=_cost_model(cost_model), task_scheduler="round-robin",
             measure_callbacks=callbacks)
     dest = records.records_dir(logs_dir, device_name, op)
-    records.compact(work_dir, dest, space, default)
+    records.compact(work_dir, dest, space)
     _write_metadata(dest, op, target, device_name, workloads, trials, space,
                     time.time() - started, work_dir, rpc)
     log(f"records: {dest} ({time.time() - started:.0f} s)")
@@ -177,14 +177,13 @@ def _write_metadata(dest, op, target, device_name, workloads, trials, space, sec
     for tokens, workload in workloads.items():
         shash = workload_hash(workload)
         ranked = best.get(shash, [])
-        default_secs = [secs for secs, trace, _ in ranked
-                        if config_from_trace(trace, space) == space.default]
+        defaults = records.default_records(ranked, space)
         chosen = records.choose(ranked, space) if ranked else space.default
         buckets[str(tokens)] = {
             "workload": shash,
             "records": len(ranked),
             "best_us": ranked[0][0] * 1e6 if ranked else None,
-            "default_us": default_secs[0] * 1e6 if default_secs else None,
+            "default_us": defaults[0][0] * 1e6 if defaults else None,
             "chosen": "default" if chosen == space.default else dataclasses.asdict(chosen),
         }
     metadata = {
