@@ -5,6 +5,8 @@ computed per token, and chunks of tokens run as parallel tasks.
       for t in chunk:
         q: locate, freqs, load, rope, store of token t       (per-token buffers)
     ... the same for the k and norm branches
+    for t in range(n):                                       (serial: the count is a plain add)
+      count: locate token t; errors[0] += 1 if it is an ERROR
 """
 
 from __future__ import annotations
@@ -38,3 +40,5 @@ def apply_cpu_schedule(sch: s_tir.Schedule, config: CpuScheduleConfig) -> None:
             sch.parallel(chunk)
         for stage in reversed(stages):
             sch.compute_at(sch.get_sblock(f"{prefix}_{stage}"), token)
+    (token,) = sch.get_loops(sch.get_sblock("count_errors"))
+    sch.compute_at(sch.get_sblock("count_locate"), token)

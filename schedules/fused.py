@@ -1,8 +1,9 @@
 """The block-group schedule of the whole fused op: each branch on its own thread blocks.
 
-Each branch is scheduled on its own (``rope.py``, ``norm.py``) and so becomes its own GPU
-launch; the ``MergeBlockGroups`` pass of ``tvm_fused.block_groups`` later concatenates those
-launches into one kernel whose ``blockIdx.x`` ranges are the groups: q rope, k rope, norm.
+Each branch is scheduled on its own (``rope.py``, ``norm.py``, ``count.py``) and so becomes
+its own GPU launch; the ``MergeBlockGroups`` pass of ``tvm_fused.block_groups`` later
+concatenates those launches into one kernel whose ``blockIdx.x`` ranges are the groups: q
+rope, k rope, norm, error count.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tvm_fused.config import OpConfig
 from tvm_fused.definition import fused_rope_rmsnorm_func
 
 from .config import ScheduleConfig
+from .count import schedule_count_branch
 from .norm import schedule_norm_branch
 from .rope import schedule_rope_branch
 
@@ -23,6 +25,7 @@ def apply_block_group_schedule(sch: s_tir.Schedule, op: OpConfig, config: Schedu
     schedule_rope_branch(sch, "q", op, config, items=config.rope_vectors_per_thread)
     schedule_rope_branch(sch, "k", op, config, items=config.rope_vectors_per_thread)
     schedule_norm_branch(sch, op, config)
+    schedule_count_branch(sch, config)
 
 
 def schedule_fused_rope_rmsnorm(op: OpConfig, config: ScheduleConfig) -> tvm.IRModule:

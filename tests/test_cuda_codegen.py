@@ -1,4 +1,4 @@
-"""CUDA code generation without a GPU: one kernel in three block groups, built by nvcc."""
+"""CUDA code generation without a GPU: one kernel in four block groups, built by nvcc."""
 
 import os
 import re
@@ -37,23 +37,29 @@ def source(request):
     return request.param, cuda_source(CONFIGS[request.param])
 
 
-def test_one_kernel_in_three_block_groups(source):
+GROUP_TEST = "if (((int64_t)blockIdx.x) < "
+
+
+def test_one_kernel_in_four_block_groups(source):
     _, src = source
     assert src.count("__global__ void") == 2  # declaration + definition: a single kernel
-    groups = re.findall(r"if \(\(\(int64_t\)blockIdx\.x\) < ", src)
-    assert len(groups) == 3, "q rope, k rope and norm groups"
+    assert src.count(GROUP_TEST) == 4, "q rope, k rope, norm and error-count groups"
     assert "__launch_bounds__(128)" in src
 
 
 def test_branches_stay_in_their_groups(source):
-    """Only the last group (norm) reduces; the q rope group comes first."""
+    """The q rope group comes first, only the norm group (third) reduces, and only the count
+    group (last) adds to the error counter, atomically."""
     _, src = source
     kernel = src[src.rindex('extern "C" __global__'):]
-    assert kernel.count("__shfl_down_sync") == 5  # one warp reduction: 32 -> 1
-    assert kernel.index("__shfl_down_sync") > kernel.rindex("if (((int64_t)blockIdx.x) < ")
+    groups = [i for i in range(len(kernel)) if kernel.startswith(GROUP_TEST, i)]
     first_q_access = min(i for i in (kernel.find("(q_pairs_ptr"), kernel.find("q_pairs_ptr["))
                          if i >= 0)
-    assert kernel.index("if (((int64_t)blockIdx.x) < ") < first_q_access
+    assert groups[0] < first_q_access < groups[1]
+    assert kernel.count("__shfl_down_sync") == 5  # one warp reduction: 32 -> 1
+    assert groups[2] < kernel.index("__shfl_down_sync") < groups[3]
+    assert kernel.count("atomic_add(") == 1 and kernel.index("atomic_add(") > groups[3]
+    assert "errors_ptr[0] =" not in kernel
 
 
 def test_aligned_configs_use_16_byte_accesses(source):

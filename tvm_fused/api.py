@@ -16,7 +16,7 @@ from .validation import check_arguments, check_contents
 
 _TVM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
                torch.int32: "int32", torch.uint32: "uint32"}
-_VECTOR_BYTES = 16
+_VECTOR_BYTES = 16  # the widest access the schedules use
 
 
 @functools.cache
@@ -29,7 +29,8 @@ def _device_target(device: torch.device):
 
 
 def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
-    """The largest power of two up to 16 dividing every pointer and row stride, in bytes.
+    """The largest power of two up to 16 dividing every pointer and row stride, in bytes: the
+    alignment the kernel for these tensors is built for (its entry refuses any other).
     (``gamma`` and ``freqs_cis`` are compact and ``out`` and ``k_cache`` share q's element
     size, or the kernel's entry checks refuse them.)"""
     q0, q1, _ = q_rope.stride()
@@ -63,6 +64,12 @@ class _Launcher:
 
 
 @functools.cache
+def _scratch_errors(device: torch.device) -> torch.Tensor:
+    """The error counter of calls that pass none (its count is not read)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+@functools.cache
 def _launcher(device: torch.device, heads: int, rope_dim: int, kv_norm_dim: int,
               page_size: int, dtype: torch.dtype, freqs_dtype: torch.dtype,
               gamma_dtype: torch.dtype, offsets_dtype: torch.dtype, interleaved: bool,
@@ -86,6 +93,7 @@ def fused_rope_rmsnorm(
     *,
     epsilon: float = 1e-6,
     out: torch.Tensor | None = None,
+    errors: torch.Tensor | None = None,
     interleaved: bool = True,
     validate: bool | None = None,
     schedule: ScheduleConfig | None = None,
@@ -103,6 +111,15 @@ def fused_rope_rmsnorm(
     by ``(cos, sin) = freqs_cis[pos, 2j : 2j+2]`` in float32. Rows of ``q_rope`` past
     ``input_row_offsets[-1]`` are neither read nor written.
 
+    Indices that point nowhere never make the kernel read or write outside its tensors. A
+    negative physical page in ``lookup_table`` means "no cache row": the token's q row is
+    still roped. A token whose position has no ``freqs_cis`` row, whose logical page is past
+    ``lookup_table``'s width or whose physical page is ``>= num_pages`` (or that no request
+    claims: offsets not ascending from 0) is an error: none of its rows is written, and the
+    kernel adds the number of such tokens to ``errors``. Two tokens mapped to one cache row
+    leave it holding either's values (or a mix), in bounds. ``validate=True`` raises
+    ``ValueError`` for each of these instead, before anything is written.
+
     Parameters
     ----------
     q_rope : ``[n, H, R]`` bf16/fp16/fp32; any strides with a contiguous last dim.
@@ -113,16 +130,22 @@ def fused_rope_rmsnorm(
         strides with a contiguous last dim (a layer of a multi-layer cache works).
     lookup_table : ``[batch, max_pages]`` int32, physical page of each logical page.
     cache_lengths : ``[batch]`` int32, tokens in the cache before this step.
-    epsilon : RMSNorm epsilon.
-    out : ``[n, H, R]`` in q_rope's dtype, receives roped q; may be ``q_rope`` itself. A new
-        contiguous tensor if None (its padding rows are left uninitialized).
+    epsilon : RMSNorm epsilon, finite and non-negative.
+    out : ``[n, H, R]`` in q_rope's dtype, receives roped q; may be ``q_rope`` itself, else
+        must not overlap any other argument. A new contiguous tensor if None (its padding
+        and error rows are left uninitialized).
+    errors : a one-element int32 tensor on the op's device, or None; the number of error
+        tokens (see above) is added to it, on the device (no sync).
     interleaved : GPT-J pairs if True, NeoX (half-split) pairs if False.
     validate : True: check every argument's metadata and prove every position, page and
-        offset in range before launching (a device sync). None (default): the metadata
-        checks, and the range proof on CPU only (the GPU call stays sync-free and CUDA-graph
-        capturable). False: no checks in Python (about 15 µs less host time per call);
-        TVM's compiled entry checks still refuse malformed tensors before the launch, and
-        the full metadata checks then run to name the problem.
+        offset in range and every written cache row distinct before launching (a device
+        sync). None (default): the metadata checks (dtypes, shapes, devices, strides,
+        alignment, epsilon, overlap of written tensors with other arguments), and the range
+        proof on CPU only (the GPU call stays sync-free and CUDA-graph capturable). False: no
+        checks in Python (less host time per call): the compiled entry still refuses
+        malformed tensors (dtype, rank, shape, strides, device, alignment) and a bad epsilon
+        before the launch, and the metadata checks then run to name the problem; overlapping
+        arguments are not detected.
     schedule : a block-group schedule to use instead of the tuned one for this token count's
         bucket (``tuning_logs/``) or, without records for this GPU, the default.
 
@@ -146,26 +169,27 @@ def fused_rope_rmsnorm(
     args = (q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths)
     if validate is False:
         if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-            check_arguments(*args, out)  # an alias of q_rope needs its strides (TVM can't tell)
+            check_arguments(*args, out, errors, epsilon)  # an alias of q_rope needs its
+            # strides (TVM can't tell)
         try:
-            return _launch(*args, out, epsilon, interleaved, schedule)
+            return _launch(*args, out, errors, epsilon, interleaved, schedule)
         except Exception:
-            check_arguments(*args, out)  # names the malformed argument, if one is
+            check_arguments(*args, out, errors, epsilon)  # names the malformed argument
             raise
-    check_arguments(*args, out)
+    check_arguments(*args, out, errors, epsilon)
     if validate is None:
         validate = q_rope.device.type == "cpu"
     if validate:
         check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
                        cache_lengths)
-    return _launch(*args, out, epsilon, interleaved, schedule)
+    return _launch(*args, out, errors, epsilon, interleaved, schedule)
 
 
 def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-            out, epsilon, interleaved, schedule):
+            out, errors, epsilon, interleaved, schedule):
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
     Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
-    devices) raise before the launch."""
+    alignment, devices, epsilon) raise before the launch."""
     tokens, heads, rope_dim = q_rope.shape
     if out is None:
         out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=q_rope.device)
@@ -174,8 +198,9 @@ def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, 
     launcher = _launcher(
         q_rope.device, heads, rope_dim, gamma.shape[0], k_cache.shape[1], q_rope.dtype,
         freqs_cis.dtype, gamma.dtype, input_row_offsets.dtype, interleaved,
-        _alignment(q_rope, out, freqs_cis, gamma, k_cache) if q_rope.is_cuda
-        else _VECTOR_BYTES)  # (the CPU build ignores alignment)
+        _alignment(q_rope, out, freqs_cis, gamma, k_cache))
+    errors = _scratch_errors(q_rope.device) if errors is None else errors.reshape(1)
     launcher.kernel(tokens, schedule)(q_rope, out, input_row_offsets, freqs_cis, gamma,
-                                      k_cache, lookup_table, cache_lengths, float(epsilon))
+                                      k_cache, lookup_table, cache_lengths, errors,
+                                      float(epsilon))
     return out

@@ -17,8 +17,8 @@ import dataclasses
 import torch
 
 from .api import fused_rope_rmsnorm
-from .inputs import OpInputs
-from .reference import fused_rope_rmsnorm_reference, token_positions
+from .inputs import GUARD, OpInputs, guarded
+from .reference import fused_rope_rmsnorm_reference, locate_tokens
 
 F32_EPS = 2.0**-24
 
@@ -52,18 +52,22 @@ class CheckReport:
     k_norm_within_tolerance: bool
     untouched_cache_identical: bool
     untouched_q_identical: bool
+    errors_counted: int
+    errors_expected: int
 
     @property
     def ok(self) -> bool:
         return all((self.q_within_tolerance, self.k_rope_within_tolerance,
                     self.k_norm_within_tolerance, self.untouched_cache_identical,
-                    self.untouched_q_identical))
+                    self.untouched_q_identical, self.errors_counted == self.errors_expected))
 
     def summary(self) -> str:
         return (f"max error vs float64: q {self.q_ulps:.2f} ulp, k rope {self.k_rope_ulps:.2f} "
                 f"ulp, k norm {self.k_norm_ulps:.2f} ulp; untouched cache identical: "
                 f"{self.untouched_cache_identical}; untouched q/out rows identical: "
-                f"{self.untouched_q_identical} -> {'PASS' if self.ok else 'FAIL'}")
+                f"{self.untouched_q_identical}; error tokens counted "
+                f"{self.errors_counted} of {self.errors_expected} -> "
+                f"{'PASS' if self.ok else 'FAIL'}")
 
 
 def _score(actual, expected, tol, dtype):
@@ -74,32 +78,50 @@ def _score(actual, expected, tol, dtype):
     return ulps, bool((diff <= tol).all())
 
 
-def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor, out_before: torch.Tensor,
-              *, in_place: bool = False, epsilon: float = 1e-6,
-              interleaved: bool = True) -> CheckReport:
+def _view(tensor: torch.Tensor, storage: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s view of ``storage`` (a copy of the storage it views)."""
+    return storage.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+
+
+def whole_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole storage ``tensor`` views, as a flat tensor of its dtype."""
+    return tensor.new_empty(0).set_(tensor.untyped_storage())
+
+
+def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
+              out_storage_before: torch.Tensor | None = None, *, in_place: bool = False,
+              epsilon: float = 1e-6, interleaved: bool = True,
+              errors_counted: int | None = None) -> CheckReport:
     """Compare a run of the op with the reference.
 
     ``before`` is a copy of the inputs taken before the call, ``after`` the inputs after it,
-    ``out`` the returned q and ``out_before`` a copy of ``out`` before the call (for the
-    rows the op must not write); ``in_place`` says ``out`` was ``q_rope``. Everything is
-    compared on the CPU.
+    ``out`` the returned q (``after.q_rope`` if ``in_place``) and ``out_storage_before`` a
+    copy of ``whole_storage(out)`` taken before an out-of-place call (None if the op made
+    ``out``: it has no rows to keep); ``errors_counted`` what the op added to its error
+    counter (None: not counted). Written rows are compared with the float64 reference; every
+    other element of every storage (padding and error rows, other layers, row padding, the
+    guards around each tensor) must be bit-identical to before. Compared on the CPU.
     """
+    out_storage = whole_storage(out).cpu()
+    out = _view(out, out_storage)
     before, after = before.to("cpu"), after.to("cpu")
-    out, out_before = out.cpu(), out_before.cpu()
     dtype = before.q_rope.dtype
     kv_norm_dim = before.gamma.shape[0]
+    page_size = before.k_cache.shape[1]
     ref_q, ref_k = fused_rope_rmsnorm_reference(*before.args(), epsilon=epsilon,
                                                 interleaved=interleaved)
-    n_real = ref_q.shape[0]
+    tokens = locate_tokens(before.input_row_offsets, before.cache_lengths,
+                           before.lookup_table, before.freqs_cis.shape[0],
+                           before.k_cache.shape[0], page_size)
+    written = torch.nonzero(tokens.q_written).flatten()
 
-    q_in = before.q_rope[:n_real].to(torch.float64)
-    q_tol = ulp(ref_q.to(torch.float64), dtype) + 4 * F32_EPS * _pair_magnitude(q_in, interleaved)
-    q_ulps, q_ok = _score(out[:n_real], ref_q, q_tol, dtype)
+    q_in = before.q_rope[written].to(torch.float64)
+    q_ref = ref_q[written].to(torch.float64)
+    q_tol = ulp(q_ref, dtype) + 4 * F32_EPS * _pair_magnitude(q_in, interleaved)
+    q_ulps, q_ok = _score(out[written], q_ref, q_tol, dtype)
 
-    request, pos = token_positions(before.input_row_offsets, before.cache_lengths)
-    page_size = before.k_cache.shape[1]
-    page = before.lookup_table.to(torch.int64)[request, pos // page_size]
-    slot = pos % page_size
+    row = tokens.row_written
+    page, slot = tokens.page[row], tokens.pos[row] % page_size
     rows_in = before.k_cache[page, slot].to(torch.float64)
     rows_out, rows_ref = after.k_cache[page, slot], ref_k[page, slot].to(torch.float64)
     rope_ref = rows_ref[:, kv_norm_dim:]
@@ -110,22 +132,22 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor, out_before: 
     norm_tol = 3 * ulp(norm_ref, dtype) + norm_ref.abs() * (kv_norm_dim / 2 + 4) * F32_EPS
     k_norm_ulps, k_norm_ok = _score(rows_out[:, :kv_norm_dim], norm_ref, norm_tol, dtype)
 
-    touched = torch.zeros(before.k_cache.shape[:2], dtype=torch.bool)
-    touched[page, slot] = True
-    cache_same = torch.equal(after.k_cache[~touched], before.k_cache[~touched])
-    layer_mask = torch.ones(before.cache_storage.shape[1], dtype=torch.bool)
-    layer_mask[before.cache_storage.shape[1] // 2] = False
-    cache_same &= torch.equal(after.cache_storage[:, layer_mask],
-                              before.cache_storage[:, layer_mask])
-
-    expected_q = before.q_storage.clone()  # q is read-only but for the real rows, in place
+    # everything but the written rows, bit for bit: each storage as it was, with the written
+    # rows taken from the run (their values are checked above)
+    expected_cache = before.cache_storage.clone()
+    _view(before.k_cache, expected_cache)[page, slot] = rows_out
+    cache_same = torch.equal(after.cache_storage, expected_cache)
+    expected_q = before.q_storage.clone()
     if in_place:
-        expected_q.as_strided(before.q_rope.shape, before.q_rope.stride(),
-                              before.q_rope.storage_offset())[:n_real] = out[:n_real]
-    q_same = torch.equal(after.q_storage, expected_q) and torch.equal(out[n_real:],
-                                                                      out_before[n_real:])
+        _view(before.q_rope, expected_q)[written] = out[written]
+    q_same = torch.equal(after.q_storage, expected_q)
+    if not in_place and out_storage_before is not None:
+        expected_out = out_storage_before.cpu().clone()
+        _view(out, expected_out)[written] = out[written]
+        q_same &= torch.equal(out_storage, expected_out)
+    counted = tokens.errors if errors_counted is None else errors_counted
     return CheckReport(q_ulps, k_rope_ulps, k_norm_ulps, q_ok, k_rope_ok, k_norm_ok,
-                       bool(cache_same), bool(q_same))
+                       bool(cache_same), bool(q_same), counted, tokens.errors)
 
 
 def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool = True,
@@ -133,13 +155,21 @@ def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool
                   schedule=None) -> CheckReport:
     """Run ``fused_rope_rmsnorm`` on ``inputs`` (updating them) and check the result.
 
-    The output is ``q_rope`` itself if ``in_place``, else a buffer of random values, so that
-    rows the op must not write are recognizable. ``schedule`` overrides the GPU schedule.
+    The output is ``q_rope`` itself if ``in_place``, else a tensor of random values inside
+    guards of its own, so that rows the op must not write are recognizable. The op's error
+    counter must count the reference's error tokens. ``schedule`` overrides the GPU schedule.
     """
     before = inputs.clone()
-    out = inputs.q_rope if in_place else torch.randn_like(inputs.q_rope)
-    out_before = out.clone()
-    result = fused_rope_rmsnorm(*inputs.args(), out=out, epsilon=epsilon,
+    if in_place:
+        out = inputs.q_rope
+    else:
+        storage, _ = guarded(inputs.q_rope.shape, inputs.q_rope.dtype,
+                             torch.Generator().manual_seed(1))
+        storage = storage.to(inputs.q_rope.device)
+        out = storage[GUARD:GUARD + inputs.q_rope.numel()].view(inputs.q_rope.shape)
+    out_storage_before = whole_storage(out).clone()
+    errors = torch.zeros(1, dtype=torch.int32, device=inputs.q_rope.device)
+    result = fused_rope_rmsnorm(*inputs.args(), out=out, errors=errors, epsilon=epsilon,
                                 interleaved=interleaved, validate=validate, schedule=schedule)
-    return check_run(before, inputs, result, out_before, in_place=in_place, epsilon=epsilon,
-                     interleaved=interleaved)
+    return check_run(before, inputs, result, out_storage_before, in_place=in_place,
+                     epsilon=epsilon, interleaved=interleaved, errors_counted=int(errors.item()))

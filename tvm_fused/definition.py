@@ -1,28 +1,42 @@
 """The compute definition of the fused MLA prologue as one TensorIR PrimFunc (no schedule).
 
 ``fused_rope_rmsnorm_func(config)`` returns a block-based PrimFunc whose stages read like
-SPEC.md. Three branches, each locating its own token because on the GPU they run in different
+SPEC.md. Four branches, each locating its own token because on the GPU they run in different
 thread blocks; ``row(t)`` is cache row ``k_cache[page[t], pos[t] % page_size]``:
 
-    q branch     q_locate  t           q_pos[t]: position of token t, -1 for padding rows
-                 q_freqs   t, j, p     cos/sin of pair j at q_pos[t] (row 0 for padding)
-                 q_load    t, h, j, p  q_in  = q_rope[t, h, pair j, elem p]        (real rows)
+    q branch     q_locate  t           q_pos[t]: position of token t if it has a freqs row,
+                                       else -1; q_state[t]: PADDING, OK or ERROR
+                 q_freqs   t, j, p     cos/sin of pair j at q_pos[t] (0 without a position)
+                 q_load    t, h, j, p  q_in  = q_rope[t, h, pair j, elem p]   (if positioned)
                  q_rope    t, h, j, p  q_out = rope(q_in[t, h, j, :], freqs[q_pos[t], j])[p]
-                 q_store   t, h, j, p  q_rope_output[t, h, pair j, elem p] = q_out  (real rows)
+                 q_store   t, h, j, p  q_rope_output[t, h, pair j, elem p] = q_out  (if OK)
     k branch     k_locate, k_freqs, k_load, k_rope, k_store: the same on row(t)[kv_norm_dim:]
     norm branch  norm_locate, norm_load (row(t)[:kv_norm_dim]),
                  norm_sumsq  t, c (reduction)  sumsq[t] = sum_c float32(x[t, c])^2
                  norm_scale  t                 scale[t] = rsqrt(sumsq[t] / kv_norm_dim + eps)
                  norm_apply  t, c              y[t, c] = dtype(gamma_dtype(x * scale[t]) * gamma[c])
-                 norm_store  t, c              row(t)[c] = y[t, c]                 (real rows)
+                 norm_store  t, c              row(t)[c] = y[t, c]
+    count branch count_locate, count_errors  t errors[0] += 1 if token t is an ERROR
 
-Loads and stores are stages of their own, guarded by ``pos >= 0`` (padding loads yield 0), so
-that a schedule can stage rows through registers with wide vector accesses and padding rows
-are never touched. Rope pairs are addressed through views of shape ``[..., rope_dim / 2, 2]``
-whose strides encode the pairing (interleaved: ``(2, 1)``; NeoX: ``(1, rope_dim / 2)``), so
-one body serves both modes. The cache is updated in place: loads read it through ``*_in``
-views and stores write it through others of the same memory, which keeps the dataflow a stage
-pipeline; a row is stored only after the stages before have read all of it.
+Indices that point nowhere (SPEC.md): ``locate`` checks every index it follows, so no input
+makes the kernel read or write outside its tensors. A token whose position has no freqs
+row, whose logical page is past the lookup table's width or whose physical page is
+``>= num_pages``, or that no request claims (offsets not ascending from 0), is an ERROR: none
+of its rows is written, and ``count_errors`` counts it. A negative physical page means "no
+cache row" (vLLM's padding slot): the q row is still roped. Rows of ``q_rope`` past
+``offsets[batch]`` are PADDING: never read or written.
+
+Loads and stores are stages of their own, guarded, so that a schedule can stage rows through
+registers with wide vector accesses and untouched rows are never accessed. Rope pairs are
+addressed through views of shape ``[..., rope_dim / 2, 2]`` whose strides encode the pairing
+(interleaved: ``(2, 1)``; NeoX: ``(1, rope_dim / 2)``), so one body serves both modes. The
+cache is updated in place: loads read it through ``*_in`` views and stores write it through
+others of the same memory, which keeps the dataflow a stage pipeline; a row is stored only
+after the stages before have read all of it.
+
+The entry asserts what the kernel was built for: row strides that are multiples of
+``config.alignment`` bytes (buffers declare the same alignment for their data pointers, which
+``alignment_check.CheckDataAlignment`` asserts) and a finite, non-negative epsilon.
 
 Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU thread blocks.
 """
@@ -34,9 +48,11 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
-from .config import OpConfig
+from .config import ITEMSIZE, OpConfig
 
 OP_NAME = "fused_rope_rmsnorm"
+# token states written by ``locate``
+PADDING, OK, ERROR = 0, 1, 2
 
 
 def _f32(x):
@@ -63,75 +79,104 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     - k_cache ``[num_pages, page_size, D + R]`` dtype, strides ``(ks0, ks1, 1)``
     - lookup_table ``[batch, max_pages]`` int32, strides ``(ls0, 1)``
     - cache_lengths ``[batch]`` int32
-    - epsilon float32
+    - errors ``[1]`` int32: the number of ERROR tokens is added to it
+    - epsilon float32, finite and non-negative
+
+    ``q_rope``, ``q_rope_output``, ``k_cache``, ``freqs_cis`` and ``gamma`` must start at
+    multiples of ``config.alignment`` bytes, and the strides of the first three be multiples
+    of it: the compiled entry refuses other tensors before launching.
     """
     # static dims as 64-bit constants, like the symbolic ones (the ABI binds int64 shapes)
     H, R, D, PS, W, R2, ONE = (T.int64(v) for v in (
         config.num_q_heads, config.rope_dim, config.kv_norm_dim, config.page_size,
         config.row_width, config.rope_dim // 2, 1))
     dtype, gdtype, fdtype = config.dtype, config.gamma_dtype, config.freqs_dtype
-    ZERO, TWO = T.int64(0), T.int64(2)
+    ZERO, TWO, NONE = T.int64(0), T.int64(2), T.int64(-1)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
     A = config.aligned_elems(dtype)
 
+    def align(dtype_name: str) -> int:
+        """Data-pointer alignment a buffer of ``dtype_name`` declares (and the entry checks)."""
+        return max(config.alignment, ITEMSIZE[dtype_name])
+
     def aligned(stride):
-        """``stride`` as a visible multiple of ``A`` (equal to it: the caller checks), so that
-        vector accesses through the views are provably aligned."""
-        return stride // A * A
+        """``stride`` as a visible multiple of ``A`` (equal to it: the entry asserts it), so
+        that vector accesses through the views are provably aligned."""
+        return stride // T.int64(A) * T.int64(A)
 
     def pair_strides(s0, s1):
         """Strides of a ``[..., R/2, 2]`` pair view of rows with strides ``(s0, s1, 1)``."""
         return (aligned(s0), aligned(s1), pj, pp)
 
+    def refusal(name: str) -> tuple:
+        """The entry's ValueError for a tensor whose strides this kernel was not built for."""
+        return ("ValueError", [f"{name}'s strides must be multiples of {A} elements "
+                               f"({config.alignment} bytes), the alignment this kernel was "
+                               "built for"])
+
     # fmt: off
     @T.macro
-    def locate(vt, offsets, lookup_table, cache_lengths, pos, page):
-        """pos[vt] = position of token vt (-1 past offsets[-1]); page[vt] = its physical page
-        (when ``page`` is given).
+    def locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, pos, page,
+               state):
+        """Find token ``vt``'s request, position and page, checking every index on the way.
 
-        Request ``min(token, batch - 1)`` is tried first, its offsets and length loaded in
-        one round with ``offsets[batch]``: right for every token of a decode step (one new
+        Writes (each output optional): ``pos[vt]`` its position if the token is real and the
+        position has a freqs row, else -1; ``page[vt]`` the physical page of its cache row if
+        it is OK and has one, else -1; ``state[vt]`` PADDING, OK or ERROR.
+
+        Request ``min(token, batch - 1)`` is tried first, its offsets and cache length loaded
+        in one round with ``offsets[batch]``: right for every token of a decode step (one new
         token per request), which so skips the log2(batch) dependent loads of the binary
-        search that finds the request otherwise."""
-        token: T.let = T.Cast("int32", vt)
-        batch: T.let = T.Cast("int32", offsets.shape[0]) - 1
-        lo = T.alloc_buffer((1,), "int32", scope="local")
-        hi = T.alloc_buffer((1,), "int32", scope="local")
-        base = T.alloc_buffer((1,), "int32", scope="local")  # cache_lengths[b] - offsets[b]
-        lo[0] = 0
-        hi[0] = batch
-        base[0] = -1  # not known yet (a true -1 is merely recomputed below)
-        if batch > 0:
-            guess: T.let = T.min(token, batch - 1)
-            first: T.let = T.Cast("int32", offsets[guess])
-            length: T.let = cache_lengths[guess]
-            end: T.let = T.Cast("int32", offsets[guess + 1])
-            if first <= token and token < end:  # noqa: PLR1716 (TVMScript has no a <= b < c)
-                lo[0] = guess
-                hi[0] = guess
-                base[0] = length - first
-        while lo[0] < hi[0]:  # largest b with offsets[b] <= token
-            mid: T.int32 = (lo[0] + hi[0] + 1) // 2
-            if T.Cast("int32", offsets[mid]) <= token:
-                lo[0] = mid
-            else:
-                hi[0] = mid - 1
-        if token < T.Cast("int32", offsets[batch]):
-            if base[0] == -1:
-                base[0] = cache_lengths[lo[0]] - T.Cast("int32", offsets[lo[0]])
-            pos[vt] = base[0] + token
-            if page is not None:
-                page[vt] = lookup_table[lo[0], pos[vt] // PS]
-        else:
-            pos[vt] = -1
-            if page is not None:
-                page[vt] = 0
+        search that finds the request otherwise. 64-bit arithmetic throughout: offsets may be
+        uint32 and lengths anything; loads behind a failed check are never issued."""
+        batch: T.let = offsets.shape[0] - ONE
+        found = T.alloc_buffer((3,), "int64", scope="local")  # request, first token, length
+        lo = T.alloc_buffer((1,), "int64", scope="local")
+        hi = T.alloc_buffer((1,), "int64", scope="local")
+        found[0] = NONE
+        found[1] = ZERO
+        found[2] = ZERO
+        real: T.let = vt < T.Cast("int64", offsets[batch])
+        if batch > ZERO:
+            guess: T.let = T.min(vt, batch - ONE)
+            first: T.let = T.Cast("int64", offsets[guess])
+            length: T.let = T.Cast("int64", cache_lengths[guess])
+            if first <= vt and vt < T.Cast("int64", offsets[guess + ONE]):
+                found[0] = guess
+                found[1] = first
+                found[2] = length
+            elif real:
+                lo[0] = ZERO
+                hi[0] = batch - ONE
+                while lo[0] < hi[0]:  # the last request starting at or before vt
+                    mid: T.int64 = (lo[0] + hi[0] + ONE) // TWO
+                    if T.Cast("int64", offsets[mid]) <= vt:
+                        lo[0] = mid
+                    else:
+                        hi[0] = mid - ONE
+                if T.Cast("int64", offsets[lo[0]]) <= vt and vt < T.Cast("int64", offsets[lo[0] + ONE]):  # noqa: E501
+                    found[0] = lo[0]
+                    found[1] = T.Cast("int64", offsets[lo[0]])
+                    found[2] = T.Cast("int64", cache_lengths[lo[0]])
+        p: T.let = found[2] + vt - found[1]
+        positioned: T.let = real and found[0] >= ZERO and ZERO <= p and p < max_seq_len
+        listed: T.let = positioned and p // PS < lookup_table.shape[1]
+        physical: T.let = T.if_then_else(
+            listed, T.Cast("int64", lookup_table[found[0], p // PS]), num_pages)
+        ok: T.let = listed and physical < num_pages
+        if pos is not None:
+            pos[vt] = T.Select(positioned, p, NONE)
+        if page is not None:
+            page[vt] = T.Select(ok, T.max(physical, NONE), NONE)  # negative: no cache row
+        if state is not None:
+            state[vt] = T.Select(real, T.Select(ok, OK, ERROR), PADDING)
 
     @T.prim_func(s_tir=True)
     def fused_rope_rmsnorm(
         q_handle: T.handle, out_handle: T.handle, offsets_handle: T.handle,
         freqs_handle: T.handle, gamma_handle: T.handle, k_handle: T.handle,
-        lookup_handle: T.handle, lengths_handle: T.handle, epsilon: T.float32,
+        lookup_handle: T.handle, lengths_handle: T.handle, errors_handle: T.handle,
+        epsilon: T.float32,
     ):
         T.func_attr({"global_symbol": OP_NAME})
         # 64-bit sizes and strides: a layer view of a multi-layer cache spans > 2^31 elements
@@ -139,31 +184,43 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
         qs0, qs1, os0, os1, ks0, ks1, ls0 = (
             T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
-        q_rope = T.match_buffer(q_handle, (n, H, R), dtype, strides=(qs0, qs1, ONE))
-        q_rope_output = T.match_buffer(out_handle, (n, H, R), dtype, strides=(os0, os1, ONE))
-        offsets = T.match_buffer(offsets_handle, (batch + ONE,), config.offsets_dtype)
-        freqs_cis = T.match_buffer(freqs_handle, (max_seq_len, R), fdtype)
-        gamma = T.match_buffer(gamma_handle, (D,), gdtype)
-        k_cache = T.match_buffer(k_handle, (num_pages, PS, W), dtype, strides=(ks0, ks1, ONE))
+        q_rope = T.match_buffer(q_handle, (n, H, R), dtype, strides=(qs0, qs1, ONE),
+                                align=align(dtype))
+        q_rope_output = T.match_buffer(out_handle, (n, H, R), dtype, strides=(os0, os1, ONE),
+                                       align=align(dtype))
+        offsets = T.match_buffer(offsets_handle, (batch + ONE,), config.offsets_dtype,
+                                 align=4)
+        freqs_cis = T.match_buffer(freqs_handle, (max_seq_len, R), fdtype, align=align(fdtype))
+        gamma = T.match_buffer(gamma_handle, (D,), gdtype, align=align(gdtype))
+        k_cache = T.match_buffer(k_handle, (num_pages, PS, W), dtype, strides=(ks0, ks1, ONE),
+                                 align=align(dtype))
         lookup_table = T.match_buffer(lookup_handle, (batch, max_pages), "int32",
-                                      strides=(ls0, ONE))
-        cache_lengths = T.match_buffer(lengths_handle, (batch,), "int32")
+                                      strides=(ls0, ONE), align=4)
+        cache_lengths = T.match_buffer(lengths_handle, (batch,), "int32", align=4)
+        errors = T.match_buffer(errors_handle, (ONE,), "int32", align=4)
+        assert qs0 % T.int64(A) == ZERO and qs1 % T.int64(A) == ZERO, refusal("q_rope")
+        assert os0 % T.int64(A) == ZERO and os1 % T.int64(A) == ZERO, refusal("q_rope_output")
+        assert ks0 % T.int64(A) == ZERO and ks1 % T.int64(A) == ZERO, refusal("k_cache")
+        assert T.isfinite(epsilon) and epsilon >= T.float32(0), (
+            "ValueError", ["epsilon must be finite and non-negative"])
 
-        q_pos = T.sblock_alloc_buffer((n,), "int32")
+        q_pos = T.sblock_alloc_buffer((n,), "int64")
+        q_state = T.sblock_alloc_buffer((n,), "int32")
         q_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
         q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
         q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
-        k_pos = T.sblock_alloc_buffer((n,), "int32")
-        k_page = T.sblock_alloc_buffer((n,), "int32")
+        k_pos = T.sblock_alloc_buffer((n,), "int64")
+        k_page = T.sblock_alloc_buffer((n,), "int64")
         k_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
         k_in = T.sblock_alloc_buffer((n, R2, TWO), dtype)
         k_out = T.sblock_alloc_buffer((n, R2, TWO), dtype)
-        norm_pos = T.sblock_alloc_buffer((n,), "int32")
-        norm_page = T.sblock_alloc_buffer((n,), "int32")
+        norm_pos = T.sblock_alloc_buffer((n,), "int64")
+        norm_page = T.sblock_alloc_buffer((n,), "int64")
         norm_in = T.sblock_alloc_buffer((n, D), dtype)
         sumsq = T.sblock_alloc_buffer((n,), "float32")
         scale = T.sblock_alloc_buffer((n,), "float32")
         norm_out = T.sblock_alloc_buffer((n, D), dtype)
+        count_state = T.sblock_alloc_buffer((n,), "int32")
 
         q_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope.data,
                                 elem_offset=q_rope.elem_offset, strides=pair_strides(qs0, qs1))
@@ -186,16 +243,20 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             with T.sblock("q_locate"):
                 vt = T.axis.spatial(n, t)
                 T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(q_pos[vt])
-                locate(vt, offsets, lookup_table, cache_lengths, q_pos, None)
+                T.writes(q_pos[vt], q_state[vt])
+                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, q_pos,
+                       None, q_state)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("q_freqs"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                q_freqs[vt, vj, vp] = freqs_pairs[T.max(q_pos[vt], 0), vj, vp]
+                if q_pos[vt] >= ZERO:
+                    q_freqs[vt, vj, vp] = freqs_pairs[q_pos[vt], vj, vp]
+                else:
+                    q_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_load"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                if q_pos[vt] >= 0:
+                if q_pos[vt] >= ZERO:
                     q_in[vt, vh, vj, vp] = q_pairs[vt, vh, vj, vp]
                 else:
                     q_in[vt, vh, vj, vp] = T.Cast(dtype, 0)
@@ -208,7 +269,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_store"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                if q_pos[vt] >= 0:
+                if q_state[vt] == OK:
                     out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
 
         # k branch: the rope part of each new cache row, in place
@@ -217,15 +278,19 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                 vt = T.axis.spatial(n, t)
                 T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
                 T.writes(k_pos[vt], k_page[vt])
-                locate(vt, offsets, lookup_table, cache_lengths, k_pos, k_page)
+                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, k_pos,
+                       k_page, None)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_freqs"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                k_freqs[vt, vj, vp] = freqs_pairs[T.max(k_pos[vt], 0), vj, vp]
+                if k_page[vt] >= ZERO:
+                    k_freqs[vt, vj, vp] = freqs_pairs[k_pos[vt], vj, vp]
+                else:
+                    k_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_load"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_pos[vt] >= 0:
+                if k_page[vt] >= ZERO:
                     k_in[vt, vj, vp] = k_pairs_in[k_page[vt], k_pos[vt] % PS, vj, vp]
                 else:
                     k_in[vt, vj, vp] = T.Cast(dtype, 0)
@@ -238,7 +303,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_store"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_pos[vt] >= 0:
+                if k_page[vt] >= ZERO:
                     k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
 
         # norm branch: the latent part of each new cache row, in place
@@ -247,11 +312,12 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                 vt = T.axis.spatial(n, t)
                 T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
                 T.writes(norm_pos[vt], norm_page[vt])
-                locate(vt, offsets, lookup_table, cache_lengths, norm_pos, norm_page)
+                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages,
+                       norm_pos, norm_page, None)
         for t, c in T.grid(n, D):
             with T.sblock("norm_load"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                if norm_pos[vt] >= 0:
+                if norm_page[vt] >= ZERO:
                     norm_in[vt, vc] = k_rows_in[norm_page[vt], norm_pos[vt] % PS, vc]
                 else:
                     norm_in[vt, vc] = T.Cast(dtype, 0)
@@ -273,8 +339,25 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, c in T.grid(n, D):
             with T.sblock("norm_store"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                if norm_pos[vt] >= 0:
+                if norm_page[vt] >= ZERO:
                     k_cache[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
+
+        # count branch: one increment per ERROR token (a schedule running tokens in parallel
+        # makes the increment atomic)
+        for t in range(n):
+            with T.sblock("count_locate"):
+                vt = T.axis.spatial(n, t)
+                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
+                T.writes(count_state[vt])
+                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, None,
+                       None, count_state)
+        for t in range(n):
+            with T.sblock("count_errors"):
+                vt = T.axis.spatial(n, t)
+                T.reads(count_state[vt])
+                T.writes(errors[0])
+                if count_state[vt] == ERROR:
+                    errors[0] = errors[0] + 1
     # fmt: on
 
     return fused_rope_rmsnorm

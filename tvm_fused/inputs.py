@@ -11,12 +11,17 @@ ROPE_THETA = 10000.0
 NOPE_DIM = 128  # q's non-rope part: q_rope is usually the view q[..., 128:192]
 
 
+GUARD = 16  # elements of random values before and after each storage, to catch stray writes
+
+
 @dataclasses.dataclass
 class OpInputs:
     """The arguments of ``fused_rope_rmsnorm`` (``q_rope`` first), and what they came from.
 
-    ``cache_storage`` is the whole tensor ``k_cache`` views (several layers when
-    ``layers > 1``); ``q_storage`` the whole q (``q_rope`` is its last ``rope_dim`` columns).
+    ``q_storage`` and ``cache_storage`` are the flat tensors that ``q_rope`` and ``k_cache``
+    view, each with ``GUARD`` elements of random values before and after it: the whole q
+    (``q_rope`` is a column range of it) and the whole cache (several layers when
+    ``layers > 1``, rows padded when ``row_width`` says so).
     """
 
     q_rope: torch.Tensor
@@ -61,6 +66,15 @@ def rope_freqs(max_seq_len: int, rope_dim: int, dtype=torch.float32) -> torch.Te
     return torch.stack((angles.cos(), angles.sin()), dim=-1).flatten(1).to(dtype)
 
 
+def guarded(shape, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """``(storage, view)``: a contiguous random ``view`` of ``shape`` inside a flat random
+    ``storage`` with ``GUARD`` more elements on each side."""
+    numel = math.prod(shape)
+    storage = torch.randn(numel + 2 * GUARD, generator=gen).to(dtype)
+    return storage, storage[GUARD:GUARD + numel].view(shape)
+
+
 def make_inputs(
     new_tokens: list[int],
     cache_lengths: list[int],
@@ -75,6 +89,8 @@ def make_inputs(
     offsets_dtype: torch.dtype = torch.uint32,
     padding_rows: int = 0,
     strided_q: bool = True,
+    q_columns: tuple[int, int] | None = None,
+    row_width: int | None = None,
     layers: int = 1,
     spare_pages: int = 3,
     prefix_pool: int | None = None,
@@ -87,8 +103,10 @@ def make_inputs(
     lookup-table entries past a request's pages are -1 (a kernel that read them would fault).
     With ``prefix_pool``, the pages that hold only cached rows (which the op must not touch)
     are drawn from a shared pool of that many pages, so long contexts stay small in memory.
-    ``strided_q`` makes ``q_rope`` the rope columns of a ``[n, H, 128 + R]`` q; ``layers > 1``
-    makes ``k_cache`` layer ``layers // 2`` of a multi-layer cache.
+    ``q_rope`` is columns ``[start, start + R)`` of a q ``[n, H, width]``, ``q_columns =
+    (width, start)``: by default ``(128 + R, 128)`` (the rope part of an MLA q) if
+    ``strided_q``, else ``(R, 0)``. ``row_width`` (default ``D + R``) is the cache row
+    stride; ``layers > 1`` makes ``k_cache`` layer ``layers // 2`` of a multi-layer cache.
     """
     if len(new_tokens) != len(cache_lengths):
         raise ValueError("new_tokens and cache_lengths need one entry per request")
@@ -96,9 +114,10 @@ def make_inputs(
     batch = len(new_tokens)
     total = sum(new_tokens)
     rows = total + padding_rows
-    nope = NOPE_DIM if strided_q else 0
-    q_storage = torch.randn(rows, num_q_heads, nope + rope_dim, generator=gen).to(dtype)
-    q_rope = q_storage[..., nope:]
+    width, start = q_columns or ((NOPE_DIM + rope_dim, NOPE_DIM) if strided_q else
+                                 (rope_dim, 0))
+    q_storage, q = guarded((rows, num_q_heads, width), dtype, gen)
+    q_rope = q[..., start:start + rope_dim]
 
     ends = [c + t for c, t in zip(cache_lengths, new_tokens)]
     pages_per_request = [math.ceil(e / page_size) for e in ends]
@@ -117,9 +136,9 @@ def make_inputs(
         lookup_table[b, first:count] = order[used:used + count - first]
         used += count - first
 
-    width = kv_norm_dim + rope_dim
-    cache_storage = torch.randn(num_pages, layers, page_size, width, generator=gen).to(dtype)
-    k_cache = cache_storage[:, layers // 2]
+    cache_storage, cache = guarded(
+        (num_pages, layers, page_size, row_width or kv_norm_dim + rope_dim), dtype, gen)
+    k_cache = cache[:, layers // 2, :, :kv_norm_dim + rope_dim]
     gamma = (1 + 0.25 * torch.randn(kv_norm_dim, generator=gen)).to(gamma_dtype or dtype)
     offsets = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int64)
     inputs = OpInputs(

@@ -1,8 +1,11 @@
-"""The TIR lowering pipeline of tvm-fused: TVM 0.27's default s_tir pipeline plus one pass.
+"""The TIR lowering pipeline of tvm-fused: TVM 0.27's default s_tir pipeline plus our passes.
 
+``LowerAtomicAdd`` (``atomic_add.py``) makes the accumulations a schedule marks shared atomic;
 ``MergeBlockGroups`` (``block_groups.py``) runs after the thread-level lowering (cross-thread
 reductions, barriers) and right before ``SplitHostDevice``, so that the separately scheduled
-branches of a PrimFunc become one kernel launch. The list below mirrors
+branches of a PrimFunc become one kernel launch; ``CheckDataAlignment``
+(``alignment_check.py``), right after ``MakePackedAPI``, makes the entry assert the data
+alignment each buffer declares. The list below mirrors
 ``tvm.s_tir.pipeline.default_s_tir_pipeline`` pass for pass (a test checks that a PrimFunc
 with one launch compiles to the same source either way); it is registered as the named
 pipeline ``"tvm_fused"`` so that ``tvm.compile`` and MetaSchedule's builder both use it.
@@ -14,6 +17,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.tirx import compilation_pipeline
 
+from .alignment_check import CheckDataAlignment
+from .atomic_add import LowerAtomicAdd
 from .block_groups import MergeBlockGroups
 
 PIPELINE_NAME = "tvm_fused"
@@ -72,9 +77,11 @@ def _lowering_passes(config) -> list:
         s_tir.transform.InferFragment(),
         s_tir.transform.LowerThreadAllreduce(),
         s_tir.transform.MergeSharedMemoryAllocations(),
+        LowerAtomicAdd,
         MergeBlockGroups,
         tirx.transform.SplitHostDevice(),
         tirx.transform.MakePackedAPI(),
+        CheckDataAlignment,
         tirx.transform.FP8StorageLegalize(),
         tirx.transform.BF16StorageLegalize(),
     ]

@@ -3,27 +3,52 @@
 It shares no code with the TensorIR definition: positions come from ``repeat_interleave`` on
 the host, the math runs in ``compute_dtype`` (float64 by default) and is rounded only where
 the spec rounds: once to the output dtype for RoPE; to the gamma dtype before and after the
-gamma product, then to the cache dtype, for RMSNorm.
+gamma product, then to the cache dtype, for RMSNorm. Indices that point nowhere follow
+SPEC.md: a negative page writes no cache row; a position with no freqs row, a logical page
+past the lookup table or a physical page ``>= num_pages`` makes the token an error, which
+writes nothing. ``input_row_offsets`` must ascend from 0 (the kernel stays in bounds for any
+offsets, but only these have a defined result).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
-def token_positions(
-    input_row_offsets: torch.Tensor, cache_lengths: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Request index and cache position of every real token.
+@dataclasses.dataclass
+class Tokens:
+    """Where each real token goes, all int64/bool tensors of ``offsets[-1]`` elements."""
 
-    Returns ``(request, pos)``: two int64 tensors of ``offsets[-1]`` elements.
-    """
+    request: torch.Tensor
+    pos: torch.Tensor
+    page: torch.Tensor  # physical page (-1 where the token has none to look up)
+    q_written: torch.Tensor  # the op writes the token's q row
+    row_written: torch.Tensor  # the op writes the token's cache row ``(page, pos % size)``
+
+    @property
+    def errors(self) -> int:
+        """Tokens the op counts as errors: their q row is not written."""
+        return int((~self.q_written).sum())
+
+
+def locate_tokens(input_row_offsets: torch.Tensor, cache_lengths: torch.Tensor,
+                  lookup_table: torch.Tensor, max_seq_len: int, num_pages: int,
+                  page_size: int) -> Tokens:
+    """Request, position and page of every real token, and what the op writes for it."""
     offsets = input_row_offsets.to(torch.int64).cpu()
     counts = offsets[1:] - offsets[:-1]
     request = torch.repeat_interleave(torch.arange(counts.numel()), counts)
     first_token = offsets[:-1][request]
-    pos = cache_lengths.to(torch.int64).cpu()[request] + torch.arange(request.numel()) - first_token
-    return request, pos
+    pos = (cache_lengths.to(torch.int64).cpu()[request] + torch.arange(request.numel())
+           - first_token)
+    table = lookup_table.to(torch.int64).cpu()
+    listed = (pos >= 0) & (pos < max_seq_len) & (pos // page_size < table.shape[1])
+    page = torch.full_like(pos, -1)
+    page[listed] = table[request[listed], pos[listed] // page_size]
+    q_written = listed & (page < num_pages)
+    return Tokens(request, pos, page, q_written, q_written & (page >= 0))
 
 
 def rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
@@ -70,23 +95,28 @@ def fused_rope_rmsnorm_reference(
     Returns
     -------
     q_out : ``[n_real, H, R]`` in ``q_rope.dtype``: roped q of the real tokens (rows past
-        ``input_row_offsets[-1]`` are not part of the op).
+        ``input_row_offsets[-1]`` are not part of the op; rows of error tokens, which the op
+        does not write, hold ``q_rope``'s values).
     k_cache_out : a copy of ``k_cache`` with the new tokens' rows updated.
     """
-    request, pos = token_positions(input_row_offsets, cache_lengths)
-    n_real = pos.numel()
+    tokens = locate_tokens(input_row_offsets, cache_lengths, lookup_table,
+                           freqs_cis.shape[0], k_cache.shape[0], k_cache.shape[1])
+    n_real = tokens.pos.numel()
     dtype = q_rope.dtype
     kv_norm_dim = gamma.shape[0]
     page_size = k_cache.shape[1]
-    freqs = freqs_cis.cpu().to(compute_dtype)[pos]                       # [n_real, R]
-    q = q_rope.cpu()[:n_real].to(compute_dtype)
-    q_out = rope(q, freqs[:, None, :], interleaved).to(dtype)
+    q_out = q_rope.cpu()[:n_real].clone()
+    written = tokens.q_written
+    freqs = freqs_cis.cpu().to(compute_dtype)[tokens.pos[written]]           # [n_written, R]
+    q = q_out[written].to(compute_dtype)
+    q_out[written] = rope(q, freqs[:, None, :], interleaved).to(dtype)
 
     k_out = k_cache.cpu().clone()
-    page = lookup_table.cpu().to(torch.int64)[request, pos // page_size]
-    slot = pos % page_size
-    rows = k_out[page, slot]                                              # [n_real, D + R]
-    k_rope = rope(rows[:, kv_norm_dim:].to(compute_dtype), freqs, interleaved).to(dtype)
+    row = tokens.row_written
+    page, slot = tokens.page[row], tokens.pos[row] % page_size
+    rows = k_out[page, slot]                                                 # [n_rows, D + R]
+    k_rope = rope(rows[:, kv_norm_dim:].to(compute_dtype), freqs[row[written]],
+                  interleaved).to(dtype)
     k_norm = rmsnorm(rows[:, :kv_norm_dim], gamma.cpu(), epsilon, dtype, compute_dtype)
     k_out[page, slot] = torch.cat((k_norm, k_rope), dim=-1)
     return q_out, k_out

@@ -1,9 +1,10 @@
 """Argument checks of ``fused_rope_rmsnorm``, run before anything is written.
 
-``check_arguments`` looks only at tensor metadata (no device sync): dtypes, ranks, shapes,
-devices, strides. ``check_contents`` reads the index tensors (a device sync on GPU) and
-proves every position, page and offset in range, so an invalid call raises instead of
-writing out of bounds.
+``check_arguments`` looks only at metadata (no device sync): dtypes, ranks, shapes, devices,
+strides, epsilon, and that no tensor the op writes overlaps another argument in memory.
+``check_contents`` reads the index tensors (a device sync on GPU) and proves every position,
+page and offset in range and every written cache row distinct, so an invalid call raises
+instead of losing rows (the kernel itself skips and counts such tokens).
 """
 
 from __future__ import annotations
@@ -41,8 +42,36 @@ def _contiguous(shape, strides) -> bool:
     return True
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """``[first, last + 1)`` byte addresses of a tensor's elements (empty: ``(0, 0)``)."""
+    if tensor.numel() == 0:
+        return 0, 0
+    start = tensor.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def _check_no_overlap(named: list, written: tuple) -> None:
+    """Each tensor in ``written`` (names) must not share memory with another in ``named``
+    (``(name, tensor)``), but ``out`` may be ``q_rope`` itself."""
+    spans = [(name, _span(tensor)) for name, tensor in named if tensor is not None]
+    for name, (start, end) in spans:
+        if name not in written:
+            continue
+        for other, (other_start, other_end) in spans:
+            if other == name or (name == "out" and other == "q_rope"
+                                 and start == other_start):
+                continue
+            if start < other_end and other_start < end:
+                raise ValueError(f"{name} overlaps {other} in memory: the op writes {name} "
+                                 f"while it reads {other}; give {name} memory of its own")
+
+
 def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
-                    cache_lengths, out) -> None:
+                    cache_lengths, out, errors=None, epsilon=1e-6) -> None:
     """Raise TypeError/ValueError naming the argument for any malformed input."""
     q_shape, q_strides = _checked_layout("q_rope", q_rope, 3, DATA_DTYPES)
     offsets_shape, offsets_strides = _checked_layout("input_row_offsets", input_row_offsets,
@@ -58,9 +87,20 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
         if out_shape != q_shape:
             raise ValueError(f"out must have the shape of q_rope {tuple(q_shape)}, got "
                              f"{tuple(out_shape)}")
-        if out_strides != q_strides and out.data_ptr() == q_rope.data_ptr():
+        if (out_strides != q_strides and out.data_ptr() == q_rope.data_ptr()
+                and q_rope.numel()):
             raise ValueError("out starts where q_rope does but has other strides: pass q_rope "
                              "itself for an in-place update")
+
+    if errors is not None:
+        if not isinstance(errors, torch.Tensor) or errors.dtype != torch.int32:
+            raise TypeError(f"errors must be an int32 torch.Tensor, got "
+                            f"{getattr(errors, 'dtype', type(errors).__name__)}")
+        if errors.dim() > 1 or errors.numel() != 1:
+            raise ValueError(f"errors must be a one-element tensor, got shape "
+                             f"{tuple(errors.shape)}")
+    if not isinstance(epsilon, (int, float)) or not 0 <= epsilon <= FLOAT32_MAX:
+        raise ValueError(f"epsilon must be a finite non-negative float32, got {epsilon!r}")
 
     rope_dim = q_shape[2]
     if rope_dim % 2 != 0:
@@ -99,7 +139,7 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
     device = q_rope.get_device()  # an int: cheaper than comparing torch.device objects
     named = (("input_row_offsets", input_row_offsets), ("freqs_cis", freqs_cis),
              ("gamma", gamma), ("k_cache", k_cache), ("lookup_table", lookup_table),
-             ("cache_lengths", cache_lengths), ("out", out))
+             ("cache_lengths", cache_lengths), ("out", out), ("errors", errors))
     for name, tensor in named:
         if tensor is not None:
             same = tensor.is_cuda and tensor.get_device() == device if on_cuda else \
@@ -107,11 +147,13 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
             if not same:
                 raise ValueError(f"{name} is on {tensor.device} but q_rope is on "
                                  f"{q_rope.device}: all tensors must be on one device")
+    _check_no_overlap([("q_rope", q_rope), *named], ("out", "k_cache", "errors"))
 
 
 def check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
                    cache_lengths) -> None:
-    """Raise ValueError unless every offset, position and page of the call is in range."""
+    """Raise ValueError unless every offset, position and page of the call is in range and no
+    two new tokens map to one cache row (a negative page, "no cache row", is in range)."""
     offsets = input_row_offsets.to(torch.int64).cpu()
     lengths = cache_lengths.to(torch.int64).cpu()
     if int(offsets[0]) != 0:
@@ -137,11 +179,13 @@ def check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
         raise ValueError(f"position {int(last_pos.max())} "
                          f"needs logical page {int(last_page.max())}, beyond lookup_table's "
                          f"{lookup_table.shape[1]} columns")
-    table = lookup_table.to(torch.int64).cpu()[active]
-    first_page = lengths[active] // page_size
-    cols = torch.arange(table.shape[1])
-    used = (cols >= first_page[:, None]) & (cols <= last_page[:, None])
-    pages = table[used]
-    if not bool(((pages >= 0) & (pages < k_cache.shape[0])).all()):
-        raise ValueError(f"lookup_table maps a written position to a page outside k_cache's "
-                         f"{k_cache.shape[0]} pages")
+    request = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    pos = lengths[request] + torch.arange(request.numel()) - offsets[:-1][request]
+    page = lookup_table.to(torch.int64).cpu()[request, pos // page_size]
+    if not bool((page < k_cache.shape[0]).all()):
+        raise ValueError(f"lookup_table maps a written position to page "
+                         f"{int(page.max())}, beyond k_cache's {k_cache.shape[0]} pages")
+    rows = (page * page_size + pos % page_size)[page >= 0]
+    if rows.unique().numel() != rows.numel():
+        raise ValueError("two new tokens map to one cache row: lookup_table shares a page "
+                         "between requests whose new positions meet")

@@ -32,9 +32,10 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
 
 def _op_and_tokens(args_info) -> tuple[OpConfig, int]:
     """Recover the op config and token count from the workload's argument shapes, in the
-    order of the PrimFunc's parameters (q, out, offsets, freqs, gamma, k, table, lengths)."""
+    order of the PrimFunc's parameters (q, out, offsets, freqs, gamma, k, table, lengths,
+    errors)."""
     (_, q_dtype, q_shape), _, (_, off_dtype, _), (_, f_dtype, _), (_, g_dtype, g_shape), \
-        (_, _, k_shape), _, _ = args_info
+        (_, _, k_shape), _, _, _ = args_info
     tokens, heads, rope_dim = q_shape
     op = OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=g_shape[0],
                   page_size=k_shape[1], dtype=q_dtype, freqs_dtype=f_dtype,
@@ -46,7 +47,8 @@ def _bucket_tensors(args_info, device) -> list[torch.Tensor]:
     op, tokens = _op_and_tokens(args_info)
     inputs = bucket_inputs(op, tokens, device=device)
     out = torch.empty(inputs.q_rope.shape, dtype=inputs.q_rope.dtype, device=device)
-    tensors = [inputs.q_rope, out, *inputs.args()[1:]]
+    errors = torch.zeros(1, dtype=torch.int32, device=device)
+    tensors = [inputs.q_rope, out, *inputs.args()[1:], errors]
     for tensor, (_, dtype, shape) in zip(tensors, args_info):
         if list(tensor.shape) != list(shape) or str(tensor.dtype).removeprefix("torch.") != dtype:
             raise ValueError(f"bucket inputs {tuple(tensor.shape)} {tensor.dtype} do not match "

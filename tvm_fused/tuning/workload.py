@@ -31,7 +31,8 @@ def _static_buffer(param, shape, strides):
     """A buffer like ``param``'s with concrete 64-bit shape (and strides, if it has any)."""
     dims = [tvm.tirx.IntImm("int64", int(v)) for v in shape]
     steps = [tvm.tirx.IntImm("int64", int(v)) for v in strides] if param.strides else []
-    return tvm.tirx.decl_buffer(dims, str(param.ty.dtype), param.name, strides=steps)
+    return tvm.tirx.decl_buffer(dims, str(param.ty.dtype), param.name, strides=steps,
+                                data_alignment=param.ty.data_alignment)
 
 
 def bucket_workload(op: OpConfig, tokens: int) -> tvm.IRModule:
@@ -42,7 +43,8 @@ def bucket_workload(op: OpConfig, tokens: int) -> tvm.IRModule:
     inputs = bucket_inputs(op, tokens)
     out = torch.empty(inputs.q_rope.shape)
     tensors = (inputs.q_rope, out, inputs.input_row_offsets, inputs.freqs_cis, inputs.gamma,
-               inputs.k_cache, inputs.lookup_table, inputs.cache_lengths)
+               inputs.k_cache, inputs.lookup_table, inputs.cache_lengths,
+               torch.zeros(1, dtype=torch.int32))
     # offsets' shape, batch + 1, follows from cache_lengths' (specialize binds plain vars)
     binding = {param: _static_buffer(param, tensor.shape, tensor.stride())
                for param, tensor in zip(func.params, tensors)
