@@ -7,7 +7,6 @@ from tvm.script import tirx as T
 from tvm.tirx import stmt as S
 
 from tvm_fused import pipeline
-from tvm_fused.block_groups import MergeBlockGroups
 from tvm_fused.build import cuda_target
 
 
@@ -130,18 +129,6 @@ def test_cuda_source_has_one_kernel():
     source = executable.mod.imports[0].inspect_source()
     assert source.count("__global__ void") == 2  # the declaration and the definition
     assert "__launch_bounds__(128)" in source
-
-
-def test_pass_is_a_noop_on_host_code():
-    @T.prim_func(s_tir=True)
-    def host(a: T.Buffer((4,), "float32")):
-        for i in range(4):
-            with T.sblock("c"):
-                vi = T.axis.remap("S", [i])
-                a[vi] = a[vi] + T.float32(1)
-
-    mod = tvm.IRModule({"main": host})
-    tvm.ir.assert_structural_equal(MergeBlockGroups(mod), mod)
 
 
 @pytest.mark.gpu

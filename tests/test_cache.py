@@ -1,10 +1,12 @@
 """The kernel cache: a second process loads the built module without compiling; a damaged
-file is detected and rebuilt."""
+file is detected and rebuilt; an edited schedule or definition gets a new key."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,48 @@ def test_load_of_a_broken_file_returns_none(tmp_path, text):
     path.write_text(text)
     with pytest.warns(UserWarning, match="rebuilding"):
         assert kernel_cache._load(path) is None
+
+
+DIGEST = textwrap.dedent("""
+    import importlib.abc, importlib.util, sys
+    from pathlib import Path
+    root, layout = Path(sys.argv[1]), sys.argv[2]
+    sys.path.insert(0, str(root))
+    if layout == "editable":  # schedules/ beside the package, mapped in as setuptools does
+        class Schedules(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name != "tvm_fused.schedules":
+                    return None
+                return importlib.util.spec_from_file_location(
+                    name, root / "schedules" / "__init__.py",
+                    submodule_search_locations=[str(root / "schedules")])
+        sys.meta_path.insert(0, Schedules())
+    from tvm_fused import cache
+    assert all(str(d).startswith(str(root)) for d in cache.source_dirs()), cache.source_dirs()
+    print(cache.source_digest())
+""")
+
+
+@pytest.mark.parametrize("layout", ["editable", "installed"])
+@pytest.mark.parametrize("edited", ["schedules/norm.py", "tvm_fused/definition.py"])
+def test_editing_a_source_changes_the_kernel_key(tmp_path, layout, edited):
+    """A copy of the package in either install layout (``schedules/`` beside the package, as
+    the README's editable install leaves it, or inside it): editing a schedule or the
+    definition changes the source digest that keys every cached kernel."""
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "tvm_fused", tmp_path / "tvm_fused",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    schedules = tmp_path / ("schedules" if layout == "editable" else "tvm_fused/schedules")
+    shutil.copytree(repo / "schedules", schedules, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def digest():
+        run = subprocess.run([sys.executable, "-c", DIGEST, str(tmp_path), layout],
+                             capture_output=True, text=True, check=False)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    before = digest()
+    path = (schedules / Path(edited).name) if edited.startswith("schedules") else \
+        tmp_path / edited
+    path.write_text(path.read_text() + "\n# edited\n")
+    assert digest() != before

@@ -31,33 +31,24 @@ def test_token_counts(tokens):
     assert report.ok, report.summary()
 
 
-@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
-def test_unaligned_views_fall_back_to_narrow_accesses(interleaved):
-    """q_rope at an odd element offset: 2-byte alignment, still correct."""
-    inputs = make_inputs(*RAGGED, num_q_heads=16, page_size=16, device="cuda")
-    storage = torch.randn(inputs.q_rope.numel() * 2 + 1, device="cuda").to(torch.bfloat16)
-    odd = storage[1:1 + inputs.q_rope.numel()].view(inputs.q_rope.shape)
-    odd.copy_(inputs.q_rope)
-    inputs.q_storage, inputs.q_rope = storage, odd
-    report = run_and_check(inputs, interleaved=interleaved)
-    assert report.ok, report.summary()
-
-
 def test_side_stream():
-    """The kernel runs on torch's current stream: ordered with work queued there."""
+    """The kernel runs on torch's current stream, after the work queued there: q_rope holds
+    zeros until a copy queued behind a ~1 ms spin on the side stream fills it in, so a kernel
+    launched on any other stream would rope the zeros and fail the check."""
     inputs = make_inputs(*PREFILL, num_q_heads=128, device="cuda")
     before = inputs.clone()
+    values = inputs.q_rope.clone()
+    inputs.q_rope.zero_()
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     out = torch.empty_like(inputs.q_rope)
     with torch.cuda.stream(stream):
-        # queued first on the side stream: make the q rows the kernel reads
         torch.cuda._sleep(1_000_000)
-        inputs.q_rope.copy_(before.q_rope)
+        inputs.q_rope.copy_(values)
         result = fused_rope_rmsnorm(*inputs.args(), out=out)
     stream.synchronize()
-    out_before = out.clone()  # every row is real here; nothing to compare in padding
-    report = check_run(before, inputs, result, out_before)
-    assert report.q_within_tolerance and report.k_norm_within_tolerance, report.summary()
+    report = check_run(before, inputs, result)
+    assert report.ok, report.summary()
 
 
 def test_cuda_graph_replay_with_fewer_real_tokens():

@@ -23,7 +23,7 @@ from tvm_fused.build import cuda_target
 from tvm_fused.checking import check_run
 from tvm_fused.inputs import make_inputs
 from tvm_fused.tuning import records
-from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
+from tvm_fused.tuning.buckets import nearest_bucket
 from tvm_fused.tuning.tune import tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
@@ -83,9 +83,10 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
     inputs = make_inputs([4, 2], [3, 9], num_q_heads=2, dtype=torch.float32)
     before = inputs.clone()
     out = torch.randn_like(inputs.q_rope)
-    out_before = out.clone()
-    kernel(inputs.q_rope, out, *inputs.args()[1:], 1e-6)
-    assert check_run(before, inputs, out, out_before).ok
+    out_before = out.clone()  # out is its whole storage
+    errors = torch.zeros(1, dtype=torch.int32)
+    kernel(inputs.q_rope, out, *inputs.args()[1:], errors, 1e-6)
+    assert check_run(before, inputs, out, out_before, errors_counted=int(errors)).ok
 
     lines.clear()
     tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=3, logs_dir=logs, work_dir=work,
@@ -143,10 +144,6 @@ def test_committed_records_match_the_current_definition(metadata_path: Path):
         assert current in stored
     configs = records.tuned_configs(str(records.default_logs_dir()), metadata["gpu"], op)
     assert set(configs) == {int(t) for t in metadata["buckets"]}
-
-
-def test_default_buckets_cover_decode_and_prefill():
-    assert BUCKETS[0] == 1 and BUCKETS[-1] >= 32768
 
 
 def test_choose_keeps_the_default_unless_clearly_faster():

@@ -116,6 +116,61 @@ def test_out_with_wrong_shape_dtype_or_strides(validate):
     assert _unchanged(inputs, snapshot)
 
 
+def _view_of(storage, like):
+    """A tensor shaped like ``like`` over the start of ``storage``'s memory."""
+    return storage.reshape(-1)[:like.numel()].view(like.shape)
+
+
+OVERLAPS = {
+    "out on the cache": (lambda i: {"out": _view_of(i.k_cache, i.q_rope)},
+                         "out overlaps k_cache"),
+    "out shifted from q": (lambda i: {"out": i.q_storage.as_strided(
+        i.q_rope.shape, i.q_rope.stride(), i.q_rope.storage_offset() - 64)},
+        "out overlaps q_rope"),
+    "q on the cache": (lambda i: {"q_rope": _view_of(i.k_cache, i.q_rope)},
+                       "k_cache overlaps q_rope"),
+    "errors in the cache": (lambda i: {"errors": i.k_cache.view(torch.int32).reshape(-1)[:1]},
+                            "k_cache overlaps errors|errors overlaps"),
+    "cache on gamma": (lambda i: {"gamma": i.k_cache[0, 0, :512]}, "k_cache overlaps gamma"),
+}
+
+
+@pytest.mark.parametrize("validate", [None, True], ids=["checked", "validate"])
+@pytest.mark.parametrize("case", OVERLAPS)
+def test_overlapping_written_tensors_are_refused(case, validate):
+    """A tensor the op writes (out, k_cache, errors) may not share memory with another
+    argument: the op would read what it has already written."""
+    inputs = _inputs()
+    replace, message = OVERLAPS[case]
+    snapshot = _snapshot(inputs)
+    with pytest.raises(ValueError, match=message):
+        _call(inputs.args(), validate=validate, **replace(inputs))
+    assert _unchanged(inputs, snapshot)
+
+
+@VALIDATE
+@pytest.mark.parametrize("epsilon", [-1e-6, float("nan"), float("inf"), 1e39])
+def test_bad_epsilon_is_refused(epsilon, validate):
+    """A negative, NaN or infinite epsilon (or one float32 cannot hold) would write NaN into
+    the cache: refused by the Python checks and by the kernel's entry."""
+    inputs = _inputs()
+    snapshot = _snapshot(inputs)
+    with pytest.raises(ValueError, match="epsilon must be"):
+        _call(inputs.args(), validate=validate, epsilon=epsilon)
+    assert _unchanged(inputs, snapshot)
+
+
+@VALIDATE
+def test_bad_errors_counter_is_refused(validate):
+    inputs = _inputs()
+    for errors, error, message in ((torch.zeros(2, dtype=torch.int32), ValueError,
+                                    "errors must be a one-element"),
+                                   (torch.zeros(1, dtype=torch.int64), TypeError,
+                                    "errors must be an int32")):
+        with pytest.raises(error, match=message):
+            _call(inputs.args(), validate=validate, errors=errors)
+
+
 def test_odd_rope_dim():
     inputs = make_inputs([1], [0], num_q_heads=2, rope_dim=6, kv_norm_dim=10, page_size=4)
     with pytest.raises(ValueError, match="rope_dim"):

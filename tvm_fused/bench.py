@@ -163,7 +163,7 @@ def _check(name, provider, base: OpInputs, interleaved: bool, tokens: int):
     provider(base.clone(), torch.empty_like(base.q_rope))
     inputs = base.clone()
     out = torch.randn_like(inputs.q_rope)
-    out_before = out.clone()
+    out_before = out.clone()  # out is its whole storage
     provider(inputs, out)
     torch.cuda.synchronize()
     if tokens > CHECK_MAX_TOKENS:

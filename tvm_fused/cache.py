@@ -1,7 +1,9 @@
 """Built kernels, cached in memory and on disk.
 
 A kernel is keyed by everything its code depends on: the op config, the schedule config, the
-target (with its GPU arch), the TVM version and a digest of this package's compiler sources.
+target (with its GPU arch), the TVM version and a digest of the Python sources of this
+package and of its schedules, wherever the install put them (an editable install leaves
+``schedules/`` outside the package folder).
 The disk cache (``$TVM_FUSED_CACHE_DIR``, default ``~/.cache/tvm_fused``) holds one shared
 library per key, written to a temporary name and renamed into place, so concurrent first
 uses never see a partial file; a file that fails to load is rebuilt.
@@ -26,19 +28,26 @@ from .config import OpConfig
 from .definition import OP_NAME
 from .schedules import ScheduleConfig
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
 _lock = threading.Lock()
 _kernels: dict = {}
 
 
+def source_dirs() -> list[Path]:
+    """The folders of the Python sources that decide the generated code: the package's and
+    its schedules' (each resolved from the imported module, so any install layout works)."""
+    from . import schedules
+
+    return [Path(__file__).resolve().parent, Path(schedules.__file__).resolve().parent]
+
+
 @functools.lru_cache(maxsize=1)
-def _source_digest() -> str:
+def source_digest() -> str:
     """Digest of the sources that decide the generated code."""
     digest = hashlib.sha256()
-    files = sorted(_PACKAGE_DIR.glob("*.py")) + sorted((_PACKAGE_DIR / "schedules").glob("*.py"))
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+    for folder in source_dirs():
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -54,7 +63,7 @@ def kernel_key(op: OpConfig, target: tvm.target.Target, schedule: ScheduleConfig
         "schedule": [type(schedule).__name__, dataclasses.asdict(schedule)] if schedule else None,
         "target": str(target),
         "tvm": tvm.__version__,
-        "sources": _source_digest(),
+        "sources": source_digest(),
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from .api import fused_rope_rmsnorm
-from .inputs import GUARD, OpInputs, guarded
+from .inputs import OpInputs, q_like
 from .reference import fused_rope_rmsnorm_reference, locate_tokens
 
 F32_EPS = 2.0**-24
@@ -151,22 +151,23 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
 
 
 def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool = True,
-                  epsilon: float = 1e-6, validate: bool | None = None,
-                  schedule=None) -> CheckReport:
+                  epsilon: float = 1e-6, validate: bool | None = None, schedule=None,
+                  out_columns: tuple[int, int] | None = None) -> CheckReport:
     """Run ``fused_rope_rmsnorm`` on ``inputs`` (updating them) and check the result.
 
-    The output is ``q_rope`` itself if ``in_place``, else a tensor of random values inside
-    guards of its own, so that rows the op must not write are recognizable. The op's error
-    counter must count the reference's error tokens. ``schedule`` overrides the GPU schedule.
+    The output is ``q_rope`` itself if ``in_place``, else random values inside guards of
+    their own, so that rows the op must not write are recognizable: columns ``(width,
+    start)`` of a wider tensor if ``out_columns`` says so. The op's error counter must count
+    the reference's error tokens. ``schedule`` overrides the GPU schedule.
     """
     before = inputs.clone()
+    q = inputs.q_rope
     if in_place:
-        out = inputs.q_rope
+        out = q
     else:
-        storage, _ = guarded(inputs.q_rope.shape, inputs.q_rope.dtype,
-                             torch.Generator().manual_seed(1))
-        storage = storage.to(inputs.q_rope.device)
-        out = storage[GUARD:GUARD + inputs.q_rope.numel()].view(inputs.q_rope.shape)
+        storage, out = q_like(*q.shape, out_columns or (q.shape[2], 0), q.dtype,
+                              torch.Generator().manual_seed(1))
+        out = _view(out, storage.to(q.device))
     out_storage_before = whole_storage(out).clone()
     errors = torch.zeros(1, dtype=torch.int32, device=inputs.q_rope.device)
     result = fused_rope_rmsnorm(*inputs.args(), out=out, errors=errors, epsilon=epsilon,

@@ -3,8 +3,10 @@
 Case ``seed`` is fully determined by its seed: batch 1-64 with empty requests, 0-300 new
 tokens per request, cache lengths 0-8192 drawn mostly at page boundaries, page sizes 1-256,
 1-128 heads, every dtype, strided or contiguous and in-place or separate q, multi-layer cache
-views, shuffled page tables, padding rows, interleaved and NeoX pairs. A failing case prints
-a one-line repro: ``python -m tvm_fused fuzz --seed S --cases 1 --device D``.
+views, shuffled page tables, padding rows, interleaved and NeoX pairs, and in a third of the
+cases an index that points nowhere (a page of -1 or past the cache, a freqs table too short),
+which the kernel must skip and count (those cases run unvalidated). A failing case prints a
+one-line repro: ``python -m tvm_fused fuzz --seed S --cases 1 --device D``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from .checking import CheckReport, run_and_check
-from .inputs import make_inputs
+from .inputs import OpInputs, make_inputs
+from .reference import locate_tokens
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # a small grid of shapes keeps the number of distinct kernels (builds) bounded
 HEADS = (1, 2, 5, 16, 64, 128)
 PAGE_SIZES = (1, 2, 16, 64, 128, 256)
+CORRUPTIONS = (None, None, None, None, "no cache row", "page past the cache", "short freqs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,7 @@ class FuzzCase:
     layers: int
     in_place: bool
     interleaved: bool
+    corruption: str | None
 
     def describe(self) -> str:
         return (f"seed={self.seed} batch={len(self.new_tokens)} tokens={sum(self.new_tokens)} "
@@ -51,7 +56,8 @@ class FuzzCase:
                 f"gamma={str(self.gamma_dtype)[6:]} freqs={str(self.freqs_dtype)[6:]} "
                 f"offsets={str(self.offsets_dtype)[6:]} pad={self.padding_rows} "
                 f"strided={self.strided_q} layers={self.layers} in_place={self.in_place} "
-                f"{'interleaved' if self.interleaved else 'neox'}")
+                f"{'interleaved' if self.interleaved else 'neox'} "
+                f"corruption={self.corruption}")
 
 
 def _cache_length(rng: random.Random, page_size: int) -> int:
@@ -81,19 +87,40 @@ def random_case(seed: int, max_tokens: int = 300) -> FuzzCase:
         offsets_dtype=rng.choice((torch.uint32, torch.int32)),
         padding_rows=rng.choice((0, 0, 1, 7)), strided_q=rng.random() < 0.7,
         layers=rng.choice((1, 1, 3)), in_place=rng.random() < 0.3,
-        interleaved=rng.random() < 0.8)
+        interleaved=rng.random() < 0.8, corruption=rng.choice(CORRUPTIONS))
+
+
+def _corrupt(inputs: OpInputs, how: str, seed: int) -> None:
+    """Point one random new token's index nowhere (SPEC.md): its page to -1 ("no cache row")
+    or past the cache, or cut ``freqs_cis`` just before its position."""
+    tokens = locate_tokens(inputs.input_row_offsets, inputs.cache_lengths,
+                           inputs.lookup_table, inputs.freqs_cis.shape[0],
+                           inputs.k_cache.shape[0], inputs.k_cache.shape[1])
+    if tokens.pos.numel() == 0:
+        return
+    rng = random.Random(seed)
+    token = rng.randrange(tokens.pos.numel())
+    request, pos = int(tokens.request[token]), int(tokens.pos[token])
+    if how == "short freqs":
+        inputs.freqs_cis = inputs.freqs_cis[:pos].clone()
+        return
+    page = -1 if how == "no cache row" else inputs.k_cache.shape[0] + rng.randrange(1000)
+    inputs.lookup_table[request, pos // inputs.k_cache.shape[1]] = page
 
 
 def run_case(case: FuzzCase, device: str) -> CheckReport:
-    """Run ``case`` on ``device`` and check it (validation on, so bad cases would raise)."""
+    """Run ``case`` on ``device`` and check it (validation on, so that an input the fuzzer
+    meant to be valid but is not would raise, unless the case corrupts an index)."""
     inputs = make_inputs(
         list(case.new_tokens), list(case.cache_lengths), num_q_heads=case.heads,
         page_size=case.page_size, dtype=case.dtype, gamma_dtype=case.gamma_dtype,
         freqs_dtype=case.freqs_dtype, offsets_dtype=case.offsets_dtype,
         padding_rows=case.padding_rows, strided_q=case.strided_q, layers=case.layers,
         prefix_pool=3, seed=case.seed, device=device)
+    if case.corruption:
+        _corrupt(inputs, case.corruption, case.seed)
     return run_and_check(inputs, in_place=case.in_place, interleaved=case.interleaved,
-                         validate=True)
+                         validate=case.corruption is None)
 
 
 def repro(case: FuzzCase, device: str) -> str:

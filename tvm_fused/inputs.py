@@ -75,6 +75,15 @@ def guarded(shape, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tens
     return storage, storage[GUARD:GUARD + numel].view(shape)
 
 
+def q_like(rows: int, heads: int, rope_dim: int, columns: tuple[int, int], dtype: torch.dtype,
+           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(storage, view)``: columns ``[start, start + rope_dim)`` of a random q ``[rows, heads,
+    width]`` inside guards, ``columns = (width, start)``."""
+    width, start = columns
+    storage, q = guarded((rows, heads, width), dtype, gen)
+    return storage, q[..., start:start + rope_dim]
+
+
 def make_inputs(
     new_tokens: list[int],
     cache_lengths: list[int],
@@ -114,10 +123,8 @@ def make_inputs(
     batch = len(new_tokens)
     total = sum(new_tokens)
     rows = total + padding_rows
-    width, start = q_columns or ((NOPE_DIM + rope_dim, NOPE_DIM) if strided_q else
-                                 (rope_dim, 0))
-    q_storage, q = guarded((rows, num_q_heads, width), dtype, gen)
-    q_rope = q[..., start:start + rope_dim]
+    q_storage, q_rope = q_like(rows, num_q_heads, rope_dim, q_columns or (
+        (NOPE_DIM + rope_dim, NOPE_DIM) if strided_q else (rope_dim, 0)), dtype, gen)
 
     ends = [c + t for c, t in zip(cache_lengths, new_tokens)]
     pages_per_request = [math.ceil(e / page_size) for e in ends]

@@ -55,13 +55,14 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_no_overlap(named: list, written: tuple) -> None:
-    """Each tensor in ``written`` (names) must not share memory with another in ``named``
-    (``(name, tensor)``), but ``out`` may be ``q_rope`` itself."""
-    spans = [(name, _span(tensor)) for name, tensor in named if tensor is not None]
-    for name, (start, end) in spans:
-        if name not in written:
+    """No tensor named in ``written`` may share memory with another of ``named`` (``(name,
+    tensor)`` pairs), but ``out`` may be ``q_rope`` itself."""
+    spans = {name: _span(tensor) for name, tensor in named if tensor is not None}
+    for name in written:
+        if name not in spans:
             continue
-        for other, (other_start, other_end) in spans:
+        start, end = spans[name]
+        for other, (other_start, other_end) in spans.items():
             if other == name or (name == "out" and other == "q_rope"
                                  and start == other_start):
                 continue
