@@ -1,11 +1,16 @@
-"""Edge cases run under compute-sanitizer by scripts/sanitize.sh (GPU): no tokens, one
-token, far more tokens than one wave of blocks, page size 1, padding rows, in place, NeoX,
-and schedules with shared-memory row reductions."""
+"""Edge cases run under compute-sanitizer by scripts/sanitize.sh (GPU), with the default
+settings (no content validation on the GPU): no tokens, one token, far more tokens than one
+wave of blocks, page size 1, padding rows, in place, NeoX, schedules with shared-memory row
+reductions, odd strides, and every index that points nowhere (tests/cases.py). Run from the
+repository root."""
 
 import sys
 
+import torch
 from tvm_fused.schedules import ScheduleConfig
 
+from tests.cases import BAD_INDICES, MALFORMED, RAGGED, bad_index_inputs
+from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.checking import run_and_check
 from tvm_fused.inputs import make_inputs
 
@@ -20,16 +25,35 @@ CASES = [
         block_threads=128, norm_threads_per_row=32, norm_rows_per_thread=4)},
     {"new": [40, 3], "cached": [7, 300], "schedule": ScheduleConfig(
         block_threads=256, norm_threads_per_row=128)},
+    {"new": RAGGED[0], "cached": RAGGED[1], "heads": 4, "page_size": 16,
+     "q_columns": (65, 1), "row_width": 577, "dtype": torch.float16},
+    {"new": RAGGED[0], "cached": RAGGED[1], "heads": 4, "page_size": 16,
+     "q_columns": (67, 3), "row_width": 581, "in_place": True},
 ]
 
 failed = 0
 for case in CASES:
     inputs = make_inputs(case["new"], case["cached"], num_q_heads=case.get("heads", 128),
                          page_size=case.get("page_size", 128),
-                         padding_rows=case.get("padding_rows", 0), device="cuda")
+                         padding_rows=case.get("padding_rows", 0),
+                         q_columns=case.get("q_columns"), row_width=case.get("row_width"),
+                         dtype=case.get("dtype", torch.bfloat16), device="cuda")
     report = run_and_check(inputs, in_place=case.get("in_place", False),
-                           interleaved=case.get("interleaved", True), validate=True,
+                           interleaved=case.get("interleaved", True),
                            schedule=case.get("schedule"))
     print(("ok  " if report.ok else "FAIL"), case, report.summary())
     failed += not report.ok
+for name, (corrupt, errors) in BAD_INDICES.items():
+    inputs = bad_index_inputs("cuda")
+    corrupt(inputs)
+    report = run_and_check(inputs)
+    ok = report.ok and report.errors_expected == errors
+    print(("ok  " if ok else "FAIL"), name, report.summary())
+    failed += not ok
+for name, corrupt in MALFORMED.items():  # no defined result: memcheck judges
+    inputs = bad_index_inputs("cuda")
+    corrupt(inputs)
+    fused_rope_rmsnorm(*inputs.args())
+    torch.cuda.synchronize()
+    print("ran ", name)
 sys.exit(1 if failed else 0)

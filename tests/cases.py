@@ -1,4 +1,5 @@
-"""Ragged batches the kernel tests share: empty requests, page-boundary crossings."""
+"""Cases the kernel tests (and scripts/sanitize_cases.py) share: ragged batches with empty
+requests and page-boundary crossings, and indices that point nowhere."""
 
 import itertools
 
@@ -36,3 +37,74 @@ def check_matrix_case(index: int, device: str):
                          seed=index, device=device)
     return run_and_check(inputs, in_place=index % 4 == 1, interleaved=index % 5 != 2,
                          validate=True)
+
+
+def bad_index_inputs(device):
+    """RAGGED with 4 heads, page size 16, 3 layers, 2 padding rows: request 2 writes
+    positions 126-130 (logical pages 7 and 8), request 3 position 0; the lookup table has 10
+    columns."""
+    return make_inputs(*RAGGED, num_q_heads=4, page_size=16, layers=3, padding_rows=2,
+                       device=device)
+
+
+def _set(name, index, value):
+    def corrupt(inputs):
+        getattr(inputs, name)[index] = value(inputs) if callable(value) else value
+    return corrupt
+
+
+def _keep_freqs(rows):
+    def corrupt(inputs):
+        inputs.freqs_cis = inputs.freqs_cis[:rows].clone()
+    return corrupt
+
+
+def _narrow_table(inputs):
+    inputs.lookup_table = inputs.lookup_table[:, :8]  # logical page 8 is past its width
+
+
+INT32_MAX = 2**31 - 1
+# corruption of bad_index_inputs -> the error tokens it makes (each has a defined result)
+BAD_INDICES = {
+    "page at num_pages": (_set("lookup_table", (2, 8), lambda i: i.k_cache.shape[0]), 3),
+    "huge page": (_set("lookup_table", (2, 8), INT32_MAX), 3),
+    "position at len(freqs_cis)": (_keep_freqs(130), 1),
+    "empty freqs table": (_keep_freqs(0), 16),
+    "logical page at the table's width": (_narrow_table, 3),
+    "huge cache length": (_set("cache_lengths", 3, INT32_MAX), 1),
+    "negative cache length": (_set("cache_lengths", 3, -5), 1),
+    "no cache row (page -1)": (_set("lookup_table", (2, 8), -1), 0),
+    "no cache row (most negative page)": (_set("lookup_table", (2, 7), -2**31), 0),
+}
+
+
+def _offsets(values):
+    def corrupt(inputs):
+        inputs.input_row_offsets = torch.tensor(values, dtype=torch.int64).to(
+            inputs.input_row_offsets.dtype).to(inputs.q_rope.device)
+    return corrupt
+
+
+# corruptions of bad_index_inputs (16 real rows, 2 of padding) with no defined result: the
+# kernel must still stay inside its tensors and leave rows past offsets[-1] alone
+MALFORMED = {
+    "offsets not from 0": _offsets([2, 3, 3, 8, 9, 16]),
+    "offsets decreasing": _offsets([0, 9, 3, 8, 2, 16]),
+    "offsets past q's rows": _offsets([0, 3, 3, 8, 9, 4000]),
+    "huge offsets": _offsets([0, 3, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]),
+    # request 4's logical page 2 is request 0's page 0: two tokens on one cache row
+    "two tokens on one cache row": _set("lookup_table", (4, 2),
+                                        lambda i: int(i.lookup_table[0, 0])),
+}
+
+
+def snapshot(inputs) -> list:
+    """Copies of every tensor of ``inputs`` (whole storages), for ``unchanged``."""
+    return [t.clone() for t in (inputs.q_storage, inputs.cache_storage,
+                                inputs.input_row_offsets, inputs.lookup_table,
+                                inputs.cache_lengths, inputs.freqs_cis, inputs.gamma)]
+
+
+def unchanged(inputs, before: list) -> bool:
+    """Whether every tensor of ``inputs`` is bit for bit as in ``before``."""
+    return all(torch.equal(a, b) for a, b in zip(snapshot(inputs), before))

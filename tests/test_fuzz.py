@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tvm_fused.fuzz import fuzz, random_case
+from tvm_fused.fuzz import CORRUPTIONS, fuzz, random_case
 
 CHUNK = 20
 CPU_CASES = 200
@@ -38,5 +38,6 @@ def test_cases_are_reproducible_and_varied():
     assert {c.page_size for c in cases} >= {1, 256} and {c.heads for c in cases} >= {1, 128}
     assert any(0 in c.new_tokens for c in cases) and any(c.in_place for c in cases)
     assert any(not c.interleaved for c in cases) and any(c.layers > 1 for c in cases)
+    assert {c.corruption for c in cases} == set(CORRUPTIONS)
     assert any(length % c.page_size == 0 and length > 0
                for c in cases for length in c.cache_lengths if c.page_size > 1)

@@ -6,6 +6,8 @@ import torch
 from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.inputs import make_inputs
 
+from .cases import snapshot, unchanged
+
 
 def _inputs():
     return make_inputs([2, 0, 3], [5, 1, 127], num_q_heads=4, page_size=16, padding_rows=1)
@@ -74,16 +76,6 @@ BAD_ARGUMENTS = [
 ]
 
 
-def _snapshot(inputs):
-    return [t.clone() for t in (inputs.q_storage, inputs.cache_storage,
-                                inputs.input_row_offsets, inputs.lookup_table,
-                                inputs.cache_lengths, inputs.freqs_cis, inputs.gamma)]
-
-
-def _unchanged(inputs, snapshot):
-    return all(torch.equal(a, b) for a, b in zip(_snapshot(inputs), snapshot))
-
-
 # validate=False skips the Python checks: TVM's compiled entry checks refuse the call before
 # the launch, and the Python checks then run for the message
 VALIDATE = pytest.mark.parametrize("validate", [None, False], ids=["checked", "unchecked"])
@@ -93,16 +85,16 @@ VALIDATE = pytest.mark.parametrize("validate", [None, False], ids=["checked", "u
 @pytest.mark.parametrize("name, make, error, match", BAD_ARGUMENTS)
 def test_bad_argument_raises_and_writes_nothing(name, make, error, match, validate):
     inputs = _inputs()
-    snapshot = _snapshot(inputs)
+    before = snapshot(inputs)
     with pytest.raises(error, match=match):
         _call(inputs.args(), validate=validate, **{name: make(inputs)})
-    assert _unchanged(inputs, snapshot)
+    assert unchanged(inputs, before)
 
 
 @VALIDATE
 def test_out_with_wrong_shape_dtype_or_strides(validate):
     inputs = _inputs()
-    snapshot = _snapshot(inputs)
+    before = snapshot(inputs)
     for out, message in (
         (torch.empty(inputs.q_rope.shape[0] + 1, *inputs.q_rope.shape[1:],
                      dtype=inputs.q_rope.dtype), "out must have the shape"),
@@ -113,7 +105,7 @@ def test_out_with_wrong_shape_dtype_or_strides(validate):
     ):
         with pytest.raises((TypeError, ValueError), match=message):
             _call(inputs.args(), out=out, validate=validate)
-    assert _unchanged(inputs, snapshot)
+    assert unchanged(inputs, before)
 
 
 def _view_of(storage, like):
@@ -142,10 +134,10 @@ def test_overlapping_written_tensors_are_refused(case, validate):
     argument: the op would read what it has already written."""
     inputs = _inputs()
     replace, message = OVERLAPS[case]
-    snapshot = _snapshot(inputs)
+    before = snapshot(inputs)
     with pytest.raises(ValueError, match=message):
         _call(inputs.args(), validate=validate, **replace(inputs))
-    assert _unchanged(inputs, snapshot)
+    assert unchanged(inputs, before)
 
 
 @VALIDATE
@@ -154,10 +146,10 @@ def test_bad_epsilon_is_refused(epsilon, validate):
     """A negative, NaN or infinite epsilon (or one float32 cannot hold) would write NaN into
     the cache: refused by the Python checks and by the kernel's entry."""
     inputs = _inputs()
-    snapshot = _snapshot(inputs)
+    before = snapshot(inputs)
     with pytest.raises(ValueError, match="epsilon must be"):
         _call(inputs.args(), validate=validate, epsilon=epsilon)
-    assert _unchanged(inputs, snapshot)
+    assert unchanged(inputs, before)
 
 
 @VALIDATE
@@ -202,9 +194,9 @@ def test_validate_rejects_out_of_range_contents(case):
         args[5][2, 7] = inputs.k_cache.shape[0]
     elif case == "negative_cache_length":
         args[6] = torch.tensor([5, -1, 127], dtype=torch.int32)
-    snapshot = _snapshot(inputs)
+    before = snapshot(inputs)
     with pytest.raises(ValueError):
         _call(args, validate=True)
-    assert _unchanged(inputs, snapshot)
+    assert unchanged(inputs, before)
 
 
