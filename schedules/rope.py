@@ -35,7 +35,10 @@ def schedule_rope_branch(
         for stage in ("locate", "freqs", "load", "rope", "store")
     )
     vector = config.vector_elems(op, op.dtype, op.rope_dim // (1 if op.interleaved else 2))
-    elems = vector if op.interleaved else 2 * vector
+    # a lane's elements hold whole pairs: at least one interleaved pair, whose two elements
+    # are accessed one by one when the alignment allows no vector (a pair-wide access would
+    # be misaligned), or a vector from each half of a NeoX row
+    elems = max(vector, 2) if op.interleaved else 2 * vector
     lanes = op.rope_dim // elems
     threads = config.block_threads
     heads = op.num_q_heads if prefix == "q" else 1
@@ -61,7 +64,8 @@ def schedule_rope_branch(
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     if op.interleaved:
-        sch.vectorize(elem)
+        if vector == elems:
+            sch.vectorize(elem)
     else:  # elem = (j, p): put p outside so each vector runs along j, contiguous in memory
         j_vec, p = sch.split(elem, [None, 2])
         sch.reorder(p, j_vec)

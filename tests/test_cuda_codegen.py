@@ -98,3 +98,26 @@ def test_pipeline_mirrors_tvm_default_on_a_single_launch():
         ours = tvm.compile(copy, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
         theirs = tvm.compile(copy, target=target)
     assert ours.mod.imports[0].inspect_source() == theirs.mod.imports[0].inspect_source()
+
+
+ACCESS_BYTES = {"uint4": 16, "float4": 16, "uint2": 8, "float2": 8, "nv_bfloat164": 8,
+                "half4": 8, "uint": 4, "nv_bfloat162": 4, "half2": 4}
+
+
+@pytest.mark.parametrize("alignment", [2, 4, 8, 16])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+def test_no_global_access_is_wider_than_the_alignment(alignment, dtype, interleaved):
+    """A kernel built for ``alignment`` bytes never reads or writes global memory wider than
+    that (an interleaved pair is two scalar accesses when a pair-wide one would be
+    misaligned): the wider access ended in ``misaligned address`` on a GPU."""
+    op = OpConfig(num_q_heads=4, page_size=16, alignment=alignment, dtype=dtype,
+                  gamma_dtype=dtype, interleaved=interleaved)
+    src = cuda_source(op)
+    kernel = src[src.rindex('extern "C" __global__'):]
+    accesses = re.findall(r"\*\((\w+)\*\)\((\w+?)_ptr", kernel)
+    widths = {ACCESS_BYTES[kind] for kind, name in accesses if not name.endswith("_local")}
+    assert all(width <= max(alignment, 4 if dtype == "float32" else 2) for width in widths), \
+        sorted(set(accesses))
+    if alignment == 16:
+        assert widths == {16}
