@@ -42,6 +42,21 @@ def test_checker_fails_on_planted_writes(layers, plant):
     assert report.ok == (plant is None), report.summary()
 
 
+@pytest.mark.parametrize("plant", [None, "a padding row", "a written row"])
+def test_checker_fails_on_planted_writes_to_a_callers_out(plant):
+    """Out of place into the caller's tensor (its whole storage): rows the op must not write
+    are compared bit for bit, written rows with the reference."""
+    inputs = make_inputs(*RAGGED, num_q_heads=4, page_size=16, padding_rows=2)
+    before = inputs.clone()
+    out = torch.randn_like(inputs.q_rope)
+    out_before = out.clone()
+    fused_rope_rmsnorm(*inputs.args(), out=out)
+    if plant is not None:
+        _bump(out[-1 if plant == "a padding row" else 0, 0, :1])
+    report = check_run(before, inputs, out, out_before)
+    assert report.ok == (plant is None), report.summary()
+
+
 def test_checker_fails_on_a_wrong_error_count():
     inputs = make_inputs(*RAGGED, num_q_heads=4, page_size=16)
     inputs.lookup_table[2, 8] = inputs.k_cache.shape[0]  # three error tokens

@@ -96,8 +96,8 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
 
     ``before`` is a copy of the inputs taken before the call, ``after`` the inputs after it,
     ``out`` the returned q (``after.q_rope`` if ``in_place``) and ``out_storage_before`` a
-    copy of ``whole_storage(out)`` taken before an out-of-place call (None if the op made
-    ``out``: it has no rows to keep); ``errors_counted`` what the op added to its error
+    copy of ``whole_storage(out)`` taken before an out-of-place call (or of ``out`` itself,
+    if that is its whole storage; None if the op made ``out``: it has no rows to keep); ``errors_counted`` what the op added to its error
     counter (None: not counted). Written rows are compared with the float64 reference; every
     other element of every storage (padding and error rows, other layers, row padding, the
     guards around each tensor) must be bit-identical to before. Compared on the CPU.
@@ -142,7 +142,7 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
         _view(before.q_rope, expected_q)[written] = out[written]
     q_same = torch.equal(after.q_storage, expected_q)
     if not in_place and out_storage_before is not None:
-        expected_out = out_storage_before.cpu().clone()
+        expected_out = whole_storage(out_storage_before.to("cpu", copy=True))
         _view(out, expected_out)[written] = out[written]
         q_same &= torch.equal(out_storage, expected_out)
     counted = tokens.errors if errors_counted is None else errors_counted
