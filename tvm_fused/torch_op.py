@@ -5,7 +5,9 @@
 - ``torch.ops.tvm_fused.fused_rope_rmsnorm_(q_rope, ...) -> None``: ``q_rope`` and
   ``k_cache`` (and ``errors``) mutated in place.
 
-Both declare what they mutate and have fake (meta) implementations, so
+``errors`` (a one-element int32 tensor, or None) is a required argument: torch 2.11's
+custom ops fail on a mutable argument left to its default. Both declare what they mutate and
+have fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` traces through them; they never validate in Python (no
 host sync, no per-call checks: ``validate=False``): the compiled kernel's entry still refuses
 malformed tensors, and bad indices are skipped and counted in ``errors``.
@@ -23,8 +25,8 @@ from .api import fused_rope_rmsnorm
 def fused_rope_rmsnorm_op(
     q_rope: torch.Tensor, input_row_offsets: torch.Tensor, freqs_cis: torch.Tensor,
     gamma: torch.Tensor, k_cache: torch.Tensor, lookup_table: torch.Tensor,
-    cache_lengths: torch.Tensor, epsilon: float = 1e-6, interleaved: bool = True,
-    errors: torch.Tensor | None = None,
+    cache_lengths: torch.Tensor, errors: torch.Tensor | None, epsilon: float = 1e-6,
+    interleaved: bool = True,
 ) -> torch.Tensor:
     """Roped q as a new contiguous tensor; ``k_cache`` updated in place."""
     out = torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
@@ -35,7 +37,7 @@ def fused_rope_rmsnorm_op(
 
 @fused_rope_rmsnorm_op.register_fake
 def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-      epsilon=1e-6, interleaved=True, errors=None):
+      errors, epsilon=1e-6, interleaved=True):
     return torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
 
 
@@ -44,8 +46,8 @@ def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_
 def fused_rope_rmsnorm_inplace_op(
     q_rope: torch.Tensor, input_row_offsets: torch.Tensor, freqs_cis: torch.Tensor,
     gamma: torch.Tensor, k_cache: torch.Tensor, lookup_table: torch.Tensor,
-    cache_lengths: torch.Tensor, epsilon: float = 1e-6, interleaved: bool = True,
-    errors: torch.Tensor | None = None,
+    cache_lengths: torch.Tensor, errors: torch.Tensor | None, epsilon: float = 1e-6,
+    interleaved: bool = True,
 ) -> None:
     """``q_rope`` and ``k_cache`` updated in place."""
     fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
@@ -55,5 +57,5 @@ def fused_rope_rmsnorm_inplace_op(
 
 @fused_rope_rmsnorm_inplace_op.register_fake
 def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-      epsilon=1e-6, interleaved=True, errors=None):
+      errors, epsilon=1e-6, interleaved=True):
     return None
