@@ -17,11 +17,11 @@ def _inputs(device):
 
 
 def _out_of_place(*args, errors=None):
-    return torch.ops.tvm_fused.fused_rope_rmsnorm(*args, errors, 1e-6, True)
+    return torch.ops.tvm_fused.fused_rope_rmsnorm(*args, 1e-6, True, errors)
 
 
 def _in_place(q, *args, errors=None):
-    torch.ops.tvm_fused.fused_rope_rmsnorm_(q, *args, errors, 1e-6, True)
+    torch.ops.tvm_fused.fused_rope_rmsnorm_(q, *args, 1e-6, True, errors)
     return q
 
 
@@ -57,10 +57,10 @@ def test_ops_declare_their_mutations():
 def test_in_place_op_in_a_cuda_graph_and_reduce_overhead_compile():
     inputs = _inputs("cuda")
     static_q = inputs.q_rope
-    torch.ops.tvm_fused.fused_rope_rmsnorm_(*inputs.args(), None)  # build first
+    torch.ops.tvm_fused.fused_rope_rmsnorm_(*inputs.args(), 1e-6, True, None)  # build first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        torch.ops.tvm_fused.fused_rope_rmsnorm_(*inputs.args(), None)
+        torch.ops.tvm_fused.fused_rope_rmsnorm_(*inputs.args(), 1e-6, True, None)
     fresh = _inputs("cpu")
     static_q.copy_(fresh.q_rope)
     inputs.cache_storage.copy_(fresh.cache_storage)

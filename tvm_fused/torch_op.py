@@ -5,9 +5,10 @@
 - ``torch.ops.tvm_fused.fused_rope_rmsnorm_(q_rope, ...) -> None``: ``q_rope`` and
   ``k_cache`` (and ``errors``) mutated in place.
 
-``errors`` (a one-element int32 tensor, or None) is a required argument: torch 2.11's
-custom ops fail on a mutable argument left to its default. Both declare what they mutate and
-have fake (meta) implementations, so
+Every argument is required, ``errors`` (a one-element int32 tensor, or None) last: torch
+2.11's custom ops fail on a mutable argument left to its default, and Inductor (torch 2.13)
+passes a mutable optional tensor last whatever its place in the schema. Both declare what
+they mutate and have fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` traces through them; they never validate in Python (no
 host sync, no per-call checks: ``validate=False``): the compiled kernel's entry still refuses
 malformed tensors, and bad indices are skipped and counted in ``errors``.
@@ -25,8 +26,8 @@ from .api import fused_rope_rmsnorm
 def fused_rope_rmsnorm_op(
     q_rope: torch.Tensor, input_row_offsets: torch.Tensor, freqs_cis: torch.Tensor,
     gamma: torch.Tensor, k_cache: torch.Tensor, lookup_table: torch.Tensor,
-    cache_lengths: torch.Tensor, errors: torch.Tensor | None, epsilon: float = 1e-6,
-    interleaved: bool = True,
+    cache_lengths: torch.Tensor, epsilon: float, interleaved: bool,
+    errors: torch.Tensor | None,
 ) -> torch.Tensor:
     """Roped q as a new contiguous tensor; ``k_cache`` updated in place."""
     out = torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
@@ -37,7 +38,7 @@ def fused_rope_rmsnorm_op(
 
 @fused_rope_rmsnorm_op.register_fake
 def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-      errors, epsilon=1e-6, interleaved=True):
+      epsilon, interleaved, errors):
     return torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
 
 
@@ -46,8 +47,8 @@ def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_
 def fused_rope_rmsnorm_inplace_op(
     q_rope: torch.Tensor, input_row_offsets: torch.Tensor, freqs_cis: torch.Tensor,
     gamma: torch.Tensor, k_cache: torch.Tensor, lookup_table: torch.Tensor,
-    cache_lengths: torch.Tensor, errors: torch.Tensor | None, epsilon: float = 1e-6,
-    interleaved: bool = True,
+    cache_lengths: torch.Tensor, epsilon: float, interleaved: bool,
+    errors: torch.Tensor | None,
 ) -> None:
     """``q_rope`` and ``k_cache`` updated in place."""
     fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
@@ -57,5 +58,5 @@ def fused_rope_rmsnorm_inplace_op(
 
 @fused_rope_rmsnorm_inplace_op.register_fake
 def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-      errors, epsilon=1e-6, interleaved=True):
+      epsilon, interleaved, errors):
     return None
