@@ -5,11 +5,13 @@ SPEC.md. Four branches, each locating its own token because on the GPU they run 
 thread blocks; ``row(t)`` is cache row ``k_cache[page[t], pos[t] % page_size]``:
 
     q branch     q_locate  t           q_pos[t]: position of token t if it has a freqs row,
-                                       else -1; q_state[t]: PADDING, OK or ERROR
+                                       else -1; q_page[t]: its physical page, or num_pages
                  q_freqs   t, j, p     cos/sin of pair j at q_pos[t] (0 without a position)
                  q_load    t, h, j, p  q_in  = q_rope[t, h, pair j, elem p]   (if positioned)
                  q_rope    t, h, j, p  q_out = rope(q_in[t, h, j, :], freqs[q_pos[t], j])[p]
-                 q_store   t, h, j, p  q_rope_output[t, h, pair j, elem p] = q_out  (if OK)
+                 q_store   t, h, j, p  q_rope_output[t, h, pair j, elem p] = q_out
+                                       (if q_page[t] < num_pages: checked only here, so the
+                                       page-table load overlaps the q loads)
     k branch     k_locate, k_freqs, k_load, k_rope, k_store: the same on row(t)[kv_norm_dim:]
     norm branch  norm_locate, norm_load (row(t)[:kv_norm_dim]),
                  norm_sumsq  t, c (reduction)  sumsq[t] = sum_c float32(x[t, c])^2
@@ -121,8 +123,10 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         """Find token ``vt``'s request, position and page, checking every index on the way.
 
         Writes (each output optional): ``pos[vt]`` its position if the token is real and the
-        position has a freqs row, else -1; ``page[vt]`` the physical page of its cache row if
-        it is OK and has one, else -1; ``state[vt]`` PADDING, OK or ERROR.
+        position has a freqs row, else -1; ``page[vt]`` the physical page the lookup table
+        gives for it (negative: no cache row), or ``num_pages`` if the position is not in
+        the table (so: the token is OK iff ``page < num_pages``, and has a cache row iff also
+        ``page >= 0``); ``state[vt]`` PADDING, OK or ERROR.
 
         Request ``min(token, batch - 1)`` is tried first, its offsets and cache length loaded
         in one round with ``offsets[batch]``: right for every token of a decode step (one new
@@ -163,13 +167,12 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         listed: T.let = positioned and p // PS < lookup_table.shape[1]
         physical: T.let = T.if_then_else(
             listed, T.Cast("int64", lookup_table[found[0], p // PS]), num_pages)
-        ok: T.let = listed and physical < num_pages
         if pos is not None:
             pos[vt] = T.Select(positioned, p, NONE)
         if page is not None:
-            page[vt] = T.Select(ok, T.max(physical, NONE), NONE)  # negative: no cache row
+            page[vt] = physical
         if state is not None:
-            state[vt] = T.Select(real, T.Select(ok, OK, ERROR), PADDING)
+            state[vt] = T.Select(real, T.Select(physical < num_pages, OK, ERROR), PADDING)
 
     @T.prim_func(s_tir=True)
     def fused_rope_rmsnorm(
@@ -205,7 +208,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             "ValueError", ["epsilon must be finite and non-negative"])
 
         q_pos = T.sblock_alloc_buffer((n,), "int64")
-        q_state = T.sblock_alloc_buffer((n,), "int32")
+        q_page = T.sblock_alloc_buffer((n,), "int64")
         q_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
         q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
         q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
@@ -243,9 +246,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             with T.sblock("q_locate"):
                 vt = T.axis.spatial(n, t)
                 T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(q_pos[vt], q_state[vt])
+                T.writes(q_pos[vt], q_page[vt])
                 locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, q_pos,
-                       None, q_state)
+                       q_page, None)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("q_freqs"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
@@ -269,7 +272,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_store"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                if q_state[vt] == OK:
+                if q_page[vt] < num_pages:
                     out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
 
         # k branch: the rope part of each new cache row, in place
@@ -283,14 +286,14 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_freqs"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_page[vt] >= ZERO:
+                if k_pos[vt] >= ZERO:
                     k_freqs[vt, vj, vp] = freqs_pairs[k_pos[vt], vj, vp]
                 else:
                     k_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_load"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_page[vt] >= ZERO:
+                if k_page[vt] >= ZERO and k_page[vt] < num_pages:
                     k_in[vt, vj, vp] = k_pairs_in[k_page[vt], k_pos[vt] % PS, vj, vp]
                 else:
                     k_in[vt, vj, vp] = T.Cast(dtype, 0)
@@ -303,7 +306,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_store"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_page[vt] >= ZERO:
+                if k_page[vt] >= ZERO and k_page[vt] < num_pages:
                     k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
 
         # norm branch: the latent part of each new cache row, in place
@@ -317,7 +320,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, c in T.grid(n, D):
             with T.sblock("norm_load"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                if norm_page[vt] >= ZERO:
+                if norm_page[vt] >= ZERO and norm_page[vt] < num_pages:
                     norm_in[vt, vc] = k_rows_in[norm_page[vt], norm_pos[vt] % PS, vc]
                 else:
                     norm_in[vt, vc] = T.Cast(dtype, 0)
@@ -339,7 +342,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, c in T.grid(n, D):
             with T.sblock("norm_store"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                if norm_page[vt] >= ZERO:
+                if norm_page[vt] >= ZERO and norm_page[vt] < num_pages:
                     k_cache[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
 
         # count branch: one increment per ERROR token (a schedule running tokens in parallel
