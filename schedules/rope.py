@@ -8,6 +8,7 @@ interleaved; two for NeoX, whose pairs sit ``R / 2`` apart). A block's ``Y * X``
     for blk   in blockIdx.x  (n * ceil(H / heads per block), or ceil(n / tokens per block))
      for ty   in threadIdx.y (Y)
       for tx  in threadIdx.x (X)                      thread -> (token, head, lane)
+       locate token t, freqs[pos, lane*E : +E]       once per thread when its items are heads
        for item in range(items)                       heads (or tokens) a thread handles
          locate token t: binary search of input_row_offsets        (registers)
          freqs[pos, lane*E : +E]          ->  vector loads         (registers)
@@ -51,7 +52,8 @@ def schedule_rope_branch(
     j_lane, j_elem = sch.split(j, [lanes, None])
     sch.reorder(j_lane, j_elem, p)
     elem = sch.fuse(j_elem, p)
-    if heads * lanes >= threads:  # blocks tile a token's heads
+    tiles_heads = heads * lanes >= threads
+    if tiles_heads:  # blocks tile a token's heads
         blk_part, item, head_part = sch.split(head[0], [None, items, threads // lanes])
         blk = sch.fuse(t, blk_part)
         thread = sch.fuse(head_part, j_lane)
@@ -71,11 +73,13 @@ def schedule_rope_branch(
         sch.reorder(p, j_vec)
         sch.vectorize(j_vec)
 
-    for stage in (rope, load, freqs, locate):
-        sch.compute_at(stage, item)
+    # a thread's items are heads of one token (one locate and freqs row for all) or tokens
+    per_token = tx if tiles_heads else item
+    for stage, at in ((rope, item), (load, item), (freqs, per_token), (locate, per_token)):
+        sch.compute_at(stage, at)
     if config.unroll:
         for loop in loops_under(sch, rope, item):
             sch.unroll(loop)
-    vectorize_tail(sch, freqs, item, config.vector_elems(op, op.freqs_dtype, elems))
+    vectorize_tail(sch, freqs, per_token, config.vector_elems(op, op.freqs_dtype, elems))
     vectorize_tail(sch, load, item, vector, pairs_first=op.interleaved)
     set_local(sch, locate, freqs, load, rope)

@@ -6,12 +6,13 @@ For each token count (128 heads, bf16, the tuning buckets' batches): the median 
 CUDA-event runs, and at decode sizes the GPU time per call in a graph of 100 calls back to
 back (the steady state of a decode step). Prints one JSON line per token count.
 
-Usage: python scripts/time_revision.py LABEL [TOKENS ...]
+Usage: python scripts/time_revision.py LABEL [--items N] [TOKENS ...]
+(``--items``: the schedule's ``rope_vectors_per_thread``, else the default schedule)
 """
 
+import argparse
 import json
 import statistics
-import sys
 
 import torch
 
@@ -53,15 +54,24 @@ def graph_us(fn, calls: int = 100, reps: int = 20) -> float:
     return cold_us(graph.replay, reps) / calls
 
 
-label = sys.argv[1]
-for tokens in [int(t) for t in sys.argv[2:]] or [1, 64, 4096, 32768]:
+parser = argparse.ArgumentParser()
+parser.add_argument("label")
+parser.add_argument("tokens", type=int, nargs="*", default=[1, 64, 4096, 32768])
+parser.add_argument("--items", type=int)
+args = parser.parse_args()
+schedule = None
+if args.items:
+    from tvm_fused.schedules import ScheduleConfig
+
+    schedule = ScheduleConfig(rope_vectors_per_thread=args.items)
+for tokens in args.tokens:
     inputs = make_inputs(*bucket_case(tokens), num_q_heads=128, device="cuda")
     out = torch.empty_like(inputs.q_rope)
 
     def call(inputs=inputs, out=out):
-        tvm_fused.fused_rope_rmsnorm(*inputs.args(), out=out, validate=False)
+        tvm_fused.fused_rope_rmsnorm(*inputs.args(), out=out, validate=False, schedule=schedule)
 
-    row = {"label": label, "gpu": torch.cuda.get_device_name(), "tokens": tokens,
+    row = {"label": args.label, "gpu": torch.cuda.get_device_name(), "tokens": tokens,
            "cold_us": cold_us(call, 200 if tokens <= 4096 else 60)}
     if tokens <= 256:
         row["graph_us_per_call"] = graph_us(call)

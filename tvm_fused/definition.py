@@ -131,42 +131,48 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         Request ``min(token, batch - 1)`` is tried first, its offsets and cache length loaded
         in one round with ``offsets[batch]``: right for every token of a decode step (one new
         token per request), which so skips the log2(batch) dependent loads of the binary
-        search that finds the request otherwise. 64-bit arithmetic throughout: offsets may be
-        uint32 and lengths anything; loads behind a failed check are never issued."""
-        batch: T.let = offsets.shape[0] - ONE
-        found = T.alloc_buffer((3,), "int64", scope="local")  # request, first token, length
-        lo = T.alloc_buffer((1,), "int64", scope="local")
-        hi = T.alloc_buffer((1,), "int64", scope="local")
-        found[0] = NONE
-        found[1] = ZERO
-        found[2] = ZERO
-        real: T.let = vt < T.Cast("int64", offsets[batch])
-        if batch > ZERO:
-            guess: T.let = T.min(vt, batch - ONE)
-            first: T.let = T.Cast("int64", offsets[guess])
-            length: T.let = T.Cast("int64", cache_lengths[guess])
-            if first <= vt and vt < T.Cast("int64", offsets[guess + ONE]):
-                found[0] = guess
-                found[1] = first
-                found[2] = length
+        search that finds the request otherwise. The search compares tokens and offsets in 32
+        bits (a token index is below 2^31; larger offsets, which no valid call has, only make
+        the search pick a wrong request, whose index stays in range); the position is
+        computed and checked in 64 bits, so no length overflows it. Loads behind a failed
+        check are never issued."""
+        batch: T.let = T.Cast("int32", offsets.shape[0] - ONE)
+        token: T.let = T.Cast("int32", vt)
+        request = T.alloc_buffer((1,), "int32", scope="local")  # -1: no request claims vt
+        first = T.alloc_buffer((1,), "int32", scope="local")  # the request's first token
+        length = T.alloc_buffer((1,), "int32", scope="local")  # its cache length
+        lo = T.alloc_buffer((1,), "int32", scope="local")
+        hi = T.alloc_buffer((1,), "int32", scope="local")
+        request[0] = -1
+        first[0] = 0
+        length[0] = 0
+        real: T.let = token < T.Cast("int32", offsets[batch])
+        if batch > 0:
+            guess: T.let = T.min(token, batch - 1)
+            guess_first: T.let = T.Cast("int32", offsets[guess])
+            guess_length: T.let = cache_lengths[guess]
+            if guess_first <= token and token < T.Cast("int32", offsets[guess + 1]):
+                request[0] = guess
+                first[0] = guess_first
+                length[0] = guess_length
             elif real:
-                lo[0] = ZERO
-                hi[0] = batch - ONE
-                while lo[0] < hi[0]:  # the last request starting at or before vt
-                    mid: T.int64 = (lo[0] + hi[0] + ONE) // TWO
-                    if T.Cast("int64", offsets[mid]) <= vt:
+                lo[0] = 0
+                hi[0] = batch - 1
+                while lo[0] < hi[0]:  # the last request starting at or before the token
+                    mid: T.int32 = (lo[0] + hi[0] + 1) >> 1
+                    if T.Cast("int32", offsets[mid]) <= token:
                         lo[0] = mid
                     else:
-                        hi[0] = mid - ONE
-                if T.Cast("int64", offsets[lo[0]]) <= vt and vt < T.Cast("int64", offsets[lo[0] + ONE]):  # noqa: E501
-                    found[0] = lo[0]
-                    found[1] = T.Cast("int64", offsets[lo[0]])
-                    found[2] = T.Cast("int64", cache_lengths[lo[0]])
-        p: T.let = found[2] + vt - found[1]
-        positioned: T.let = real and found[0] >= ZERO and ZERO <= p and p < max_seq_len
+                        hi[0] = mid - 1
+                if T.Cast("int32", offsets[lo[0]]) <= token and token < T.Cast("int32", offsets[lo[0] + 1]):  # noqa: E501
+                    request[0] = lo[0]
+                    first[0] = T.Cast("int32", offsets[lo[0]])
+                    length[0] = cache_lengths[lo[0]]
+        p: T.let = T.Cast("int64", length[0]) + vt - T.Cast("int64", first[0])
+        positioned: T.let = real and request[0] >= 0 and ZERO <= p and p < max_seq_len
         listed: T.let = positioned and p // PS < lookup_table.shape[1]
         physical: T.let = T.if_then_else(
-            listed, T.Cast("int64", lookup_table[found[0], p // PS]), num_pages)
+            listed, T.Cast("int64", lookup_table[request[0], p // PS]), num_pages)
         if pos is not None:
             pos[vt] = T.Select(positioned, p, NONE)
         if page is not None:
