@@ -5,13 +5,11 @@ SPEC.md. Four branches, each locating its own token because on the GPU they run 
 thread blocks; ``row(t)`` is cache row ``k_cache[page[t], pos[t] % page_size]``:
 
     q branch     q_locate  t           q_pos[t]: position of token t if it has a freqs row,
-                                       else -1; q_page[t]: its physical page, or num_pages
+                                       else -1; q_state[t]: PADDING, OK or ERROR
                  q_freqs   t, j, p     cos/sin of pair j at q_pos[t] (0 without a position)
                  q_load    t, h, j, p  q_in  = q_rope[t, h, pair j, elem p]   (if positioned)
                  q_rope    t, h, j, p  q_out = rope(q_in[t, h, j, :], freqs[q_pos[t], j])[p]
-                 q_store   t, h, j, p  q_rope_output[t, h, pair j, elem p] = q_out
-                                       (if q_page[t] < num_pages: checked only here, so the
-                                       page-table load overlaps the q loads)
+                 q_store   t, h, j, p  q_rope_output[t, h, pair j, elem p] = q_out  (if OK)
     k branch     k_locate, k_freqs, k_load, k_rope, k_store: the same on row(t)[kv_norm_dim:]
     norm branch  norm_locate, norm_load (row(t)[:kv_norm_dim]),
                  norm_sumsq  t, c (reduction)  sumsq[t] = sum_c float32(x[t, c])^2
@@ -214,7 +212,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             "ValueError", ["epsilon must be finite and non-negative"])
 
         q_pos = T.sblock_alloc_buffer((n,), "int64")
-        q_page = T.sblock_alloc_buffer((n,), "int64")
+        q_state = T.sblock_alloc_buffer((n,), "int32")
         q_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
         q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
         q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
@@ -252,9 +250,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             with T.sblock("q_locate"):
                 vt = T.axis.spatial(n, t)
                 T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(q_pos[vt], q_page[vt])
+                T.writes(q_pos[vt], q_state[vt])
                 locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, q_pos,
-                       q_page, None)
+                       None, q_state)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("q_freqs"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
@@ -278,7 +276,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_store"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                if q_page[vt] < num_pages:
+                if q_state[vt] == OK:
                     out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
 
         # k branch: the rope part of each new cache row, in place
