@@ -9,6 +9,7 @@ interleaved; two for NeoX, whose pairs sit ``R / 2`` apart). A block's ``Y * X``
      for ty   in threadIdx.y (Y)
       for tx  in threadIdx.x (X)                      thread -> (token, head, lane)
        locate token t, freqs[pos, lane*E : +E]       once per thread when its items are heads
+                                                      (of one token; two or more items)
        for item in range(items)                       heads (or tokens) a thread handles
          locate token t: binary search of input_row_offsets        (registers)
          freqs[pos, lane*E : +E]          ->  vector loads         (registers)
@@ -73,8 +74,9 @@ def schedule_rope_branch(
         sch.reorder(p, j_vec)
         sch.vectorize(j_vec)
 
-    # a thread's items are heads of one token (one locate and freqs row for all) or tokens
-    per_token = tx if tiles_heads else item
+    # a thread's items are heads of one token (one locate and freqs row for all) or tokens;
+    # with one item, everything stays at the item loop, where the q loads come first
+    per_token = tx if tiles_heads and items > 1 else item
     for stage, at in ((rope, item), (load, item), (freqs, per_token), (locate, per_token)):
         sch.compute_at(stage, at)
     if config.unroll:

@@ -58,7 +58,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("label")
 parser.add_argument("tokens", type=int, nargs="*", default=[1, 64, 4096, 32768])
 parser.add_argument("--items", type=int)
-args = parser.parse_args()
+args = parser.parse_intermixed_args()
 schedule = None
 if args.items:
     from tvm_fused.schedules import ScheduleConfig
