@@ -98,9 +98,10 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     ``out`` the returned q (``after.q_rope`` if ``in_place``) and ``out_storage_before`` a
     copy of ``whole_storage(out)`` taken before an out-of-place call (or of ``out`` itself,
     if that is its whole storage; None if the op made ``out``: it has no rows to keep);
-    ``errors_counted`` what the op added to its error counter (None: not counted). Written rows are compared with the float64 reference; every
-    other element of every storage (padding and error rows, other layers, row padding, the
-    guards around each tensor) must be bit-identical to before. Compared on the CPU.
+    ``errors_counted`` what the op added to its error counter (None: not counted). Written
+    rows are compared with the float64 reference; every other element of every storage
+    (padding and error rows, other layers, row padding, the guards around each tensor) must
+    be bit-identical to before. Compared on the CPU.
     """
     out_storage = whole_storage(out).cpu()
     out = _view(out, out_storage)
