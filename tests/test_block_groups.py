@@ -1,4 +1,5 @@
-"""MergeBlockGroups on small PrimFuncs of its own: one launch, concatenated block ranges."""
+"""MergeBlockGroups on small PrimFuncs of its own: one launch, concatenated block ranges, only
+when the function asks for it, and never for launches that depend on each other."""
 
 
 import pytest
@@ -7,13 +8,16 @@ from tvm.script import tirx as T
 from tvm.tirx import stmt as S
 
 from tvm_fused import pipeline
+from tvm_fused.block_groups import BLOCK_GROUPS
 from tvm_fused.build import cuda_target
 
 
-def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False):
+def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False, mode="independent",
+                 b_reads_a_output=False):
     """Branch a: out_a[i] = 2 * a[i], one row of ``threads_a`` per block. Branch b: out_b[i]
-    = a[i] + 1 over blocks of ``tx_b`` x ``ty_b`` threads, optionally followed by a block-wide
-    shared-memory exchange (a barrier)."""
+    = a[i] + 1 (``out_a[i] + 1`` if ``b_reads_a_output``: b then depends on a) over blocks of
+    ``tx_b`` x ``ty_b`` threads, optionally followed by a block-wide shared-memory exchange
+    (a barrier). ``mode`` is the function's ``BLOCK_GROUPS`` attribute (None: absent)."""
 
     span_b = tx_b * ty_b
 
@@ -45,20 +49,36 @@ def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False):
                             if v < n * 64:
                                 out_b[v // 64, v % 64] = buf[(ty * tx_b + tx + 1) % (tx_b * ty_b)]
                         elif v < n * 64:
-                            out_b[v // 64, v % 64] = a[v // 64, v % 64] + T.float32(1)
+                            if b_reads_a_output:
+                                out_b[v // 64, v % 64] = out_a[v // 64, v % 64] + T.float32(1)
+                            else:
+                                out_b[v // 64, v % 64] = a[v // 64, v % 64] + T.float32(1)
     # fmt: on
-    return func
+    return func if mode is None else func.with_attr(BLOCK_GROUPS, mode)
+
+
+@tvm.ir.instrument.pass_instrument
+class _BeforeSplit:
+    """Keeps a copy of the module as it enters SplitHostDevice (after MergeBlockGroups); a
+    copy, as the pass may update the module it is given in place."""
+
+    def __init__(self):
+        self.mod = None
+
+    def run_before_pass(self, mod, info):
+        if info.name == "tirx.SplitHostDevice":
+            self.mod = tvm.ir.load_json(tvm.ir.save_json(mod))
 
 
 def _lower(func):
-    """Run the tvm_fused pipeline up to (not including) SplitHostDevice's host/device split."""
+    """Compile with the tvm_fused pipeline; the function as it was before the host/device
+    split."""
     target = cuda_target()
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    mod = tvm.tirx.transform.BindTarget(target.with_host("llvm"))(mod)
-    passes = pipeline._lowering_passes(tvm.transform.PassContext.current().config)
-    stop = next(i for i, p in enumerate(passes) if p.info.name == "tirx.SplitHostDevice")
-    with target:
-        return tvm.ir.transform.Sequential(passes[:stop])(mod)["main"]
+    capture = _BeforeSplit()
+    with target, tvm.transform.PassContext(instruments=[capture]):
+        tvm.compile(func.with_attr("global_symbol", "main"), target=target,
+                    tir_pipeline=pipeline.PIPELINE_NAME)
+    return capture.mod["main"]
 
 
 def _launches(func):
@@ -109,6 +129,25 @@ def test_single_launch_is_left_alone():
 
     lowered = _lower(one)
     assert [int(v) for _, v in _launches(lowered)] == [8, 32]
+
+
+def test_a_function_that_does_not_ask_keeps_its_launches():
+    launches = _launches(_lower(two_branches(mode=None)))
+    assert [tag for tag, _ in launches].count("blockIdx.x") == 2
+
+
+def test_dependent_launches_are_refused():
+    """Branch b reads what branch a writes: as separate launches b sees a's results; in one
+    grid it would not. Refused when checked, merged only when the author vouches."""
+    with pytest.raises(Exception, match="launch 0 writes .*out_a.*launch 1 also accesses"):
+        _lower(two_branches(b_reads_a_output=True))
+    merged = _lower(two_branches(b_reads_a_output=True, mode="vouched"))
+    assert [tag for tag, _ in _launches(merged)] == ["blockIdx.x", "threadIdx.x"]
+
+
+def test_an_unknown_mode_is_an_error():
+    with pytest.raises(Exception, match="must be 'independent' or 'vouched'"):
+        _lower(two_branches(mode="yes"))
 
 
 def test_barrier_in_a_predicated_branch_is_rejected():

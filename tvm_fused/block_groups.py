@@ -1,5 +1,16 @@
 """MergeBlockGroups: one GPU launch from the sibling launches of a scheduled PrimFunc.
 
+Sibling launches run one after the other; the blocks of a merged grid do not, so merging
+launches of which one reads what another writes would make a race. The pass therefore only
+merges a PrimFunc that asks for it with the attribute ``BLOCK_GROUPS``:
+
+- ``"independent"``: the pass checks that no launch writes memory (a buffer's data) that
+  another launch reads or writes, and refuses the function otherwise;
+- ``"vouched"``: the author guarantees it where the pass cannot see it (branches writing
+  different columns of the same buffer, say), and the pass does not check.
+
+Any other function, however many launches it has, is left alone.
+
 A PrimFunc whose branches are scheduled on their own lowers to one launch per branch:
 
     attr blockIdx.x = G0 { allocs; attr threadIdx.y = Y0 { attr threadIdx.x = X0 { body0 } } }
@@ -27,11 +38,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm.ir import Op, Range
 from tvm.tirx import stmt as S
 
+BLOCK_GROUPS = "tvm_fused.block_groups"
 _THREAD_TAGS = ("threadIdx.x", "threadIdx.y", "threadIdx.z")
 _BARRIER = Op.get("tirx.tvm_storage_sync")
+_ADDRESS_OF = Op.get("tirx.address_of")
 
 
 @dataclass
@@ -128,16 +142,52 @@ def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int) -
     return body
 
 
-def merge_launches(stmts: list) -> list:
+def _memory(launch) -> tuple[list, list]:
+    """``(written, accessed)``: the data of the buffers a launch stores to (or passes the
+    address of, as an atomic does) and of those it touches at all."""
+    written, accessed = [], []
+
+    def store(stmt):
+        written.append(stmt.buffer.data)
+
+    def load(expr):
+        accessed.append(expr.source.data)
+
+    def call(expr):
+        if expr.op.same_as(_ADDRESS_OF):
+            written.extend(arg.source.data for arg in expr.args
+                           if isinstance(arg, tvm.ir.TensorLoad))
+
+    tvm_ffi.structural_walk(launch, [(S.BufferStore, store), (tvm.ir.TensorLoad, load),
+                                     (tvm.ir.Call, call)])
+    return written, accessed + written
+
+
+def _check_independent(launches: list) -> None:
+    memory = [_memory(launch) for launch in launches]
+    for i, (written, _) in enumerate(memory):
+        for j, (_, accessed) in enumerate(memory):
+            shared = {str(w) for w in written for a in accessed
+                      if i != j and tvm_ffi.structural_equal(w, a)}
+            if shared:
+                raise ValueError(
+                    f"MergeBlockGroups: launch {i} writes {sorted(shared)}, which launch {j} "
+                    "also accesses: merged into one grid they would race")
+
+
+def merge_launches(stmts: list, check: bool = True) -> list:
     """Merge the ``blockIdx.x`` launches in a flat statement list into one.
 
     Statements before the first launch stay first; let-bindings and buffer declarations
-    between launches (host-side index arithmetic) move before the merged launch. Returns the
-    new statement list.
+    between launches (host-side index arithmetic) move before the merged launch. With
+    ``check``, launches that share written memory are refused. Returns the new statement
+    list.
     """
     launch_ids = [i for i, s in enumerate(stmts) if _launch_tag(s) == "blockIdx.x"]
     if len(launch_ids) < 2:
         return stmts
+    if check:
+        _check_independent([stmts[i] for i in launch_ids])
     if any(_launch_tag(s) in ("blockIdx.y", "blockIdx.z") for st in stmts for s in _walk(st)):
         raise ValueError("MergeBlockGroups: only 1-D grids (blockIdx.x) can be merged")
     first = launch_ids[0]
@@ -174,9 +224,16 @@ def merge_launches(stmts: list) -> list:
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="tvm_fused.MergeBlockGroups")
 def MergeBlockGroups(func, _mod, _ctx):
-    """Merge the sibling GPU launches at the top level of ``func``'s body into one."""
+    """Merge the sibling GPU launches at the top level of ``func``'s body into one, if its
+    ``BLOCK_GROUPS`` attribute asks for it."""
+    mode = func.attrs.get(BLOCK_GROUPS) if func.attrs is not None else None
+    if mode is None:
+        return func
+    if str(mode) not in ("independent", "vouched"):
+        raise ValueError(f"MergeBlockGroups: {BLOCK_GROUPS} must be 'independent' or "
+                         f"'vouched', got {mode!r}")
     stmts = list(func.body.seq) if isinstance(func.body, S.SeqStmt) else [func.body]
-    merged = merge_launches(stmts)
+    merged = merge_launches(stmts, check=str(mode) == "independent")
     if merged is stmts:
         return func
     return func.with_body(S.SeqStmt(merged))

@@ -48,6 +48,7 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
+from .block_groups import BLOCK_GROUPS
 from .config import ITEMSIZE, OpConfig
 
 OP_NAME = "fused_rope_rmsnorm"
@@ -185,7 +186,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         lookup_handle: T.handle, lengths_handle: T.handle, errors_handle: T.handle,
         epsilon: T.float32,
     ):
-        T.func_attr({"global_symbol": OP_NAME})
+        # the branches become one launch (MergeBlockGroups): they write disjoint memory, which
+        # the pass cannot see, as the k and norm branches write other columns of the same rows
+        T.func_attr({"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched"})
         # 64-bit sizes and strides: a layer view of a multi-layer cache spans > 2^31 elements
         n, batch, max_seq_len, num_pages, max_pages = (
             T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
