@@ -1,5 +1,6 @@
 """Randomized differential testing (see ``tvm_fused.fuzz``): a few hundred cases on the CPU,
-a thousand on the GPU. A failure lists one-line repros."""
+a thousand on the GPU (all but the first CPU chunk marked slow). A failure lists one-line
+repros."""
 
 import os
 
@@ -13,13 +14,15 @@ GPU_CASES = 1000
 GPU_FIRST_SEED = 100_000
 
 
-@pytest.mark.parametrize("start", range(0, CPU_CASES, CHUNK))
+@pytest.mark.parametrize("start", [0, *(pytest.param(start, marks=pytest.mark.slow)
+                                         for start in range(CHUNK, CPU_CASES, CHUNK))])
 def test_fuzz_cpu(start):
     failures = fuzz(start, CHUNK, "cpu", log=lambda _: None)
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_fuzz_gpu():
     """A thousand cases, in parallel processes (most cases build a kernel of their own)."""
     failures = fuzz(GPU_FIRST_SEED, GPU_CASES, "cuda", log=lambda _: None,

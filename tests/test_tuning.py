@@ -61,6 +61,7 @@ def test_nearest_bucket():
         [1, 1, 8, 8, 8, 64, 64, 512, 4096, 32768]  # geometric midpoints: 2.8, 22.6, ...
 
 
+@pytest.mark.slow
 def test_tiny_llvm_tuning_end_to_end(tmp_path):
     """Tune two buckets on the CPU, read the records back, build with them, check; a second
     run resumes from the work database instead of tuning again."""
