@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import tvm
 
-from tvm_fused.config import ITEMSIZE, OpConfig
+from tvm_fused.compiler.config import ITEMSIZE, OpConfig
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,15 @@ class ScheduleConfig:
         return elems
 
 
-def default_schedule_config(target: tvm.target.Target) -> ScheduleConfig:
-    """The hand-written default for a CUDA target.
+# The hand-written default. Every NVIDIA GPU from sm_70 on gets the same shape: 128-thread
+# blocks of four warps, a warp per cache row (shuffle-only reduction, no barrier), 16-byte
+# accesses, one vector per q-rope thread (decode spreads a token's heads over the most
+# blocks). Tuning records refine it per GPU and token-count bucket.
+DEFAULT_SCHEDULE = ScheduleConfig()
 
-    Every NVIDIA GPU from sm_70 on gets the same shape: 128-thread blocks of four warps, a warp
-    per cache row (shuffle-only reduction, no barrier), 16-byte accesses, one vector per q-rope
-    thread (decode spreads a token's heads over the most blocks). Tuning records refine it per
-    GPU and token-count bucket.
-    """
+
+def default_schedule_config(target: tvm.target.Target) -> ScheduleConfig:
+    """The hand-written default for a CUDA target (``DEFAULT_SCHEDULE``)."""
     if target.kind.name != "cuda":
         raise ValueError(f"the block-group schedule is for CUDA targets, got {target.kind.name}")
-    return ScheduleConfig()
+    return DEFAULT_SCHEDULE

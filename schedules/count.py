@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_fused.atomic_add import ATOMIC_ADD
+from tvm_fused.compiler.atomic_add import ATOMIC_ADD
 
 from .config import ScheduleConfig
 from .util import set_local

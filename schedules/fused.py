@@ -1,7 +1,7 @@
 """The block-group schedule of the whole fused op: each branch on its own thread blocks.
 
 Each branch is scheduled on its own (``rope.py``, ``norm.py``, ``count.py``) and so becomes
-its own GPU launch; the ``MergeBlockGroups`` pass of ``tvm_fused.block_groups`` later
+its own GPU launch; the ``MergeBlockGroups`` pass of ``tvm_fused.compiler.block_groups`` later
 concatenates those launches into one kernel whose ``blockIdx.x`` ranges are the groups: q
 rope, k rope, norm, error count.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
-from tvm_fused.config import OpConfig
-from tvm_fused.definition import fused_rope_rmsnorm_func
+from tvm_fused.compiler.config import OpConfig
+from tvm_fused.compiler.definition import fused_rope_rmsnorm_func
 
 from .config import ScheduleConfig
 from .count import schedule_count_branch

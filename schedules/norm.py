@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_fused.config import OpConfig
+from tvm_fused.compiler.config import OpConfig
 
 from .config import ScheduleConfig
 from .util import set_local

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import tvm
 from tvm import s_tir
 
-from tvm_fused.config import OpConfig
+from tvm_fused.compiler.config import OpConfig
 
-from .config import ScheduleConfig, default_schedule_config
+from .config import DEFAULT_SCHEDULE, ScheduleConfig
 from .cpu import CpuScheduleConfig, apply_cpu_schedule
 from .fused import apply_block_group_schedule
 
@@ -60,7 +60,7 @@ GPU_SPACE = DesignSpace(
     },
     config_type=ScheduleConfig,
     apply=apply_block_group_schedule,
-    default=default_schedule_config(tvm.target.Target("nvidia/nvidia-h100")),
+    default=DEFAULT_SCHEDULE,
     constrain=_gpu_constraint,
 )
 

@@ -8,8 +8,8 @@ the order printed: ncu's rows follow it.
 
 import torch
 
-from tvm_fused.bench import providers, sweep_inputs
-from tvm_fused.config import OpConfig
+from benchmarks.suite import providers, sweep_inputs
+from tvm_fused.compiler.config import OpConfig
 
 TOKENS = (1, 8, 64, 256, 4096, 32768)
 NAMES = ("tvm-fused default", "triton fused")

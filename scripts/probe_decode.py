@@ -13,12 +13,12 @@ from tvm.script import tirx as T
 
 from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.api import _alignment, _launcher
-from tvm_fused.bench import host_us
-from tvm_fused.build import cuda_target
-from tvm_fused.config import OpConfig
+from benchmarks.suite import host_us
+from tvm_fused.compiler.build import cuda_target
+from tvm_fused.compiler.config import OpConfig
 from tvm_fused.timing import time_cuda
 from tvm_fused.tuning.workload import bucket_inputs
-from tvm_fused.validation import check_arguments
+from tvm_fused.arguments import check_arguments
 
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "tvm-ffi", tvm_ffi.__version__,
       "DLPack C exchange API:", hasattr(torch.Tensor, "__dlpack_c_exchange_api__"))
@@ -57,8 +57,10 @@ def probe(tokens):
     def call():
         fused_rope_rmsnorm(*args, out=out, validate=False)
 
+    errors = torch.zeros(1, dtype=torch.int32, device="cuda")
+
     def raw():
-        kernel(q, out, *args[1:], 1e-6)
+        kernel(q, out, *args[1:], errors, 1e-6)
 
     call()
     print(f"{tokens:3d} tok op              cold {time_cuda(call, reps=200).median_us:6.2f} us"

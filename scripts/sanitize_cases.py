@@ -11,8 +11,8 @@ from tvm_fused.schedules import ScheduleConfig
 
 from tests.cases import BAD_INDICES, MALFORMED, RAGGED, bad_index_inputs
 from tvm_fused import fused_rope_rmsnorm
-from tvm_fused.checking import run_and_check
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.compare import run_and_check
+from tvm_fused.testing.inputs import make_inputs
 
 CASES = [
     {"new": [0], "cached": [5]},

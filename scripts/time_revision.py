@@ -17,7 +17,7 @@ import statistics
 import torch
 
 import tvm_fused
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning.buckets import bucket_case
 
 FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")

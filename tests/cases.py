@@ -5,8 +5,8 @@ import itertools
 
 import torch
 
-from tvm_fused.checking import run_and_check
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.compare import run_and_check
+from tvm_fused.testing.inputs import make_inputs
 
 # (new tokens per request, cache lengths before the step)
 RAGGED = ([3, 0, 5, 1, 7], [2, 9, 126, 0, 31])

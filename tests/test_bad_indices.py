@@ -4,15 +4,15 @@ index makes the op read or write outside its tensors.
 ``validate=True`` (and the default on the CPU) refuses bad contents before anything is
 written; otherwise the kernel skips each error token (no row of it written) and counts it,
 and a negative page means "no cache row". Every storage carries guards around its tensor
-(``inputs.GUARD``), and the checks compare whole storages bit for bit.
+(``tvm_fused.testing.inputs.GUARD``), and the checks compare whole storages bit for bit.
 """
 
 import pytest
 import torch
 
 from tvm_fused import fused_rope_rmsnorm
-from tvm_fused.checking import run_and_check
-from tvm_fused.inputs import q_like
+from tvm_fused.testing.compare import run_and_check
+from tvm_fused.testing.inputs import q_like
 
 from .cases import BAD_INDICES, MALFORMED, bad_index_inputs, snapshot, unchanged
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tvm_fused.bench import DECODE_MAX, sweep_inputs
-from tvm_fused.config import OpConfig
+from benchmarks.suite import DECODE_MAX, sweep_inputs
+from tvm_fused.compiler.config import OpConfig
 
 
 @pytest.mark.parametrize("tokens", [1, DECODE_MAX])
@@ -28,8 +28,8 @@ PROVIDERS = ("tvm-fused default", "torch.compile", "torch eager")
 
 @pytest.mark.gpu
 def test_small_suite_checks_and_times_every_provider(tmp_path):
-    from tvm_fused.bench import run_suite
-    from tvm_fused.bench_report import read_rows
+    from benchmarks.suite import run_suite
+    from benchmarks.report import read_rows
 
     csv = tmp_path / "bench.csv"
     rows, failures = run_suite([(4, True, (1, 2048), PROVIDERS)],

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from tvm_fused.bench_report import markdown_table, plot, read_rows
+from benchmarks.report import markdown_table, plot, read_rows
 
 
 @dataclasses.dataclass

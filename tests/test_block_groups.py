@@ -7,9 +7,9 @@ import tvm
 from tvm.script import tirx as T
 from tvm.tirx import stmt as S
 
-from tvm_fused import pipeline
-from tvm_fused.block_groups import BLOCK_GROUPS
-from tvm_fused.build import cuda_target
+from tvm_fused.compiler import pipeline
+from tvm_fused.compiler.block_groups import BLOCK_GROUPS
+from tvm_fused.compiler.build import cuda_target
 
 
 def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False, mode="independent",

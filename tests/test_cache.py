@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 
 from tvm_fused import OpConfig
-from tvm_fused import cache as kernel_cache
-from tvm_fused.build import CPU_TARGET, as_target
+from tvm_fused.compiler import kernel_cache
+from tvm_fused.compiler.build import CPU_TARGET, as_target
 
 RUN_ONCE = textwrap.dedent("""
-    import sys, torch, tvm_fused, tvm_fused.cache as cache
+    import sys, torch, tvm_fused, tvm_fused.compiler.kernel_cache as cache
     if sys.argv[1] == "forbid-build":
         def refuse(*args, **kwargs):
             raise AssertionError("compiled although the disk cache holds the kernel")
         cache.build = refuse
-    from tvm_fused.checking import run_and_check
-    from tvm_fused.inputs import make_inputs
+    from tvm_fused.testing.compare import run_and_check
+    from tvm_fused.testing.inputs import make_inputs
     report = run_and_check(make_inputs([2, 1], [3, 0], num_q_heads=2, page_size=4))
     assert report.ok, report.summary()
 """)
@@ -81,14 +81,14 @@ DIGEST = textwrap.dedent("""
                     name, root / "schedules" / "__init__.py",
                     submodule_search_locations=[str(root / "schedules")])
         sys.meta_path.insert(0, Schedules())
-    from tvm_fused import cache
+    from tvm_fused.compiler import kernel_cache as cache
     assert all(str(d).startswith(str(root)) for d in cache.source_dirs()), cache.source_dirs()
     print(cache.source_digest())
 """)
 
 
 @pytest.mark.parametrize("layout", ["editable", "installed"])
-@pytest.mark.parametrize("edited", ["schedules/norm.py", "tvm_fused/definition.py"])
+@pytest.mark.parametrize("edited", ["schedules/norm.py", "tvm_fused/compiler/definition.py"])
 def test_editing_a_source_changes_the_kernel_key(tmp_path, layout, edited):
     """A copy of the package in either install layout (``schedules/`` beside the package, as
     the README's editable install leaves it, or inside it): editing a schedule or the

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tvm_fused import fused_rope_rmsnorm
-from tvm_fused.checking import check_run
-from tvm_fused.inputs import GUARD, make_inputs
+from tvm_fused.testing.compare import check_run
+from tvm_fused.testing.inputs import GUARD, make_inputs
 
 from .cases import RAGGED
 

@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from tvm_fused.checking import run_and_check
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.compare import run_and_check
+from tvm_fused.testing.inputs import make_inputs
 
 from .cases import DECODE, PREFILL, RAGGED
 
@@ -58,8 +58,8 @@ def test_threads_on_separate_streams_gpu():
 
 
 FIRST_USE = textwrap.dedent("""
-    from tvm_fused.checking import run_and_check
-    from tvm_fused.inputs import make_inputs
+    from tvm_fused.testing.compare import run_and_check
+    from tvm_fused.testing.inputs import make_inputs
     report = run_and_check(make_inputs([3, 2], [1, 17], num_q_heads=3, page_size=8))
     assert report.ok, report.summary()
 """)

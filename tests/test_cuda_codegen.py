@@ -9,8 +9,9 @@ import pytest
 import tvm
 from tvm.script import tirx as T
 
-from tvm_fused import OpConfig, cuda_source, pipeline
-from tvm_fused.build import cuda_target
+from tvm_fused import OpConfig, cuda_source
+from tvm_fused.compiler import pipeline
+from tvm_fused.compiler.build import cuda_target
 
 CONFIGS = {
     "deepseek-v3": OpConfig(num_q_heads=128),

@@ -1,4 +1,4 @@
-"""Randomized differential testing (see ``tvm_fused.fuzz``): a few hundred cases on the CPU,
+"""Randomized differential testing (see ``tvm_fused.testing.fuzz``): a few hundred cases on the CPU,
 a thousand on the GPU (all but the first CPU chunk marked slow). A failure lists one-line
 repros."""
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tvm_fused.fuzz import CORRUPTIONS, fuzz, random_case
+from tvm_fused.testing.fuzz import CORRUPTIONS, fuzz, random_case
 
 CHUNK = 20
 CPU_CASES = 200

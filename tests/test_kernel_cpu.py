@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tvm_fused.checking import run_and_check
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.compare import run_and_check
+from tvm_fused.testing.inputs import make_inputs
 
 from .cases import DECODE, MATRIX, MATRIX_IDS, RAGGED, check_matrix_case
 

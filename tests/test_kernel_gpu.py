@@ -5,8 +5,8 @@ import torch
 from tvm_fused.schedules import ScheduleConfig
 
 from tvm_fused import fused_rope_rmsnorm
-from tvm_fused.checking import check_run, run_and_check
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.compare import check_run, run_and_check
+from tvm_fused.testing.inputs import make_inputs
 
 from .cases import MATRIX, MATRIX_IDS, PREFILL, RAGGED, check_matrix_case
 

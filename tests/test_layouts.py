@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tvm_fused import OP_NAME, OpConfig, build, cuda_target
-from tvm_fused.checking import run_and_check
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.compare import run_and_check
+from tvm_fused.testing.inputs import make_inputs
 
 from .cases import RAGGED
 

@@ -8,16 +8,16 @@ import textwrap
 import pytest
 import torch
 
-from tvm_fused.checking import check_run
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.compare import check_run
+from tvm_fused.testing.inputs import make_inputs
 
 from .cases import RAGGED
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    from tvm_fused.checking import check_run
-    from tvm_fused.inputs import make_inputs
-    from tvm_fused.peers.triton_fused import triton_fused_rope_rmsnorm
+    from tvm_fused.testing.compare import check_run
+    from tvm_fused.testing.inputs import make_inputs
+    from benchmarks.peers.triton_fused import triton_fused_rope_rmsnorm
     for dtype, interleaved in ((torch.float32, True), (torch.bfloat16, False)):
         inputs = make_inputs([3, 0, 2], [5, 1, 14], num_q_heads=4, page_size=16, dtype=dtype,
                              padding_rows=2)
@@ -42,7 +42,7 @@ def test_triton_fused_peer_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
 def test_triton_fused_peer_on_the_gpu(interleaved):
-    from tvm_fused.peers.triton_fused import triton_fused_rope_rmsnorm
+    from benchmarks.peers.triton_fused import triton_fused_rope_rmsnorm
 
     inputs = make_inputs(*RAGGED, num_q_heads=128, padding_rows=3, device="cuda")
     before = inputs.clone()
@@ -56,7 +56,7 @@ def test_triton_fused_peer_on_the_gpu(interleaved):
 @pytest.mark.gpu
 def test_liger_peer_on_the_gpu():
     pytest.importorskip("liger_kernel")
-    from tvm_fused.peers.liger import liger_rope_rmsnorm
+    from benchmarks.peers.liger import liger_rope_rmsnorm
 
     inputs = make_inputs(*RAGGED, num_q_heads=128, padding_rows=3, device="cuda")
     before = inputs.clone()
@@ -70,7 +70,7 @@ def test_liger_peer_on_the_gpu():
 
 def test_liger_peer_refuses_interleaved_pairs():
     pytest.importorskip("liger_kernel")
-    from tvm_fused.peers.liger import liger_rope_rmsnorm
+    from benchmarks.peers.liger import liger_rope_rmsnorm
 
     inputs = make_inputs([1], [3], num_q_heads=2)
     with pytest.raises(ValueError, match="NeoX"):
@@ -90,7 +90,7 @@ def _check_torch_baseline(fn, device: str, interleaved: bool):
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
 def test_torch_eager_baseline(interleaved):
-    from tvm_fused.torch_baseline import torch_fused_rope_rmsnorm
+    from benchmarks.peers.torch_eager import torch_fused_rope_rmsnorm
 
     _check_torch_baseline(torch_fused_rope_rmsnorm, "cpu", interleaved)
 
@@ -99,6 +99,6 @@ def test_torch_eager_baseline(interleaved):
 def test_torch_compile_baseline(device):
     """The torch.compile peer compiles (Inductor once refused ``searchsorted`` over a slice
     on CUDA) and stays correct."""
-    from tvm_fused.torch_baseline import torch_fused_rope_rmsnorm
+    from benchmarks.peers.torch_eager import torch_fused_rope_rmsnorm
 
     _check_torch_baseline(torch.compile(torch_fused_rope_rmsnorm, dynamic=True), device, True)

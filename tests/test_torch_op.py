@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import tvm_fused.torch_op  # noqa: F401  (registers torch.ops.tvm_fused.*)
-from tvm_fused.checking import check_run
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.compare import check_run
+from tvm_fused.testing.inputs import make_inputs
 
 from .cases import RAGGED
 

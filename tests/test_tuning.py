@@ -18,10 +18,11 @@ from tvm_fused.schedules.space import (
     schedule_fn,
 )
 
-from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func, pipeline
-from tvm_fused.build import cuda_target
-from tvm_fused.checking import check_run
-from tvm_fused.inputs import make_inputs
+from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func
+from tvm_fused.compiler import pipeline
+from tvm_fused.compiler.build import cuda_target
+from tvm_fused.testing.compare import check_run
+from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import records
 from tvm_fused.tuning.buckets import nearest_bucket
 from tvm_fused.tuning.tune import tune

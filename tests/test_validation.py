@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tvm_fused import fused_rope_rmsnorm
-from tvm_fused.inputs import make_inputs
+from tvm_fused.testing.inputs import make_inputs
 
 from .cases import snapshot, unchanged
 

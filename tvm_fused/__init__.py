@@ -1,24 +1,36 @@
 """tvm-fused: DeepSeek-style MLA RoPE + RMSNorm prologue as one TensorIR kernel.
 
-Layers: ``definition`` (the TensorIR compute), ``schedules`` (GPU block-group schedule),
-``block_groups`` + ``pipeline`` (the compiler pass that merges branch launches), ``build`` /
-``cache`` (compile and keep kernels), ``api`` (the torch entry point), ``reference`` (an
-independent torch oracle).
+The rooms of the package:
+
+- library: ``api`` (``fused_rope_rmsnorm``, the torch entry point), ``torch_op`` (the op as
+  torch custom ops), ``arguments`` (argument checks);
+- compiler: ``compiler`` (the TensorIR definition, our passes and pipeline, build, kernel
+  cache) and ``schedules`` (the GPU and CPU schedules and their design spaces);
+- tuning (offline): ``tuning`` (MetaSchedule tasks, records, decisions);
+- testing: ``testing`` (the float64 reference, random realistic inputs, result checks, the
+  fuzzer).
+
+Names load on first use, so importing the package (or ``python -m tvm_fused --help``) does
+not load torch or TVM.
 """
 
-from .api import fused_rope_rmsnorm
-from .build import build, cuda_source, cuda_target
-from .config import OpConfig
-from .definition import OP_NAME, fused_rope_rmsnorm_func
-from .reference import fused_rope_rmsnorm_reference
+import importlib
 
-__all__ = [
-    "OP_NAME",
-    "OpConfig",
-    "build",
-    "cuda_source",
-    "cuda_target",
-    "fused_rope_rmsnorm",
-    "fused_rope_rmsnorm_func",
-    "fused_rope_rmsnorm_reference",
-]
+_EXPORTS = {
+    "fused_rope_rmsnorm": ".api",
+    "build": ".compiler.build",
+    "cuda_source": ".compiler.build",
+    "cuda_target": ".compiler.build",
+    "OpConfig": ".compiler.config",
+    "OP_NAME": ".compiler.definition",
+    "fused_rope_rmsnorm_func": ".compiler.definition",
+    "fused_rope_rmsnorm_reference": ".testing.reference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

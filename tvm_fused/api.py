@@ -6,26 +6,17 @@ import functools
 
 import torch
 
-from .build import CPU_TARGET, cuda_target
-from .cache import get_kernel
-from .config import OpConfig
+from .arguments import check_arguments, check_contents
+from .compiler.build import device_target
+from .compiler.config import OpConfig
+from .compiler.kernel_cache import get_kernel
 from .schedules import ScheduleConfig
 from .tuning.buckets import nearest_bucket
 from .tuning.records import default_logs_dir, tuned_configs
-from .validation import check_arguments, check_contents
 
 _TVM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
                torch.int32: "int32", torch.uint32: "uint32"}
 _VECTOR_BYTES = 16  # the widest access the schedules use
-
-
-@functools.cache
-def _device_target(device: torch.device):
-    if device.type == "cpu":
-        return CPU_TARGET
-    major, minor = torch.cuda.get_device_capability(device)
-    suffix = "a" if major >= 9 else ""  # Hopper+ arch-specific features (sm_90a)
-    return cuda_target(f"sm_{major}{minor}{suffix}")
 
 
 def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
@@ -48,7 +39,7 @@ class _Launcher:
     ``tuning_logs/`` for this GPU), else the default; built or loaded on first use."""
 
     def __init__(self, device: torch.device, op: OpConfig):
-        self.op, self.target = op, _device_target(device)
+        self.op, self.target = op, device_target(device)
         self.tuned = {} if device.type != "cuda" else tuned_configs(
             str(default_logs_dir()), torch.cuda.get_device_name(device), op)
         self.buckets = tuple(sorted(self.tuned))

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import tvm
 
-from .. import pipeline
-from ..config import OpConfig
-from ..definition import OP_NAME
+from ..compiler import pipeline
+from ..compiler.config import OpConfig
+from ..compiler.definition import OP_NAME
 from ..timing import time_cuda
 from .workload import bucket_inputs
 

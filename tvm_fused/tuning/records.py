@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ..config import OpConfig
+from ..compiler.config import OpConfig
 from ..schedules.space import CPU_SPACE, GPU_SPACE, config_from_trace
 from .buckets import nearest_bucket
 

@@ -22,8 +22,8 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from ..config import OpConfig
-from ..definition import OP_NAME
+from ..compiler.config import OpConfig
+from ..compiler.definition import OP_NAME
 from ..schedules.space import schedule_fn, space_for
 from . import records
 from .buckets import BUCKETS

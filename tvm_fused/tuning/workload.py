@@ -6,9 +6,9 @@ import torch
 import tvm
 import tvm_ffi
 
-from ..config import OpConfig
-from ..definition import fused_rope_rmsnorm_func
-from ..inputs import OpInputs, make_inputs
+from ..compiler.config import OpConfig
+from ..compiler.definition import fused_rope_rmsnorm_func
+from ..testing.inputs import OpInputs, make_inputs
 from .buckets import bucket_case
 
 EPSILON = 1e-6

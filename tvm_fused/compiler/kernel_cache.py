@@ -23,10 +23,10 @@ from pathlib import Path
 
 import tvm
 
+from ..schedules import ScheduleConfig
 from .build import as_target, build
 from .config import OpConfig
 from .definition import OP_NAME
-from .schedules import ScheduleConfig
 
 _lock = threading.Lock()
 _kernels: dict = {}
@@ -35,9 +35,9 @@ _kernels: dict = {}
 def source_dirs() -> list[Path]:
     """The folders of the Python sources that decide the generated code: the package's and
     its schedules' (each resolved from the imported module, so any install layout works)."""
-    from . import schedules
+    from .. import schedules
 
-    return [Path(__file__).resolve().parent, Path(schedules.__file__).resolve().parent]
+    return [Path(__file__).resolve().parents[1], Path(schedules.__file__).resolve().parent]
 
 
 @functools.lru_cache(maxsize=1)

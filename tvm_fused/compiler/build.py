@@ -12,11 +12,11 @@ import os
 
 import tvm
 
+from ..schedules import ScheduleConfig, default_schedule_config, schedule_fused_rope_rmsnorm
+from ..schedules.cpu import CpuScheduleConfig, apply_cpu_schedule
 from . import pipeline
 from .config import OpConfig
 from .definition import OP_NAME, fused_rope_rmsnorm_func
-from .schedules import ScheduleConfig, default_schedule_config, schedule_fused_rope_rmsnorm
-from .schedules.cpu import CpuScheduleConfig, apply_cpu_schedule
 
 CPU_TARGET = "llvm"
 DEFAULT_CUDA_TARGET = "nvidia/nvidia-h100"
@@ -35,6 +35,18 @@ def cuda_target(arch: str | None = None) -> tvm.target.Target:
     config = {key: base.attrs[key] for key in base.attrs}
     config.update(kind="cuda", arch=arch)
     return tvm.target.Target(config)
+
+
+def device_target(device) -> tvm.target.Target:
+    """The target of a torch device: ``llvm`` for the CPU, else its GPU's arch (``sm_90a``
+    for Hopper and later, whose arch-specific features need the suffix)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return tvm.target.Target(CPU_TARGET)
+    major, minor = torch.cuda.get_device_capability(device)
+    return cuda_target(f"sm_{major}{minor}{'a' if major >= 9 else ''}")
 
 
 def as_target(target: str | tvm.target.Target) -> tvm.target.Target:

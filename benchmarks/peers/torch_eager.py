@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import rmsnorm, rope
+from tvm_fused.testing.reference import rmsnorm, rope
 
 
 def token_pages(input_row_offsets, lookup_table, cache_lengths, page_size: int,

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from .api import fused_rope_rmsnorm
+from ..api import fused_rope_rmsnorm
 from .inputs import OpInputs, q_like
 from .reference import fused_rope_rmsnorm_reference, locate_tokens
 

@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .checking import CheckReport, run_and_check
+from .compare import CheckReport, run_and_check
 from .inputs import OpInputs, make_inputs
 from .reference import locate_tokens
 

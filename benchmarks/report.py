@@ -1,6 +1,6 @@
 """Benchmark CSV -> a markdown table with speedups over each peer, and a PNG plot.
 
-Reads the rows ``tvm_fused.bench`` writes (one per provider and token count) and needs no
+Reads the rows ``benchmarks.suite`` writes (one per provider and token count) and needs no
 GPU, so the plot can be drawn where matplotlib is installed.
 """
 

@@ -24,16 +24,15 @@ from pathlib import Path
 import torch
 import tvm
 
-from .api import fused_rope_rmsnorm
-from .build import cuda_target
-from .checking import check_run
-from .config import OpConfig
-from .inputs import OpInputs, make_inputs
-from .schedules import default_schedule_config
-from .timing import op_bytes, time_cuda, time_graph
-from .torch_baseline import torch_fused_rope_rmsnorm
-from .tuning.buckets import bucket_case
-from .tuning.records import default_logs_dir, schedule_for
+from tvm_fused import OpConfig, cuda_target, fused_rope_rmsnorm
+from tvm_fused.schedules import default_schedule_config
+from tvm_fused.testing.compare import check_run
+from tvm_fused.testing.inputs import OpInputs, make_inputs
+from tvm_fused.timing import op_bytes, time_cuda, time_graph
+from tvm_fused.tuning.buckets import bucket_case
+from tvm_fused.tuning.records import default_logs_dir, schedule_for
+
+from .peers.torch_eager import torch_fused_rope_rmsnorm
 
 Provider = Callable[[OpInputs, torch.Tensor], None]
 

@@ -13,7 +13,7 @@ import torch
 from liger_kernel.ops.rms_norm import rms_norm_forward
 from liger_kernel.ops.rope import rope_forward
 
-from ..torch_baseline import token_pages
+from .torch_eager import token_pages
 
 
 def liger_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
