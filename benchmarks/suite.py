@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 import tvm
 
-from tvm_fused import OpConfig, cuda_target, fused_rope_rmsnorm
-from tvm_fused.schedules import default_schedule_config
+from tvm_fused import OpConfig, fused_rope_rmsnorm
+from tvm_fused.schedules.config import DEFAULT_SCHEDULE
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import OpInputs, make_inputs
 from tvm_fused.timing import op_bytes, time_cuda, time_graph
-from tvm_fused.tuning.buckets import bucket_case
-from tvm_fused.tuning.records import default_logs_dir, schedule_for
+from tvm_fused.tuning import decisions
+from tvm_fused.tuning.buckets import bucket_case, nearest_bucket
+from tvm_fused.tuning.layout import default_logs_dir
 
 from .peers.torch_eager import torch_fused_rope_rmsnorm
 
@@ -79,22 +80,22 @@ def _compiled_torch():
 
 def providers(op: OpConfig, tokens: int, names: tuple[str, ...]) -> dict[str, Provider]:
     """The providers in ``names`` that exist for ``op``: "tvm-fused tuned" only with tuning
-    records for this GPU, "liger" only for NeoX pairs."""
+    decisions for this GPU, "liger" only for NeoX pairs."""
     from .peers.triton_fused import triton_fused_rope_rmsnorm
 
     interleaved = op.interleaved
-    tuned = schedule_for(default_logs_dir(), torch.cuda.get_device_name(), op, tokens)
+    decided = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(), op)
     makers = {
-        "tvm-fused tuned": lambda: tvm_provider(tuned, interleaved),
-        "tvm-fused default": lambda: tvm_provider(default_schedule_config(cuda_target()),
-                                                  interleaved),
+        "tvm-fused tuned": lambda: tvm_provider(
+            decided[nearest_bucket(tokens, tuple(decided))], interleaved),
+        "tvm-fused default": lambda: tvm_provider(DEFAULT_SCHEDULE, interleaved),
         "triton fused": lambda: lambda inputs, out: triton_fused_rope_rmsnorm(
             *inputs.args(), out=out, interleaved=interleaved),
         "liger": lambda: _with_token_count(_liger(), interleaved),
         "torch.compile": lambda: _with_token_count(_compiled_torch(), interleaved),
         "torch eager": lambda: _with_token_count(torch_fused_rope_rmsnorm, interleaved),
     }
-    available = {"tvm-fused tuned": tuned is not None, "liger": not interleaved}
+    available = {"tvm-fused tuned": bool(decided), "liger": not interleaved}
     return {name: makers[name]() for name in names if available.get(name, True)}
 
 

@@ -23,8 +23,9 @@ from tvm_fused.compiler import pipeline
 from tvm_fused.compiler.build import cuda_target
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
-from tvm_fused.tuning import records
+from tvm_fused.tuning import decisions, records
 from tvm_fused.tuning.buckets import nearest_bucket
+from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir
 from tvm_fused.tuning.tune import tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
@@ -70,17 +71,17 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
     logs, work = tmp_path / "logs", tmp_path / "work"
     lines = []
     dest = tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=3, logs_dir=logs,
-                work_dir=work, device_name=records.CPU_DEVICE, cost_model="random",
+                work_dir=work, device_name=CPU_DEVICE, cost_model="random",
                 builder_workers=2, log=lines.append)
     assert any("default schedule" in line for line in lines)
     metadata = json.loads((dest / records.METADATA).read_text())
     assert set(metadata["buckets"]) == {"1", "8"}
     assert all(entry["records"] == 3 for entry in metadata["buckets"].values())
-    configs = records.tuned_configs(str(logs), records.CPU_DEVICE, op)
+    configs = decisions.read(dest, CpuScheduleConfig)
     assert set(configs) == {1, 8} and all(isinstance(c, CpuScheduleConfig)
                                           for c in configs.values())
 
-    chosen = records.schedule_for(logs, records.CPU_DEVICE, op, 6)
+    chosen = configs[nearest_bucket(6, tuple(configs))]
     kernel = build(op, "llvm", chosen)[OP_NAME]
     inputs = make_inputs([4, 2], [3, 9], num_q_heads=2, dtype=torch.float32)
     before = inputs.clone()
@@ -92,7 +93,7 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
 
     lines.clear()
     tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=3, logs_dir=logs, work_dir=work,
-         device_name=records.CPU_DEVICE, cost_model="random", builder_workers=2,
+         device_name=CPU_DEVICE, cost_model="random", builder_workers=2,
          log=lines.append)
     assert sum("already: skipped" in line for line in lines) == 2
 
@@ -102,19 +103,19 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
     lines.clear()
     with pytest.warns(UserWarning, match="dropping malformed line"):
         tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=4, logs_dir=logs,
-             work_dir=work, device_name=records.CPU_DEVICE, cost_model="random",
+             work_dir=work, device_name=CPU_DEVICE, cost_model="random",
              builder_workers=2, log=lines.append)
     metadata = json.loads((dest / records.METADATA).read_text())
     assert all(entry["records"] == 4 for entry in metadata["buckets"].values())
 
 
-def test_no_records_falls_back_with_one_warning(tmp_path):
+def test_no_decisions_fall_back_with_one_warning(tmp_path):
     op = OpConfig(num_q_heads=3)
-    with pytest.warns(UserWarning, match="no tuning records"):
-        assert records.schedule_for(tmp_path, "Imaginary GPU", op, 10) is None
+    with pytest.warns(UserWarning, match="no tuning decisions"):
+        assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", op) == {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert records.schedule_for(tmp_path, "Imaginary GPU", op, 500) is None
+        assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", op) == {}
 
 
 def test_malformed_record_lines_are_skipped(tmp_path):
@@ -128,7 +129,7 @@ def test_malformed_record_lines_are_skipped(tmp_path):
     assert len(caught) == 3
 
 
-COMMITTED = sorted(records.default_logs_dir().glob(f"*/*/{records.METADATA}"))
+COMMITTED = sorted(default_logs_dir().glob(f"*/*/{records.METADATA}"))
 
 
 @pytest.mark.skipif(not COMMITTED, reason="no committed tuning records yet")
@@ -144,8 +145,12 @@ def test_committed_records_match_the_current_definition(metadata_path: Path):
         current = workload_hash(bucket_workload(op, int(tokens)))
         assert current == entry["workload"], f"bucket {tokens}: the definition changed"
         assert current in stored
-    configs = records.tuned_configs(str(records.default_logs_dir()), metadata["gpu"], op)
-    assert set(configs) == {int(t) for t in metadata["buckets"]}
+    # the decisions the runtime reads are the records' choices
+    best = records.best_records(metadata_path.parent / records.RECORDS,
+                                metadata_path.parent / (records.WORKLOADS + ".xz"))
+    decided = decisions.read(metadata_path.parent)
+    assert decided == {int(tokens): records.choose(best[entry["workload"]], GPU_SPACE)
+                       for tokens, entry in metadata["buckets"].items()}
 
 
 def test_choose_keeps_the_default_unless_clearly_faster():

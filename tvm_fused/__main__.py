@@ -129,7 +129,7 @@ def tune(args: argparse.Namespace) -> int:
     import torch
 
     from .compiler.build import as_target, device_target
-    from .tuning.records import CPU_DEVICE, default_logs_dir
+    from .tuning.layout import CPU_DEVICE, default_logs_dir
     from .tuning.tune import RpcTarget
     from .tuning.tune import tune as run_tuning
 

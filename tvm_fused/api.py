@@ -6,16 +6,10 @@ import functools
 
 import torch
 
+from . import dispatch
 from .arguments import check_arguments, check_contents
-from .compiler.build import device_target
-from .compiler.config import OpConfig
-from .compiler.kernel_cache import get_kernel
 from .schedules import ScheduleConfig
-from .tuning.buckets import nearest_bucket
-from .tuning.records import default_logs_dir, tuned_configs
 
-_TVM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
-               torch.int32: "int32", torch.uint32: "uint32"}
 _VECTOR_BYTES = 16  # the widest access the schedules use
 
 
@@ -34,43 +28,10 @@ def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
     return bits & -bits  # the lowest set bit
 
 
-class _Launcher:
-    """The kernels of one op on one device: the tuned schedule of each token bucket (from
-    ``tuning_logs/`` for this GPU), else the default; built or loaded on first use."""
-
-    def __init__(self, device: torch.device, op: OpConfig):
-        self.op, self.target = op, device_target(device)
-        self.tuned = {} if device.type != "cuda" else tuned_configs(
-            str(default_logs_dir()), torch.cuda.get_device_name(device), op)
-        self.buckets = tuple(sorted(self.tuned))
-        self.kernels: dict = {}
-
-    def kernel(self, tokens: int, schedule: ScheduleConfig | None):
-        if schedule is None and self.buckets:
-            schedule = self.tuned[nearest_bucket(tokens, self.buckets)]
-        kernel = self.kernels.get(schedule)
-        if kernel is None:
-            kernel = self.kernels[schedule] = get_kernel(self.op, self.target, schedule)
-        return kernel
-
-
 @functools.cache
 def _scratch_errors(device: torch.device) -> torch.Tensor:
     """The error counter of calls that pass none (its count is not read)."""
     return torch.zeros(1, dtype=torch.int32, device=device)
-
-
-@functools.cache
-def _launcher(device: torch.device, heads: int, rope_dim: int, kv_norm_dim: int,
-              page_size: int, dtype: torch.dtype, freqs_dtype: torch.dtype,
-              gamma_dtype: torch.dtype, offsets_dtype: torch.dtype, interleaved: bool,
-              alignment: int) -> _Launcher:
-    op = OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=kv_norm_dim,
-                  page_size=page_size, dtype=_TVM_DTYPES[dtype],
-                  freqs_dtype=_TVM_DTYPES[freqs_dtype], gamma_dtype=_TVM_DTYPES[gamma_dtype],
-                  offsets_dtype=_TVM_DTYPES[offsets_dtype], interleaved=interleaved,
-                  alignment=alignment)
-    return _Launcher(device, op)
 
 
 def fused_rope_rmsnorm(
@@ -137,8 +98,8 @@ def fused_rope_rmsnorm(
         malformed tensors (dtype, rank, shape, strides, device, alignment) and a bad epsilon
         before the launch, and the metadata checks then run to name the problem; overlapping
         arguments are not detected.
-    schedule : a block-group schedule to use instead of the tuned one for this token count's
-        bucket (``tuning_logs/``) or, without records for this GPU, the default.
+    schedule : a block-group schedule to use instead of the one decided for this token
+        count's bucket on this GPU (``tuning_logs/``), or without decisions, the default.
 
     Returns
     -------
@@ -186,12 +147,10 @@ def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, 
         out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=q_rope.device)
     if tokens == 0:
         return out
-    launcher = _launcher(
-        q_rope.device, heads, rope_dim, gamma.shape[0], k_cache.shape[1], q_rope.dtype,
-        freqs_cis.dtype, gamma.dtype, input_row_offsets.dtype, interleaved,
-        _alignment(q_rope, out, freqs_cis, gamma, k_cache))
+    signature = dispatch.signature(q_rope, freqs_cis, gamma, input_row_offsets,
+                                   k_cache.shape[1], interleaved,
+                                   _alignment(q_rope, out, freqs_cis, gamma, k_cache), schedule)
     errors = _scratch_errors(q_rope.device) if errors is None else errors.reshape(1)
-    launcher.kernel(tokens, schedule)(q_rope, out, input_row_offsets, freqs_cis, gamma,
-                                      k_cache, lookup_table, cache_lengths, errors,
-                                      float(epsilon))
+    dispatch.kernel(signature, tokens)(q_rope, out, input_row_offsets, freqs_cis, gamma, k_cache,
+                                       lookup_table, cache_lengths, errors, float(epsilon))
     return out

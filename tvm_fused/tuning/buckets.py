@@ -27,13 +27,14 @@ def bucket_case(tokens: int, decode_max: int = DECODE_MAX) -> tuple[list[int], l
     return new, [(331 * i) % 2048 for i in range(requests)]
 
 
+def thresholds(buckets) -> tuple[int, ...]:
+    """For sorted ``buckets``, the smallest token count each bucket after the first serves:
+    the geometric midpoint of it and the one before, rounded up (``t^2 >= lower * upper``;
+    ties go to the larger bucket)."""
+    return tuple(math.isqrt(lower * upper - 1) + 1 for lower, upper in zip(buckets, buckets[1:]))
+
+
 def nearest_bucket(tokens: int, buckets=BUCKETS) -> int:
     """The bucket closest to ``tokens`` in log scale (ties go to the larger)."""
     ordered = sorted(buckets)
-    i = bisect.bisect_left(ordered, tokens)
-    if i == 0:
-        return ordered[0]
-    if i == len(ordered):
-        return ordered[-1]
-    lower, upper = ordered[i - 1], ordered[i]
-    return lower if math.log(tokens / lower) < math.log(upper / tokens) else upper
+    return ordered[bisect.bisect_right(thresholds(ordered), tokens)]

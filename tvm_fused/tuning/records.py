@@ -1,30 +1,26 @@
-"""Tuning records in the repository: layout, compaction, lookup at build time, staleness.
+"""Tuning records in the repository: compaction, the choice of a config, staleness.
 
 ``tuning_logs/<gpu>/<op key>/`` holds, per tuned op configuration:
 
 - ``database_tuning_record.json``: MetaSchedule's record table, the best few per workload;
 - ``database_workload.json.xz``: its workload table, xz-compressed (the PrimFuncs are large);
 - ``metadata.json``: GPU, versions, date, trials, and per bucket the workload's structural
-  hash, the best and the default time.
-
-At build time only the record table and the metadata are read (plain JSON, no TVM parsing):
-the best record of a bucket's workload is decoded into its ScheduleConfig.
+  hash, the best and the default time;
+- ``decisions.json`` (``decisions.py``): the config chosen per bucket, which is all the
+  runtime reads.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import lzma
-import re
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 from ..compiler.config import OpConfig
-from ..schedules.space import CPU_SPACE, GPU_SPACE, config_from_trace
-from .buckets import nearest_bucket
+from ..schedules.space import config_from_trace
 
 RECORDS = "database_tuning_record.json"
 WORKLOADS = "database_workload.json"
@@ -33,32 +29,6 @@ KEEP_PER_WORKLOAD = 3
 # A tuned config replaces the default only if this much faster. On the H100 the same kernel
 # measured up to 6% apart between runs at ~6 us (launch-bound decode), so less is noise.
 MIN_SPEEDUP = 1.10
-TUNED_ALIGNMENT = 16
-CPU_DEVICE = "cpu-llvm"
-
-
-def default_logs_dir() -> Path:
-    """The committed records: ``tuning_logs/``, installed as ``tvm_fused.tuning_logs``."""
-    from .. import tuning_logs
-
-    return Path(tuning_logs.__file__).resolve().parent
-
-
-def gpu_slug(name: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def op_key(op: OpConfig) -> str:
-    """The records folder of an op: the dims and dtype the best knobs depend on."""
-    pairing = "gptj" if op.interleaved else "neox"
-    return (f"{op.dtype}-h{op.num_q_heads}-r{op.rope_dim}-d{op.kv_norm_dim}-p{op.page_size}-"
-            f"{pairing}")
-
-
-def records_dir(logs_dir: Path, gpu_name: str, op: OpConfig) -> Path:
-    return Path(logs_dir) / gpu_slug(gpu_name) / op_key(op)
-
 
 def _mean(run_secs) -> float:
     secs = [float(s) for s in run_secs]
@@ -201,23 +171,6 @@ def load_metadata(path: Path) -> dict:
     return json.loads((Path(path) / METADATA).read_text())
 
 
-@functools.cache
-def tuned_configs(logs_dir: str, gpu_name: str, op: OpConfig) -> dict:
-    """Bucket -> best schedule config recorded for this device (a GPU's name, or
-    ``cpu-llvm``) and op; empty (with a one-line warning) if there are none."""
-    path = records_dir(Path(logs_dir), gpu_name, op)
-    if op.alignment < TUNED_ALIGNMENT or not (path / METADATA).is_file():
-        if op.alignment >= TUNED_ALIGNMENT:
-            warnings.warn(f"tvm_fused: no tuning records for {gpu_slug(gpu_name)}/{op_key(op)};"
-                          " using the default schedule", stacklevel=3)
-        return {}
-    best = best_records(path / RECORDS, path / (WORKLOADS + ".xz"))
-    space = CPU_SPACE if gpu_name == CPU_DEVICE else GPU_SPACE
-    return {int(tokens): choose(best[entry["workload"]], space)
-            for tokens, entry in load_metadata(path)["buckets"].items()
-            if entry["workload"] in best}
-
-
 def _config(trace, space):
     """The schedule config a record's trace chose, or None (with a warning) if this version
     rejects it (a knob combination since found unsafe)."""
@@ -248,11 +201,3 @@ def choose(ranked: list, space):
         if config == space.default and secs < fastest_secs * MIN_SPEEDUP:
             return config
     return fastest
-
-
-def schedule_for(logs_dir, gpu_name: str, op: OpConfig, tokens: int):
-    """The tuned schedule config of the bucket nearest ``tokens``, or None (the default)."""
-    configs = tuned_configs(str(logs_dir), gpu_name, op)
-    if not configs:
-        return None
-    return configs[nearest_bucket(tokens, tuple(configs))]

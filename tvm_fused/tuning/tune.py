@@ -25,8 +25,9 @@ from tvm.s_tir import meta_schedule as ms
 from ..compiler.config import OpConfig
 from ..compiler.definition import OP_NAME
 from ..schedules.space import schedule_fn, space_for
-from . import records
+from . import decisions, records
 from .buckets import BUCKETS
+from .layout import records_dir
 from .measure import alloc_local, alloc_rpc, build_candidate, run_local
 from .workload import bucket_workload, workload_hash
 
@@ -160,25 +161,27 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
             num_trials_per_iter=min(16, max(remaining)), builder=builder, runner=runner,
             database=database, cost_model=_cost_model(cost_model), task_scheduler="round-robin",
             measure_callbacks=callbacks)
-    dest = records.records_dir(logs_dir, device_name, op)
+    dest = records_dir(logs_dir, device_name, op)
     records.compact(work_dir, dest, space)
-    _write_metadata(dest, op, target, device_name, workloads, trials, space,
-                    time.time() - started, work_dir, rpc)
+    chosen = _write_metadata(dest, op, target, device_name, workloads, trials, space,
+                             time.time() - started, work_dir, rpc)
+    decisions.write(dest, device_name, op, chosen)
     log(f"records: {dest} ({time.time() - started:.0f} s)")
     return dest
 
 
 def _write_metadata(dest, op, target, device_name, workloads, trials, space, seconds,
-                    work_dir, rpc):
+                    work_dir, rpc) -> dict:
+    """Write ``metadata.json``; return the config chosen per bucket."""
     best = records.best_records(Path(work_dir) / records.RECORDS,
                                 Path(work_dir) / records.WORKLOADS)
     previous = records.load_metadata(dest) if (dest / records.METADATA).is_file() else {}
-    buckets = {}
+    buckets, choices = {}, {}
     for tokens, workload in workloads.items():
         shash = workload_hash(workload)
         ranked = best.get(shash, [])
         defaults = records.default_records(ranked, space)
-        chosen = records.choose(ranked, space) if ranked else space.default
+        chosen = choices[tokens] = records.choose(ranked, space) if ranked else space.default
         buckets[str(tokens)] = {
             "workload": shash,
             "records": len(ranked),
@@ -200,3 +203,4 @@ def _write_metadata(dest, op, target, device_name, workloads, trials, space, sec
         "buckets": buckets,
     }
     (dest / records.METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
+    return choices

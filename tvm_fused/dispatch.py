@@ -1,0 +1,78 @@
+"""One lookup per call: from the call's signature to the ready kernel for its token count.
+
+The signature is what shapes the kernel and is known on the host without a sync: device,
+dtypes, static dims, pairing, alignment class and the schedule override (None: the tuning
+decisions). Its first call resolves it once: the op config, the target, the decided config
+of each token bucket (``tuning/decisions.py``), each kernel built or loaded through the one
+kernel cache (``compiler/kernel_cache.py``), and the token counts where one bucket's kernel
+takes over from the next. Later calls cost one dict lookup and a bisect.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from .compiler.build import device_target
+from .compiler.config import OpConfig
+from .compiler.kernel_cache import get_kernel
+from .tuning import decisions
+from .tuning.buckets import thresholds
+from .tuning.layout import default_logs_dir
+
+TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float32: "float32", torch.int32: "int32", torch.uint32: "uint32"}
+
+
+def signature(q_rope: torch.Tensor, freqs_cis: torch.Tensor, gamma: torch.Tensor,
+              offsets: torch.Tensor, page_size: int, interleaved: bool, alignment: int,
+              schedule) -> tuple:
+    """What shapes the kernel of a call, as a plain tuple (cheap to build and hash)."""
+    return (q_rope.device, q_rope.dtype, freqs_cis.dtype, gamma.dtype, offsets.dtype,
+            *q_rope.shape[1:], gamma.shape[0], page_size, interleaved, alignment, schedule)
+
+
+def _op(signature: tuple) -> OpConfig:
+    (_, dtype, freqs_dtype, gamma_dtype, offsets_dtype, heads, rope_dim, kv_norm_dim,
+     page_size, interleaved, alignment, _) = signature
+    return OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=kv_norm_dim,
+                    page_size=page_size, dtype=TORCH_DTYPES[dtype],
+                    freqs_dtype=TORCH_DTYPES[freqs_dtype], gamma_dtype=TORCH_DTYPES[gamma_dtype],
+                    offsets_dtype=TORCH_DTYPES[offsets_dtype], interleaved=interleaved,
+                    alignment=alignment)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernels:
+    """The kernel of each bucket, and the token counts from which the next one serves."""
+
+    thresholds: tuple[int, ...]
+    kernels: tuple[Callable, ...]
+
+
+_ready: dict[tuple, _Kernels] = {}
+
+
+def _resolve(signature: tuple) -> _Kernels:
+    device, schedule = signature[0], signature[-1]
+    op, target = _op(signature), device_target(device)
+    configs = {}
+    if schedule is None and device.type == "cuda":
+        configs = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(device),
+                                    op)
+    if not configs:
+        return _Kernels((), (get_kernel(op, target, schedule),))
+    buckets = sorted(configs)
+    return _Kernels(thresholds(buckets),
+                    tuple(get_kernel(op, target, configs[b]) for b in buckets))
+
+
+def kernel(signature: tuple, tokens: int) -> Callable:
+    """The kernel for a call of ``tokens`` tokens with this signature (built on first use)."""
+    ready = _ready.get(signature)
+    if ready is None:
+        ready = _ready[signature] = _resolve(signature)
+    return ready.kernels[bisect.bisect_right(ready.thresholds, tokens)]

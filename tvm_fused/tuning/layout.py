@@ -1,0 +1,34 @@
+"""Where tuning results live: ``tuning_logs/<gpu slug>/<op key>/`` (installed as
+``tvm_fused.tuning_logs``), one folder per GPU model and op configuration."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..compiler.config import OpConfig
+
+CPU_DEVICE = "cpu-llvm"  # the "GPU" name of records tuned on the CPU
+
+
+def default_logs_dir() -> Path:
+    """The committed results: ``tuning_logs/``, installed as ``tvm_fused.tuning_logs``."""
+    from .. import tuning_logs
+
+    return Path(tuning_logs.__file__).resolve().parent
+
+
+def gpu_slug(name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def op_key(op: OpConfig) -> str:
+    """The folder of an op: the dims and dtype the best knobs depend on."""
+    pairing = "gptj" if op.interleaved else "neox"
+    return (f"{op.dtype}-h{op.num_q_heads}-r{op.rope_dim}-d{op.kv_norm_dim}-p{op.page_size}-"
+            f"{pairing}")
+
+
+def records_dir(logs_dir: Path, gpu_name: str, op: OpConfig) -> Path:
+    return Path(logs_dir) / gpu_slug(gpu_name) / op_key(op)
