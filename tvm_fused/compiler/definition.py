@@ -1,8 +1,10 @@
 """The compute definition of the fused MLA prologue as one TensorIR PrimFunc (no schedule).
 
 ``fused_rope_rmsnorm_func(config)`` returns a block-based PrimFunc whose stages read like
-SPEC.md. Four branches, each locating its own token because on the GPU they run in different
-thread blocks; ``row(t)`` is cache row ``k_cache[page[t], pos[t] % page_size]``:
+SPEC.md. The PrimFunc declares its tensors, asserts its entry contract, makes the views the
+branches address, and calls the four branches, each a macro, each locating its own token
+(``locate``) because on the GPU they run in different thread blocks; ``row(t)`` is cache row
+``k_cache[page[t], pos[t] % page_size]``:
 
     q branch     q_locate  t           q_pos[t]: position of token t if it has a freqs row,
                                        else -1; q_state[t]: PADDING, OK or ERROR
@@ -43,8 +45,6 @@ Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU t
 
 from __future__ import annotations
 
-import functools
-
 import tvm
 from tvm.script import tirx as T
 
@@ -65,7 +65,6 @@ def _rotate(x0, x1, cos, sin, p):
     return T.if_then_else(p == 0, x0 * cos - x1 * sin, x0 * sin + x1 * cos)
 
 
-@functools.cache
 def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     """The fused op as an unscheduled block-based PrimFunc named ``fused_rope_rmsnorm``.
 
@@ -179,6 +178,155 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         if state is not None:
             state[vt] = T.Select(real, T.Select(physical < num_pages, OK, ERROR), PADDING)
 
+    @T.macro
+    def q_branch(n, q_pairs, out_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
+                 max_seq_len, num_pages):
+        """q_rope_output[t] = rope(q_rope[t], freqs[pos]) for every OK token t."""
+        q_pos = T.sblock_alloc_buffer((n,), "int64")
+        q_state = T.sblock_alloc_buffer((n,), "int32")
+        q_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
+        q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
+        q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
+        for t in range(n):
+            with T.sblock("q_locate"):
+                vt = T.axis.spatial(n, t)
+                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
+                T.writes(q_pos[vt], q_state[vt])
+                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, q_pos,
+                       None, q_state)
+        for t, j, p in T.grid(n, R2, TWO):
+            with T.sblock("q_freqs"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                if q_pos[vt] >= ZERO:
+                    q_freqs[vt, vj, vp] = freqs_pairs[q_pos[vt], vj, vp]
+                else:
+                    q_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
+        for t, h, j, p in T.grid(n, H, R2, TWO):
+            with T.sblock("q_load"):
+                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
+                if q_pos[vt] >= ZERO:
+                    q_in[vt, vh, vj, vp] = q_pairs[vt, vh, vj, vp]
+                else:
+                    q_in[vt, vh, vj, vp] = T.Cast(dtype, 0)
+        for t, h, j, p in T.grid(n, H, R2, TWO):
+            with T.sblock("q_rope"):
+                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
+                q_out[vt, vh, vj, vp] = T.Cast(dtype, _rotate(
+                    _f32(q_in[vt, vh, vj, ZERO]), _f32(q_in[vt, vh, vj, ONE]),
+                    _f32(q_freqs[vt, vj, ZERO]), _f32(q_freqs[vt, vj, ONE]), vp))
+        for t, h, j, p in T.grid(n, H, R2, TWO):
+            with T.sblock("q_store"):
+                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
+                if q_state[vt] == OK:
+                    out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
+
+    @T.macro
+    def k_branch(n, k_pairs_in, k_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
+                 max_seq_len, num_pages):
+        """row(t)[D:] = rope(row(t)[D:], freqs[pos]) in place, for every token t with a row."""
+        k_pos = T.sblock_alloc_buffer((n,), "int64")
+        k_page = T.sblock_alloc_buffer((n,), "int64")
+        k_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
+        k_in = T.sblock_alloc_buffer((n, R2, TWO), dtype)
+        k_out = T.sblock_alloc_buffer((n, R2, TWO), dtype)
+        for t in range(n):
+            with T.sblock("k_locate"):
+                vt = T.axis.spatial(n, t)
+                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
+                T.writes(k_pos[vt], k_page[vt])
+                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, k_pos,
+                       k_page, None)
+        for t, j, p in T.grid(n, R2, TWO):
+            with T.sblock("k_freqs"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                if k_pos[vt] >= ZERO:
+                    k_freqs[vt, vj, vp] = freqs_pairs[k_pos[vt], vj, vp]
+                else:
+                    k_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
+        for t, j, p in T.grid(n, R2, TWO):
+            with T.sblock("k_load"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                if k_page[vt] >= ZERO and k_page[vt] < num_pages:
+                    k_in[vt, vj, vp] = k_pairs_in[k_page[vt], k_pos[vt] % PS, vj, vp]
+                else:
+                    k_in[vt, vj, vp] = T.Cast(dtype, 0)
+        for t, j, p in T.grid(n, R2, TWO):
+            with T.sblock("k_rope"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                k_out[vt, vj, vp] = T.Cast(dtype, _rotate(
+                    _f32(k_in[vt, vj, ZERO]), _f32(k_in[vt, vj, ONE]),
+                    _f32(k_freqs[vt, vj, ZERO]), _f32(k_freqs[vt, vj, ONE]), vp))
+        for t, j, p in T.grid(n, R2, TWO):
+            with T.sblock("k_store"):
+                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                if k_page[vt] >= ZERO and k_page[vt] < num_pages:
+                    k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
+
+    @T.macro
+    def norm_branch(n, k_rows_in, k_rows, gamma, epsilon, offsets, cache_lengths,
+                    lookup_table, max_seq_len, num_pages):
+        """row(t)[:D] = rmsnorm(row(t)[:D]) in place, for every token t with a row."""
+        norm_pos = T.sblock_alloc_buffer((n,), "int64")
+        norm_page = T.sblock_alloc_buffer((n,), "int64")
+        norm_in = T.sblock_alloc_buffer((n, D), dtype)
+        sumsq = T.sblock_alloc_buffer((n,), "float32")
+        scale = T.sblock_alloc_buffer((n,), "float32")
+        norm_out = T.sblock_alloc_buffer((n, D), dtype)
+        for t in range(n):
+            with T.sblock("norm_locate"):
+                vt = T.axis.spatial(n, t)
+                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
+                T.writes(norm_pos[vt], norm_page[vt])
+                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages,
+                       norm_pos, norm_page, None)
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_load"):
+                vt, vc = T.axis.remap("SS", [t, c])
+                if norm_page[vt] >= ZERO and norm_page[vt] < num_pages:
+                    norm_in[vt, vc] = k_rows_in[norm_page[vt], norm_pos[vt] % PS, vc]
+                else:
+                    norm_in[vt, vc] = T.Cast(dtype, 0)
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_sumsq"):
+                vt, vc = T.axis.remap("SR", [t, c])
+                with T.init():
+                    sumsq[vt] = T.float32(0)
+                sumsq[vt] = sumsq[vt] + _f32(norm_in[vt, vc]) * _f32(norm_in[vt, vc])
+        for t in range(n):
+            with T.sblock("norm_scale"):
+                vt = T.axis.spatial(n, t)
+                scale[vt] = T.rsqrt(sumsq[vt] / T.float32(D) + epsilon)
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_apply"):
+                vt, vc = T.axis.remap("SS", [t, c])
+                normed = T.meta_var(T.Cast(gdtype, _f32(norm_in[vt, vc]) * scale[vt]))
+                norm_out[vt, vc] = T.Cast(dtype, normed * gamma[vc])
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_store"):
+                vt, vc = T.axis.remap("SS", [t, c])
+                if norm_page[vt] >= ZERO and norm_page[vt] < num_pages:
+                    k_rows[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
+
+    @T.macro
+    def count_branch(n, errors, offsets, cache_lengths, lookup_table, max_seq_len, num_pages):
+        """errors[0] += the number of ERROR tokens (a schedule running tokens in parallel
+        makes the accumulation atomic)."""
+        count_state = T.sblock_alloc_buffer((n,), "int32")
+        for t in range(n):
+            with T.sblock("count_locate"):
+                vt = T.axis.spatial(n, t)
+                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
+                T.writes(count_state[vt])
+                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, None,
+                       None, count_state)
+        for t in range(n):
+            with T.sblock("count_errors"):
+                vt = T.axis.spatial(n, t)
+                T.reads(count_state[vt])
+                T.writes(errors[0])
+                if count_state[vt] == ERROR:
+                    errors[0] = errors[0] + 1
+
     @T.prim_func(s_tir=True)
     def fused_rope_rmsnorm(
         q_handle: T.handle, out_handle: T.handle, offsets_handle: T.handle,
@@ -214,24 +362,6 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         assert T.isfinite(epsilon) and epsilon >= T.float32(0), (
             "ValueError", ["epsilon must be finite and non-negative"])
 
-        q_pos = T.sblock_alloc_buffer((n,), "int64")
-        q_state = T.sblock_alloc_buffer((n,), "int32")
-        q_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
-        q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
-        q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
-        k_pos = T.sblock_alloc_buffer((n,), "int64")
-        k_page = T.sblock_alloc_buffer((n,), "int64")
-        k_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
-        k_in = T.sblock_alloc_buffer((n, R2, TWO), dtype)
-        k_out = T.sblock_alloc_buffer((n, R2, TWO), dtype)
-        norm_pos = T.sblock_alloc_buffer((n,), "int64")
-        norm_page = T.sblock_alloc_buffer((n,), "int64")
-        norm_in = T.sblock_alloc_buffer((n, D), dtype)
-        sumsq = T.sblock_alloc_buffer((n,), "float32")
-        scale = T.sblock_alloc_buffer((n,), "float32")
-        norm_out = T.sblock_alloc_buffer((n, D), dtype)
-        count_state = T.sblock_alloc_buffer((n,), "int32")
-
         q_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope.data,
                                 elem_offset=q_rope.elem_offset, strides=pair_strides(qs0, qs1))
         out_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope_output.data,
@@ -248,126 +378,13 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         k_pairs = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
                                 elem_offset=k_cache.elem_offset + D, strides=pair_strides(ks0, ks1))
 
-        # q branch
-        for t in range(n):
-            with T.sblock("q_locate"):
-                vt = T.axis.spatial(n, t)
-                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(q_pos[vt], q_state[vt])
-                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, q_pos,
-                       None, q_state)
-        for t, j, p in T.grid(n, R2, TWO):
-            with T.sblock("q_freqs"):
-                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if q_pos[vt] >= ZERO:
-                    q_freqs[vt, vj, vp] = freqs_pairs[q_pos[vt], vj, vp]
-                else:
-                    q_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
-        for t, h, j, p in T.grid(n, H, R2, TWO):
-            with T.sblock("q_load"):
-                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                if q_pos[vt] >= ZERO:
-                    q_in[vt, vh, vj, vp] = q_pairs[vt, vh, vj, vp]
-                else:
-                    q_in[vt, vh, vj, vp] = T.Cast(dtype, 0)
-        for t, h, j, p in T.grid(n, H, R2, TWO):
-            with T.sblock("q_rope"):
-                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                q_out[vt, vh, vj, vp] = T.Cast(dtype, _rotate(
-                    _f32(q_in[vt, vh, vj, ZERO]), _f32(q_in[vt, vh, vj, ONE]),
-                    _f32(q_freqs[vt, vj, ZERO]), _f32(q_freqs[vt, vj, ONE]), vp))
-        for t, h, j, p in T.grid(n, H, R2, TWO):
-            with T.sblock("q_store"):
-                vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                if q_state[vt] == OK:
-                    out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
-
-        # k branch: the rope part of each new cache row, in place
-        for t in range(n):
-            with T.sblock("k_locate"):
-                vt = T.axis.spatial(n, t)
-                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(k_pos[vt], k_page[vt])
-                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, k_pos,
-                       k_page, None)
-        for t, j, p in T.grid(n, R2, TWO):
-            with T.sblock("k_freqs"):
-                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_pos[vt] >= ZERO:
-                    k_freqs[vt, vj, vp] = freqs_pairs[k_pos[vt], vj, vp]
-                else:
-                    k_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
-        for t, j, p in T.grid(n, R2, TWO):
-            with T.sblock("k_load"):
-                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_page[vt] >= ZERO and k_page[vt] < num_pages:
-                    k_in[vt, vj, vp] = k_pairs_in[k_page[vt], k_pos[vt] % PS, vj, vp]
-                else:
-                    k_in[vt, vj, vp] = T.Cast(dtype, 0)
-        for t, j, p in T.grid(n, R2, TWO):
-            with T.sblock("k_rope"):
-                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                k_out[vt, vj, vp] = T.Cast(dtype, _rotate(
-                    _f32(k_in[vt, vj, ZERO]), _f32(k_in[vt, vj, ONE]),
-                    _f32(k_freqs[vt, vj, ZERO]), _f32(k_freqs[vt, vj, ONE]), vp))
-        for t, j, p in T.grid(n, R2, TWO):
-            with T.sblock("k_store"):
-                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_page[vt] >= ZERO and k_page[vt] < num_pages:
-                    k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
-
-        # norm branch: the latent part of each new cache row, in place
-        for t in range(n):
-            with T.sblock("norm_locate"):
-                vt = T.axis.spatial(n, t)
-                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(norm_pos[vt], norm_page[vt])
-                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages,
-                       norm_pos, norm_page, None)
-        for t, c in T.grid(n, D):
-            with T.sblock("norm_load"):
-                vt, vc = T.axis.remap("SS", [t, c])
-                if norm_page[vt] >= ZERO and norm_page[vt] < num_pages:
-                    norm_in[vt, vc] = k_rows_in[norm_page[vt], norm_pos[vt] % PS, vc]
-                else:
-                    norm_in[vt, vc] = T.Cast(dtype, 0)
-        for t, c in T.grid(n, D):
-            with T.sblock("norm_sumsq"):
-                vt, vc = T.axis.remap("SR", [t, c])
-                with T.init():
-                    sumsq[vt] = T.float32(0)
-                sumsq[vt] = sumsq[vt] + _f32(norm_in[vt, vc]) * _f32(norm_in[vt, vc])
-        for t in range(n):
-            with T.sblock("norm_scale"):
-                vt = T.axis.spatial(n, t)
-                scale[vt] = T.rsqrt(sumsq[vt] / T.float32(D) + epsilon)
-        for t, c in T.grid(n, D):
-            with T.sblock("norm_apply"):
-                vt, vc = T.axis.remap("SS", [t, c])
-                normed = T.meta_var(T.Cast(gdtype, _f32(norm_in[vt, vc]) * scale[vt]))
-                norm_out[vt, vc] = T.Cast(dtype, normed * gamma[vc])
-        for t, c in T.grid(n, D):
-            with T.sblock("norm_store"):
-                vt, vc = T.axis.remap("SS", [t, c])
-                if norm_page[vt] >= ZERO and norm_page[vt] < num_pages:
-                    k_cache[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
-
-        # count branch: one increment per ERROR token (a schedule running tokens in parallel
-        # makes the increment atomic)
-        for t in range(n):
-            with T.sblock("count_locate"):
-                vt = T.axis.spatial(n, t)
-                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(count_state[vt])
-                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, None,
-                       None, count_state)
-        for t in range(n):
-            with T.sblock("count_errors"):
-                vt = T.axis.spatial(n, t)
-                T.reads(count_state[vt])
-                T.writes(errors[0])
-                if count_state[vt] == ERROR:
-                    errors[0] = errors[0] + 1
+        q_branch(n, q_pairs, out_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
+                 max_seq_len, num_pages)
+        k_branch(n, k_pairs_in, k_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
+                 max_seq_len, num_pages)
+        norm_branch(n, k_rows_in, k_cache, gamma, epsilon, offsets, cache_lengths,
+                    lookup_table, max_seq_len, num_pages)
+        count_branch(n, errors, offsets, cache_lengths, lookup_table, max_seq_len, num_pages)
     # fmt: on
 
     return fused_rope_rmsnorm
