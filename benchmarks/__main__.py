@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tvm_fused.compiler import config
+
 
 def suite(args: argparse.Namespace) -> int:
     import torch
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     suite_parser.add_argument("--providers", default="",
                               help="comma-separated, from benchmarks.suite.ALL_PROVIDERS")
     suite_parser.add_argument("--neox", action="store_true", help="NeoX (half-split) pairs")
-    suite_parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+    suite_parser.add_argument("--dtype", choices=config.DTYPES,
                               default="bfloat16", help="dtype of q, the cache and gamma")
     suite_parser.add_argument("--page-size", type=int, default=128, help="cache page size")
     suite_parser.add_argument("--rope-dim", type=int, default=64, help="rotary dims")

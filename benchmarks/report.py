@@ -53,8 +53,8 @@ def markdown_table(rows: list[dict], heads: int = 128, pairing: str = "gptj",
                  f"{float(row['same_bytes_copy_us']):.2f}"]
         for peer in peers:
             other = series[peer].get(tokens)
-            cells.append("" if other is None else
-                         f"{float(other['median_us']):.1f} ({float(other['median_us']) / ours_us:.1f}x)")
+            peer_us = None if other is None else float(other["median_us"])
+            cells.append("" if peer_us is None else f"{peer_us:.1f} ({peer_us / ours_us:.1f}x)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -178,7 +178,7 @@ def _graph_us(call, reps: int, log) -> float:
     """Median replay time of ``call`` captured in a CUDA graph; NaN if it cannot be captured."""
     try:
         return time_graph(call, reps=reps).median_us
-    except Exception as error:  # noqa: BLE001 (not every peer is capturable)
+    except Exception as error:
         log(f"  CUDA graph capture failed: {error!r}"[:500])
         return math.nan
 
@@ -197,7 +197,7 @@ def measure(op: OpConfig, tokens: int, provider_map: dict[str, Provider], copy_t
     for name, provider in provider_map.items():
         try:
             inputs, out, report = _check(name, provider, base, op.interleaved, tokens)
-        except Exception as error:  # noqa: BLE001 (a failing peer is reported, not timed)
+        except Exception as error:
             log(f"{gpu} | {op.num_q_heads:3d} heads | {tokens:6d} tok | {name:<17} FAILED: "
                 f"{error!r}"[:2000])
             failures.append(f"{name} at {tokens} tokens, {op.num_q_heads} heads: {error!r}")

@@ -50,9 +50,9 @@ class ScheduleConfig:
         if self.rope_vectors_per_thread < 1 or self.norm_rows_per_thread < 1:
             raise ValueError("rope_vectors_per_thread and norm_rows_per_thread must be positive")
         if self.norm_threads_per_row > 32 and self.norm_rows_per_thread > 1:
-            # racecheck found a race in multi-warp rows (the rsqrt stored over the shared
-            # reduction result, fixed in schedules/norm.py); repeating such a reduction in one
-            # block has not been rechecked on a GPU since, so it stays out of the space
+            # TVM's cross-warp allreduce has no barrier after its shared-memory read, so a
+            # thread group repeating it for a second row could overwrite the first row's
+            # partial sums while slower warps still read them
             raise ValueError("norm_rows_per_thread > 1 needs norm_threads_per_row == 32 "
                              "(one warp per row)")
 

@@ -62,7 +62,7 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
     sch.vectorize(sch.split(sch.get_loops(gamma)[-1], [None, gamma_vector])[-1])
     # rsqrt of the row's sum of squares, per element: a block of its own at threadIdx.x
     # would store it over the reduction result, which a multi-warp row keeps in shared
-    # memory, while other warps still read the sum (a race racecheck found on the H100)
+    # memory, while other warps still read the sum (a race)
     sch.compute_inline(scale)
 
     sch.compute_at(sumsq, row)

@@ -11,14 +11,14 @@ import tvm
 import tvm_ffi
 from tvm.script import tirx as T
 
+from benchmarks.suite import host_us
 from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.api import _alignment, _launcher
-from benchmarks.suite import host_us
+from tvm_fused.arguments import check_arguments
 from tvm_fused.compiler.build import cuda_target
 from tvm_fused.compiler.config import OpConfig
 from tvm_fused.timing import time_cuda
 from tvm_fused.tuning.workload import bucket_inputs
-from tvm_fused.arguments import check_arguments
 
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "tvm-ffi", tvm_ffi.__version__,
       "DLPack C exchange API:", hasattr(torch.Tensor, "__dlpack_c_exchange_api__"))

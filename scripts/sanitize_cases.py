@@ -7,10 +7,10 @@ repository root."""
 import sys
 
 import torch
-from tvm_fused.schedules import ScheduleConfig
 
 from tests.cases import BAD_INDICES, MALFORMED, RAGGED, bad_index_inputs
 from tvm_fused import fused_rope_rmsnorm
+from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.testing.compare import run_and_check
 from tvm_fused.testing.inputs import make_inputs
 

@@ -28,8 +28,8 @@ PROVIDERS = ("tvm-fused default", "torch.compile", "torch eager")
 
 @pytest.mark.gpu
 def test_small_suite_checks_and_times_every_provider(tmp_path):
-    from benchmarks.suite import run_suite
     from benchmarks.report import read_rows
+    from benchmarks.suite import run_suite
 
     csv = tmp_path / "bench.csv"
     rows, failures = run_suite([(4, True, (1, 2048), PROVIDERS)],

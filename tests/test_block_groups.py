@@ -139,7 +139,7 @@ def test_a_function_that_does_not_ask_keeps_its_launches():
 def test_dependent_launches_are_refused():
     """Branch b reads what branch a writes: as separate launches b sees a's results; in one
     grid it would not. Refused when checked, merged only when the author vouches."""
-    with pytest.raises(Exception, match="launch 0 writes .*out_a.*launch 1 also accesses"):
+    with pytest.raises(Exception, match=r"launch 0 writes .*out_a.*launch 1 also accesses"):
         _lower(two_branches(b_reads_a_output=True))
     merged = _lower(two_branches(b_reads_a_output=True, mode="vouched"))
     assert [tag for tag, _ in _launches(merged)] == ["blockIdx.x", "threadIdx.x"]

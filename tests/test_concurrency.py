@@ -27,7 +27,7 @@ def _run_threads(cases, run):
     def work(i):
         try:
             reports[i] = run(cases[i])
-        except Exception as err:  # noqa: BLE001 - reported below
+        except Exception as err:
             errors.append(err)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tvm_fused.schedules import ScheduleConfig
 
 from tvm_fused import fused_rope_rmsnorm
+from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.testing.compare import check_run, run_and_check
 from tvm_fused.testing.inputs import make_inputs
 

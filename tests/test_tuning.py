@@ -9,6 +9,10 @@ import pytest
 import torch
 import tvm
 from tvm import s_tir
+
+from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func
+from tvm_fused.compiler import pipeline
+from tvm_fused.compiler.build import cuda_target
 from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.schedules.cpu import CpuScheduleConfig
 from tvm_fused.schedules.space import (
@@ -17,10 +21,6 @@ from tvm_fused.schedules.space import (
     sample_config,
     schedule_fn,
 )
-
-from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func
-from tvm_fused.compiler import pipeline
-from tvm_fused.compiler.build import cuda_target
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, records

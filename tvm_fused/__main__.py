@@ -15,7 +15,8 @@ import argparse
 import re
 import sys
 
-DTYPES = ("bfloat16", "float16", "float32")
+from .compiler import config  # plain Python: no torch or TVM
+
 PAGE_SIZE_HELP = "cache rows per page, a power of two (default 128)"
 
 
@@ -25,7 +26,7 @@ class UsageError(ValueError):
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=128, help="q heads (default 128)")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+    parser.add_argument("--dtype", choices=config.DTYPES, default="bfloat16",
                         help="dtype of q, the cache and gamma (default bfloat16)")
     parser.add_argument("--page-size", type=int, default=128, help=PAGE_SIZE_HELP)
     parser.add_argument("--rope-dim", type=int, default=64, help="rotary dims (default 64)")
@@ -36,10 +37,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def _op_config(args: argparse.Namespace):
     """The OpConfig the options describe (UsageError names a bad one)."""
-    from .compiler.config import OpConfig
-
     try:
-        return OpConfig(num_q_heads=args.heads, rope_dim=args.rope_dim,
+        return config.OpConfig(num_q_heads=args.heads, rope_dim=args.rope_dim,
                         kv_norm_dim=args.kv_norm_dim, page_size=args.page_size,
                         dtype=args.dtype, gamma_dtype=args.dtype, interleaved=not args.neox)
     except ValueError as error:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
-DATA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FREQS_DTYPES = (torch.float32, torch.bfloat16)
-OFFSETS_DTYPES = (torch.uint32, torch.int32)
+from .compiler import config
+
+DATA_DTYPES, FREQS_DTYPES, OFFSETS_DTYPES = (
+    tuple(getattr(torch, name) for name in names)
+    for names in (config.DTYPES, config.FREQS_DTYPES, config.OFFSETS_DTYPES))
 
 
 def _checked_layout(name: str, value, rank: int, dtypes: tuple, dtype_rule: str = "one of"):
@@ -23,8 +25,8 @@ def _checked_layout(name: str, value, rank: int, dtypes: tuple, dtype_rule: str 
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {dtype_rule} "
-                        f"{[str(d).removeprefix('torch.') for d in dtypes]}, got "
-                        f"{str(value.dtype).removeprefix('torch.')}")
+                        f"{[config.dtype_name(d) for d in dtypes]}, got "
+                        f"{config.dtype_name(value.dtype)}")
     shape, strides = value.shape, value.stride()
     if len(shape) != rank:
         raise ValueError(f"{name} must have {rank} dims, got shape {tuple(shape)}")

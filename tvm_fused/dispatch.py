@@ -17,14 +17,11 @@ from collections.abc import Callable
 import torch
 
 from .compiler.build import device_target
-from .compiler.config import OpConfig
+from .compiler.config import OpConfig, dtype_name
 from .compiler.kernel_cache import get_kernel
 from .tuning import decisions
 from .tuning.buckets import thresholds
 from .tuning.layout import default_logs_dir
-
-TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16",
-                torch.float32: "float32", torch.int32: "int32", torch.uint32: "uint32"}
 
 
 def signature(q_rope: torch.Tensor, freqs_cis: torch.Tensor, gamma: torch.Tensor,
@@ -39,9 +36,9 @@ def _op(signature: tuple) -> OpConfig:
     (_, dtype, freqs_dtype, gamma_dtype, offsets_dtype, heads, rope_dim, kv_norm_dim,
      page_size, interleaved, alignment, _) = signature
     return OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=kv_norm_dim,
-                    page_size=page_size, dtype=TORCH_DTYPES[dtype],
-                    freqs_dtype=TORCH_DTYPES[freqs_dtype], gamma_dtype=TORCH_DTYPES[gamma_dtype],
-                    offsets_dtype=TORCH_DTYPES[offsets_dtype], interleaved=interleaved,
+                    page_size=page_size, dtype=dtype_name(dtype),
+                    freqs_dtype=dtype_name(freqs_dtype), gamma_dtype=dtype_name(gamma_dtype),
+                    offsets_dtype=dtype_name(offsets_dtype), interleaved=interleaved,
                     alignment=alignment)
 
 

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# dtypes by name, as TVM and torch (``torch.<name>``) both spell them
 DTYPES = ("bfloat16", "float16", "float32")
 FREQS_DTYPES = ("float32", "bfloat16")
 OFFSETS_DTYPES = ("uint32", "int32")
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def dtype_name(dtype) -> str:
+    """The name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def kernel_key(op: OpConfig, target: tvm.target.Target, schedule: ScheduleConfig
 def _load(path: Path):
     try:
         return tvm.runtime.load_module(str(path))[OP_NAME]
-    except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
+    except Exception as err:
         warnings.warn(f"tvm_fused: rebuilding unreadable cached kernel {path}: {err}",
                       stacklevel=3)
         return None

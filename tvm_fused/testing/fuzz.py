@@ -19,11 +19,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from ..compiler import config
 from .compare import CheckReport, run_and_check
 from .inputs import OpInputs, make_inputs
 from .reference import locate_tokens
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPES = tuple(getattr(torch, name) for name in config.DTYPES)
 # a small grid of shapes keeps the number of distinct kernels (builds) bounded
 HEADS = (1, 2, 5, 16, 64, 128)
 PAGE_SIZES = (1, 2, 16, 64, 128, 256)

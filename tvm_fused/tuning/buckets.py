@@ -9,6 +9,7 @@ host) picks the nearest bucket on a log scale, with no device sync.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 
 BUCKETS = (1, 8, 64, 512, 4096, 32768)
@@ -31,7 +32,8 @@ def thresholds(buckets) -> tuple[int, ...]:
     """For sorted ``buckets``, the smallest token count each bucket after the first serves:
     the geometric midpoint of it and the one before, rounded up (``t^2 >= lower * upper``;
     ties go to the larger bucket)."""
-    return tuple(math.isqrt(lower * upper - 1) + 1 for lower, upper in zip(buckets, buckets[1:]))
+    return tuple(math.isqrt(lower * upper - 1) + 1
+                 for lower, upper in itertools.pairwise(buckets))
 
 
 def nearest_bucket(tokens: int, buckets=BUCKETS) -> int:

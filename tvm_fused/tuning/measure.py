@@ -15,7 +15,7 @@ import torch
 import tvm
 
 from ..compiler import pipeline
-from ..compiler.config import OpConfig
+from ..compiler.config import OpConfig, dtype_name
 from ..compiler.definition import OP_NAME
 from ..timing import time_cuda
 from .workload import bucket_inputs
@@ -50,7 +50,7 @@ def _bucket_tensors(args_info, device) -> list[torch.Tensor]:
     errors = torch.zeros(1, dtype=torch.int32, device=device)
     tensors = [inputs.q_rope, out, *inputs.args()[1:], errors]
     for tensor, (_, dtype, shape) in zip(tensors, args_info):
-        if list(tensor.shape) != list(shape) or str(tensor.dtype).removeprefix("torch.") != dtype:
+        if list(tensor.shape) != list(shape) or dtype_name(tensor.dtype) != dtype:
             raise ValueError(f"bucket inputs {tuple(tensor.shape)} {tensor.dtype} do not match "
                              f"the workload's {shape} {dtype}")
     return tensors

@@ -30,7 +30,8 @@ KEEP_PER_WORKLOAD = 3
 # measured up to 6% apart between runs at ~6 us (launch-bound decode), so less is noise.
 MIN_SPEEDUP = 1.10
 
-def _mean(run_secs) -> float:
+
+def mean_seconds(run_secs) -> float:
     secs = [float(s) for s in run_secs]
     return sum(secs) / len(secs) if secs else float("inf")
 
@@ -99,7 +100,7 @@ def best_records(path: Path, workloads: Path) -> dict[str, list]:
     hashes = workload_hashes(workloads)
     by_hash: dict[str, list] = {}
     for index, trace, run_secs, line in read_records(path):
-        by_hash.setdefault(hashes[index], []).append((_mean(run_secs), trace, line))
+        by_hash.setdefault(hashes[index], []).append((mean_seconds(run_secs), trace, line))
     return {h: sorted(rs, key=lambda r: r[0]) for h, rs in by_hash.items()}
 
 
@@ -172,8 +173,8 @@ def load_metadata(path: Path) -> dict:
 
 
 def _config(trace, space):
-    """The schedule config a record's trace chose, or None (with a warning) if this version
-    rejects it (a knob combination since found unsafe)."""
+    """The schedule config a record's trace chose, or None (with a warning) if ScheduleConfig
+    rejects it (records may hold combinations now refused)."""
     try:
         return config_from_trace(trace, space)
     except (ValueError, IndexError, KeyError) as error:

@@ -87,7 +87,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.count[name] = self.count.get(name, 0) + len(runner_results)
         for result in runner_results:
             if result.run_secs:
-                secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                secs = records.mean_seconds(result.run_secs)
                 self.best[name] = min(self.best.get(name, float("inf")), secs)
         failed = sum(1 for r in runner_results if r.error_msg)
         best_us = self.best.get(name, float("nan")) * 1e6
@@ -110,7 +110,7 @@ def _measure_default(workload, op, target, space, default, builder, runner, data
         raise RuntimeError(f"the default schedule failed to run: {result.error_msg}")
     database.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, database.commit_workload(workload), result.run_secs, target, args_info))
-    return sum(float(s) for s in result.run_secs) / len(result.run_secs)
+    return records.mean_seconds(result.run_secs)
 
 
 def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: int = 32,

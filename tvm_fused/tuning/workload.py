@@ -12,8 +12,6 @@ from ..testing.inputs import OpInputs, make_inputs
 from .buckets import bucket_case
 
 EPSILON = 1e-6
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-                 "int32": torch.int32, "uint32": torch.uint32}
 
 
 def bucket_inputs(op: OpConfig, tokens: int, device="cpu") -> OpInputs:
@@ -22,9 +20,9 @@ def bucket_inputs(op: OpConfig, tokens: int, device="cpu") -> OpInputs:
     new_tokens, cache_lengths = bucket_case(tokens)
     return make_inputs(
         new_tokens, cache_lengths, num_q_heads=op.num_q_heads, rope_dim=op.rope_dim,
-        kv_norm_dim=op.kv_norm_dim, page_size=op.page_size, dtype=_TORCH_DTYPES[op.dtype],
-        gamma_dtype=_TORCH_DTYPES[op.gamma_dtype], freqs_dtype=_TORCH_DTYPES[op.freqs_dtype],
-        offsets_dtype=_TORCH_DTYPES[op.offsets_dtype], strided_q=False, device=device)
+        kv_norm_dim=op.kv_norm_dim, page_size=op.page_size, dtype=getattr(torch, op.dtype),
+        gamma_dtype=getattr(torch, op.gamma_dtype), freqs_dtype=getattr(torch, op.freqs_dtype),
+        offsets_dtype=getattr(torch, op.offsets_dtype), strided_q=False, device=device)
 
 
 def _static_buffer(param, shape, strides):
