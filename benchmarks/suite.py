@@ -123,8 +123,8 @@ class Row:
     copy_fraction: float
     same_bytes_copy_us: float
     checked: bool
-    max_q_ulp: float
-    max_norm_ulp: float
+    q_error_of_tolerance: float  # worst error / tolerance of the reference check (<= 1)
+    norm_error_of_tolerance: float
     date: str
     versions: str
 
@@ -214,8 +214,8 @@ def measure(op: OpConfig, tokens: int, provider_map: dict[str, Provider], copy_t
                   "decode" if decode else "prefill", op.dtype, timing.median_us,
                   timing.p20_us, timing.p80_us, graph_us, host, tb_s, tb_s / copy_tb_s,
                   same_bytes_copy, report is not None,
-                  report.q_ulps if report else math.nan,
-                  report.k_norm_ulps if report else math.nan,
+                  report.q_error if report else math.nan,
+                  report.k_norm_error if report else math.nan,
                   datetime.date.today().isoformat(), versions)
         log(f"{gpu} | {row.pairing} {op.num_q_heads:3d} heads | {tokens:6d} tok | {name:<17} "
             f"{row.median_us:9.2f} us (p20 {row.p20_us:.2f}, p80 {row.p80_us:.2f}) graph "

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,14 @@ def _run(cache_dir, mode):
 def test_second_process_loads_without_compiling(tmp_path):
     first = _run(tmp_path, "build")
     assert first.returncode == 0, first.stderr
-    assert len(list(tmp_path.glob("*.so"))) == 1
+    assert len(list(tmp_path.glob("*/*.so"))) == 1
     second = _run(tmp_path, "forbid-build")
     assert second.returncode == 0, second.stderr
 
 
 def test_truncated_cache_file_is_rebuilt_with_a_warning(tmp_path):
     assert _run(tmp_path, "build").returncode == 0
-    (library,) = tmp_path.glob("*.so")
+    (library,) = tmp_path.glob("*/*.so")
     library.write_bytes(library.read_bytes()[:100])
     rerun = _run(tmp_path, "build")
     assert rerun.returncode == 0, rerun.stderr
@@ -110,3 +111,26 @@ def test_editing_a_source_changes_the_kernel_key(tmp_path, layout, edited):
         tmp_path / edited
     path.write_text(path.read_text() + "\n# edited\n")
     assert digest() != before
+
+
+def test_stale_kernels_are_pruned_and_the_cache_is_capped(tmp_path, monkeypatch):
+    """A build prunes what no current source reaches (other source folders and files of the
+    flat layout, unused for a week) and then the least recently used kernels beyond the cap;
+    recent kernels of other sources and the one just built stay."""
+    monkeypatch.setenv("TVM_FUSED_CACHE_DIR", str(tmp_path))
+    week_ago = time.time() - 8 * 86400
+    stale_dir, recent_dir = tmp_path / "tvm0.1-old", tmp_path / "tvm0.1-other"
+    for folder in (stale_dir, recent_dir):
+        folder.mkdir()
+        (folder / "fused_rope_rmsnorm-x.so").write_bytes(b"x" * 1000)
+    flat = tmp_path / "fused_rope_rmsnorm-flat.so"
+    flat.write_bytes(b"x")
+    for path in (stale_dir / "fused_rope_rmsnorm-x.so", stale_dir, flat):
+        os.utime(path, (week_ago, week_ago))
+    kernel_cache.get_kernel(OpConfig(num_q_heads=2, page_size=4), CPU_TARGET)
+    assert not stale_dir.exists() and not flat.exists()
+    assert (recent_dir / "fused_rope_rmsnorm-x.so").exists()
+
+    monkeypatch.setenv("TVM_FUSED_CACHE_MAX_MB", "0")  # room for the newest kernel only
+    kernel_cache.get_kernel(OpConfig(num_q_heads=3, page_size=4), CPU_TARGET)
+    assert len(list(tmp_path.glob("*/*.so"))) == 1

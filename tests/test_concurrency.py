@@ -75,8 +75,8 @@ def test_first_builds_racing_in_two_processes(tmp_path):
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
-    assert len(list(tmp_path.glob("*.so"))) == 1
-    assert not list(tmp_path.glob("*.tmp*"))
+    assert len(list(tmp_path.glob("*/*.so"))) == 1
+    assert not list(tmp_path.glob("*/*.tmp*"))
     rerun = subprocess.run([sys.executable, "-c", FIRST_USE], env=env, capture_output=True,
                            text=True, check=False)
     assert rerun.returncode == 0 and "rebuilding" not in rerun.stderr, rerun.stderr

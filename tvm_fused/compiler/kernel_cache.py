@@ -5,8 +5,12 @@ target (with its GPU arch), the TVM version and a digest of the Python sources o
 package and of its schedules, wherever the install put them (an editable install leaves
 ``schedules/`` outside the package folder).
 The disk cache (``$TVM_FUSED_CACHE_DIR``, default ``~/.cache/tvm_fused``) holds one shared
-library per key, written to a temporary name and renamed into place, so concurrent first
-uses never see a partial file; a file that fails to load is rebuilt.
+library per key in a folder per TVM version and source digest, written to a temporary name
+and renamed into place, so concurrent first uses never see a partial file; a file that fails
+to load is rebuilt. After each build the cache is pruned: folders of other sources unused
+for ``STALE_AFTER_DAYS`` (no current source can reach their kernels) go, then the least
+recently used kernels until the cache holds at most ``$TVM_FUSED_CACHE_MAX_MB`` (default
+``DEFAULT_MAX_MB``). Deleting the folder clears it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -51,9 +57,42 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+STALE_AFTER_DAYS = 7
+DEFAULT_MAX_MB = 1024
+
+
 def cache_dir() -> Path:
     """Where built kernels are kept between processes."""
     return Path(os.environ.get("TVM_FUSED_CACHE_DIR", Path.home() / ".cache" / "tvm_fused"))
+
+
+def _sources_dir() -> Path:
+    """The folder of this TVM version and these sources in the cache."""
+    return cache_dir() / f"tvm{tvm.__version__}-{source_digest()}"
+
+
+def prune(keep: Path) -> None:
+    """Remove what no current source can reach and has not been used for
+    ``STALE_AFTER_DAYS`` (other folders, files of the flat layout of earlier versions), then
+    the least recently used kernels beyond the size cap; ``keep`` stays."""
+    root, now = cache_dir(), time.time()
+    for entry in root.iterdir():
+        used = max((path.stat().st_mtime for path in entry.glob("*")),
+                   default=entry.stat().st_mtime)  # loads touch their file
+        if entry != keep.parent and now - used > STALE_AFTER_DAYS * 86400:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    cap = float(os.environ.get("TVM_FUSED_CACHE_MAX_MB", DEFAULT_MAX_MB)) * 2**20
+    kernels = sorted(root.glob("*/*.so"), key=lambda path: path.stat().st_mtime)
+    total = sum(path.stat().st_size for path in kernels)
+    for path in kernels:
+        if total <= cap:
+            break
+        if path != keep:
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
 
 
 def kernel_key(op: OpConfig, target: tvm.target.Target, schedule: ScheduleConfig | None) -> str:
@@ -70,7 +109,9 @@ def kernel_key(op: OpConfig, target: tvm.target.Target, schedule: ScheduleConfig
 
 def _load(path: Path):
     try:
-        return tvm.runtime.load_module(str(path))[OP_NAME]
+        kernel = tvm.runtime.load_module(str(path))[OP_NAME]
+        os.utime(path)  # recently used: the last to be pruned
+        return kernel
     except Exception as err:
         warnings.warn(f"tvm_fused: rebuilding unreadable cached kernel {path}: {err}",
                       stacklevel=3)
@@ -100,11 +141,12 @@ def get_kernel(op: OpConfig, target: str | tvm.target.Target,
     with _lock:
         kernel = _kernels.get(key)
         if kernel is None:
-            path = cache_dir() / f"{OP_NAME}-{key}.so"
+            path = _sources_dir() / f"{OP_NAME}-{key}.so"
             kernel = _load(path) if path.exists() else None
             if kernel is None:
                 executable = build(op, target, schedule)
                 _store(executable, path)
+                prune(keep=path)
                 kernel = executable[OP_NAME]
             _kernels[key] = kernel
     return kernel

@@ -143,6 +143,8 @@ def fuzz(first_seed: int, cases: int, device: str, log=print, jobs: int = 1) -> 
     runs the cases in that many worker processes, which share the on-disk kernel cache."""
     seeds = range(first_seed, first_seed + cases)
     devices = [device] * cases
+    log(f"{cases} cases from seed {first_seed} on {device}, {jobs} process(es); most cases "
+        "build a kernel first, so the first ones take a while")
     with contextlib.ExitStack() as stack:
         if jobs > 1:
             context = multiprocessing.get_context("spawn")
@@ -156,7 +158,7 @@ def fuzz(first_seed: int, cases: int, device: str, log=print, jobs: int = 1) -> 
             if failure is not None:
                 failures.append(failure)
                 log(f"FAIL {failure}")
-            if done % 100 == 0:
+            if done % 10 == 0 and done < cases:
                 log(f"{done - len(failures)}/{done} cases passed so far")
     log(f"{cases - len(failures)}/{cases} cases passed on {device}")
     return failures
