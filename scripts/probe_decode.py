@@ -12,8 +12,8 @@ import tvm_ffi
 from tvm.script import tirx as T
 
 from benchmarks.suite import host_us
-from tvm_fused import fused_rope_rmsnorm
-from tvm_fused.api import _alignment, _launcher
+from tvm_fused import dispatch, fused_rope_rmsnorm
+from tvm_fused.api import _alignment
 from tvm_fused.arguments import check_arguments
 from tvm_fused.compiler.build import cuda_target
 from tvm_fused.compiler.config import OpConfig
@@ -50,9 +50,9 @@ def probe(tokens):
     out = torch.empty_like(x.q_rope)
     args = x.args()
     q = x.q_rope
-    launcher = _launcher(q.device, 128, 64, 512, 128, q.dtype, x.freqs_cis.dtype, x.gamma.dtype,
-                         x.input_row_offsets.dtype, True, 16)
-    kernel = launcher.kernel(tokens, None)
+    signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.input_row_offsets, 128, True,
+                                   _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache), None)
+    kernel = dispatch.kernel(signature, tokens)
 
     def call():
         fused_rope_rmsnorm(*args, out=out, validate=False)

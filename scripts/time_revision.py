@@ -1,7 +1,8 @@
 """GPU time of the op in whatever ``tvm_fused`` is importable, for comparing two revisions in
 one device call (run it once per revision, alternating, with PYTHONPATH pointing at each).
 
-Only the public API and ``make_inputs`` / ``bucket_case`` are used, so any revision runs it.
+Only the public API and ``make_inputs`` / ``bucket_case`` are used (``make_inputs`` from
+where each revision has it), so any revision runs it.
 For each token count (128 heads, bf16, the tuning buckets' batches): the median of cold-L2
 CUDA-event runs, and at decode sizes the GPU time per call in a graph of 100 calls back to
 back (the steady state of a decode step). Prints one JSON line per token count.
@@ -17,8 +18,12 @@ import statistics
 import torch
 
 import tvm_fused
-from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning.buckets import bucket_case
+
+try:
+    from tvm_fused.testing.inputs import make_inputs
+except ImportError:  # revisions before tvm_fused.testing
+    from tvm_fused.inputs import make_inputs
 
 FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
 
