@@ -15,11 +15,18 @@ from dataclasses import dataclass
 
 from tvm import s_tir
 
-BRANCH_STAGES = {
-    "q": ("locate", "freqs", "load", "rope"),
-    "k": ("locate", "freqs", "load", "rope"),
-    "norm": ("locate", "load", "sumsq", "scale", "apply"),
-}
+from tvm_fused.compiler.config import OpConfig
+
+
+def branch_stages(op: OpConfig) -> dict[str, tuple[str, ...]]:
+    """The stages each branch computes per token before its store, in order."""
+    quant = ("quant",) if op.cache_dtype is not None else ()
+    return {
+        "q": ("locate", "freqs", "load", "rope"),
+        "k": ("locate", "freqs", "load", "rope", *quant),
+        "norm": ("locate", "load", "sumsq", "scale", "apply", *quant),
+    }
+
 
 
 @dataclass(frozen=True)
@@ -31,9 +38,9 @@ class CpuScheduleConfig:
     parallel: bool = True
 
 
-def apply_cpu_schedule(sch: s_tir.Schedule, config: CpuScheduleConfig) -> None:
+def apply_cpu_schedule(sch: s_tir.Schedule, op: OpConfig, config: CpuScheduleConfig) -> None:
     """Apply ``config`` to a schedule of ``fused_rope_rmsnorm_func(op)`` in place."""
-    for prefix, stages in BRANCH_STAGES.items():
+    for prefix, stages in branch_stages(op).items():
         store = sch.get_sblock(f"{prefix}_store")
         chunk, token = sch.split(sch.get_loops(store)[0], [None, config.tokens_per_task])
         if config.parallel:

@@ -11,7 +11,8 @@ vector, ``I = kv_norm_dim / (X * V)`` vectors per thread:
        sum of squares: per thread, then across the X threads        (shuffles [+ smem])
        for tx in threadIdx.x (X):
          scale = rsqrt(sumsq / D + eps)
-         for i in I: gamma vector load; y = (x * scale) * gamma; vector store (skipped on padding)
+         for i in I: gamma vector load; y = (x * scale) * gamma; [fp8: quantize y;]
+                     vector store (skipped on padding)
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
     sch.bind(ty, "threadIdx.y")
     _, it, vec = split_row(c)
     sch.vectorize(vec)
-    sch.compute_at(apply, it)
-    if config.unroll:
-        sch.unroll(sch.get_loops(apply)[-1])
+    computed = [apply]
+    if op.cache_dtype is not None:  # an fp8 cache: quantize in registers before the store
+        computed.insert(0, sch.get_sblock("norm_quant"))
+    for stage in computed:
+        sch.compute_at(stage, it)
+        if config.unroll:
+            sch.unroll(sch.get_loops(stage)[-1])
     gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])
     sch.compute_at(gamma, it)
     gamma_vector = config.vector_elems(op, op.gamma_dtype, vector)
@@ -70,7 +75,7 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
     sch.compute_at(load, row)
     sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
     sch.compute_at(locate, row)
-    set_local(sch, locate, load, sumsq, apply)
+    set_local(sch, locate, load, sumsq, *computed)
     # the row staged by `load` is read back in another threadIdx.x loop, so buffer compaction
     # would size it for the whole row: index it per thread (vector i, lane v), which is exact
     # in registers, where each thread has its own copy

@@ -15,6 +15,7 @@ interleaved; two for NeoX, whose pairs sit ``R / 2`` apart). A block's ``Y * X``
          freqs[pos, lane*E : +E]          ->  vector loads         (registers)
          x[t, h, lane*E : +E]             ->  vector loads         (registers; 0 on padding)
          rotate E elements                    (unrolled, fp32)
+         [fp8 cache: quantize E elements      (unrolled)]
          store                            ->  vector stores        (skipped on padding)
 """
 
@@ -31,11 +32,16 @@ from .util import loops_under, set_local, vectorize_tail
 def schedule_rope_branch(
     sch: s_tir.Schedule, prefix: str, op: OpConfig, config: ScheduleConfig, items: int
 ) -> None:
-    """Bind the ``{prefix}_locate/freqs/load/rope/store`` stages; ``items`` vectors a thread."""
+    """Bind the ``{prefix}_locate/freqs/load/rope[/quant]/store`` stages; ``items`` vectors a
+    thread."""
     locate, freqs, load, rope, store = (
         sch.get_sblock(f"{prefix}_{stage}")
         for stage in ("locate", "freqs", "load", "rope", "store")
     )
+    # the k branch of an fp8 cache quantizes the roped values in registers before the store
+    computed = [rope]
+    if prefix == "k" and op.cache_dtype is not None:
+        computed.insert(0, sch.get_sblock("k_quant"))
     vector = config.vector_elems(op, op.dtype, op.rope_dim // (1 if op.interleaved else 2))
     # a lane's elements hold whole pairs: at least one interleaved pair, whose two elements
     # are accessed one by one when the alignment allows no vector (a pair-wide access would
@@ -77,11 +83,14 @@ def schedule_rope_branch(
     # a thread's items are heads of one token (one locate and freqs row for all) or tokens;
     # with one item, everything stays at the item loop, where the q loads come first
     per_token = tx if tiles_heads and items > 1 else item
-    for stage, at in ((rope, item), (load, item), (freqs, per_token), (locate, per_token)):
+    for stage in computed:
+        sch.compute_at(stage, item)
+    for stage, at in ((load, item), (freqs, per_token), (locate, per_token)):
         sch.compute_at(stage, at)
     if config.unroll:
-        for loop in loops_under(sch, rope, item):
-            sch.unroll(loop)
+        for stage in computed:
+            for loop in loops_under(sch, stage, item):
+                sch.unroll(loop)
     vectorize_tail(sch, freqs, per_token, config.vector_elems(op, op.freqs_dtype, elems))
     vectorize_tail(sch, load, item, vector, pairs_first=op.interleaved)
-    set_local(sch, locate, freqs, load, rope)
+    set_local(sch, locate, freqs, load, *computed)

@@ -67,7 +67,7 @@ GPU_SPACE = DesignSpace(
 CPU_SPACE = DesignSpace(
     knobs={"tokens_per_task": (1, 4, 16), "parallel": (1, 0)},
     config_type=CpuScheduleConfig,
-    apply=lambda sch, op, config: apply_cpu_schedule(sch, config),
+    apply=apply_cpu_schedule,
     default=CpuScheduleConfig(),
 )
 

@@ -50,8 +50,9 @@ def probe(tokens):
     out = torch.empty_like(x.q_rope)
     args = x.args()
     q = x.q_rope
-    signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.input_row_offsets, 128, True,
-                                   _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache), None)
+    alignment = _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache, None, None)
+    signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.input_row_offsets, x.k_cache,
+                                   True, False, alignment, None)
     kernel = dispatch.kernel(signature, tokens)
 
     def call():

@@ -13,18 +13,21 @@ from .schedules import ScheduleConfig
 _VECTOR_BYTES = 16  # the widest access the schedules use
 
 
-def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
+def _alignment(q_rope, out, freqs_cis, gamma, k_cache, kv_input, kv_output) -> int:
     """The largest power of two up to 16 dividing every pointer and row stride, in bytes: the
     alignment the kernel for these tensors is built for (its entry refuses any other).
-    (``gamma`` and ``freqs_cis`` are compact and ``out`` and ``k_cache`` share q's element
-    size, or the kernel's entry checks refuse them.)"""
+    (``gamma`` and ``freqs_cis`` are compact and ``out``, ``kv_input`` and ``kv_output``
+    share q's element size, or the kernel's entry checks refuse them.)"""
     q0, q1, _ = q_rope.stride()
     o0, o1, _ = out.stride()
     k0, k1, _ = k_cache.stride()
     f0, _ = freqs_cis.stride()
-    bits = ((q0 | q1 | o0 | o1 | k0 | k1) * q_rope.element_size()
+    bits = ((q0 | q1 | o0 | o1) * q_rope.element_size() | (k0 | k1) * k_cache.element_size()
             | f0 * freqs_cis.element_size() | q_rope.data_ptr() | out.data_ptr()
             | k_cache.data_ptr() | freqs_cis.data_ptr() | gamma.data_ptr() | _VECTOR_BYTES)
+    for rows in (kv_input, kv_output):
+        if rows is not None:
+            bits |= rows.stride(0) * rows.element_size() | rows.data_ptr()
     return bits & -bits  # the lowest set bit
 
 
@@ -32,6 +35,18 @@ def _alignment(q_rope, out, freqs_cis, gamma, k_cache) -> int:
 def _scratch_errors(device: torch.device) -> torch.Tensor:
     """The error counter of calls that pass none (its count is not read)."""
     return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+@functools.cache
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """``k_scale`` of fp8 calls that pass none: 1."""
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _no_rows(device: torch.device, dtype: torch.dtype, width: int) -> torch.Tensor:
+    """``kv_output`` of write-through calls that pass none: no rows to write."""
+    return torch.empty((0, width), dtype=dtype, device=device)
 
 
 def fused_rope_rmsnorm(
@@ -43,6 +58,9 @@ def fused_rope_rmsnorm(
     lookup_table: torch.Tensor,
     cache_lengths: torch.Tensor,
     *,
+    kv_input: torch.Tensor | None = None,
+    kv_output: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
     epsilon: float = 1e-6,
     out: torch.Tensor | None = None,
     errors: torch.Tensor | None = None,
@@ -50,27 +68,36 @@ def fused_rope_rmsnorm(
     validate: bool | None = None,
     schedule: ScheduleConfig | None = None,
 ) -> torch.Tensor:
-    """MLA prologue in one launch: RoPE on q, RoPE and RMSNorm on the new cache rows.
+    """MLA prologue in one launch: RoPE on q, RoPE and RMSNorm of the new cache rows.
 
     For request ``b``'s ``i``-th new token ``t = offsets[b] + i`` at ``pos = cache_lengths[b]
-    + i``, with ``row = k_cache[lookup_table[b, pos // page_size], pos % page_size]``::
+    + i``, with ``row = k_cache[lookup_table[b, pos // page_size], pos % page_size]`` and
+    ``x`` the token's new latent row (``D + R`` elements)::
 
-        out[t, h]         = rope(q_rope[t, h], freqs_cis[pos])       every head h
-        row[D:]           = rope(row[D:], freqs_cis[pos])            in place
-        row[:D]           = dtype(gamma.dtype(x * rsqrt(mean(x^2) + epsilon)) * gamma)
+        out[t, h]   = rope(q_rope[t, h], freqs_cis[pos])                 every head h
+        row[:D]     = dtype(gamma.dtype(x[:D] * rsqrt(mean(x[:D]^2) + epsilon)) * gamma)
+        row[D:]     = rope(x[D:], freqs_cis[pos])
+
+    Two forms. Write-through (``kv_input`` given; how engines call it): ``x = kv_input[t]``,
+    the projection's output, and the cache row is written, never read; ``kv_output[t]``
+    (if given) receives the same row; ``k_cache`` may be fp8 (``float8_e4m3fn``,
+    ``float8_e5m2``): each value is computed in q's dtype, then stored as
+    ``fp8(saturate(value / k_scale))``, nearest even. In place (no ``kv_input``): ``x`` is
+    the cache row itself, which the caller has written (un-normed) before the call.
 
     ``rope`` rotates pairs ``(x[2j], x[2j+1])`` (``interleaved``) or ``(x[j], x[j + R/2])``
-    by ``(cos, sin) = freqs_cis[pos, 2j : 2j+2]`` in float32. Rows of ``q_rope`` past
-    ``input_row_offsets[-1]`` are neither read nor written.
+    by ``(cos, sin) = freqs_cis[pos, 2j : 2j+2]`` in float32. Rows of ``q_rope`` (and
+    ``kv_input``, ``kv_output``) past ``input_row_offsets[-1]`` are neither read nor written.
 
     Indices that point nowhere never make the kernel read or write outside its tensors. A
-    negative physical page in ``lookup_table`` means "no cache row": the token's q row is
-    still roped. A token whose position has no ``freqs_cis`` row, whose logical page is past
-    ``lookup_table``'s width or whose physical page is ``>= num_pages`` (or that no request
-    claims: offsets not ascending from 0) is an error: none of its rows is written, and the
-    kernel adds the number of such tokens to ``errors``. Two tokens mapped to one cache row
-    leave it holding either's values (or a mix), in bounds. ``validate=True`` raises
-    ``ValueError`` for each of these instead, before anything is written.
+    negative physical page in ``lookup_table`` means "no cache row": the token's q row (and
+    ``kv_output`` row) is still written. A token whose position has no ``freqs_cis`` row,
+    whose logical page is past ``lookup_table``'s width or whose physical page is
+    ``>= num_pages`` (or that no request claims: offsets not ascending from 0) is an error:
+    none of its rows is written, and the kernel adds the number of such tokens to
+    ``errors``. Two tokens mapped to one cache row leave it holding either's values (or a
+    mix), in bounds. ``validate=True`` raises ``ValueError`` for each of these instead,
+    before anything is written.
 
     Parameters
     ----------
@@ -78,10 +105,17 @@ def fused_rope_rmsnorm(
     input_row_offsets : ``[batch + 1]`` uint32 or int32, prefix sums of new tokens.
     freqs_cis : ``[max_seq_len, R]`` fp32 or bf16, contiguous; (cos, sin) pairs per row.
     gamma : ``[D]`` bf16/fp16/fp32, the RMSNorm weight.
-    k_cache : ``[num_pages, page_size, D + R]`` in q_rope's dtype, updated in place; any
-        strides with a contiguous last dim (a layer of a multi-layer cache works).
+    k_cache : ``[num_pages, page_size, D + R]`` in q_rope's dtype (or fp8, write-through),
+        any strides with a contiguous last dim (a layer of a multi-layer cache works).
     lookup_table : ``[batch, max_pages]`` int32, physical page of each logical page.
     cache_lengths : ``[batch]`` int32, tokens in the cache before this step.
+    kv_input : ``[n, D + R]`` in q_rope's dtype, any row stride with a contiguous last dim
+        (a column slice of the projection output works): selects the write-through form.
+        Not modified.
+    kv_output : ``[n, D + R]`` in q_rope's dtype, any row stride: receives each written
+        token's new row (write-through only); must not overlap any other argument.
+    k_scale : a one-element float32 tensor on the op's device (an fp8 cache only; default
+        1): the cache stores ``value / k_scale``.
     epsilon : RMSNorm epsilon, finite and non-negative.
     out : ``[n, H, R]`` in q_rope's dtype, receives roped q; may be ``q_rope`` itself, else
         must not overlap any other argument. A new contiguous tensor if None (its padding
@@ -107,50 +141,65 @@ def fused_rope_rmsnorm(
 
     Example
     -------
+    Write-through, from a column slice of a fused projection output, into an fp8 cache:
+
+    >>> qkv = torch.randn(3, 1536 + 576, dtype=torch.bfloat16)   # q_a | kv_a, 3 tokens
     >>> q = torch.randn(3, 16, 64, dtype=torch.bfloat16)
-    >>> k_cache = torch.randn(4, 16, 576, dtype=torch.bfloat16)
+    >>> k_cache = torch.zeros(4, 16, 576, dtype=torch.float8_e4m3fn)
     >>> angles = torch.arange(64.)[:, None] * 0.1 ** torch.arange(32.)[None]
     >>> freqs = torch.stack((angles.cos(), angles.sin()), -1).flatten(1)
     >>> q_out = fused_rope_rmsnorm(
     ...     q, torch.tensor([0, 3], dtype=torch.int32), freqs,
     ...     torch.ones(512, dtype=torch.bfloat16), k_cache,
-    ...     torch.tensor([[2, 0]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32))
-    >>> q_out.shape
-    torch.Size([3, 16, 64])
+    ...     torch.tensor([[2, 0]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32),
+    ...     kv_input=qkv[:, 1536:])
+    >>> q_out.shape, k_cache[2, 5:8].float().abs().sum(-1).gt(0).tolist()
+    (torch.Size([3, 16, 64]), [True, True, True])
     """
     args = (q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths)
+    form = (kv_input, kv_output, k_scale)
     if validate is False:
         if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-            check_arguments(*args, out, errors, epsilon)  # an alias of q_rope needs its
-            # strides (TVM can't tell)
+            check_arguments(*args, out, *form, errors, epsilon)  # an alias of q_rope needs
+            # its strides (TVM can't tell)
         try:
-            return _launch(*args, out, errors, epsilon, interleaved, schedule)
+            return _launch(*args, out, *form, errors, epsilon, interleaved, schedule)
         except Exception:
-            check_arguments(*args, out, errors, epsilon)  # names the malformed argument
+            check_arguments(*args, out, *form, errors, epsilon)  # names the bad argument
             raise
-    check_arguments(*args, out, errors, epsilon)
+    check_arguments(*args, out, *form, errors, epsilon)
     if validate is None:
         validate = q_rope.device.type == "cpu"
     if validate:
         check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
                        cache_lengths)
-    return _launch(*args, out, errors, epsilon, interleaved, schedule)
+    return _launch(*args, out, *form, errors, epsilon, interleaved, schedule)
 
 
 def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-            out, errors, epsilon, interleaved, schedule):
+            out, kv_input, kv_output, k_scale, errors, epsilon, interleaved, schedule):
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
     Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
     alignment, devices, epsilon) raise before the launch."""
     tokens, heads, rope_dim = q_rope.shape
+    device = q_rope.device
     if out is None:
-        out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=q_rope.device)
+        out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=device)
     if tokens == 0:
         return out
-    signature = dispatch.signature(q_rope, freqs_cis, gamma, input_row_offsets,
-                                   k_cache.shape[1], interleaved,
-                                   _alignment(q_rope, out, freqs_cis, gamma, k_cache), schedule)
-    errors = _scratch_errors(q_rope.device) if errors is None else errors.reshape(1)
-    dispatch.kernel(signature, tokens)(q_rope, out, input_row_offsets, freqs_cis, gamma, k_cache,
-                                       lookup_table, cache_lengths, errors, float(epsilon))
+    write_through = kv_input is not None
+    alignment = _alignment(q_rope, out, freqs_cis, gamma, k_cache, kv_input, kv_output)
+    signature = dispatch.signature(q_rope, freqs_cis, gamma, input_row_offsets, k_cache,
+                                   interleaved, write_through, alignment, schedule)
+    errors = _scratch_errors(device) if errors is None else errors.reshape(1)
+    rows = ()
+    if write_through:
+        rows = (kv_input, _no_rows(device, q_rope.dtype, kv_input.shape[1])
+                if kv_output is None else kv_output)
+    scale = ()
+    if k_cache.dtype != q_rope.dtype:
+        scale = (_unit_scale(device) if k_scale is None else k_scale.reshape(1),)
+    dispatch.kernel(signature, tokens)(q_rope, out, *rows, input_row_offsets, freqs_cis, gamma,
+                                       k_cache, *scale, lookup_table, cache_lengths, errors,
+                                       float(epsilon))
     return out

@@ -1,7 +1,9 @@
 """Argument checks of ``fused_rope_rmsnorm``, run before anything is written.
 
 ``check_arguments`` looks only at metadata (no device sync): dtypes, ranks, shapes, devices,
-strides, epsilon, and that no tensor the op writes overlaps another argument in memory.
+strides, epsilon, the form's tensors (``kv_input``, ``kv_output``, ``k_scale``; an fp8
+cache only write-through), and that no tensor the op writes overlaps another argument in
+memory.
 ``check_contents`` reads the index tensors (a device sync on GPU) and proves every position,
 page and offset in range and every written cache row distinct, so an invalid call raises
 instead of losing rows (the kernel itself skips and counts such tokens).
@@ -13,9 +15,9 @@ import torch
 
 from .compiler import config
 
-DATA_DTYPES, FREQS_DTYPES, OFFSETS_DTYPES = (
+DATA_DTYPES, FREQS_DTYPES, OFFSETS_DTYPES, FP8_DTYPES = (
     tuple(getattr(torch, name) for name in names)
-    for names in (config.DTYPES, config.FREQS_DTYPES, config.OFFSETS_DTYPES))
+    for names in (config.DTYPES, config.FREQS_DTYPES, config.OFFSETS_DTYPES, config.FP8_DTYPES))
 
 
 def _checked_layout(name: str, value, rank: int, dtypes: tuple, dtype_rule: str = "one of"):
@@ -73,15 +75,58 @@ def _check_no_overlap(named: list, written: tuple) -> None:
                                  f"while it reads {other}; give {name} memory of its own")
 
 
+def _check_one_element(name: str, value, dtype: torch.dtype) -> None:
+    if not isinstance(value, torch.Tensor) or value.dtype != dtype:
+        dtype_name = config.dtype_name(dtype)
+        article = "an" if dtype_name[0] in "aeiou" else "a"
+        raise TypeError(f"{name} must be {article} {dtype_name} torch.Tensor, got "
+                        f"{getattr(value, 'dtype', type(value).__name__)}")
+    if value.dim() > 1 or value.numel() != 1:
+        raise ValueError(f"{name} must be a one-element tensor, got shape "
+                         f"{tuple(value.shape)}")
+
+
+def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale) -> None:
+    """The write-through tensors (``kv_input``, ``kv_output``, ``k_scale``) and the cache
+    dtype they allow."""
+    if kv_input is None:
+        for name, value in (("kv_output", kv_output), ("k_scale", k_scale)):
+            if value is not None:
+                raise ValueError(f"{name} needs kv_input (the write-through form)")
+        if cache_dtype != q_dtype:
+            raise TypeError(f"k_cache must have the dtype of q_rope "
+                            f"({config.dtype_name(q_dtype)}) in place; an fp8 cache needs "
+                            "kv_input (the write-through form)")
+        return
+    if cache_dtype != q_dtype and cache_dtype not in FP8_DTYPES:
+        raise TypeError(f"k_cache must have the dtype of q_rope ({config.dtype_name(q_dtype)}) "
+                        f"or an fp8 one {[config.dtype_name(d) for d in FP8_DTYPES]}, got "
+                        f"{config.dtype_name(cache_dtype)}")
+    if k_scale is not None:
+        if cache_dtype not in FP8_DTYPES:
+            raise ValueError("k_scale applies to an fp8 k_cache only")
+        _check_one_element("k_scale", k_scale, torch.float32)
+    for name, rows in (("kv_input", kv_input), ("kv_output", kv_output)):
+        if rows is None:
+            continue
+        shape, _ = _checked_layout(name, rows, 2, (q_dtype,), "of q_rope")
+        if shape[0] != q_shape[0]:
+            raise ValueError(f"{name} must have q_rope's {q_shape[0]} rows, got shape "
+                             f"{tuple(shape)}")
+
+
 def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
-                    cache_lengths, out, errors=None, epsilon=1e-6) -> None:
+                    cache_lengths, out, kv_input=None, kv_output=None, k_scale=None,
+                    errors=None, epsilon=1e-6) -> None:
     """Raise TypeError/ValueError naming the argument for any malformed input."""
     q_shape, q_strides = _checked_layout("q_rope", q_rope, 3, DATA_DTYPES)
     offsets_shape, offsets_strides = _checked_layout("input_row_offsets", input_row_offsets,
                                                      1, OFFSETS_DTYPES)
     freqs_shape, freqs_strides = _checked_layout("freqs_cis", freqs_cis, 2, FREQS_DTYPES)
     gamma_shape, gamma_strides = _checked_layout("gamma", gamma, 1, DATA_DTYPES)
-    cache_shape, _ = _checked_layout("k_cache", k_cache, 3, (q_rope.dtype,), "of q_rope")
+    cache_shape, _ = _checked_layout("k_cache", k_cache, 3, (q_rope.dtype, *FP8_DTYPES),
+                                     "of q_rope or fp8:")
+    _check_form(q_shape, q_rope.dtype, k_cache.dtype, kv_input, kv_output, k_scale)
     table_shape, _ = _checked_layout("lookup_table", lookup_table, 2, (torch.int32,))
     lengths_shape, lengths_strides = _checked_layout("cache_lengths", cache_lengths, 1,
                                                      (torch.int32,))
@@ -96,12 +141,7 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
                              "itself for an in-place update")
 
     if errors is not None:
-        if not isinstance(errors, torch.Tensor) or errors.dtype != torch.int32:
-            raise TypeError(f"errors must be an int32 torch.Tensor, got "
-                            f"{getattr(errors, 'dtype', type(errors).__name__)}")
-        if errors.dim() > 1 or errors.numel() != 1:
-            raise ValueError(f"errors must be a one-element tensor, got shape "
-                             f"{tuple(errors.shape)}")
+        _check_one_element("errors", errors, torch.int32)
     if not isinstance(epsilon, (int, float)) or not 0 <= epsilon <= FLOAT32_MAX:
         raise ValueError(f"epsilon must be a finite non-negative float32, got {epsilon!r}")
 
@@ -116,10 +156,12 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
     kv_norm_dim = gamma_shape[0]
     if kv_norm_dim <= 0:
         raise ValueError("gamma must not be empty")
-    if cache_shape[2] != kv_norm_dim + rope_dim:
-        raise ValueError(f"k_cache rows must hold kv_norm_dim + rope_dim = {kv_norm_dim} + "
-                         f"{rope_dim} elements (gamma and q_rope's sizes), got shape "
-                         f"{tuple(cache_shape)}")
+    for name, rows in (("k_cache", k_cache), ("kv_input", kv_input),
+                       ("kv_output", kv_output)):
+        if rows is not None and rows.shape[-1] != kv_norm_dim + rope_dim:
+            raise ValueError(f"{name} rows must hold kv_norm_dim + rope_dim = {kv_norm_dim} "
+                             f"+ {rope_dim} elements (gamma and q_rope's sizes), got shape "
+                             f"{tuple(rows.shape)}")
     page_size = cache_shape[1]
     if page_size <= 0 or page_size & (page_size - 1):
         raise ValueError(f"k_cache's page size (dim 1) must be a power of two, got {page_size}")
@@ -142,7 +184,8 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
     device = q_rope.get_device()  # an int: cheaper than comparing torch.device objects
     named = (("input_row_offsets", input_row_offsets), ("freqs_cis", freqs_cis),
              ("gamma", gamma), ("k_cache", k_cache), ("lookup_table", lookup_table),
-             ("cache_lengths", cache_lengths), ("out", out), ("errors", errors))
+             ("cache_lengths", cache_lengths), ("out", out), ("kv_input", kv_input),
+             ("kv_output", kv_output), ("k_scale", k_scale), ("errors", errors))
     for name, tensor in named:
         if tensor is not None:
             same = tensor.is_cuda and tensor.get_device() == device if on_cuda else \
@@ -150,7 +193,7 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
             if not same:
                 raise ValueError(f"{name} is on {tensor.device} but q_rope is on "
                                  f"{q_rope.device}: all tensors must be on one device")
-    _check_no_overlap([("q_rope", q_rope), *named], ("out", "k_cache", "errors"))
+    _check_no_overlap([("q_rope", q_rope), *named], ("out", "k_cache", "kv_output", "errors"))
 
 
 def check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,

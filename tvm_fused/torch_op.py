@@ -1,14 +1,24 @@
 """The op as torch custom ops, so it composes with torch.compile and CUDA graphs.
 
-- ``torch.ops.tvm_fused.fused_rope_rmsnorm(q_rope, ...) -> q_out``: out of place for q
-  (a new tensor), ``k_cache`` (and ``errors``, if given) mutated.
+In place (the caller has written the new latent rows into the cache):
+
+- ``torch.ops.tvm_fused.fused_rope_rmsnorm(q_rope, ...) -> q_out``: q out of place (a new
+  tensor), ``k_cache`` (and ``errors``, if given) mutated.
 - ``torch.ops.tvm_fused.fused_rope_rmsnorm_(q_rope, ...) -> None``: ``q_rope`` and
   ``k_cache`` (and ``errors``) mutated in place.
 
-Every argument is required, ``errors`` (a one-element int32 tensor, or None) last: torch
-2.11's custom ops fail on a mutable argument left to its default, and Inductor (torch 2.13)
-passes a mutable optional tensor last whatever its place in the schema. Both declare what
-they mutate and have fake (meta) implementations, so
+Write-through (the new rows come from ``kv_input``, the projection output; the cache may be
+fp8 with ``k_scale``, or None):
+
+- ``torch.ops.tvm_fused.fused_rope_rmsnorm_write_through(q_rope, kv_input, ...) -> q_out``
+- ``torch.ops.tvm_fused.fused_rope_rmsnorm_write_through_(q_rope, kv_input, ...) -> None``
+  (``q_rope`` roped in place); both mutate ``k_cache``, ``kv_output`` and ``errors`` (each
+  of the last two may be None).
+
+Every argument is required, the mutable optional tensors (``kv_output``, ``errors``) last:
+torch 2.11's custom ops fail on a mutable argument left to its default, and Inductor (torch
+2.13) passes a mutable optional tensor last whatever its place in the schema. The ops
+declare what they mutate and have fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` traces through them; they never validate in Python (no
 host sync, no per-call checks: ``validate=False``): the compiled kernel's entry still refuses
 malformed tensors, and bad indices are skipped and counted in ``errors``.
@@ -21,6 +31,10 @@ import torch
 from .api import fused_rope_rmsnorm
 
 
+def _new_q(q_rope: torch.Tensor) -> torch.Tensor:
+    return torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
+
+
 @torch.library.custom_op("tvm_fused::fused_rope_rmsnorm",
                          mutates_args=("k_cache", "errors"))
 def fused_rope_rmsnorm_op(
@@ -30,16 +44,15 @@ def fused_rope_rmsnorm_op(
     errors: torch.Tensor | None,
 ) -> torch.Tensor:
     """Roped q as a new contiguous tensor; ``k_cache`` updated in place."""
-    out = torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
     return fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache,
-                              lookup_table, cache_lengths, epsilon=epsilon, out=out,
+                              lookup_table, cache_lengths, epsilon=epsilon, out=_new_q(q_rope),
                               errors=errors, interleaved=interleaved, validate=False)
 
 
 @fused_rope_rmsnorm_op.register_fake
 def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
       epsilon, interleaved, errors):
-    return torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
+    return _new_q(q_rope)
 
 
 @torch.library.custom_op("tvm_fused::fused_rope_rmsnorm_",
@@ -59,4 +72,51 @@ def fused_rope_rmsnorm_inplace_op(
 @fused_rope_rmsnorm_inplace_op.register_fake
 def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
       epsilon, interleaved, errors):
+    return None
+
+
+@torch.library.custom_op("tvm_fused::fused_rope_rmsnorm_write_through",
+                         mutates_args=("k_cache", "kv_output", "errors"))
+def fused_rope_rmsnorm_write_through_op(
+    q_rope: torch.Tensor, kv_input: torch.Tensor, input_row_offsets: torch.Tensor,
+    freqs_cis: torch.Tensor, gamma: torch.Tensor, k_cache: torch.Tensor,
+    lookup_table: torch.Tensor, cache_lengths: torch.Tensor, k_scale: torch.Tensor | None,
+    epsilon: float, interleaved: bool, kv_output: torch.Tensor | None,
+    errors: torch.Tensor | None,
+) -> torch.Tensor:
+    """Roped q as a new contiguous tensor; the new rows written to ``k_cache`` (and
+    ``kv_output``) from ``kv_input``."""
+    return fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache,
+                              lookup_table, cache_lengths, kv_input=kv_input,
+                              kv_output=kv_output, k_scale=k_scale, epsilon=epsilon,
+                              out=_new_q(q_rope), errors=errors, interleaved=interleaved,
+                              validate=False)
+
+
+@fused_rope_rmsnorm_write_through_op.register_fake
+def _(q_rope, kv_input, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
+      cache_lengths, k_scale, epsilon, interleaved, kv_output, errors):
+    return _new_q(q_rope)
+
+
+@torch.library.custom_op("tvm_fused::fused_rope_rmsnorm_write_through_",
+                         mutates_args=("q_rope", "k_cache", "kv_output", "errors"))
+def fused_rope_rmsnorm_write_through_inplace_op(
+    q_rope: torch.Tensor, kv_input: torch.Tensor, input_row_offsets: torch.Tensor,
+    freqs_cis: torch.Tensor, gamma: torch.Tensor, k_cache: torch.Tensor,
+    lookup_table: torch.Tensor, cache_lengths: torch.Tensor, k_scale: torch.Tensor | None,
+    epsilon: float, interleaved: bool, kv_output: torch.Tensor | None,
+    errors: torch.Tensor | None,
+) -> None:
+    """``q_rope`` roped in place; the new rows written to ``k_cache`` (and ``kv_output``)
+    from ``kv_input``."""
+    fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
+                       cache_lengths, kv_input=kv_input, kv_output=kv_output,
+                       k_scale=k_scale, epsilon=epsilon, out=q_rope, errors=errors,
+                       interleaved=interleaved, validate=False)
+
+
+@fused_rope_rmsnorm_write_through_inplace_op.register_fake
+def _(q_rope, kv_input, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
+      cache_lengths, k_scale, epsilon, interleaved, kv_output, errors):
     return None

@@ -73,7 +73,7 @@ def scheduled_module(op: OpConfig, target: tvm.target.Target,
         raise ValueError(f"unsupported target kind {target.kind.name!r}: use cuda or llvm")
     sch = tvm.s_tir.Schedule(tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(op)}))
     sch.work_on(OP_NAME)
-    apply_cpu_schedule(sch, schedule or CpuScheduleConfig())
+    apply_cpu_schedule(sch, op, schedule or CpuScheduleConfig())
     return sch.mod
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 DTYPES = ("bfloat16", "float16", "float32")
 FREQS_DTYPES = ("float32", "bfloat16")
 OFFSETS_DTYPES = ("uint32", "int32")
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 def dtype_name(dtype) -> str:
@@ -30,12 +31,19 @@ class OpConfig:
     rope_dim : rotary dims per head, and the width of the cache row's rope part (even).
     kv_norm_dim : width of the cache row's latent part, RMS-normalized in place.
     page_size : cache rows per page (any power of two).
-    dtype : dtype of ``q_rope``, ``q_rope_output`` and ``k_cache``.
+    dtype : dtype of ``q_rope``, ``q_rope_output`` and ``k_cache`` (and of ``kv_input`` and
+        ``kv_output``).
     freqs_dtype : dtype of ``freqs_cis``.
     gamma_dtype : dtype of ``gamma``.
     offsets_dtype : dtype of ``input_row_offsets``.
     interleaved : GPT-J pairs ``(x[2j], x[2j+1])`` if True, NeoX pairs ``(x[j], x[j + rope_dim/2])``
         otherwise.
+    write_through : the form of the op. False: the new cache rows are updated in place (the
+        caller has written the latent there). True: they are written from ``kv_input``
+        (``[n, kv_norm_dim + rope_dim]``, the projection's output), never read, and the same
+        rows go to ``kv_output`` too when it has rows.
+    cache_dtype : dtype of ``k_cache`` if not ``dtype``: an fp8 type (write-through only),
+        each value computed in ``dtype`` and stored as ``fp8(saturate(value / k_scale))``.
     alignment : bytes that every tensor's data pointer and row strides are multiples of
         (16 lets the GPU kernel use 16-byte vector accesses; the element size of ``dtype``
         assumes nothing). The kernel relies on it: callers check it per call.
@@ -50,6 +58,8 @@ class OpConfig:
     gamma_dtype: str = "bfloat16"
     offsets_dtype: str = "uint32"
     interleaved: bool = True
+    write_through: bool = False
+    cache_dtype: str | None = None
     alignment: int = 16
 
     def __post_init__(self) -> None:
@@ -64,12 +74,22 @@ class OpConfig:
         _check_choice("gamma_dtype", self.gamma_dtype, DTYPES)
         _check_choice("freqs_dtype", self.freqs_dtype, FREQS_DTYPES)
         _check_choice("offsets_dtype", self.offsets_dtype, OFFSETS_DTYPES)
+        if self.cache_dtype is not None:
+            _check_choice("cache_dtype", self.cache_dtype, FP8_DTYPES)
+            if not self.write_through:
+                raise ValueError("an fp8 cache needs the write-through form (normalizing a "
+                                 "latent already quantized in the cache would be lossy)")
         if self.alignment not in (1, 2, 4, 8, 16):
             raise ValueError(f"alignment must be a power of two up to 16, got {self.alignment}")
 
     def aligned_elems(self, dtype: str) -> int:
         """Elements of ``dtype`` that ``alignment`` bytes hold (at least 1)."""
         return max(self.alignment // ITEMSIZE[dtype], 1)
+
+    @property
+    def cache_element(self) -> str:
+        """The dtype of ``k_cache``'s elements."""
+        return self.cache_dtype or self.dtype
 
     @property
     def row_width(self) -> int:

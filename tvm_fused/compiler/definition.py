@@ -13,12 +13,20 @@ branches address, and calls the four branches, each a macro, each locating its o
                  q_rope    t, h, j, p  q_out = rope(q_in[t, h, j, :], freqs[q_pos[t], j])[p]
                  q_store   t, h, j, p  q_rope_output[t, h, pair j, elem p] = q_out  (if OK)
     k branch     k_locate, k_freqs, k_load, k_rope, k_store: the same on row(t)[kv_norm_dim:]
-    norm branch  norm_locate, norm_load (row(t)[:kv_norm_dim]),
+    norm branch  norm_locate, norm_load (the latent: row(t)[:kv_norm_dim]),
                  norm_sumsq  t, c (reduction)  sumsq[t] = sum_c float32(x[t, c])^2
                  norm_scale  t                 scale[t] = rsqrt(sumsq[t] / kv_norm_dim + eps)
-                 norm_apply  t, c              y[t, c] = dtype(gamma_dtype(x * scale[t]) * gamma[c])
+                 norm_apply  t, c              y[t, c] = dtype(gamma_dtype(gamma_dtype(x * scale[t])
+                                                                    * gamma[c]))
                  norm_store  t, c              row(t)[c] = y[t, c]
     count branch count_locate, count_errors  t errors[0] += 1 if token t is an ERROR
+
+Two forms (``config.write_through``), one body: in place, the k and norm branches load the
+cache row itself; write-through, they load token t's row of ``kv_input`` (the projection's
+output) instead, never read the cache, and their stores also write ``kv_output[t]`` when
+that tensor has the row. An fp8 cache (``config.cache_dtype``) adds a stage per branch,
+``k_quant`` and ``norm_quant`` (``t, ...``: ``fp8(saturate(out / k_scale))``), between the
+last compute stage and the store: the value is first rounded to ``dtype``, as SPEC.md asks.
 
 Indices that point nowhere (SPEC.md): ``locate`` checks every index it follows, so no input
 makes the kernel read or write outside its tensors. A token whose position has no freqs
@@ -36,9 +44,11 @@ cache is updated in place: loads read it through ``*_in`` views and stores write
 others of the same memory, which keeps the dataflow a stage pipeline; a row is stored only
 after the stages before have read all of it.
 
-The entry asserts what the kernel was built for: row strides that are multiples of
-``config.alignment`` bytes (buffers declare the same alignment for their data pointers, which
-``alignment_check.CheckDataAlignment`` asserts) and a finite, non-negative epsilon.
+Write-through, ``kv_output`` has rows of its own (``n_out``: 0 when the caller wants none),
+and only those are written. The entry asserts what the kernel was built for: row strides
+that are multiples of ``config.alignment`` bytes (buffers declare the same alignment for
+their data pointers, which ``alignment_check.CheckDataAlignment`` asserts) and a finite,
+non-negative epsilon.
 
 Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU thread blocks.
 """
@@ -46,10 +56,14 @@ Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU t
 from __future__ import annotations
 
 import tvm
+from tvm.ir import PointerType
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
 
 from .block_groups import BLOCK_GROUPS
 from .config import ITEMSIZE, OpConfig
+from .exact_math import div_rn, round_to
+from .fp8 import saturating_fp8, storer
 
 OP_NAME = "fused_rope_rmsnorm"
 # token states written by ``locate``
@@ -58,6 +72,22 @@ PADDING, OK, ERROR = 0, 1, 2
 
 def _f32(x):
     return T.Cast("float32", x)
+
+
+def _optional_buffer(present: bool, name: str, handle, *args, **kwargs):
+    """``T.match_buffer(handle, ...)`` named ``name`` if ``present``, else None (its handle
+    then stays unused, and ``_without_unused_handles`` drops it)."""
+    if not present:
+        return None
+    buffer = T.match_buffer(handle, *args, **kwargs)
+    IRBuilder.name(name, buffer)
+    return buffer
+
+
+def _without_unused_handles(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """``func`` without the handle parameters that no buffer was matched to."""
+    params = [p for p in func.params if not isinstance(p.ty, PointerType)]
+    return tvm.tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
 def _rotate(x0, x1, cos, sin, p):
@@ -69,50 +99,78 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     """The fused op as an unscheduled block-based PrimFunc named ``fused_rope_rmsnorm``.
 
     Parameters of the PrimFunc, in call order (``n`` tokens, ``H`` heads, ``R`` rope_dim,
-    ``D`` kv_norm_dim; every other dim symbolic too):
+    ``D`` kv_norm_dim, ``W = D + R``; every other dim symbolic too; [bracketed]: only in
+    the write-through form, or only with an fp8 cache):
 
     - q_rope ``[n, H, R]`` dtype, strides ``(qs0, qs1, 1)``
     - q_rope_output ``[n, H, R]`` dtype, strides ``(os0, os1, 1)``; may be ``q_rope`` itself
+    - [kv_input ``[n, W]`` dtype, strides ``(is0, 1)``: the new rows, never written]
+    - [kv_output ``[n_out, W]`` dtype, strides ``(vs0, 1)``: rows ``t < n_out`` receive
+      token t's new row]
     - input_row_offsets ``[batch + 1]`` offsets_dtype
     - freqs_cis ``[max_seq_len, R]`` freqs_dtype, contiguous
     - gamma ``[D]`` gamma_dtype
-    - k_cache ``[num_pages, page_size, D + R]`` dtype, strides ``(ks0, ks1, 1)``
+    - k_cache ``[num_pages, page_size, W]`` cache_element, strides ``(ks0, ks1, 1)``
+    - [k_scale ``[1]`` float32 (fp8 cache): the cache stores ``value / k_scale``]
     - lookup_table ``[batch, max_pages]`` int32, strides ``(ls0, 1)``
     - cache_lengths ``[batch]`` int32
     - errors ``[1]`` int32: the number of ERROR tokens is added to it
     - epsilon float32, finite and non-negative
 
-    ``q_rope``, ``q_rope_output``, ``k_cache``, ``freqs_cis`` and ``gamma`` must start at
-    multiples of ``config.alignment`` bytes, and the strides of the first three be multiples
-    of it: the compiled entry refuses other tensors before launching.
+    Every tensor of ``dtype`` or the cache's dtype must start at a multiple of
+    ``config.alignment`` bytes (so must ``freqs_cis`` and ``gamma``), and its row strides
+    be multiples of it: the compiled entry refuses other tensors before launching.
     """
     # static dims as 64-bit constants, like the symbolic ones (the ABI binds int64 shapes)
     H, R, D, PS, W, R2, ONE = (T.int64(v) for v in (
         config.num_q_heads, config.rope_dim, config.kv_norm_dim, config.page_size,
         config.row_width, config.rope_dim // 2, 1))
     dtype, gdtype, fdtype = config.dtype, config.gamma_dtype, config.freqs_dtype
+    cdtype = config.cache_element
+    WRITE_THROUGH, FP8 = config.write_through, config.cache_dtype is not None
     ZERO, TWO, NONE = T.int64(0), T.int64(2), T.int64(-1)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
-    A = config.aligned_elems(dtype)
 
     def align(dtype_name: str) -> int:
         """Data-pointer alignment a buffer of ``dtype_name`` declares (and the entry checks)."""
         return max(config.alignment, ITEMSIZE[dtype_name])
 
-    def aligned(stride):
-        """``stride`` as a visible multiple of ``A`` (equal to it: the entry asserts it), so
-        that vector accesses through the views are provably aligned."""
-        return stride // T.int64(A) * T.int64(A)
+    def aligned(stride, dtype_name: str = dtype):
+        """``stride`` as a visible multiple of the elements of ``dtype_name`` the alignment
+        holds (equal to it: the entry asserts it), so that vector accesses through the views
+        are provably aligned."""
+        elems = T.int64(config.aligned_elems(dtype_name))
+        return stride // elems * elems
 
-    def pair_strides(s0, s1):
-        """Strides of a ``[..., R/2, 2]`` pair view of rows with strides ``(s0, s1, 1)``."""
-        return (aligned(s0), aligned(s1), pj, pp)
+    def pair_strides(*row_strides, dtype_name: str = dtype):
+        """Strides of a ``[..., R/2, 2]`` pair view of rows with strides ``(*row_strides,
+        1)``."""
+        return (*(aligned(s, dtype_name) for s in row_strides), pj, pp)
 
-    def refusal(name: str) -> tuple:
+    def multiples(dtype_name: str, *strides):
+        """The strides are multiples of the elements of ``dtype_name`` the alignment holds."""
+        elems = T.int64(config.aligned_elems(dtype_name))
+        return tvm.tirx.all(*(stride % elems == ZERO for stride in strides))
+
+    def refusal(name: str, dtype_name: str) -> tuple:
         """The entry's ValueError for a tensor whose strides this kernel was not built for."""
-        return ("ValueError", [f"{name}'s strides must be multiples of {A} elements "
+        elems = config.aligned_elems(dtype_name)
+        return ("ValueError", [f"{name}'s strides must be multiples of {elems} elements "
                                f"({config.alignment} bytes), the alignment this kernel was "
                                "built for"])
+
+    def in_cache(page, num_pages):
+        """The token has a cache row (its page is a physical page)."""
+        return tvm.tirx.all(ZERO <= page, page < num_pages)
+
+    def has_output_row(vt, page, num_pages, n_out):
+        """kv_output receives token vt's row: the token is OK and kv_output has the row."""
+        return tvm.tirx.all(page < num_pages, vt < n_out)
+
+    def scaled(value, k_scale):
+        """``value`` (dtype) over the cache's scale, correctly rounded float32 (the value
+        rounded to dtype on every target first: see ``exact_math``)."""
+        return div_rn(round_to(dtype, _f32(value)), k_scale[0])
 
     # fmt: off
     @T.macro
@@ -221,14 +279,18 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                     out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
 
     @T.macro
-    def k_branch(n, k_pairs_in, k_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
-                 max_seq_len, num_pages):
-        """row(t)[D:] = rope(row(t)[D:], freqs[pos]) in place, for every token t with a row."""
+    def k_branch(n, k_source, k_pairs, output_pairs, n_out, freqs_pairs, k_scale, offsets,
+                 cache_lengths, lookup_table, max_seq_len, num_pages):
+        """row(t)[D:] = rope(source(t), freqs[pos]) for every token t with a row (and
+        output_pairs[t] too, write-through); source(t) is row(t)[D:] in place, else
+        kv_input[t, D:]."""
         k_pos = T.sblock_alloc_buffer((n,), "int64")
         k_page = T.sblock_alloc_buffer((n,), "int64")
         k_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
         k_in = T.sblock_alloc_buffer((n, R2, TWO), dtype)
         k_out = T.sblock_alloc_buffer((n, R2, TWO), dtype)
+        if FP8:
+            k_quantized = T.sblock_alloc_buffer((n, R2, TWO), cdtype)
         for t in range(n):
             with T.sblock("k_locate"):
                 vt = T.axis.spatial(n, t)
@@ -246,32 +308,55 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_load"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_page[vt] >= ZERO and k_page[vt] < num_pages:
-                    k_in[vt, vj, vp] = k_pairs_in[k_page[vt], k_pos[vt] % PS, vj, vp]
+                if WRITE_THROUGH:
+                    if k_pos[vt] >= ZERO:
+                        k_in[vt, vj, vp] = k_source[vt, vj, vp]
+                    else:
+                        k_in[vt, vj, vp] = T.Cast(dtype, 0)
                 else:
-                    k_in[vt, vj, vp] = T.Cast(dtype, 0)
+                    if in_cache(k_page[vt], num_pages):
+                        k_in[vt, vj, vp] = k_source[k_page[vt], k_pos[vt] % PS, vj, vp]
+                    else:
+                        k_in[vt, vj, vp] = T.Cast(dtype, 0)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_rope"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 k_out[vt, vj, vp] = T.Cast(dtype, _rotate(
                     _f32(k_in[vt, vj, ZERO]), _f32(k_in[vt, vj, ONE]),
                     _f32(k_freqs[vt, vj, ZERO]), _f32(k_freqs[vt, vj, ONE]), vp))
+        if FP8:
+            for t, j, p in T.grid(n, R2, TWO):
+                with T.sblock("k_quant"):
+                    vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                    T.reads(k_out[vt, vj, vp], k_scale[0])
+                    T.writes(k_quantized[vt, vj, vp])
+                    saturating_fp8(scaled(k_out[vt, vj, vp], k_scale), cdtype,
+                                   storer(k_quantized, vt, vj, vp))
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_store"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_page[vt] >= ZERO and k_page[vt] < num_pages:
-                    k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
+                if in_cache(k_page[vt], num_pages):
+                    if FP8:
+                        k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_quantized[vt, vj, vp]
+                    else:
+                        k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
+                if WRITE_THROUGH:
+                    if has_output_row(vt, k_page[vt], num_pages, n_out):
+                        output_pairs[vt, vj, vp] = k_out[vt, vj, vp]
 
     @T.macro
-    def norm_branch(n, k_rows_in, k_rows, gamma, epsilon, offsets, cache_lengths,
-                    lookup_table, max_seq_len, num_pages):
-        """row(t)[:D] = rmsnorm(row(t)[:D]) in place, for every token t with a row."""
+    def norm_branch(n, norm_source, k_rows, output_rows, n_out, gamma, epsilon, k_scale,
+                    offsets, cache_lengths, lookup_table, max_seq_len, num_pages):
+        """row(t)[:D] = rmsnorm(source(t)) for every token t with a row (and output_rows[t]
+        too, write-through); source(t) is row(t)[:D] in place, else kv_input[t, :D]."""
         norm_pos = T.sblock_alloc_buffer((n,), "int64")
         norm_page = T.sblock_alloc_buffer((n,), "int64")
         norm_in = T.sblock_alloc_buffer((n, D), dtype)
         sumsq = T.sblock_alloc_buffer((n,), "float32")
         scale = T.sblock_alloc_buffer((n,), "float32")
         norm_out = T.sblock_alloc_buffer((n, D), dtype)
+        if FP8:
+            norm_quantized = T.sblock_alloc_buffer((n, D), cdtype)
         for t in range(n):
             with T.sblock("norm_locate"):
                 vt = T.axis.spatial(n, t)
@@ -282,10 +367,16 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, c in T.grid(n, D):
             with T.sblock("norm_load"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                if norm_page[vt] >= ZERO and norm_page[vt] < num_pages:
-                    norm_in[vt, vc] = k_rows_in[norm_page[vt], norm_pos[vt] % PS, vc]
+                if WRITE_THROUGH:
+                    if norm_pos[vt] >= ZERO:
+                        norm_in[vt, vc] = norm_source[vt, vc]
+                    else:
+                        norm_in[vt, vc] = T.Cast(dtype, 0)
                 else:
-                    norm_in[vt, vc] = T.Cast(dtype, 0)
+                    if in_cache(norm_page[vt], num_pages):
+                        norm_in[vt, vc] = norm_source[norm_page[vt], norm_pos[vt] % PS, vc]
+                    else:
+                        norm_in[vt, vc] = T.Cast(dtype, 0)
         for t, c in T.grid(n, D):
             with T.sblock("norm_sumsq"):
                 vt, vc = T.axis.remap("SR", [t, c])
@@ -299,13 +390,30 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, c in T.grid(n, D):
             with T.sblock("norm_apply"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                normed = T.meta_var(T.Cast(gdtype, _f32(norm_in[vt, vc]) * scale[vt]))
-                norm_out[vt, vc] = T.Cast(dtype, normed * gamma[vc])
+                normed = T.meta_var(round_to(gdtype, _f32(norm_in[vt, vc]) * scale[vt]))
+                product = T.meta_var(normed * _f32(gamma[vc]))  # rounded to gamma's dtype,
+                # then to dtype (a single rounding when they are the same)
+                norm_out[vt, vc] = T.Cast(dtype, product if gdtype == dtype else round_to(
+                    gdtype, product))
+        if FP8:
+            for t, c in T.grid(n, D):
+                with T.sblock("norm_quant"):
+                    vt, vc = T.axis.remap("SS", [t, c])
+                    T.reads(norm_out[vt, vc], k_scale[0])
+                    T.writes(norm_quantized[vt, vc])
+                    saturating_fp8(scaled(norm_out[vt, vc], k_scale), cdtype,
+                                   storer(norm_quantized, vt, vc))
         for t, c in T.grid(n, D):
             with T.sblock("norm_store"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                if norm_page[vt] >= ZERO and norm_page[vt] < num_pages:
-                    k_rows[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
+                if in_cache(norm_page[vt], num_pages):
+                    if FP8:
+                        k_rows[norm_page[vt], norm_pos[vt] % PS, vc] = norm_quantized[vt, vc]
+                    else:
+                        k_rows[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
+                if WRITE_THROUGH:
+                    if has_output_row(vt, norm_page[vt], num_pages, n_out):
+                        output_rows[vt, vc] = norm_out[vt, vc]
 
     @T.macro
     def count_branch(n, errors, offsets, cache_lengths, lookup_table, max_seq_len, num_pages):
@@ -329,8 +437,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
 
     @T.prim_func(s_tir=True)
     def fused_rope_rmsnorm(
-        q_handle: T.handle, out_handle: T.handle, offsets_handle: T.handle,
-        freqs_handle: T.handle, gamma_handle: T.handle, k_handle: T.handle,
+        q_handle: T.handle, out_handle: T.handle, kv_input_handle: T.handle,
+        kv_output_handle: T.handle, offsets_handle: T.handle, freqs_handle: T.handle,
+        gamma_handle: T.handle, k_handle: T.handle, k_scale_handle: T.handle,
         lookup_handle: T.handle, lengths_handle: T.handle, errors_handle: T.handle,
         epsilon: T.float32,
     ):
@@ -338,27 +447,39 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         # the pass cannot see, as the k and norm branches write other columns of the same rows
         T.func_attr({"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched"})
         # 64-bit sizes and strides: a layer view of a multi-layer cache spans > 2^31 elements
-        n, batch, max_seq_len, num_pages, max_pages = (
-            T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
-        qs0, qs1, os0, os1, ks0, ks1, ls0 = (
-            T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
+        n, n_out, batch, max_seq_len, num_pages, max_pages = (
+            T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
+        qs0, qs1, os0, os1, is0, vs0, ks0, ks1, ls0 = (
+            T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(),
+            T.int64(), T.int64())
         q_rope = T.match_buffer(q_handle, (n, H, R), dtype, strides=(qs0, qs1, ONE),
                                 align=align(dtype))
         q_rope_output = T.match_buffer(out_handle, (n, H, R), dtype, strides=(os0, os1, ONE),
                                        align=align(dtype))
+        kv_input = T.meta_var(_optional_buffer(
+            WRITE_THROUGH, "kv_input", kv_input_handle, (n, W), dtype, strides=(is0, ONE),
+            align=align(dtype)))
+        kv_output = T.meta_var(_optional_buffer(
+            WRITE_THROUGH, "kv_output", kv_output_handle, (n_out, W), dtype,
+            strides=(vs0, ONE), align=align(dtype)))
         offsets = T.match_buffer(offsets_handle, (batch + ONE,), config.offsets_dtype,
                                  align=4)
         freqs_cis = T.match_buffer(freqs_handle, (max_seq_len, R), fdtype, align=align(fdtype))
         gamma = T.match_buffer(gamma_handle, (D,), gdtype, align=align(gdtype))
-        k_cache = T.match_buffer(k_handle, (num_pages, PS, W), dtype, strides=(ks0, ks1, ONE),
-                                 align=align(dtype))
+        k_cache = T.match_buffer(k_handle, (num_pages, PS, W), cdtype, strides=(ks0, ks1, ONE),
+                                 align=align(cdtype))
+        k_scale = T.meta_var(_optional_buffer(FP8, "k_scale", k_scale_handle, (ONE,),
+                                              "float32", align=4))
         lookup_table = T.match_buffer(lookup_handle, (batch, max_pages), "int32",
                                       strides=(ls0, ONE), align=4)
         cache_lengths = T.match_buffer(lengths_handle, (batch,), "int32", align=4)
         errors = T.match_buffer(errors_handle, (ONE,), "int32", align=4)
-        assert qs0 % T.int64(A) == ZERO and qs1 % T.int64(A) == ZERO, refusal("q_rope")
-        assert os0 % T.int64(A) == ZERO and os1 % T.int64(A) == ZERO, refusal("q_rope_output")
-        assert ks0 % T.int64(A) == ZERO and ks1 % T.int64(A) == ZERO, refusal("k_cache")
+        assert multiples(dtype, qs0, qs1), refusal("q_rope", dtype)
+        assert multiples(dtype, os0, os1), refusal("q_rope_output", dtype)
+        assert multiples(cdtype, ks0, ks1), refusal("k_cache", cdtype)
+        if WRITE_THROUGH:
+            assert multiples(dtype, is0), refusal("kv_input", dtype)
+            assert multiples(dtype, vs0), refusal("kv_output", dtype)
         assert T.isfinite(epsilon) and epsilon >= T.float32(0), (
             "ValueError", ["epsilon must be finite and non-negative"])
 
@@ -369,22 +490,44 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                                   strides=pair_strides(os0, os1))
         freqs_pairs = T.decl_buffer((max_seq_len, R2, TWO), fdtype, data=freqs_cis.data,
                                     elem_offset=freqs_cis.elem_offset, strides=(R, TWO, ONE))
-        k_rows_in = T.decl_buffer((num_pages, PS, W), dtype, data=k_cache.data,
-                                  elem_offset=k_cache.elem_offset,
-                                  strides=(aligned(ks0), aligned(ks1), ONE))
-        k_pairs_in = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
-                                   elem_offset=k_cache.elem_offset + D,
-                                   strides=pair_strides(ks0, ks1))
-        k_pairs = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
-                                elem_offset=k_cache.elem_offset + D, strides=pair_strides(ks0, ks1))
-
+        k_rows = T.decl_buffer((num_pages, PS, W), cdtype, data=k_cache.data,
+                               elem_offset=k_cache.elem_offset,
+                               strides=(aligned(ks0, cdtype), aligned(ks1, cdtype), ONE))
+        k_pairs = T.decl_buffer((num_pages, PS, R2, TWO), cdtype, data=k_cache.data,
+                                elem_offset=k_cache.elem_offset + D,
+                                strides=pair_strides(ks0, ks1, dtype_name=cdtype))
         q_branch(n, q_pairs, out_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
                  max_seq_len, num_pages)
-        k_branch(n, k_pairs_in, k_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
-                 max_seq_len, num_pages)
-        norm_branch(n, k_rows_in, k_cache, gamma, epsilon, offsets, cache_lengths,
-                    lookup_table, max_seq_len, num_pages)
+        if WRITE_THROUGH:  # the k and norm branches read kv_input and also write kv_output
+            input_rows = T.decl_buffer((n, W), dtype, data=kv_input.data,
+                                       elem_offset=kv_input.elem_offset,
+                                       strides=(aligned(is0), ONE))
+            input_pairs = T.decl_buffer((n, R2, TWO), dtype, data=kv_input.data,
+                                        elem_offset=kv_input.elem_offset + D,
+                                        strides=pair_strides(is0))
+            output_rows = T.decl_buffer((n_out, W), dtype, data=kv_output.data,
+                                        elem_offset=kv_output.elem_offset,
+                                        strides=(aligned(vs0), ONE))
+            output_pairs = T.decl_buffer((n_out, R2, TWO), dtype, data=kv_output.data,
+                                         elem_offset=kv_output.elem_offset + D,
+                                         strides=pair_strides(vs0))
+            k_branch(n, input_pairs, k_pairs, output_pairs, n_out, freqs_pairs, k_scale,
+                     offsets, cache_lengths, lookup_table, max_seq_len, num_pages)
+            norm_branch(n, input_rows, k_rows, output_rows, n_out, gamma, epsilon, k_scale,
+                        offsets, cache_lengths, lookup_table, max_seq_len, num_pages)
+        else:  # the k and norm branches update the cache rows in place, through views that
+            # read them (a stage pipeline: a row is stored after the stages before read it)
+            k_pairs_in = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
+                                       elem_offset=k_cache.elem_offset + D,
+                                       strides=pair_strides(ks0, ks1))
+            k_rows_in = T.decl_buffer((num_pages, PS, W), dtype, data=k_cache.data,
+                                      elem_offset=k_cache.elem_offset,
+                                      strides=(aligned(ks0), aligned(ks1), ONE))
+            k_branch(n, k_pairs_in, k_pairs, None, None, freqs_pairs, None, offsets,
+                     cache_lengths, lookup_table, max_seq_len, num_pages)
+            norm_branch(n, k_rows_in, k_rows, None, None, gamma, epsilon, None, offsets,
+                        cache_lengths, lookup_table, max_seq_len, num_pages)
         count_branch(n, errors, offsets, cache_lengths, lookup_table, max_seq_len, num_pages)
     # fmt: on
 
-    return fused_rope_rmsnorm
+    return _without_unused_handles(fused_rope_rmsnorm)

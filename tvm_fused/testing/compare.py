@@ -8,7 +8,10 @@ normalized value, which gamma turns into up to two ulps of the product) and the 
 its own, so three ulps; plus the float32 sum of squares (at most ``kv_norm_dim / 2`` float32
 epsilons, relative). A report gives, per output, the worst error as a share of its tolerance
 (at most 1 passes), which stays meaningful where a value is near zero and ulps are not.
-Everything the op must not touch is compared bit for bit.
+An fp8 cache value must be the fp8 rounding of a value within tolerance (the rounding is
+monotonic, so it lies between the roundings of the tolerance interval's ends), and exactly
+the rounding of the op's own value where ``kv_output`` shows it. Everything the op must not
+touch is compared bit for bit.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import dataclasses
 import torch
 
 from ..api import fused_rope_rmsnorm
-from .inputs import OpInputs, q_like
-from .reference import fused_rope_rmsnorm_reference, locate_tokens
+from .inputs import OpInputs, q_like, rows_like
+from .reference import fused_rope_rmsnorm_reference, locate_tokens, quantize
 
 F32_EPS = 2.0**-24
 
@@ -44,28 +47,33 @@ def _pair_magnitude(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
 @dataclasses.dataclass
 class CheckReport:
     """One run against the reference: the worst error of each output as a share of its
-    tolerance, the bit-exactness of everything else, and the error count."""
+    tolerance (k rope and k norm: the new rows, in the cache and in ``kv_output``), fp8
+    values off their bounds, the bit-exactness of everything else, and the error count."""
 
     q_error: float
     k_rope_error: float
     k_norm_error: float
+    fp8_mismatches: int
     untouched_cache_identical: bool
     untouched_q_identical: bool
+    untouched_rows_identical: bool
     errors_counted: int
     errors_expected: int
 
     @property
     def ok(self) -> bool:
         return (max(self.q_error, self.k_rope_error, self.k_norm_error) <= 1
-                and self.untouched_cache_identical and self.untouched_q_identical
+                and self.fp8_mismatches == 0 and self.untouched_cache_identical
+                and self.untouched_q_identical and self.untouched_rows_identical
                 and self.errors_counted == self.errors_expected)
 
     def summary(self) -> str:
         return (f"worst error / tolerance: q {self.q_error:.2f}, k rope {self.k_rope_error:.2f}"
-                f", k norm {self.k_norm_error:.2f}; untouched cache identical: "
-                f"{self.untouched_cache_identical}; untouched q/out rows identical: "
-                f"{self.untouched_q_identical}; error tokens counted "
-                f"{self.errors_counted} of {self.errors_expected} -> "
+                f", k norm {self.k_norm_error:.2f}; fp8 values off: {self.fp8_mismatches}; "
+                f"untouched cache identical: {self.untouched_cache_identical}; untouched "
+                f"q/out rows identical: {self.untouched_q_identical}; kv_input and untouched "
+                f"kv_output rows identical: {self.untouched_rows_identical}; error tokens "
+                f"counted {self.errors_counted} of {self.errors_expected} -> "
                 f"{'PASS' if self.ok else 'FAIL'}")
 
 
@@ -85,20 +93,74 @@ def whole_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.new_empty(0).set_(tensor.untyped_storage())
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two flat storages hold the same bytes (NaN payloads included)."""
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _storage_as_expected(after: torch.Tensor, before: torch.Tensor, view: torch.Tensor,
+                         index, written: torch.Tensor) -> bool:
+    """``after`` (a flat storage) equals ``before`` with ``view``'s rows ``index`` set to
+    ``written``: the op wrote those rows and nothing else."""
+    expected = whole_storage(before.clone())
+    _view(view, expected)[index] = written
+    return _same_bits(after, expected)
+
+
+class _RowTolerance:
+    """Tolerances of new latent rows ``[m, D + R]`` (float64), from the rows they came from."""
+
+    def __init__(self, kv_norm_dim: int, dtype: torch.dtype, interleaved: bool):
+        self.kv_norm_dim, self.dtype, self.interleaved = kv_norm_dim, dtype, interleaved
+
+    def __call__(self, reference: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        d = self.kv_norm_dim
+        rope = ulp(reference[:, d:], self.dtype) + 4 * F32_EPS * _pair_magnitude(
+            source[:, d:], self.interleaved)
+        norm = (3 * ulp(reference[:, :d], self.dtype)
+                + reference[:, :d].abs() * (d / 2 + 4) * F32_EPS)
+        return torch.cat((norm, rope), dim=-1)
+
+    def scores(self, actual, reference, tol) -> tuple[float, float]:
+        """(rope, norm) worst error / tolerance of ``actual`` rows."""
+        d = self.kv_norm_dim
+        return (_score(actual[:, d:], reference[:, d:], tol[:, d:]),
+                _score(actual[:, :d], reference[:, :d], tol[:, :d]))
+
+
+def _fp8_mismatches(actual: torch.Tensor, reference: torch.Tensor, tol: torch.Tensor,
+                    k_scale, own_values: torch.Tensor | None) -> int:
+    """fp8 values outside ``[q(reference - tol), q(reference + tol)]`` (q: the cache's
+    rounding), or, where ``own_values`` (the op's values before the rounding) are known,
+    not exactly their rounding."""
+    dtype = actual.dtype
+    low = quantize(reference - tol, dtype, k_scale).to(torch.float64)
+    high = quantize(reference + tol, dtype, k_scale).to(torch.float64)
+    value = actual.to(torch.float64)
+    off = ~((low <= value) & (value <= high))
+    if own_values is not None:
+        exact = quantize(own_values, dtype, k_scale).view(torch.uint8)
+        off |= exact != actual.view(torch.uint8)
+    return int(off.sum())
+
+
 def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
               out_storage_before: torch.Tensor | None = None, *, in_place: bool = False,
               epsilon: float = 1e-6, interleaved: bool = True,
-              errors_counted: int | None = None) -> CheckReport:
+              errors_counted: int | None = None, kv_output: torch.Tensor | None = None,
+              kv_output_storage_before: torch.Tensor | None = None) -> CheckReport:
     """Compare a run of the op with the reference.
 
     ``before`` is a copy of the inputs taken before the call, ``after`` the inputs after it,
     ``out`` the returned q (``after.q_rope`` if ``in_place``) and ``out_storage_before`` a
     copy of ``whole_storage(out)`` taken before an out-of-place call (or of ``out`` itself,
     if that is its whole storage; None if the op made ``out``: it has no rows to keep);
-    ``errors_counted`` what the op added to its error counter (None: not counted). Written
-    rows are compared with the float64 reference; every other element of every storage
-    (padding and error rows, other layers, row padding, the guards around each tensor) must
-    be bit-identical to before. Compared on the CPU.
+    ``errors_counted`` what the op added to its error counter (None: not counted);
+    ``kv_output`` the write-through call's ``kv_output`` and ``kv_output_storage_before`` a
+    copy of its whole storage before the call. Written rows are compared with the float64
+    reference; every other element of every storage (padding and error rows, other layers,
+    row padding, the guards around each tensor, all of ``kv_input``) must be bit-identical
+    to before. Compared on the CPU.
     """
     out_storage = whole_storage(out).cpu()
     out = _view(out, out_storage)
@@ -106,69 +168,99 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     dtype = before.q_rope.dtype
     kv_norm_dim = before.gamma.shape[0]
     page_size = before.k_cache.shape[1]
-    ref_q, ref_k = fused_rope_rmsnorm_reference(*before.args(), epsilon=epsilon,
-                                                interleaved=interleaved)
+    reference = fused_rope_rmsnorm_reference(*before.args(), **before.form(),
+                                             epsilon=epsilon, interleaved=interleaved)
     tokens = locate_tokens(before.input_row_offsets, before.cache_lengths,
                            before.lookup_table, before.freqs_cis.shape[0],
                            before.k_cache.shape[0], page_size)
     written = torch.nonzero(tokens.q_written).flatten()
 
     q_in = before.q_rope[written].to(torch.float64)
-    q_ref = ref_q[written].to(torch.float64)
+    q_ref = reference.q[written].to(torch.float64)
     q_tol = ulp(q_ref, dtype) + 4 * F32_EPS * _pair_magnitude(q_in, interleaved)
     q_error = _score(out[written], q_ref, q_tol)
 
-    row = tokens.row_written
-    page, slot = tokens.page[row], tokens.pos[row] % page_size
-    rows_in = before.k_cache[page, slot].to(torch.float64)
-    rows_out, rows_ref = after.k_cache[page, slot], ref_k[page, slot].to(torch.float64)
-    rope_ref = rows_ref[:, kv_norm_dim:]
-    rope_tol = ulp(rope_ref, dtype) + 4 * F32_EPS * _pair_magnitude(rows_in[:, kv_norm_dim:],
-                                                                   interleaved)
-    k_rope_error = _score(rows_out[:, kv_norm_dim:], rope_ref, rope_tol)
-    norm_ref = rows_ref[:, :kv_norm_dim]
-    norm_tol = 3 * ulp(norm_ref, dtype) + norm_ref.abs() * (kv_norm_dim / 2 + 4) * F32_EPS
-    k_norm_error = _score(rows_out[:, :kv_norm_dim], norm_ref, norm_tol)
+    # the new rows: where they came from, the reference's values and their tolerances
+    cached = tokens.row_written
+    page, slot = tokens.page[cached], tokens.pos[cached] % page_size
+    n_real = tokens.pos.numel()
+    if before.kv_input is None:
+        source = torch.zeros(reference.rows.shape, dtype=torch.float64)
+        source[cached] = before.k_cache[page, slot].to(torch.float64)
+    else:
+        source = before.kv_input[:n_real].to(torch.float64)
+    rows_ref = reference.rows.to(torch.float64)
+    row_tol = _RowTolerance(kv_norm_dim, dtype, interleaved)
+    tol = row_tol(rows_ref, source)
+
+    rope_error = norm_error = 0.0
+    fp8_mismatches = 0
+    cache_rows = after.k_cache[page, slot]
+    if after.k_cache.dtype == dtype:
+        rope_error, norm_error = row_tol.scores(cache_rows, rows_ref[cached], tol[cached])
+    own_values = None
+    rows_same = True
+    if kv_output is not None:
+        kv_output_storage = whole_storage(kv_output).cpu()
+        kv_output = _view(kv_output, kv_output_storage)
+        rope, norm = row_tol.scores(kv_output[written], rows_ref[written], tol[written])
+        rope_error, norm_error = max(rope_error, rope), max(norm_error, norm)
+        own_values = kv_output[:n_real][cached]
+        rows_same = _storage_as_expected(kv_output_storage, kv_output_storage_before.cpu(),
+                                         kv_output, written, kv_output[written])
+    if after.k_cache.dtype != dtype:
+        fp8_mismatches = _fp8_mismatches(cache_rows, rows_ref[cached], tol[cached],
+                                         before.k_scale, own_values)
+    if before.kv_input is not None:
+        rows_same &= _same_bits(after.kv_storage, before.kv_storage)
 
     # everything but the written rows, bit for bit: each storage as it was, with the written
     # rows taken from the run (their values are checked above)
-    expected_cache = before.cache_storage.clone()
-    _view(before.k_cache, expected_cache)[page, slot] = rows_out
-    cache_same = torch.equal(after.cache_storage, expected_cache)
-    expected_q = before.q_storage.clone()
-    if in_place:
-        _view(before.q_rope, expected_q)[written] = out[written]
-    q_same = torch.equal(after.q_storage, expected_q)
+    cache_same = _storage_as_expected(after.cache_storage, before.cache_storage,
+                                      before.k_cache, (page, slot), cache_rows)
+    q_same = _storage_as_expected(after.q_storage, before.q_storage, before.q_rope,
+                                  written if in_place else written[:0],
+                                  out[written] if in_place else out[written[:0]])
     if not in_place and out_storage_before is not None:
-        expected_out = whole_storage(out_storage_before.to("cpu", copy=True))
-        _view(out, expected_out)[written] = out[written]
-        q_same &= torch.equal(out_storage, expected_out)
+        q_same &= _storage_as_expected(out_storage, out_storage_before.cpu(), out, written,
+                                       out[written])
     counted = tokens.errors if errors_counted is None else errors_counted
-    return CheckReport(q_error, k_rope_error, k_norm_error, bool(cache_same), bool(q_same),
-                       counted, tokens.errors)
+    return CheckReport(q_error, rope_error, norm_error, fp8_mismatches, cache_same, q_same,
+                       rows_same, counted, tokens.errors)
 
 
 def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool = True,
                   epsilon: float = 1e-6, validate: bool | None = None, schedule=None,
-                  out_columns: tuple[int, int] | None = None) -> CheckReport:
+                  out_columns: tuple[int, int] | None = None, kv_output: bool = True,
+                  kv_output_columns: tuple[int, int] | None = None) -> CheckReport:
     """Run ``fused_rope_rmsnorm`` on ``inputs`` (updating them) and check the result.
 
     The output is ``q_rope`` itself if ``in_place``, else random values inside guards of
     their own, so that rows the op must not write are recognizable: columns ``(width,
-    start)`` of a wider tensor if ``out_columns`` says so. The op's error counter must count
-    the reference's error tokens. ``schedule`` overrides the GPU schedule.
+    start)`` of a wider tensor if ``out_columns`` says so. Write-through inputs get a
+    ``kv_output`` made the same way (``kv_output_columns``), unless ``kv_output`` is False.
+    The op's error counter must count the reference's error tokens. ``schedule`` overrides
+    the GPU schedule.
     """
     before = inputs.clone()
     q = inputs.q_rope
+    gen = torch.Generator().manual_seed(1)
     if in_place:
         out = q
     else:
-        storage, out = q_like(*q.shape, out_columns or (q.shape[2], 0), q.dtype,
-                              torch.Generator().manual_seed(1))
+        storage, out = q_like(*q.shape, out_columns or (q.shape[2], 0), q.dtype, gen)
         out = _view(out, storage.to(q.device))
     out_storage_before = whole_storage(out).clone()
+    rows = rows_storage_before = None
+    if inputs.kv_input is not None and kv_output:
+        n, width = inputs.kv_input.shape
+        storage, rows = rows_like(n, width, kv_output_columns or (width, 0), q.dtype, gen)
+        rows = _view(rows, storage.to(q.device))
+        rows_storage_before = whole_storage(rows).clone()
     errors = torch.zeros(1, dtype=torch.int32, device=inputs.q_rope.device)
-    result = fused_rope_rmsnorm(*inputs.args(), out=out, errors=errors, epsilon=epsilon,
-                                interleaved=interleaved, validate=validate, schedule=schedule)
+    result = fused_rope_rmsnorm(*inputs.args(), **inputs.form(), kv_output=rows, out=out,
+                                errors=errors, epsilon=epsilon, interleaved=interleaved,
+                                validate=validate, schedule=schedule)
     return check_run(before, inputs, result, out_storage_before, in_place=in_place,
-                     epsilon=epsilon, interleaved=interleaved, errors_counted=int(errors.item()))
+                     epsilon=epsilon, interleaved=interleaved, errors_counted=int(errors.item()),
+                     kv_output=rows, kv_output_storage_before=rows_storage_before)

@@ -9,6 +9,9 @@ import torch
 
 ROPE_THETA = 10000.0
 NOPE_DIM = 128  # q's non-rope part: q_rope is usually the view q[..., 128:192]
+# columns before the latent in a fused projection output (DeepSeek's q_lora_rank: vLLM's
+# fused q_a | kv_a output is [T, 1536 + 576]): kv_input is usually such a column slice
+Q_LORA_RANK = 1536
 
 
 GUARD = 16  # elements of random values before and after each storage, to catch stray writes
@@ -21,7 +24,9 @@ class OpInputs:
     ``q_storage`` and ``cache_storage`` are the flat tensors that ``q_rope`` and ``k_cache``
     view, each with ``GUARD`` elements of random values before and after it: the whole q
     (``q_rope`` is a column range of it) and the whole cache (several layers when
-    ``layers > 1``, rows padded when ``row_width`` says so).
+    ``layers > 1``, rows padded when ``row_width`` says so). Write-through inputs also have
+    ``kv_input`` (a column range of the projection output ``kv_storage``, guarded too) and,
+    with an fp8 cache, maybe ``k_scale``.
     """
 
     q_rope: torch.Tensor
@@ -33,11 +38,19 @@ class OpInputs:
     cache_lengths: torch.Tensor
     q_storage: torch.Tensor
     cache_storage: torch.Tensor
+    kv_input: torch.Tensor | None = None
+    kv_storage: torch.Tensor | None = None
+    k_scale: torch.Tensor | None = None
 
     def args(self) -> tuple:
         """Positional arguments of ``fused_rope_rmsnorm`` and the reference."""
         return (self.q_rope, self.input_row_offsets, self.freqs_cis, self.gamma, self.k_cache,
                 self.lookup_table, self.cache_lengths)
+
+    def form(self) -> dict:
+        """Keyword arguments of ``fused_rope_rmsnorm`` and the reference that select the
+        form: ``kv_input`` (None: in place) and ``k_scale``."""
+        return {"kv_input": self.kv_input, "k_scale": self.k_scale}
 
     def to(self, device) -> OpInputs:
         """A copy on ``device`` (views stay views of the copied storage)."""
@@ -53,10 +66,15 @@ class OpInputs:
         def view(tensor, storage):
             return storage.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
+        kv_storage = kv_input = None
+        if self.kv_input is not None:
+            kv_storage = copy(self.kv_storage)
+            kv_input = view(self.kv_input, kv_storage)
         return OpInputs(view(self.q_rope, q_storage), copy(self.input_row_offsets),
                         copy(self.freqs_cis), copy(self.gamma), view(self.k_cache, cache_storage),
                         copy(self.lookup_table), copy(self.cache_lengths), q_storage,
-                        cache_storage)
+                        cache_storage, kv_input, kv_storage,
+                        None if self.k_scale is None else copy(self.k_scale))
 
 
 def rope_freqs(max_seq_len: int, rope_dim: int, dtype=torch.float32) -> torch.Tensor:
@@ -84,6 +102,15 @@ def q_like(rows: int, heads: int, rope_dim: int, columns: tuple[int, int], dtype
     return storage, q[..., start:start + rope_dim]
 
 
+def rows_like(rows: int, row_width: int, columns: tuple[int, int], dtype: torch.dtype,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(storage, view)``: columns ``[start, start + row_width)`` of a random ``[rows,
+    width]`` inside guards, ``columns = (width, start)`` (``kv_input``, ``kv_output``)."""
+    width, start = columns
+    storage, whole = guarded((rows, width), dtype, gen)
+    return storage, whole[:, start:start + row_width]
+
+
 def make_inputs(
     new_tokens: list[int],
     cache_lengths: list[int],
@@ -96,6 +123,10 @@ def make_inputs(
     gamma_dtype: torch.dtype | None = None,
     freqs_dtype: torch.dtype = torch.float32,
     offsets_dtype: torch.dtype = torch.uint32,
+    write_through: bool = False,
+    cache_dtype: torch.dtype | None = None,
+    k_scale: float | None = None,
+    kv_columns: tuple[int, int] | None = None,
     padding_rows: int = 0,
     strided_q: bool = True,
     q_columns: tuple[int, int] | None = None,
@@ -116,6 +147,9 @@ def make_inputs(
     (width, start)``: by default ``(128 + R, 128)`` (the rope part of an MLA q) if
     ``strided_q``, else ``(R, 0)``. ``row_width`` (default ``D + R``) is the cache row
     stride; ``layers > 1`` makes ``k_cache`` layer ``layers // 2`` of a multi-layer cache.
+    ``write_through`` adds ``kv_input``: columns ``kv_columns = (width, start)`` of a random
+    projection output, by default ``(1536 + D + R, 1536)``. ``cache_dtype`` (default: dtype)
+    may be fp8 (write-through only), with ``k_scale`` (None: no scale tensor).
     """
     if len(new_tokens) != len(cache_lengths):
         raise ValueError("new_tokens and cache_lengths need one entry per request")
@@ -144,7 +178,8 @@ def make_inputs(
         used += count - first
 
     cache_storage, cache = guarded(
-        (num_pages, layers, page_size, row_width or kv_norm_dim + rope_dim), dtype, gen)
+        (num_pages, layers, page_size, row_width or kv_norm_dim + rope_dim),
+        cache_dtype or dtype, gen)
     k_cache = cache[:, layers // 2, :, :kv_norm_dim + rope_dim]
     gamma = (1 + 0.25 * torch.randn(kv_norm_dim, generator=gen)).to(gamma_dtype or dtype)
     offsets = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int64)
@@ -159,4 +194,10 @@ def make_inputs(
         q_storage=q_storage,
         cache_storage=cache_storage,
     )
+    if write_through:
+        width = kv_norm_dim + rope_dim
+        inputs.kv_storage, inputs.kv_input = rows_like(
+            rows, width, kv_columns or (Q_LORA_RANK + width, Q_LORA_RANK), dtype, gen)
+    if k_scale is not None:
+        inputs.k_scale = torch.tensor([k_scale], dtype=torch.float32)
     return inputs.to(device) if torch.device(device).type != "cpu" else inputs

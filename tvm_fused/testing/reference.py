@@ -3,7 +3,9 @@
 It shares no code with the TensorIR definition: positions come from ``repeat_interleave`` on
 the host, the math runs in ``compute_dtype`` (float64 by default) and is rounded only where
 the spec rounds: once to the output dtype for RoPE; to the gamma dtype before and after the
-gamma product, then to the cache dtype, for RMSNorm. Indices that point nowhere follow
+gamma product, then to q's dtype, for RMSNorm; an fp8 cache then stores ``fp8(saturate(value
+/ k_scale))`` (torch's cast: nearest even). Both forms: in place (the new rows are read from
+the cache) and write-through (from ``kv_input``). Indices that point nowhere follow
 SPEC.md: a negative page writes no cache row; a position with no freqs row, a logical page
 past the lookup table or a physical page ``>= num_pages`` makes the token an error, which
 writes nothing. ``input_row_offsets`` must ascend from 0 (the kernel stays in bounds for any
@@ -13,6 +15,7 @@ offsets, but only these have a defined result).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -75,6 +78,33 @@ def rmsnorm(x: torch.Tensor, gamma: torch.Tensor, epsilon: float, out_dtype: tor
     return y.to(gamma.dtype).to(out_dtype)
 
 
+def quantize(x: torch.Tensor, dtype: torch.dtype, k_scale: torch.Tensor | None) -> torch.Tensor:
+    """``dtype(saturate(float32(x) / k_scale))`` for an fp8 ``dtype``; ``x`` unchanged for any
+    other (``k_scale``: a one-element float32 tensor, or None for 1)."""
+    if dtype.itemsize != 1:
+        return x.to(dtype)
+    limit = torch.finfo(dtype).max
+    scale = 1.0 if k_scale is None else k_scale.detach().cpu().to(torch.float32).reshape(())
+    return (x.to(torch.float32) / scale).clamp(-limit, limit).to(dtype)
+
+
+class ReferenceOutputs(NamedTuple):
+    """What the op computes, on the CPU.
+
+    q : ``[n_real, H, R]`` q's dtype: roped q of the real tokens (rows past
+        ``input_row_offsets[-1]`` are not part of the op; rows of error tokens, which the op
+        does not write, hold ``q_rope``'s values).
+    k_cache : a copy of ``k_cache`` with the new tokens' rows written.
+    rows : ``[n_real, D + R]`` q's dtype: each token's new row before any fp8 rounding (what
+        ``kv_output`` receives), zero where the op computes none (error tokens; in place,
+        tokens without a cache row).
+    """
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    rows: torch.Tensor
+
+
 def fused_rope_rmsnorm_reference(
     q_rope: torch.Tensor,
     input_row_offsets: torch.Tensor,
@@ -84,39 +114,40 @@ def fused_rope_rmsnorm_reference(
     lookup_table: torch.Tensor,
     cache_lengths: torch.Tensor,
     *,
+    kv_input: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
     epsilon: float = 1e-6,
     interleaved: bool = True,
     compute_dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> ReferenceOutputs:
     """The op of SPEC.md, out of place, on the CPU.
 
-    Parameters are those of ``tvm_fused.fused_rope_rmsnorm``; nothing is modified.
-
-    Returns
-    -------
-    q_out : ``[n_real, H, R]`` in ``q_rope.dtype``: roped q of the real tokens (rows past
-        ``input_row_offsets[-1]`` are not part of the op; rows of error tokens, which the op
-        does not write, hold ``q_rope``'s values).
-    k_cache_out : a copy of ``k_cache`` with the new tokens' rows updated.
+    Parameters are those of ``tvm_fused.fused_rope_rmsnorm``: with ``kv_input``
+    (``[n, D + R]``), the write-through form; nothing is modified.
     """
+    page_size = k_cache.shape[1]
     tokens = locate_tokens(input_row_offsets, cache_lengths, lookup_table,
-                           freqs_cis.shape[0], k_cache.shape[0], k_cache.shape[1])
+                           freqs_cis.shape[0], k_cache.shape[0], page_size)
     n_real = tokens.pos.numel()
     dtype = q_rope.dtype
     kv_norm_dim = gamma.shape[0]
-    page_size = k_cache.shape[1]
+    freqs = freqs_cis.cpu().to(compute_dtype)
     q_out = q_rope.cpu()[:n_real].clone()
     written = tokens.q_written
-    freqs = freqs_cis.cpu().to(compute_dtype)[tokens.pos[written]]           # [n_written, R]
     q = q_out[written].to(compute_dtype)
-    q_out[written] = rope(q, freqs[:, None, :], interleaved).to(dtype)
+    q_out[written] = rope(q, freqs[tokens.pos[written]][:, None, :], interleaved).to(dtype)
 
     k_out = k_cache.cpu().clone()
-    row = tokens.row_written
-    page, slot = tokens.page[row], tokens.pos[row] % page_size
-    rows = k_out[page, slot]                                                 # [n_rows, D + R]
-    k_rope = rope(rows[:, kv_norm_dim:].to(compute_dtype), freqs[row[written]],
-                  interleaved).to(dtype)
-    k_norm = rmsnorm(rows[:, :kv_norm_dim], gamma.cpu(), epsilon, dtype, compute_dtype)
-    k_out[page, slot] = torch.cat((k_norm, k_rope), dim=-1)
-    return q_out, k_out
+    cached = tokens.row_written
+    page, slot = tokens.page[cached], tokens.pos[cached] % page_size
+    if kv_input is None:  # in place: the rows themselves
+        computed, source = cached, k_out[page, slot]
+    else:
+        computed, source = written, kv_input.cpu()[:n_real][written]
+    rows = torch.zeros((n_real, source.shape[1]), dtype=dtype)
+    rows[computed] = torch.cat((
+        rmsnorm(source[:, :kv_norm_dim], gamma.cpu(), epsilon, dtype, compute_dtype),
+        rope(source[:, kv_norm_dim:].to(compute_dtype), freqs[tokens.pos[computed]],
+             interleaved).to(dtype)), dim=-1)
+    k_out[page, slot] = quantize(rows[cached], k_cache.dtype, k_scale)
+    return ReferenceOutputs(q_out, k_out, rows)

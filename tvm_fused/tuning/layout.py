@@ -24,10 +24,14 @@ def gpu_slug(name: str) -> str:
 
 
 def op_key(op: OpConfig) -> str:
-    """The folder of an op: the dims and dtype the best knobs depend on."""
+    """The folder of an op: the dims, dtypes and form the best knobs depend on (in place:
+    no suffix; write-through: ``-write-through``, then the cache dtype if fp8)."""
     pairing = "gptj" if op.interleaved else "neox"
+    form = ""
+    if op.write_through:
+        form = "-write-through" + (f"-{op.cache_dtype}" if op.cache_dtype else "")
     return (f"{op.dtype}-h{op.num_q_heads}-r{op.rope_dim}-d{op.kv_norm_dim}-p{op.page_size}-"
-            f"{pairing}")
+            f"{pairing}{form}")
 
 
 def records_dir(logs_dir: Path, gpu_name: str, op: OpConfig) -> Path:
