@@ -52,7 +52,7 @@ def schedule_rope_branch(
     heads = op.num_q_heads if prefix == "q" else 1
 
     if not op.interleaved:  # registers in memory order too, (p, j): vectors stay contiguous
-        for block in (load, rope):
+        for block in (load, *computed):
             sch.transform_layout(block, ("write", 0), lambda *i: (*i[:-2], i[-1], i[-2]))
 
     t, *head, j, p = sch.get_loops(store)
@@ -79,6 +79,7 @@ def schedule_rope_branch(
         j_vec, p = sch.split(elem, [None, 2])
         sch.reorder(p, j_vec)
         sch.vectorize(j_vec)
+        sch.unroll(p)  # the registers it indexes stay registers (nvcc may keep the loop)
 
     # a thread's items are heads of one token (one locate and freqs row for all) or tokens;
     # with one item, everything stays at the item loop, where the q loads come first

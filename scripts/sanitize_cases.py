@@ -1,14 +1,15 @@
 """Edge cases run under compute-sanitizer by scripts/sanitize.sh (GPU), with the default
 settings (no content validation on the GPU): no tokens, one token, far more tokens than one
 wave of blocks, page size 1, padding rows, in place, NeoX, schedules with shared-memory row
-reductions, odd strides, and every index that points nowhere (tests/cases.py). Run from the
-repository root."""
+reductions, odd strides, the write-through form into bf16 and fp8 caches (kv_input at odd
+columns too), and every index that points nowhere in each form (tests/cases.py). Run from
+the repository root."""
 
 import sys
 
 import torch
 
-from tests.cases import BAD_INDICES, MALFORMED, RAGGED, bad_index_inputs
+from tests.cases import BAD_INDICES, FORMS, MALFORMED, RAGGED, bad_index_inputs
 from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.testing.compare import run_and_check
@@ -29,6 +30,13 @@ CASES = [
      "q_columns": (65, 1), "row_width": 577, "dtype": torch.float16},
     {"new": RAGGED[0], "cached": RAGGED[1], "heads": 4, "page_size": 16,
      "q_columns": (67, 3), "row_width": 581, "in_place": True},
+    {"new": [3000, 0, 2000], "cached": [0, 9, 4000], "padding_rows": 5,
+     "form": "write-through"},
+    {"new": RAGGED[0], "cached": RAGGED[1], "heads": 4, "page_size": 16,
+     "kv_columns": (577, 1), "form": "write-through"},
+    {"new": [3000, 1, 7], "cached": [0, 9, 4000], "form": "fp8-e4m3"},
+    {"new": RAGGED[0], "cached": RAGGED[1], "heads": 16, "page_size": 1,
+     "kv_columns": (600, 16), "interleaved": False, "form": "fp8-e5m2-scaled"},
 ]
 
 failed = 0
@@ -37,23 +45,26 @@ for case in CASES:
                          page_size=case.get("page_size", 128),
                          padding_rows=case.get("padding_rows", 0),
                          q_columns=case.get("q_columns"), row_width=case.get("row_width"),
-                         dtype=case.get("dtype", torch.bfloat16), device="cuda")
+                         dtype=case.get("dtype", torch.bfloat16),
+                         kv_columns=case.get("kv_columns"), device="cuda",
+                         **FORMS[case.get("form", "in-place")])
     report = run_and_check(inputs, in_place=case.get("in_place", False),
                            interleaved=case.get("interleaved", True),
                            schedule=case.get("schedule"))
     print(("ok  " if report.ok else "FAIL"), case, report.summary())
     failed += not report.ok
-for name, (corrupt, errors) in BAD_INDICES.items():
-    inputs = bad_index_inputs("cuda")
-    corrupt(inputs)
-    report = run_and_check(inputs)
-    ok = report.ok and report.errors_expected == errors
-    print(("ok  " if ok else "FAIL"), name, report.summary())
-    failed += not ok
-for name, corrupt in MALFORMED.items():  # no defined result: memcheck judges
-    inputs = bad_index_inputs("cuda")
-    corrupt(inputs)
-    fused_rope_rmsnorm(*inputs.args())
-    torch.cuda.synchronize()
-    print("ran ", name)
+for form in ("in-place", "fp8-e5m2-scaled"):
+    for name, (corrupt, errors) in BAD_INDICES.items():
+        inputs = bad_index_inputs("cuda", form)
+        corrupt(inputs)
+        report = run_and_check(inputs)
+        ok = report.ok and report.errors_expected == errors
+        print(("ok  " if ok else "FAIL"), form, name, report.summary())
+        failed += not ok
+    for name, corrupt in MALFORMED.items():  # no defined result: memcheck judges
+        inputs = bad_index_inputs("cuda", form)
+        corrupt(inputs)
+        fused_rope_rmsnorm(*inputs.args(), **inputs.form())
+        torch.cuda.synchronize()
+        print("ran ", form, name)
 sys.exit(1 if failed else 0)

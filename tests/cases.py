@@ -5,6 +5,7 @@ import itertools
 
 import torch
 
+from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.testing.compare import run_and_check
 from tvm_fused.testing.inputs import make_inputs
 
@@ -39,12 +40,23 @@ def check_matrix_case(index: int, device: str):
                          validate=True)
 
 
-def bad_index_inputs(device):
+# the forms of the op, as make_inputs options: the new rows from the cache itself or from
+# kv_input (a column slice of a projection output), into a cache of q's dtype or fp8
+FORMS = {
+    "in-place": {},
+    "write-through": {"write_through": True},
+    "fp8-e4m3": {"write_through": True, "cache_dtype": torch.float8_e4m3fn},
+    "fp8-e5m2-scaled": {"write_through": True, "cache_dtype": torch.float8_e5m2,
+                        "k_scale": 0.37},
+}
+
+
+def bad_index_inputs(device, form: str = "in-place"):
     """RAGGED with 4 heads, page size 16, 3 layers, 2 padding rows: request 2 writes
     positions 126-130 (logical pages 7 and 8), request 3 position 0; the lookup table has 10
     columns."""
     return make_inputs(*RAGGED, num_q_heads=4, page_size=16, layers=3, padding_rows=2,
-                       device=device)
+                       device=device, **FORMS[form])
 
 
 def _set(name, index, value):
@@ -102,9 +114,23 @@ def snapshot(inputs) -> list:
     """Copies of every tensor of ``inputs`` (whole storages), for ``unchanged``."""
     return [t.clone() for t in (inputs.q_storage, inputs.cache_storage,
                                 inputs.input_row_offsets, inputs.lookup_table,
-                                inputs.cache_lengths, inputs.freqs_cis, inputs.gamma)]
+                                inputs.cache_lengths, inputs.freqs_cis, inputs.gamma,
+                                inputs.kv_storage, inputs.k_scale) if t is not None]
 
 
 def unchanged(inputs, before: list) -> bool:
     """Whether every tensor of ``inputs`` is bit for bit as in ``before``."""
     return all(torch.equal(a, b) for a, b in zip(snapshot(inputs), before))
+
+
+POSITIONAL = ("q_rope", "input_row_offsets", "freqs_cis", "gamma", "k_cache", "lookup_table",
+              "cache_lengths")
+
+
+def call_with(args, **replacements):
+    """``fused_rope_rmsnorm(*args)`` with arguments replaced by name (positional or
+    keyword)."""
+    call = dict(zip(POSITIONAL, args))
+    call.update({k: v for k, v in replacements.items() if k in POSITIONAL})
+    options = {k: v for k, v in replacements.items() if k not in POSITIONAL}
+    return fused_rope_rmsnorm(*(call[n] for n in POSITIONAL), **options)

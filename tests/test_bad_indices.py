@@ -19,6 +19,7 @@ from .cases import BAD_INDICES, MALFORMED, bad_index_inputs, snapshot, unchanged
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 VALIDATE = pytest.mark.parametrize("validate", [True, None, False],
                                    ids=["validate", "default", "unchecked"])
+FORM = pytest.mark.parametrize("form", ["in-place", "write-through", "fp8-e5m2-scaled"])
 
 
 def _refused_on(device, validate) -> bool:
@@ -27,16 +28,17 @@ def _refused_on(device, validate) -> bool:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@FORM
 @VALIDATE
 @pytest.mark.parametrize("case", BAD_INDICES)
-def test_bad_index_is_refused_or_skipped_and_counted(device, validate, case):
+def test_bad_index_is_refused_or_skipped_and_counted(device, form, validate, case):
     corrupt, errors = BAD_INDICES[case]
-    inputs = bad_index_inputs(device)
+    inputs = bad_index_inputs(device, form)
     corrupt(inputs)
     if errors and _refused_on(device, validate):
         before = snapshot(inputs)
         with pytest.raises(ValueError):
-            fused_rope_rmsnorm(*inputs.args(), validate=validate)
+            fused_rope_rmsnorm(*inputs.args(), **inputs.form(), validate=validate)
         assert unchanged(inputs, before)
         return
     for in_place in (False, True):
@@ -52,15 +54,16 @@ def _outside(tensor, storage):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@FORM
 @VALIDATE
 @pytest.mark.parametrize("case", MALFORMED)
-def test_malformed_offsets_and_shared_rows_stay_in_bounds(device, validate, case):
-    inputs = bad_index_inputs(device)
+def test_malformed_offsets_and_shared_rows_stay_in_bounds(device, form, validate, case):
+    inputs = bad_index_inputs(device, form)
     MALFORMED[case](inputs)
     if _refused_on(device, validate):
         before = snapshot(inputs)
         with pytest.raises(ValueError):
-            fused_rope_rmsnorm(*inputs.args(), validate=validate)
+            fused_rope_rmsnorm(*inputs.args(), **inputs.form(), validate=validate)
         assert unchanged(inputs, before)
         return
     before = inputs.clone()
@@ -70,8 +73,11 @@ def test_malformed_offsets_and_shared_rows_stay_in_bounds(device, validate, case
     out = out_storage.as_strided(out.shape, out.stride(), out.storage_offset())
     out_before = out_storage.clone()
     errors = torch.zeros(1, dtype=torch.int32, device=device)
-    fused_rope_rmsnorm(*inputs.args(), out=out, errors=errors, validate=validate)
+    fused_rope_rmsnorm(*inputs.args(), **inputs.form(), out=out, errors=errors,
+                       validate=validate)
     assert torch.equal(inputs.q_storage, before.q_storage)  # read only
+    if inputs.kv_input is not None:
+        assert torch.equal(inputs.kv_storage, before.kv_storage)
     cache_mask = _outside(inputs.k_cache, inputs.cache_storage)  # guards, other layers
     assert torch.equal(inputs.cache_storage[cache_mask], before.cache_storage[cache_mask])
     out_mask = _outside(out, out_storage)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import tvm_fused.torch_op  # noqa: F401  (registers torch.ops.tvm_fused.*)
-from tvm_fused.testing.compare import check_run
-from tvm_fused.testing.inputs import make_inputs
+from tvm_fused.testing.compare import check_run, whole_storage
+from tvm_fused.testing.inputs import make_inputs, rows_like
 
-from .cases import RAGGED
+from .cases import FORMS, RAGGED
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -43,6 +43,43 @@ def test_custom_op(device, compiled, in_place):
     assert report.ok and report.errors_expected == 3, report.summary()
 
 
+def _write_through(q, kv_input, *args, k_scale, kv_output, errors):
+    return torch.ops.tvm_fused.fused_rope_rmsnorm_write_through(
+        q, kv_input, *args, k_scale, 1e-6, True, kv_output, errors)
+
+
+def _write_through_in_place(q, kv_input, *args, k_scale, kv_output, errors):
+    torch.ops.tvm_fused.fused_rope_rmsnorm_write_through_(
+        q, kv_input, *args, k_scale, 1e-6, True, kv_output, errors)
+    return q
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out-of-place", "in-place"])
+@pytest.mark.parametrize("form", ["write-through", "fp8-e5m2-scaled"])
+def test_write_through_custom_op(device, compiled, in_place, form):
+    """The write-through ops, eager or compiled, with kv_output (a column slice), a stale
+    page-table entry that is skipped and counted, and (fp8) a scale."""
+    inputs = make_inputs(*RAGGED, num_q_heads=4, page_size=16, layers=3, device=device,
+                         **FORMS[form])
+    inputs.lookup_table[2, 8] = inputs.k_cache.shape[0]
+    storage, kv_output = rows_like(inputs.q_rope.shape[0], 576, (600, 8), inputs.q_rope.dtype,
+                                   torch.Generator().manual_seed(5))
+    kv_output = storage.to(device).as_strided(kv_output.shape, kv_output.stride(),
+                                              kv_output.storage_offset())
+    kv_output_before = whole_storage(kv_output).clone()
+    errors = torch.zeros(1, dtype=torch.int32, device=device)
+    before = inputs.clone()
+    fn = _write_through_in_place if in_place else _write_through
+    q, *rest = inputs.args()
+    out = (torch.compile(fn, fullgraph=True) if compiled else fn)(
+        q, inputs.kv_input, *rest, k_scale=inputs.k_scale, kv_output=kv_output, errors=errors)
+    report = check_run(before, inputs, out, in_place=in_place, errors_counted=int(errors),
+                       kv_output=kv_output, kv_output_storage_before=kv_output_before)
+    assert report.ok and report.errors_expected == 3, report.summary()
+
+
 def _mutated(op):
     schema = op.default._schema
     return {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
@@ -51,6 +88,10 @@ def _mutated(op):
 def test_ops_declare_their_mutations():
     assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm_) == {"q_rope", "k_cache", "errors"}
     assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm) == {"k_cache", "errors"}
+    assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm_write_through) == {
+        "k_cache", "kv_output", "errors"}
+    assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm_write_through_) == {
+        "q_rope", "k_cache", "kv_output", "errors"}
 
 
 @pytest.mark.gpu
@@ -77,3 +118,32 @@ def test_in_place_op_in_a_cuda_graph_and_reduce_overhead_compile():
         out = compiled(*inputs.args()).clone()
         report = check_run(before, inputs, out)
         assert report.ok, report.summary()
+
+
+@pytest.mark.gpu
+def test_write_through_op_in_a_cuda_graph():
+    """The fp8 write-through op captured once, replayed on new contents of the same tensors."""
+    def fresh(device):
+        return make_inputs(*RAGGED, num_q_heads=4, page_size=16, layers=3, device=device,
+                           **FORMS["fp8-e5m2-scaled"])
+
+    inputs = fresh("cuda")
+    q, *rest = inputs.args()
+
+    def call():
+        torch.ops.tvm_fused.fused_rope_rmsnorm_write_through_(
+            q, inputs.kv_input, *rest, inputs.k_scale, 1e-6, True, None, None)
+
+    call()  # build first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    new = fresh("cpu")
+    inputs.q_storage.copy_(new.q_storage)
+    inputs.kv_storage.copy_(new.kv_storage)
+    inputs.cache_storage.copy_(new.cache_storage)
+    before = inputs.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    report = check_run(before, inputs, q, in_place=True)
+    assert report.ok, report.summary()

@@ -3,24 +3,14 @@
 import pytest
 import torch
 
-from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.testing.inputs import make_inputs
 
+from .cases import call_with as _call
 from .cases import snapshot, unchanged
 
 
 def _inputs():
     return make_inputs([2, 0, 3], [5, 1, 127], num_q_heads=4, page_size=16, padding_rows=1)
-
-
-def _call(args, **kwargs):
-    names = ("q_rope", "input_row_offsets", "freqs_cis", "gamma", "k_cache", "lookup_table",
-             "cache_lengths")
-    call = dict(zip(names, args))
-    out = kwargs.pop("out", None)
-    call.update({k: v for k, v in kwargs.items() if k in names})
-    options = {k: v for k, v in kwargs.items() if k not in names}
-    return fused_rope_rmsnorm(*(call[n] for n in names), out=out, **options)
 
 
 def _bad(name, make, error, match):

@@ -159,9 +159,13 @@ def fused_rope_rmsnorm(
     args = (q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths)
     form = (kv_input, kv_output, k_scale)
     if validate is False:
-        if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-            check_arguments(*args, out, *form, errors, epsilon)  # an alias of q_rope needs
-            # its strides (TVM can't tell)
+        # what TVM can't tell: an alias of q_rope needs its strides; tensors the form has no
+        # use for would be ignored; the kernel writes the rows kv_output has, any number
+        if ((out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr())
+                or (kv_output is not None and (kv_input is None
+                                               or kv_output.shape[0] != q_rope.shape[0]))
+                or (k_scale is not None and k_cache.dtype == q_rope.dtype)):
+            check_arguments(*args, out, *form, errors, epsilon)
         try:
             return _launch(*args, out, *form, errors, epsilon, interleaved, schedule)
         except Exception:

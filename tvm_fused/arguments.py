@@ -88,7 +88,7 @@ def _check_one_element(name: str, value, dtype: torch.dtype) -> None:
 
 def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale) -> None:
     """The write-through tensors (``kv_input``, ``kv_output``, ``k_scale``) and the cache
-    dtype they allow."""
+    dtype each form allows (q's; fp8 too, write-through)."""
     if kv_input is None:
         for name, value in (("kv_output", kv_output), ("k_scale", k_scale)):
             if value is not None:
@@ -98,10 +98,6 @@ def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale) -> 
                             f"({config.dtype_name(q_dtype)}) in place; an fp8 cache needs "
                             "kv_input (the write-through form)")
         return
-    if cache_dtype != q_dtype and cache_dtype not in FP8_DTYPES:
-        raise TypeError(f"k_cache must have the dtype of q_rope ({config.dtype_name(q_dtype)}) "
-                        f"or an fp8 one {[config.dtype_name(d) for d in FP8_DTYPES]}, got "
-                        f"{config.dtype_name(cache_dtype)}")
     if k_scale is not None:
         if cache_dtype not in FP8_DTYPES:
             raise ValueError("k_scale applies to an fp8 k_cache only")
