@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tvm_fused.testing.fuzz import CORRUPTIONS, fuzz, random_case
+from tvm_fused.testing.fuzz import CACHE_DTYPES, CORRUPTIONS, fuzz, random_case
 
 CHUNK = 20
 CPU_CASES = 200
@@ -42,5 +42,10 @@ def test_cases_are_reproducible_and_varied():
     assert any(0 in c.new_tokens for c in cases) and any(c.in_place for c in cases)
     assert any(not c.interleaved for c in cases) and any(c.layers > 1 for c in cases)
     assert {c.corruption for c in cases} == set(CORRUPTIONS)
+    write_through = [c for c in cases if c.write_through]
+    assert {c.cache_dtype for c in write_through} == set(CACHE_DTYPES)
+    assert {c.kv_output for c in write_through} == {False, True}
+    assert len({c.kv_columns for c in write_through}) > 1
+    assert any(c.k_scale not in (None, 1.0) for c in write_through)
     assert any(length % c.page_size == 0 and length > 0
                for c in cases for length in c.cache_lengths if c.page_size > 1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import tvm
 from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
 
 from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func
 from tvm_fused.compiler import pipeline
@@ -23,17 +24,19 @@ from tvm_fused.schedules.space import (
 )
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
-from tvm_fused.tuning import decisions, records
+from tvm_fused.tuning import decisions, measure, records
 from tvm_fused.tuning.buckets import nearest_bucket
 from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir
 from tvm_fused.tuning.tune import tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
 SPACE_OPS = (OpConfig(num_q_heads=128), OpConfig(num_q_heads=1, dtype="float32",
-                                                 gamma_dtype="float32", interleaved=False))
+                                                 gamma_dtype="float32", interleaved=False),
+             OpConfig(num_q_heads=16, write_through=True, cache_dtype="float8_e4m3fn"))
 
 
-@pytest.mark.parametrize("op", SPACE_OPS, ids=["v3-bf16", "one-head-fp32-neox"])
+@pytest.mark.parametrize("op", SPACE_OPS, ids=["v3-bf16", "one-head-fp32-neox",
+                                               "write-through-fp8"])
 @pytest.mark.parametrize("seed", range(1, 11))
 def test_space_draws_only_valid_schedules(op, seed):
     """Any draw schedules, lowers to one CUDA kernel for the H100, and decodes back."""
@@ -61,6 +64,20 @@ def test_fixed_config_is_recorded_as_decisions(fixed):
 def test_nearest_bucket():
     assert [nearest_bucket(n) for n in (1, 2, 3, 5, 20, 64, 100, 1000, 3000, 10**6)] == \
         [1, 1, 8, 8, 8, 64, 64, 512, 4096, 32768]  # geometric midpoints: 2.8, 22.6, ...
+
+
+@pytest.mark.parametrize("op", [
+    OpConfig(num_q_heads=2), OpConfig(num_q_heads=2, write_through=True),
+    OpConfig(num_q_heads=2, write_through=True, cache_dtype="float8_e5m2")],
+    ids=["in-place", "write-through", "write-through-fp8"])
+def test_runner_recovers_the_op_from_the_workload(op):
+    """The runner rebuilds a bucket's inputs from the workload's argument shapes alone (in
+    another process, maybe remote): it must find the form, the cache dtype and every shape."""
+    args_info = [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(
+        bucket_workload(op, 8)["main"])]  # as the runner receives them
+    tensors = measure._bucket_tensors(args_info, "cpu")
+    assert measure._op_and_tokens(args_info) == (op, 8)
+    assert len(tensors) == len(args_info)
 
 
 @pytest.mark.slow

@@ -33,16 +33,29 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-norm-dim", type=int, default=512,
                         help="latent dims of a cache row (default 512)")
     parser.add_argument("--neox", action="store_true", help="NeoX (half-split) rope pairs")
+    parser.add_argument("--write-through", action="store_true",
+                        help="the write-through form: new rows from kv_input (the projection "
+                             "output) into the cache, which is never read")
+    parser.add_argument("--cache-dtype", choices=config.FP8_DTYPES, default=None,
+                        help="an fp8 cache (with --write-through; default: the dtype)")
 
 
 def _op_config(args: argparse.Namespace):
     """The OpConfig the options describe (UsageError names a bad one)."""
     try:
         return config.OpConfig(num_q_heads=args.heads, rope_dim=args.rope_dim,
-                        kv_norm_dim=args.kv_norm_dim, page_size=args.page_size,
-                        dtype=args.dtype, gamma_dtype=args.dtype, interleaved=not args.neox)
+                               kv_norm_dim=args.kv_norm_dim, page_size=args.page_size,
+                               dtype=args.dtype, gamma_dtype=args.dtype,
+                               interleaved=not args.neox, write_through=args.write_through,
+                               cache_dtype=args.cache_dtype)
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def _form(op) -> str:
+    if not op.write_through:
+        return "in place"
+    return f"write-through into a {op.cache_element} cache"
 
 
 def _device(name: str) -> str:
@@ -74,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
     cached = [rng.randrange(0, 4096) for _ in range(requests)]
     inputs = make_inputs(new, cached, num_q_heads=op.num_q_heads, rope_dim=op.rope_dim,
                          kv_norm_dim=op.kv_norm_dim, page_size=op.page_size,
-                         dtype=getattr(torch, op.dtype), device=device)
+                         dtype=getattr(torch, op.dtype), write_through=op.write_through,
+                         cache_dtype=getattr(torch, op.cache_element), device=device)
     print(f"device: {name}")
     print(f"op: {op.num_q_heads} heads, rope_dim {op.rope_dim}, kv_norm_dim "
           f"{op.kv_norm_dim}, page size {op.page_size}, {op.dtype}, "
-          f"{'interleaved' if op.interleaved else 'NeoX'}, {args.tokens} tokens in "
-          f"{requests} requests")
+          f"{'interleaved' if op.interleaved else 'NeoX'}, {_form(op)}, {args.tokens} tokens "
+          f"in {requests} requests")
     report = run_and_check(inputs.clone(), interleaved=op.interleaved)
     print(f"check: {report.summary()}")
     if not report.ok:
@@ -98,12 +112,13 @@ def _time(inputs, op, reps: int, gpu_name: str) -> None:
 
     out = torch.empty_like(inputs.q_rope)
     moved = op_bytes(inputs.q_rope.shape[0], op.num_q_heads, op.rope_dim, op.kv_norm_dim,
-                     inputs.q_rope.dtype)
+                     inputs.q_rope.dtype, cache_dtype=inputs.k_cache.dtype)
     src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     timings = {
         "tvm-fused": time_cuda(lambda: fused_rope_rmsnorm(
-            *inputs.args(), out=out, interleaved=op.interleaved, validate=False), reps=reps),
+            *inputs.args(), **inputs.form(), out=out, interleaved=op.interleaved,
+            validate=False), reps=reps),
         "copy of as many bytes": time_cuda(lambda: dst.copy_(src), reps=reps),
     }
     for label, timing in timings.items():

@@ -64,11 +64,13 @@ def time_graph(fn, reps: int = 50) -> Timing:
 
 
 def op_bytes(num_tokens: int, num_q_heads: int, rope_dim: int, kv_norm_dim: int,
-             dtype: torch.dtype, freqs_dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the op must move: q rope read + written, each cache row read + written, the
-    freqs row read, and gamma once."""
-    size = torch.tensor([], dtype=dtype).element_size()
-    freqs_size = torch.tensor([], dtype=freqs_dtype).element_size()
-    per_token = (2 * num_q_heads * rope_dim + 2 * (kv_norm_dim + rope_dim)) * size \
-        + rope_dim * freqs_size
+             dtype: torch.dtype, freqs_dtype: torch.dtype = torch.float32,
+             cache_dtype: torch.dtype | None = None, kv_output: bool = False) -> int:
+    """Bytes the op must move: q rope read + written, each new row read (from the cache in
+    place, from ``kv_input`` write-through) and written to the cache (in ``cache_dtype``,
+    default ``dtype``) and to ``kv_output`` if asked, the freqs row read, and gamma once."""
+    size = dtype.itemsize
+    row = kv_norm_dim + rope_dim
+    row_bytes = row * size + row * (cache_dtype or dtype).itemsize + kv_output * row * size
+    per_token = 2 * num_q_heads * rope_dim * size + row_bytes + rope_dim * freqs_dtype.itemsize
     return num_tokens * per_token + kv_norm_dim * size

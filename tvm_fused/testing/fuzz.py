@@ -3,8 +3,11 @@
 Case ``seed`` is fully determined by its seed: batch 1-64 with empty requests, 0-300 new
 tokens per request, cache lengths 0-8192 drawn mostly at page boundaries, page sizes 1-256,
 1-128 heads, every dtype, strided or contiguous and in-place or separate q, multi-layer cache
-views, shuffled page tables, padding rows, interleaved and NeoX pairs, and in a third of the
-cases an index that points nowhere (a page of -1 or past the cache, a freqs table too short),
+views, shuffled page tables, padding rows, interleaved and NeoX pairs, both forms of the op
+(in place, or write-through from a column slice of a projection output, with or without
+kv_output, into a cache of q's dtype or fp8 e4m3fn/e5m2 with or without k_scale), and in a
+third of the cases an index that points nowhere (a page of -1 or past the cache, a freqs
+table too short),
 which the kernel must skip and count (those cases run unvalidated). A failing case prints a
 one-line repro: ``python -m tvm_fused fuzz --seed S --cases 1 --device D``.
 """
@@ -29,6 +32,9 @@ DTYPES = tuple(getattr(torch, name) for name in config.DTYPES)
 HEADS = (1, 2, 5, 16, 64, 128)
 PAGE_SIZES = (1, 2, 16, 64, 128, 256)
 CORRUPTIONS = (None, None, None, None, "no cache row", "page past the cache", "short freqs")
+CACHE_DTYPES = (None, None, torch.float8_e4m3fn, torch.float8_e5m2)  # None: q's dtype
+K_SCALES = (None, 1.0, 0.25, 3.7)
+KV_COLUMNS = ((576, 0), (1536 + 576, 1536), (577, 1), (600, 8))  # (width, start) of the rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +56,23 @@ class FuzzCase:
     in_place: bool
     interleaved: bool
     corruption: str | None
+    write_through: bool
+    cache_dtype: torch.dtype | None
+    k_scale: float | None
+    kv_columns: tuple
+    kv_output: bool
 
     def describe(self) -> str:
+        form = "in-place cache"
+        if self.write_through:
+            form = (f"write-through kv_columns={self.kv_columns} kv_output={self.kv_output} "
+                    f"cache={str(self.cache_dtype or self.dtype)[6:]} k_scale={self.k_scale}")
         return (f"seed={self.seed} batch={len(self.new_tokens)} tokens={sum(self.new_tokens)} "
                 f"heads={self.heads} page={self.page_size} {str(self.dtype)[6:]} "
                 f"gamma={str(self.gamma_dtype)[6:]} freqs={str(self.freqs_dtype)[6:]} "
                 f"offsets={str(self.offsets_dtype)[6:]} pad={self.padding_rows} "
                 f"strided={self.strided_q} layers={self.layers} in_place={self.in_place} "
-                f"{'interleaved' if self.interleaved else 'neox'} "
+                f"{'interleaved' if self.interleaved else 'neox'} {form} "
                 f"corruption={self.corruption}")
 
 
@@ -79,7 +94,7 @@ def random_case(seed: int, max_tokens: int = 300) -> FuzzCase:
         new[rng.randrange(batch)] //= 2
     page_size = rng.choice(PAGE_SIZES)
     dtype = rng.choice(DTYPES)
-    return FuzzCase(
+    case = dict(
         seed=seed, new_tokens=tuple(new),
         cache_lengths=tuple(_cache_length(rng, page_size) for _ in range(batch)),
         heads=heads, page_size=page_size, dtype=dtype,
@@ -89,6 +104,12 @@ def random_case(seed: int, max_tokens: int = 300) -> FuzzCase:
         padding_rows=rng.choice((0, 0, 1, 7)), strided_q=rng.random() < 0.7,
         layers=rng.choice((1, 1, 3)), in_place=rng.random() < 0.3,
         interleaved=rng.random() < 0.8, corruption=rng.choice(CORRUPTIONS))
+    # the form is drawn last, so that the fields above are those of earlier versions
+    write_through = rng.random() < 0.5
+    cache_dtype = rng.choice(CACHE_DTYPES) if write_through else None
+    return FuzzCase(**case, write_through=write_through, cache_dtype=cache_dtype,
+                    k_scale=rng.choice(K_SCALES) if cache_dtype else None,
+                    kv_columns=rng.choice(KV_COLUMNS), kv_output=rng.random() < 0.5)
 
 
 def _corrupt(inputs: OpInputs, how: str, seed: int) -> None:
@@ -117,11 +138,12 @@ def run_case(case: FuzzCase, device: str) -> CheckReport:
         page_size=case.page_size, dtype=case.dtype, gamma_dtype=case.gamma_dtype,
         freqs_dtype=case.freqs_dtype, offsets_dtype=case.offsets_dtype,
         padding_rows=case.padding_rows, strided_q=case.strided_q, layers=case.layers,
-        prefix_pool=3, seed=case.seed, device=device)
+        write_through=case.write_through, cache_dtype=case.cache_dtype, k_scale=case.k_scale,
+        kv_columns=case.kv_columns, prefix_pool=3, seed=case.seed, device=device)
     if case.corruption:
         _corrupt(inputs, case.corruption, case.seed)
     return run_and_check(inputs, in_place=case.in_place, interleaved=case.interleaved,
-                         validate=case.corruption is None)
+                         validate=case.corruption is None, kv_output=case.kv_output)
 
 
 def repro(case: FuzzCase, device: str) -> str:

@@ -18,7 +18,7 @@ from ..compiler import pipeline
 from ..compiler.config import OpConfig, dtype_name
 from ..compiler.definition import OP_NAME
 from ..timing import time_cuda
-from .workload import bucket_inputs
+from .workload import bucket_tensors
 
 _CUDA = 2  # DLPack device type
 
@@ -30,26 +30,29 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
         return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME).mod
 
 
+IN_PLACE_ARGS = 9  # q, out, offsets, freqs, gamma, k, table, lengths, errors
+
+
 def _op_and_tokens(args_info) -> tuple[OpConfig, int]:
     """Recover the op config and token count from the workload's argument shapes, in the
-    order of the PrimFunc's parameters (q, out, offsets, freqs, gamma, k, table, lengths,
-    errors)."""
-    (_, q_dtype, q_shape), _, (_, off_dtype, _), (_, f_dtype, _), (_, g_dtype, g_shape), \
-        (_, _, k_shape), _, _, _ = args_info
+    order of the PrimFunc's parameters: q, out, [kv_input, kv_output,] offsets, freqs,
+    gamma, k, [k_scale,] table, lengths, errors."""
+    args = list(args_info)
+    write_through = len(args) > IN_PLACE_ARGS
+    (_, q_dtype, q_shape), rest = args[0], args[4 if write_through else 2:]
+    (_, off_dtype, _), (_, f_dtype, _), (_, g_dtype, g_shape), (_, k_dtype, k_shape) = rest[:4]
     tokens, heads, rope_dim = q_shape
     op = OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=g_shape[0],
                   page_size=k_shape[1], dtype=q_dtype, freqs_dtype=f_dtype,
-                  gamma_dtype=g_dtype, offsets_dtype=off_dtype)
+                  gamma_dtype=g_dtype, offsets_dtype=off_dtype, write_through=write_through,
+                  cache_dtype=None if k_dtype == q_dtype else k_dtype)
     return op, tokens
 
 
 def _bucket_tensors(args_info, device) -> list[torch.Tensor]:
     op, tokens = _op_and_tokens(args_info)
-    inputs = bucket_inputs(op, tokens, device=device)
-    out = torch.empty(inputs.q_rope.shape, dtype=inputs.q_rope.dtype, device=device)
-    errors = torch.zeros(1, dtype=torch.int32, device=device)
-    tensors = [inputs.q_rope, out, *inputs.args()[1:], errors]
-    for tensor, (_, dtype, shape) in zip(tensors, args_info):
+    tensors = bucket_tensors(op, tokens, device=device)
+    for tensor, (_, dtype, shape) in zip(tensors, args_info, strict=True):
         if list(tensor.shape) != list(shape) or dtype_name(tensor.dtype) != dtype:
             raise ValueError(f"bucket inputs {tuple(tensor.shape)} {tensor.dtype} do not match "
                              f"the workload's {shape} {dtype}")
@@ -80,6 +83,9 @@ def run_local(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return tensor.contiguous().view(torch.uint8).numpy().view(
+            getattr(ml_dtypes, dtype_name(tensor.dtype)))
     if tensor.dtype == torch.uint32:
         return tensor.view(torch.int32).numpy().view(np.uint32)
     return tensor.contiguous().numpy()

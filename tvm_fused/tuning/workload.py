@@ -22,7 +22,24 @@ def bucket_inputs(op: OpConfig, tokens: int, device="cpu") -> OpInputs:
         new_tokens, cache_lengths, num_q_heads=op.num_q_heads, rope_dim=op.rope_dim,
         kv_norm_dim=op.kv_norm_dim, page_size=op.page_size, dtype=getattr(torch, op.dtype),
         gamma_dtype=getattr(torch, op.gamma_dtype), freqs_dtype=getattr(torch, op.freqs_dtype),
-        offsets_dtype=getattr(torch, op.offsets_dtype), strided_q=False, device=device)
+        offsets_dtype=getattr(torch, op.offsets_dtype), write_through=op.write_through,
+        cache_dtype=getattr(torch, op.cache_element), kv_columns=(op.row_width, 0),
+        strided_q=False, device=device)
+
+
+def bucket_tensors(op: OpConfig, tokens: int, device="cpu") -> list[torch.Tensor]:
+    """The kernel's tensor arguments for a bucket, in parameter order: ``bucket_inputs`` with
+    a contiguous ``q_rope_output``, write-through a ``kv_output`` of no rows (the common
+    call), an fp8 cache's ``k_scale`` 1, and an error counter."""
+    inputs = bucket_inputs(op, tokens, device)
+    q = inputs.q_rope
+    rows = [inputs.kv_input, torch.empty((0, op.row_width), dtype=q.dtype, device=device)] \
+        if op.write_through else []
+    scale = [torch.ones(1, device=device)] if op.cache_dtype else []
+    offsets, freqs, gamma, k_cache, table, lengths = inputs.args()[1:]
+    return [q, torch.empty(q.shape, dtype=q.dtype, device=device), *rows, offsets, freqs,
+            gamma, k_cache, *scale, table, lengths, torch.zeros(1, dtype=torch.int32,
+                                                                device=device)]
 
 
 def _static_buffer(param, shape, strides):
@@ -38,15 +55,10 @@ def bucket_workload(op: OpConfig, tokens: int) -> tvm.IRModule:
     layouts of ``bucket_inputs``, q_rope_output contiguous) and epsilon bound to 1e-6
     (MetaSchedule measures functions of tensors only)."""
     func = fused_rope_rmsnorm_func(op)
-    inputs = bucket_inputs(op, tokens)
-    out = torch.empty(inputs.q_rope.shape)
-    tensors = (inputs.q_rope, out, inputs.input_row_offsets, inputs.freqs_cis, inputs.gamma,
-               inputs.k_cache, inputs.lookup_table, inputs.cache_lengths,
-               torch.zeros(1, dtype=torch.int32))
     # offsets' shape, batch + 1, follows from cache_lengths' (specialize binds plain vars)
     binding = {param: _static_buffer(param, tensor.shape, tensor.stride())
-               for param, tensor in zip(func.params, tensors)
-               if tensor is not inputs.input_row_offsets}
+               for param, tensor in zip(func.params, bucket_tensors(op, tokens))
+               if param.name != "offsets"}
     binding[func.params[-1]] = tvm.tirx.FloatImm("float32", EPSILON)
     return tvm.IRModule({"main": func.specialize(binding)})
 
