@@ -90,6 +90,11 @@ def _without_unused_handles(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     return tvm.tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
+def _elements(index, *buffers) -> list:
+    """``buffer[index]`` of each of ``buffers`` that is not None (a block's writes)."""
+    return [buffer[index] for buffer in buffers if buffer is not None]
+
+
 def _rotate(x0, x1, cos, sin, p):
     """Element ``p`` of the pair ``(x0, x1)`` rotated by ``(cos, sin)``, all float32."""
     return T.if_then_else(p == 0, x0 * cos - x1 * sin, x0 * sin + x1 * cos)
@@ -236,6 +241,36 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         if state is not None:
             state[vt] = T.Select(real, T.Select(physical < num_pages, OK, ERROR), PADDING)
 
+    # a macro's later calls get suffixed block names ("k_locate_1"): each stage call takes a
+    # macro of its own from these factories
+    def locate_stage():
+        @T.macro
+        def stage(name, n, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, pos,
+                  page, state):
+            """A stage ``name`` running ``locate`` for every token (``pos``, ``page``,
+            ``state`` as there)."""
+            for t in range(n):
+                with T.sblock(name):
+                    vt = T.axis.spatial(n, t)
+                    T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
+                    T.writes(_elements(vt, pos, page, state))
+                    locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages,
+                           pos, page, state)
+        return stage
+
+    def freqs_stage():
+        @T.macro
+        def stage(name, n, pos, freqs, freqs_pairs):
+            """A stage ``name``: ``freqs[t] = freqs_pairs[pos[t]]`` (0 without a position)."""
+            for t, j, p in T.grid(n, R2, TWO):
+                with T.sblock(name):
+                    vt, vj, vp = T.axis.remap("SSS", [t, j, p])
+                    if pos[vt] >= ZERO:
+                        freqs[vt, vj, vp] = freqs_pairs[pos[vt], vj, vp]
+                    else:
+                        freqs[vt, vj, vp] = T.Cast(fdtype, 0)
+        return stage
+
     @T.macro
     def q_branch(n, q_pairs, out_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
                  max_seq_len, num_pages):
@@ -245,20 +280,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         q_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
         q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
         q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
-        for t in range(n):
-            with T.sblock("q_locate"):
-                vt = T.axis.spatial(n, t)
-                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(q_pos[vt], q_state[vt])
-                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, q_pos,
-                       None, q_state)
-        for t, j, p in T.grid(n, R2, TWO):
-            with T.sblock("q_freqs"):
-                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if q_pos[vt] >= ZERO:
-                    q_freqs[vt, vj, vp] = freqs_pairs[q_pos[vt], vj, vp]
-                else:
-                    q_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
+        locate_stage()("q_locate", n, offsets, cache_lengths, lookup_table, max_seq_len,
+                     num_pages, q_pos, None, q_state)
+        freqs_stage()("q_freqs", n, q_pos, q_freqs, freqs_pairs)
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_load"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
@@ -291,20 +315,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         k_out = T.sblock_alloc_buffer((n, R2, TWO), dtype)
         if FP8:
             k_quantized = T.sblock_alloc_buffer((n, R2, TWO), cdtype)
-        for t in range(n):
-            with T.sblock("k_locate"):
-                vt = T.axis.spatial(n, t)
-                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(k_pos[vt], k_page[vt])
-                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, k_pos,
-                       k_page, None)
-        for t, j, p in T.grid(n, R2, TWO):
-            with T.sblock("k_freqs"):
-                vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if k_pos[vt] >= ZERO:
-                    k_freqs[vt, vj, vp] = freqs_pairs[k_pos[vt], vj, vp]
-                else:
-                    k_freqs[vt, vj, vp] = T.Cast(fdtype, 0)
+        locate_stage()("k_locate", n, offsets, cache_lengths, lookup_table, max_seq_len,
+                     num_pages, k_pos, k_page, None)
+        freqs_stage()("k_freqs", n, k_pos, k_freqs, freqs_pairs)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_load"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
@@ -357,13 +370,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         norm_out = T.sblock_alloc_buffer((n, D), dtype)
         if FP8:
             norm_quantized = T.sblock_alloc_buffer((n, D), cdtype)
-        for t in range(n):
-            with T.sblock("norm_locate"):
-                vt = T.axis.spatial(n, t)
-                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(norm_pos[vt], norm_page[vt])
-                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages,
-                       norm_pos, norm_page, None)
+        locate_stage()("norm_locate", n, offsets, cache_lengths, lookup_table, max_seq_len,
+                     num_pages, norm_pos, norm_page, None)
         for t, c in T.grid(n, D):
             with T.sblock("norm_load"):
                 vt, vc = T.axis.remap("SS", [t, c])
@@ -420,13 +428,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         """errors[0] += the number of ERROR tokens (a schedule running tokens in parallel
         makes the accumulation atomic)."""
         count_state = T.sblock_alloc_buffer((n,), "int32")
-        for t in range(n):
-            with T.sblock("count_locate"):
-                vt = T.axis.spatial(n, t)
-                T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                T.writes(count_state[vt])
-                locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, None,
-                       None, count_state)
+        locate_stage()("count_locate", n, offsets, cache_lengths, lookup_table, max_seq_len,
+                     num_pages, None, None, count_state)
         for t in range(n):
             with T.sblock("count_errors"):
                 vt = T.axis.spatial(n, t)
