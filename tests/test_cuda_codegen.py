@@ -146,3 +146,19 @@ def test_no_global_access_is_wider_than_the_alignment(alignment, dtype, interlea
         sorted(set(accesses))
     if alignment == 16:  # fp8 stores of 16-byte vectors of q's dtype are narrower
         assert widths == {16} or (form == "fp8" and 16 in widths), sorted(set(accesses))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rope_part_vectors_respect_the_latent_offset(form):
+    """The rope part of a row starts kv_norm_dim elements in: with 500 bf16 latent elements
+    (1000 bytes, a multiple of 8 but not 16) its accesses are at most 8 bytes wide, while q's
+    stay 16."""
+    op = OpConfig(num_q_heads=4, page_size=16, kv_norm_dim=500, **FORMS[form])
+    src = cuda_source(op)
+    kernel = src[src.rindex('extern "C" __global__'):]
+    accesses = re.findall(r"\*\((\w+)\*\)\((\w+?)_ptr", kernel)
+    rope_part = {ACCESS_BYTES[kind] for kind, name in accesses if name.endswith("pairs_in")
+                 or name in ("k_pairs", "input_pairs", "output_pairs")}
+    assert rope_part and max(rope_part) <= 8, sorted(set(accesses))
+    assert 16 in {ACCESS_BYTES[kind] for kind, name in accesses if name in ("q_pairs",
+                                                                               "out_pairs")}

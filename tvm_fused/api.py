@@ -45,8 +45,10 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _no_rows(device: torch.device, dtype: torch.dtype, width: int) -> torch.Tensor:
-    """``kv_output`` of write-through calls that pass none: no rows to write."""
-    return torch.empty((0, width), dtype=dtype, device=device)
+    """``kv_output`` of write-through calls that pass none: no rows to write (its row stride
+    a multiple of 16 bytes, so that it suits every kernel's alignment)."""
+    stride = -(-width * dtype.itemsize // _VECTOR_BYTES) * _VECTOR_BYTES // dtype.itemsize
+    return torch.empty(0, dtype=dtype, device=device).as_strided((0, width), (stride, 1))
 
 
 def fused_rope_rmsnorm(
