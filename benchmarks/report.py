@@ -1,12 +1,15 @@
-"""Benchmark CSV -> a markdown table with speedups over each peer, and a PNG plot.
+"""Benchmark CSV -> markdown tables with speedups over each peer, and PNG plots.
 
-Reads the rows ``benchmarks.suite`` writes (one per provider and token count) and needs no
-GPU, so the plot can be drawn where matplotlib is installed.
+Reads the rows ``benchmarks.suite`` writes (one per provider, form and token count) and needs
+no GPU, so the plots can be drawn where matplotlib is installed. Rows are grouped by the
+form of the op they ran (in place or write-through, the cache's dtype, whether
+``kv_output`` was written); CSVs written before the forms existed hold in-place rows.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -14,66 +17,120 @@ from pathlib import Path
 OURS = "tvm-fused default"
 
 
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One form of the op: ``form`` ("in-place", "write-through"), the cache's dtype (None:
+    q's dtype), and whether ``kv_output`` was written too."""
+
+    form: str = "in-place"
+    cache_dtype: str | None = None
+    kv_output: bool = False
+
+    @classmethod
+    def of(cls, row: dict) -> Group:
+        """The group of a CSV row (a row without form columns: in place)."""
+        cache = row.get("cache_dtype") or row["dtype"]
+        return cls(row.get("form") or "in-place", None if cache == row["dtype"] else cache,
+                   row.get("kv_output") == "True")
+
+    def label(self, dtype: str) -> str:
+        """E.g. "write-through, float8_e4m3fn cache" for q's ``dtype``."""
+        return (f"{self.form}, {self.cache_dtype or dtype} cache"
+                + (", + kv_output" if self.kv_output else ""))
+
+
 def read_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def _series(rows, heads: int, pairing: str) -> dict[str, dict[int, dict]]:
-    """provider -> tokens -> row, for one head count and pairing."""
-    series = defaultdict(dict)
+def groups(rows: list[dict]) -> list[Group]:
+    """The groups of ``rows``, in the order they first appear."""
+    return list(dict.fromkeys(Group.of(row) for row in rows))
+
+
+def series(rows: list[dict], heads: int, pairing: str,
+           group: Group = Group()) -> dict[str, dict[int, dict]]:
+    """provider -> tokens -> row, for one head count, pairing and group."""
+    found = defaultdict(dict)
     for row in rows:
-        if int(row["heads"]) == heads and row["pairing"] == pairing:
-            series[row["provider"]][int(row["tokens"])] = row
-    return series
+        if int(row["heads"]) == heads and row["pairing"] == pairing and Group.of(row) == group:
+            found[row["provider"]][int(row["tokens"])] = row
+    return found
+
+
+def _cell(other: dict | None, ours_us: float) -> str:
+    """``other``'s time and its ratio to ours (``other / ours``), or empty."""
+    if other is None:
+        return ""
+    other_us = float(other["median_us"])
+    return f"{other_us:.1f} ({other_us / ours_us:.2f}x)"
 
 
 def markdown_table(rows: list[dict], heads: int = 128, pairing: str = "gptj",
-                   ours: str = OURS) -> str:
-    """Per token count: our time (from Python, replayed in a CUDA graph, host time of the
-    call), bandwidth, fraction of the large-copy bandwidth, the time of a device copy of as
-    many bytes, and every peer's time with our speedup over it (``peer / ours``); empty
-    without rows of ``ours``."""
-    series = _series(rows, heads, pairing)
-    if ours not in series:
+                   group: Group = Group(), ours: str = OURS) -> str:
+    """Per token count, for ``group``: our time (from Python, replayed in a CUDA graph, host
+    time of the call), bandwidth, fraction of the large-copy bandwidth, the time of a device
+    copy of as many bytes, every peer's time, and our time in each other group of ``rows``
+    (same heads and pairing), each with its ratio to ours (``other / ours``: above 1, ours
+    is faster); empty without rows of ``ours``."""
+    found = series(rows, heads, pairing, group)
+    if ours not in found:
         return ""
-    peers = [name for name in series if name != ours]
-    gpu = next(iter(series[ours].values()))["gpu"]
+    peers = [found[name] for name in found if name != ours]
+    others = [(g, series(rows, heads, pairing, g).get(ours)) for g in groups(rows) if g != group]
+    others = [(g, points) for g, points in others if points]
+    first = next(iter(found[ours].values()))
+    dtype = first["dtype"]
     header = ["tokens", f"{ours} µs", "graph µs", "host µs", "TB/s", "% of copy",
-              "same-bytes copy µs"] + [
-        f"{p} µs (x)" for p in peers]
-    lines = [f"{gpu}, {heads} heads, {pairing}, bf16, cold L2, median of CUDA-event runs",
+              "same-bytes copy µs (x)"]
+    header += [f"{name} µs (x)" for name in found if name != ours]
+    header += [f"{ours}, {g.label(dtype)} µs (x)" for g, _ in others]
+    lines = [f"{first['gpu']}, {heads} heads, {pairing}, {dtype}, {group.label(dtype)}, "
+             "cold L2, median of CUDA-event runs",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for tokens, row in sorted(series[ours].items()):
+    for tokens, row in sorted(found[ours].items()):
         ours_us = float(row["median_us"])
         graph, host = float(row["graph_us"]), float(row["host_us"])
+        copy = float(row["same_bytes_copy_us"])
         cells = [str(tokens), f"{ours_us:.2f}", "" if math.isnan(graph) else f"{graph:.2f}",
                  "" if math.isnan(host) else f"{host:.1f}", f"{float(row['tb_per_s']):.2f}",
                  f"{100 * float(row['copy_fraction']):.0f}",
-                 f"{float(row['same_bytes_copy_us']):.2f}"]
-        for peer in peers:
-            other = series[peer].get(tokens)
-            peer_us = None if other is None else float(other["median_us"])
-            cells.append("" if peer_us is None else f"{peer_us:.1f} ({peer_us / ours_us:.1f}x)")
+                 f"{copy:.2f} ({copy / ours_us:.2f}x)"]
+        cells += [_cell(points.get(tokens), ours_us) for points in peers]
+        cells += [_cell(points.get(tokens), ours_us) for _, points in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, heads: int = 128, pairing: str = "gptj") -> None:
-    """Time and fraction of copy bandwidth vs tokens, one line per provider (log-log)."""
+def plot_path(path: Path, group: Group) -> Path:
+    """Where ``group``'s plot goes: ``path`` for the in-place form in q's dtype, else a name
+    beside it that says the group."""
+    if group == Group():
+        return path
+    suffix = f"-{group.form}-{group.cache_dtype or 'same'}" + ("-kv_output" * group.kv_output)
+    return path.with_name(path.stem + suffix + path.suffix)
+
+
+def plot(rows: list[dict], path: Path, heads: int = 128, pairing: str = "gptj",
+         group: Group = Group()) -> None:
+    """Time and fraction of copy bandwidth vs tokens, one line per provider (log-log), for
+    one group; ``ValueError`` if it has no rows."""
+    found = series(rows, heads, pairing, group)
+    if not found:
+        raise ValueError(f"no rows of {heads} heads, {pairing}, {group}")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = _series(rows, heads, pairing)
     fig, (time_ax, bw_ax) = plt.subplots(1, 2, figsize=(13, 5))
-    for name, points in sorted(series.items()):
+    for name, points in sorted(found.items()):
         tokens = sorted(points)
         time_ax.plot(tokens, [float(points[t]["median_us"]) for t in tokens], "o-", label=name)
         bw_ax.plot(tokens, [100 * float(points[t]["copy_fraction"]) for t in tokens], "o-",
                    label=name)
-    gpu = next(iter(next(iter(series.values())).values()))["gpu"]
+    first = next(iter(next(iter(found.values())).values()))
     for ax in (time_ax, bw_ax):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens (decode: one per request; prefill: few requests)")
@@ -83,6 +140,7 @@ def plot(rows: list[dict], path: Path, heads: int = 128, pairing: str = "gptj") 
     bw_ax.set_ylabel("% of device-to-device copy bandwidth")
     bw_ax.axhline(90, color="gray", linestyle="--", linewidth=1)
     time_ax.legend(fontsize=8)
-    fig.suptitle(f"MLA fused RoPE + RMSNorm prologue, {heads} q heads, {pairing}, bf16 — {gpu}")
+    fig.suptitle(f"MLA fused RoPE + RMSNorm prologue, {heads} q heads, {pairing}, "
+                 f"{first['dtype']}, {group.label(first['dtype'])} — {first['gpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,12 +1,14 @@
 """GPU benchmarks: every provider of the op checked, then timed on the same inputs.
 
-A provider is a function ``(inputs, out) -> None`` doing the whole op. Each is first run on a
-scratch copy of the inputs (compiles, autotunes), then checked against the float64 reference
-on a fresh copy, then timed with CUDA events on a cold L2 (``timing.time_cuda``): as issued
-from Python, and replayed from a captured CUDA graph (decode sizes); the host time of one
-Python call is measured too. Rows carry the GPU name and library versions, and the
-device-to-device copy bandwidth measured in the same run, so each row states its fraction of
-what the memory system delivers.
+A provider is a function ``(call: Call) -> None`` doing the whole op in one form: in place
+(the new latent rows are in the cache) or write-through (they come from ``kv_input``, a
+column slice of the projection output, into a cache of q's dtype or fp8, and to
+``kv_output`` if asked). Each is first run on a scratch copy of the inputs (compiles,
+autotunes), then checked against the float64 reference on a fresh copy, then timed with
+CUDA events on a cold L2 (``timing.time_cuda``): as issued from Python, and replayed from a
+captured CUDA graph (decode sizes); the host time of one Python call is measured too. Rows
+carry the GPU name and library versions, and the device-to-device copy bandwidth measured
+in the same run, so each row states its fraction of what the memory system delivers.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ import tvm
 
 from tvm_fused import OpConfig, fused_rope_rmsnorm
 from tvm_fused.schedules.config import DEFAULT_SCHEDULE
-from tvm_fused.testing.compare import check_run
+from tvm_fused.testing.compare import CheckReport, check_run
 from tvm_fused.testing.inputs import OpInputs, make_inputs
 from tvm_fused.timing import op_bytes, time_cuda, time_graph
 from tvm_fused.tuning import decisions
 from tvm_fused.tuning.buckets import bucket_case, nearest_bucket
 from tvm_fused.tuning.layout import default_logs_dir
 
-from .peers.torch_eager import torch_fused_rope_rmsnorm
-
-Provider = Callable[[OpInputs, torch.Tensor], None]
+from .peers.torch_eager import (
+    slot_mapping,
+    torch_fused_rope_rmsnorm,
+    torch_write_through,
+    write_cache_rows,
+)
 
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -43,60 +48,166 @@ DECODE_MAX = 256
 CHECK_MAX_TOKENS = 4096  # the float64 reference runs on the CPU: larger checks take minutes
 PREFIX_POOL_PAGES = 64  # decode contexts share cached pages: 256 long requests fit in memory
 COPY_BYTES = 1 << 30
+FP8_K_SCALE = 0.5  # k_scale of fp8 caches (its value does not change the time)
+
+FORMS = ("in-place", "write-through")
+COPY_THEN_IN_PLACE = "copy + tvm-fused in-place"
+# the providers of each form, in the order they are timed
+PROVIDERS = {
+    "in-place": ("tvm-fused tuned", "tvm-fused default", "triton fused", "liger",
+                 "torch.compile", "torch eager"),
+    "write-through": ("tvm-fused tuned", "tvm-fused default", COPY_THEN_IN_PLACE,
+                      "triton fused", "torch.compile", "torch eager"),
+}
+ALL_PROVIDERS = tuple(dict.fromkeys(PROVIDERS["in-place"] + PROVIDERS["write-through"]))
+
+
+def form_name(op: OpConfig) -> str:
+    """``op``'s form, one of ``FORMS``."""
+    return FORMS[op.write_through]
+
+
+@dataclasses.dataclass
+class Call:
+    """What one call of a provider gets: the op's ``inputs``; ``out`` ``[n, H, R]`` for the
+    roped q; ``kv_output`` ``[n, D + R]`` in q's dtype for the new rows (None: not asked
+    for); each real token's ``positions`` and cache ``slots`` (int64 ``[n_real]``: freqs
+    row, ``page * page_size + offset``), computed before timing, as a serving engine's
+    scheduler computes its ``slot_mapping``."""
+
+    inputs: OpInputs
+    out: torch.Tensor
+    kv_output: torch.Tensor | None
+    positions: torch.Tensor
+    slots: torch.Tensor
+
+
+Provider = Callable[[Call], None]
 
 
 def sweep_inputs(op: OpConfig, tokens: int, device="cuda") -> OpInputs:
     """Inputs of ``tokens`` tokens: a decode step (one new token for each of ``tokens``
     requests with 1k-4k cached) up to ``DECODE_MAX``, else a prefill of a few requests.
-    ``q_rope`` is the rope view ``q[..., 128:]`` of a full MLA q, as in a model."""
+    ``q_rope`` is the rope view ``q[..., 128:]`` of a full MLA q, as in a model; in the
+    write-through form, ``kv_input`` is the latent columns of a fused ``q_a | kv_a``
+    projection output, and an fp8 cache comes with ``k_scale = FP8_K_SCALE``."""
     new_tokens, cache_lengths = bucket_case(tokens, decode_max=DECODE_MAX)
     dtype = getattr(torch, op.dtype)
+    fp8 = op.cache_dtype is not None
     return make_inputs(new_tokens, cache_lengths, num_q_heads=op.num_q_heads,
                        rope_dim=op.rope_dim, kv_norm_dim=op.kv_norm_dim,
                        page_size=op.page_size, dtype=dtype, gamma_dtype=dtype,
+                       write_through=op.write_through,
+                       cache_dtype=getattr(torch, op.cache_dtype) if fp8 else None,
+                       k_scale=FP8_K_SCALE if fp8 else None,
                        prefix_pool=PREFIX_POOL_PAGES, device=device)
 
 
+def new_call(inputs: OpInputs, kv_output: bool, addressing: tuple) -> Call:
+    """A call on ``inputs`` with random ``out`` (and ``kv_output`` if asked), each its own
+    whole storage; ``addressing``: ``(positions, slots)`` from ``engine_addressing``."""
+    q = inputs.q_rope
+    rows = None
+    if kv_output:
+        rows = torch.randn(inputs.kv_input.shape, dtype=q.dtype, device=q.device)
+    return Call(inputs, torch.randn(q.shape, dtype=q.dtype, device=q.device), rows,
+                *addressing)
+
+
+def engine_addressing(inputs: OpInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions, slots)`` of ``inputs``' real tokens (int64, on their device)."""
+    return slot_mapping(inputs.input_row_offsets, inputs.lookup_table, inputs.cache_lengths,
+                        inputs.k_cache.shape[1], int(inputs.input_row_offsets[-1]))
+
+
 def tvm_provider(schedule, interleaved: bool) -> Provider:
-    def run(inputs: OpInputs, out: torch.Tensor) -> None:
-        fused_rope_rmsnorm(*inputs.args(), out=out, validate=False, schedule=schedule,
+    """tvm-fused in the inputs' form, with ``schedule``."""
+    def run(call: Call) -> None:
+        fused_rope_rmsnorm(*call.inputs.args(), **call.inputs.form(), kv_output=call.kv_output,
+                           out=call.out, validate=False, schedule=schedule,
                            interleaved=interleaved)
 
     return run
 
 
+def copy_then_in_place(schedule, interleaved: bool) -> Provider:
+    """The write-through op as a user of the in-place op runs it: each new latent row
+    copied from ``kv_input`` into its cache row (a torch index copy), then tvm-fused in
+    place (a cache of q's dtype, no ``kv_output``)."""
+    def run(call: Call) -> None:
+        inputs = call.inputs
+        write_cache_rows(inputs.k_cache, call.slots, inputs.kv_input[:call.slots.shape[0]])
+        fused_rope_rmsnorm(*inputs.args(), out=call.out, validate=False, schedule=schedule,
+                           interleaved=interleaved)
+
+    return run
+
+
+def triton_provider(interleaved: bool) -> Provider:
+    """The Triton fused kernel in the inputs' form."""
+    from .peers.triton_fused import triton_fused_rope_rmsnorm
+
+    def run(call: Call) -> None:
+        triton_fused_rope_rmsnorm(*call.inputs.args(), **call.inputs.form(),
+                                  kv_output=call.kv_output, out=call.out,
+                                  interleaved=interleaved)
+
+    return run
+
+
 def _with_token_count(fn, interleaved: bool) -> Provider:
-    """A provider from an implementation that takes the real token count from the host."""
-    def run(inputs: OpInputs, out: torch.Tensor) -> None:
-        fn(*inputs.args(), num_tokens=inputs.q_rope.shape[0], out=out, interleaved=interleaved)
+    """A provider from an in-place implementation that takes the real token count from the
+    host."""
+    def run(call: Call) -> None:
+        fn(*call.inputs.args(), num_tokens=call.positions.shape[0], out=call.out,
+           interleaved=interleaved)
+
+    return run
+
+
+def _with_slots(fn, interleaved: bool) -> Provider:
+    """A provider from a write-through implementation that takes each token's position and
+    cache slot (``torch_write_through``'s arguments)."""
+    def run(call: Call) -> None:
+        inputs = call.inputs
+        fn(inputs.q_rope, call.positions, call.slots, inputs.freqs_cis, inputs.gamma,
+           inputs.kv_input, inputs.k_cache, k_scale=inputs.k_scale, out=call.out,
+           kv_output=call.kv_output, interleaved=interleaved)
 
     return run
 
 
 @functools.cache
-def _compiled_torch():
-    return torch.compile(torch_fused_rope_rmsnorm, dynamic=True)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
 
 
-def providers(op: OpConfig, tokens: int, names: tuple[str, ...]) -> dict[str, Provider]:
-    """The providers in ``names`` that exist for ``op``: "tvm-fused tuned" only with tuning
-    decisions for this GPU, "liger" only for NeoX pairs."""
-    from .peers.triton_fused import triton_fused_rope_rmsnorm
-
+def providers(op: OpConfig, tokens: int, names: tuple[str, ...],
+              kv_output: bool = False) -> dict[str, Provider]:
+    """The providers in ``names`` that exist for ``op`` (its form: ``PROVIDERS``):
+    "tvm-fused tuned" only with tuning decisions for this GPU and op, "liger" only for NeoX
+    pairs, the copy before the in-place op only into a cache of q's dtype without
+    ``kv_output``."""
     interleaved = op.interleaved
-    decided = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(), op)
+    decided = {}
+    if "tvm-fused tuned" in names:
+        decided = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(), op)
+    torch_op, wrap = ((torch_write_through, _with_slots) if op.write_through
+                      else (torch_fused_rope_rmsnorm, _with_token_count))
     makers = {
         "tvm-fused tuned": lambda: tvm_provider(
             decided[nearest_bucket(tokens, tuple(decided))], interleaved),
         "tvm-fused default": lambda: tvm_provider(DEFAULT_SCHEDULE, interleaved),
-        "triton fused": lambda: lambda inputs, out: triton_fused_rope_rmsnorm(
-            *inputs.args(), out=out, interleaved=interleaved),
+        COPY_THEN_IN_PLACE: lambda: copy_then_in_place(DEFAULT_SCHEDULE, interleaved),
+        "triton fused": lambda: triton_provider(interleaved),
         "liger": lambda: _with_token_count(_liger(), interleaved),
-        "torch.compile": lambda: _with_token_count(_compiled_torch(), interleaved),
-        "torch eager": lambda: _with_token_count(torch_fused_rope_rmsnorm, interleaved),
+        "torch.compile": lambda: wrap(_compiled(torch_op), interleaved),
+        "torch eager": lambda: wrap(torch_op, interleaved),
     }
-    available = {"tvm-fused tuned": bool(decided), "liger": not interleaved}
-    return {name: makers[name]() for name in names if available.get(name, True)}
+    available = {"tvm-fused tuned": bool(decided), "liger": not interleaved,
+                 COPY_THEN_IN_PLACE: op.cache_dtype is None and not kv_output}
+    return {name: makers[name]() for name in names
+            if name in PROVIDERS[form_name(op)] and available.get(name, True)}
 
 
 def _liger():
@@ -114,6 +225,9 @@ class Row:
     tokens: int
     regime: str
     dtype: str
+    form: str  # FORMS
+    cache_dtype: str
+    kv_output: bool  # the write-through form also wrote kv_output
     median_us: float
     p20_us: float
     p80_us: float
@@ -157,21 +271,27 @@ def host_us(fn, calls: int = 50, batches: int = 7) -> float:
     return statistics.median(means)
 
 
-def _check(name, provider, base: OpInputs, interleaved: bool, tokens: int):
-    """Warm ``provider`` up on a scratch copy, then run it on a fresh copy and check it.
-    Returns ``(inputs, out, report)``; report is None past ``CHECK_MAX_TOKENS``."""
-    provider(base.clone(), torch.empty_like(base.q_rope))
-    inputs = base.clone()
-    out = torch.randn_like(inputs.q_rope)
-    out_before = out.clone()  # out is its whole storage
-    provider(inputs, out)
-    torch.cuda.synchronize()
+def check_provider(name: str, provider: Provider, base: OpInputs, kv_output: bool,
+                   interleaved: bool) -> tuple[Call, CheckReport | None]:
+    """Warm ``provider`` up on a scratch copy of ``base``, then run it on a fresh copy and
+    check it (``kv_output`` too, if asked). Returns ``(call, report)``; report is None past
+    ``CHECK_MAX_TOKENS`` tokens; ``AssertionError`` if the check fails."""
+    tokens = base.q_rope.shape[0]
+    addressing = engine_addressing(base)
+    provider(new_call(base.clone(), kv_output, addressing))
+    call = new_call(base.clone(), kv_output, addressing)
+    out_before = call.out.clone()  # out and kv_output are their whole storages
+    rows_before = None if call.kv_output is None else call.kv_output.clone()
+    provider(call)
+    if call.out.is_cuda:
+        torch.cuda.synchronize()
     if tokens > CHECK_MAX_TOKENS:
-        return inputs, out, None
-    report = check_run(base, inputs, out, out_before, interleaved=interleaved)
+        return call, None
+    report = check_run(base, call.inputs, call.out, out_before, interleaved=interleaved,
+                       kv_output=call.kv_output, kv_output_storage_before=rows_before)
     if not report.ok:
         raise AssertionError(f"{name} is wrong at {tokens} tokens: {report.summary()}")
-    return inputs, out, report
+    return call, report
 
 
 def _graph_us(call, reps: int, log) -> float:
@@ -183,44 +303,57 @@ def _graph_us(call, reps: int, log) -> float:
         return math.nan
 
 
+def moved_bytes(op: OpConfig, tokens: int, kv_output: bool) -> int:
+    """Bytes ``op`` must move for ``tokens`` tokens (``timing.op_bytes``, float32 freqs):
+    the copy before the in-place op is measured against the same bytes, the op's own."""
+    cache_dtype = getattr(torch, op.cache_element)
+    return op_bytes(tokens, op.num_q_heads, op.rope_dim, op.kv_norm_dim,
+                    getattr(torch, op.dtype), cache_dtype=cache_dtype, kv_output=kv_output)
+
+
 def measure(op: OpConfig, tokens: int, provider_map: dict[str, Provider], copy_tb_s: float,
-            failures: list[str], reps: int = 100, log=print) -> list[Row]:
-    """Check, then time, each provider on ``sweep_inputs(op, tokens)``; a provider that
-    raises or computes a wrong result is logged and appended to ``failures``."""
+            failures: list[str], reps: int = 100, log=print, kv_output: bool = False
+            ) -> list[Row]:
+    """Check, then time, each provider on ``sweep_inputs(op, tokens)`` (writing
+    ``kv_output`` too, if asked); a provider that raises or computes a wrong result is
+    logged and appended to ``failures``."""
     gpu = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}, tvm {tvm.__version__}, cuda {torch.version.cuda}"
     base = sweep_inputs(op, tokens)
-    moved = op_bytes(tokens, op.num_q_heads, op.rope_dim, op.kv_norm_dim, base.q_rope.dtype)
+    moved = moved_bytes(op, tokens, kv_output)
     same_bytes_copy = copy_us(moved, reps)
     decode = tokens <= DECODE_MAX
+    pairing = "gptj" if op.interleaved else "neox"
+    what = (f"{gpu} | {form_name(op)} {op.cache_element} cache{' +kv_output' * kv_output} | "
+            f"{pairing} {op.num_q_heads:3d} heads | {tokens:6d} tok")
     rows = []
     for name, provider in provider_map.items():
         try:
-            inputs, out, report = _check(name, provider, base, op.interleaved, tokens)
+            call, report = check_provider(name, provider, base, kv_output, op.interleaved)
         except Exception as error:
-            log(f"{gpu} | {op.num_q_heads:3d} heads | {tokens:6d} tok | {name:<17} FAILED: "
-                f"{error!r}"[:2000])
-            failures.append(f"{name} at {tokens} tokens, {op.num_q_heads} heads: {error!r}")
+            log(f"{what} | {name:<25} FAILED: {error!r}"[:2000])
+            failures.append(f"{name} at {tokens} tokens, {op.num_q_heads} heads, "
+                            f"{form_name(op)}, {op.cache_element} cache: {error!r}")
             continue
 
-        def call(p=provider, i=inputs, o=out):
-            p(i, o)
+        def run(p=provider, c=call):
+            p(c)
 
-        timing = time_cuda(call, reps=reps)
-        graph_us = _graph_us(call, reps, log) if decode else math.nan
-        host = host_us(call) if decode else math.nan
+        timing = time_cuda(run, reps=reps)
+        graph_us = _graph_us(run, reps, log) if decode else math.nan
+        host = host_us(run) if decode else math.nan
         tb_s = moved / timing.median_us / 1e6
-        row = Row(gpu, name, "gptj" if op.interleaved else "neox", op.num_q_heads, tokens,
-                  "decode" if decode else "prefill", op.dtype, timing.median_us,
-                  timing.p20_us, timing.p80_us, graph_us, host, tb_s, tb_s / copy_tb_s,
-                  same_bytes_copy, report is not None,
-                  report.q_error if report else math.nan,
+        row = Row(gpu, name, pairing, op.num_q_heads, tokens,
+                  "decode" if decode else "prefill", op.dtype, form_name(op),
+                  op.cache_element, kv_output, timing.median_us, timing.p20_us,
+                  timing.p80_us, graph_us, host, tb_s, tb_s / copy_tb_s, same_bytes_copy,
+                  report is not None, report.q_error if report else math.nan,
                   report.k_norm_error if report else math.nan,
                   datetime.date.today().isoformat(), versions)
-        log(f"{gpu} | {row.pairing} {op.num_q_heads:3d} heads | {tokens:6d} tok | {name:<17} "
-            f"{row.median_us:9.2f} us (p20 {row.p20_us:.2f}, p80 {row.p80_us:.2f}) graph "
-            f"{graph_us:7.2f} us host {host:6.2f} us {tb_s:6.3f} TB/s "
-            f"({100 * row.copy_fraction:5.1f}% of copy) checked={row.checked}")
+        log(f"{what} | {name:<25} {row.median_us:9.2f} us (p20 {row.p20_us:.2f}, p80 "
+            f"{row.p80_us:.2f}) graph {graph_us:7.2f} us host {host:6.2f} us {tb_s:6.3f} TB/s "
+            f"({100 * row.copy_fraction:5.1f}% of copy, same-bytes copy "
+            f"{same_bytes_copy:.2f} us) checked={row.checked}")
         rows.append(row)
     return rows
 
@@ -236,32 +369,59 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer.writerows(dataclasses.asdict(r) for r in rows)
 
 
-ALL_PROVIDERS = ("tvm-fused tuned", "tvm-fused default", "triton fused", "liger",
-                 "torch.compile", "torch eager")
-# (heads, interleaved, token counts, providers): the sweep of the README's performance section
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One sweep of the suite: ``heads`` q heads, GPT-J pairs if ``interleaved``, each of
+    ``tokens``, each provider of ``providers`` that exists for it, in ``form`` (``FORMS``)
+    with a cache of ``cache_dtype`` (None: q's dtype; else fp8, write-through only), writing
+    ``kv_output`` too if asked (write-through only)."""
+
+    heads: int
+    interleaved: bool
+    tokens: tuple[int, ...]
+    providers: tuple[str, ...]
+    form: str = "in-place"
+    cache_dtype: str | None = None
+    kv_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.kv_output and self.form != "write-through":
+            raise ValueError("kv_output needs the write-through form")
+
+    def op(self, base: OpConfig) -> OpConfig:
+        """``base`` with this part's heads, pairing, form and cache dtype."""
+        return dataclasses.replace(base, num_q_heads=self.heads, interleaved=self.interleaved,
+                                   write_through=self.form == "write-through",
+                                   cache_dtype=self.cache_dtype)
+
+
+# the sweep of the README's performance section (in place)
 SUITE = (
-    (128, True, DECODE_TOKENS + PREFILL_TOKENS, ALL_PROVIDERS),
-    (128, False, (1, 64, 256, 4096, 32768),
-     ("tvm-fused default", "triton fused", "liger", "torch eager")),
-    (16, True, (4096, 32768), ("tvm-fused default", "triton fused")),
-    (64, True, (4096, 32768), ("tvm-fused default", "triton fused")),
+    Part(128, True, DECODE_TOKENS + PREFILL_TOKENS, PROVIDERS["in-place"]),
+    Part(128, False, (1, 64, 256, 4096, 32768),
+         ("tvm-fused default", "triton fused", "liger", "torch eager")),
+    Part(16, True, (4096, 32768), ("tvm-fused default", "triton fused")),
+    Part(64, True, (4096, 32768), ("tvm-fused default", "triton fused")),
 )
 
 
 def run_suite(parts, base: OpConfig, csv_path: Path | None, reps: int = 100,
               log=print) -> tuple[list[Row], list[str]]:
-    """Measure every part ``(heads, interleaved, token counts, providers)`` of ``parts`` on
-    ``base``'s other dims; rows are appended to ``csv_path`` as each token count finishes.
-    Returns the rows and the failures (providers that raised or were wrong)."""
+    """Measure every ``Part`` of ``parts`` on ``base``'s other dims; rows are appended to
+    ``csv_path`` as each token count finishes. Returns the rows and the failures
+    (providers that raised or were wrong)."""
     copy_tb_s = copy_bandwidth()
     log(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_tb_s:.3f} TB/s "
         f"({COPY_BYTES >> 20} MiB read + written, cold L2)")
     rows, failures = [], []
-    for heads, interleaved, token_counts, names in parts:
-        op = dataclasses.replace(base, num_q_heads=heads, interleaved=interleaved)
-        for tokens in token_counts:
-            measured = measure(op, tokens, providers(op, tokens, names), copy_tb_s, failures,
-                               reps, log)
+    for part in parts:
+        op = part.op(base)
+        for tokens in part.tokens:
+            measured = measure(op, tokens, providers(op, tokens, part.providers,
+                                                     part.kv_output),
+                               copy_tb_s, failures, reps, log, part.kv_output)
             if csv_path is not None:
                 write_csv(measured, csv_path)
             rows += measured

@@ -8,7 +8,7 @@ the order printed: ncu's rows follow it.
 
 import torch
 
-from benchmarks.suite import providers, sweep_inputs
+from benchmarks.suite import engine_addressing, new_call, providers, sweep_inputs
 from tvm_fused.compiler.config import OpConfig
 
 TOKENS = (1, 8, 64, 256, 4096, 32768)
@@ -18,11 +18,11 @@ op = OpConfig()
 cases = []
 for tokens in TOKENS:
     inputs = sweep_inputs(op, tokens)
-    out = torch.empty_like(inputs.q_rope)
+    call = new_call(inputs, False, engine_addressing(inputs))
     for name, provider in providers(op, tokens, NAMES).items():
         for _ in range(3):
-            provider(inputs, out)
-        cases.append((f"{name} {tokens}", lambda p=provider, i=inputs, o=out: p(i, o)))
+            provider(call)
+        cases.append((f"{name} {tokens}", lambda p=provider, c=call: p(c)))
 torch.cuda.synchronize()
 torch.cuda.cudart().cudaProfilerStart()
 torch.cuda._sleep(0)

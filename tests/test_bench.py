@@ -1,10 +1,32 @@
-"""The benchmark suite's inputs (CPU) and one small suite run end to end (GPU)."""
+"""The benchmark suite: its inputs, providers, checks, bytes and command line (CPU), and one
+small suite run end to end (GPU)."""
 
 import pytest
 import torch
 
-from benchmarks.suite import DECODE_MAX, sweep_inputs
+from benchmarks.__main__ import main, parser, suite_parts
+from benchmarks.peers.torch_eager import write_cache_rows
+from benchmarks.suite import (
+    COPY_THEN_IN_PLACE,
+    DECODE_MAX,
+    DECODE_TOKENS,
+    FP8_K_SCALE,
+    PREFILL_TOKENS,
+    PROVIDERS,
+    SUITE,
+    Part,
+    check_provider,
+    copy_then_in_place,
+    moved_bytes,
+    providers,
+    sweep_inputs,
+    tvm_provider,
+)
 from tvm_fused.compiler.config import OpConfig
+
+
+def _op(form="in-place", cache_dtype=None, heads=2) -> OpConfig:
+    return Part(heads, True, (), (), form, cache_dtype).op(OpConfig())
 
 
 @pytest.mark.parametrize("tokens", [1, DECODE_MAX])
@@ -14,6 +36,7 @@ def test_decode_sizes_are_one_token_per_long_request(tokens):
     assert offsets.tolist() == list(range(tokens + 1))
     assert int(inputs.cache_lengths.min()) >= 1024
     assert inputs.q_rope.stride(1) > inputs.q_rope.shape[2]  # the rope view of a full q
+    assert inputs.kv_input is None and inputs.k_scale is None
 
 
 def test_prefill_sizes_are_few_long_requests():
@@ -23,19 +46,180 @@ def test_prefill_sizes_are_few_long_requests():
     assert int(counts.sum()) == 4096 and len(counts) <= 8 and int(counts.min()) >= 512
 
 
-PROVIDERS = ("tvm-fused default", "torch.compile", "torch eager")
+def test_write_through_inputs_are_the_latent_columns_of_a_projection_output():
+    inputs = sweep_inputs(_op("write-through", "float8_e4m3fn"), 8, device="cpu")
+    assert inputs.kv_input.shape == (8, 576)
+    assert inputs.kv_input.stride() == (1536 + 576, 1)  # q_a | kv_a
+    assert inputs.k_cache.dtype == torch.float8_e4m3fn
+    assert inputs.k_scale.tolist() == [FP8_K_SCALE]
+
+
+def test_bytes_per_op_follow_the_form():
+    """Per token, 128 heads, bf16: q read and written, the row read and written (fp8: one
+    byte an element written), kv_output written; freqs row; gamma once."""
+    q, row, freqs, gamma = 2 * 128 * 64 * 2, 576 * 2, 64 * 4, 512 * 2
+    in_place = moved_bytes(_op(heads=128), 3, False)
+    assert in_place == 3 * (q + 2 * row + freqs) + gamma
+    assert moved_bytes(_op("write-through", heads=128), 3, False) == in_place
+    assert moved_bytes(_op("write-through", heads=128), 3, True) == in_place + 3 * row
+    assert moved_bytes(_op("write-through", "float8_e4m3fn", heads=128), 3, False) == \
+        in_place - 3 * 576
+
+
+NAMES = ("tvm-fused default", COPY_THEN_IN_PLACE, "triton fused", "torch.compile",
+         "torch eager")
+
+
+@pytest.mark.parametrize("form, cache_dtype, kv_output, copy", [
+    ("in-place", None, False, False),
+    ("write-through", None, False, True),
+    ("write-through", None, True, False),
+    ("write-through", "float8_e4m3fn", False, False),
+], ids=["in-place", "write-through", "kv_output", "fp8"])
+def test_each_form_has_its_providers(form, cache_dtype, kv_output, copy):
+    """The copy before the in-place op exists only where the in-place op can do the rest:
+    a cache of q's dtype, no ``kv_output``."""
+    found = providers(_op(form, cache_dtype), 8, NAMES, kv_output)
+    assert list(found) == [name for name in NAMES if name != COPY_THEN_IN_PLACE or copy]
+
+
+@pytest.mark.parametrize("cache_dtype, kv_output, tokens", [
+    (None, False, 600), (None, True, 3), ("float8_e4m3fn", False, 3),
+    ("float8_e5m2", True, 600),
+], ids=["bf16", "bf16-kv_output", "fp8-e4m3", "fp8-e5m2-kv_output"])
+def test_write_through_providers_pass_their_check_on_the_cpu(cache_dtype, kv_output, tokens):
+    """The suite's check of the torch compositions (eager, compiled) and of tvm-fused
+    (its CPU schedule) in the write-through form, decode and prefill sizes."""
+    op = _op("write-through", cache_dtype, heads=4)
+    base = sweep_inputs(op, tokens, device="cpu")
+    named = providers(op, tokens, ("torch.compile", "torch eager"), kv_output)
+    named["tvm-fused"] = tvm_provider(None, True)
+    for name, provider in named.items():
+        call, report = check_provider(name, provider, base, kv_output, True)
+        assert report.ok and (call.kv_output is not None) == kv_output, name
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
+def test_copy_then_in_place_is_the_write_through_op(interleaved):
+    op = Part(4, interleaved, (), (), "write-through").op(OpConfig())
+    base = sweep_inputs(op, 5, device="cpu")
+    _, report = check_provider(COPY_THEN_IN_PLACE, copy_then_in_place(None, interleaved), base,
+                               False, interleaved)
+    assert report.ok
+
+
+def test_a_wrong_provider_fails_its_check():
+    """The copy alone leaves the latent un-normed and unroped in the cache."""
+    def copy_only(call):
+        write_cache_rows(call.inputs.k_cache, call.slots, call.inputs.kv_input[:5])
+        call.out.copy_(call.inputs.q_rope)
+
+    base = sweep_inputs(_op("write-through"), 5, device="cpu")
+    with pytest.raises(AssertionError, match="copy only is wrong at 5 tokens"):
+        check_provider("copy only", copy_only, base, False, True)
+
+
+def test_parts_check_their_form():
+    with pytest.raises(ValueError, match="form"):
+        Part(2, True, (1,), (), "sideways")
+    with pytest.raises(ValueError, match="write-through"):
+        Part(2, True, (1,), (), "in-place", kv_output=True)
+    with pytest.raises(ValueError, match="write-through"):
+        Part(2, True, (1,), (), "in-place", "float8_e4m3fn").op(OpConfig())
+
+
+def _parts(*argv):
+    return suite_parts(parser().parse_args(["suite", *argv]))
+
+
+def test_command_line_parts():
+    assert _parts() == SUITE
+    parts = _parts("--form", "in-place,write-through", "--cache-dtype",
+                   "bfloat16,float8_e4m3fn", "--heads", "128,16", "--kv-output")
+    assert [(p.heads, p.form, p.cache_dtype, p.kv_output) for p in parts] == [
+        (heads, form, cache, form == "write-through") for heads in (128, 16)
+        for form, cache in (("in-place", None), ("write-through", None),
+                            ("write-through", "float8_e4m3fn"))]
+    assert all(p.tokens == DECODE_TOKENS + PREFILL_TOKENS and p.providers == PROVIDERS[p.form]
+               and p.interleaved for p in parts)
+    [part] = _parts("--form", "write-through", "--providers", "torch eager,triton fused",
+                    "--tokens", "1,64", "--neox")
+    assert part == Part(128, False, (1, 64), ("torch eager", "triton fused"), "write-through")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--cache-dtype", "float8_e4m3fn"), "an fp8 cache needs --form write-through"),
+    (("--form", "write-through", "--cache-dtype", "float16"), "unknown cache dtype float16"),
+    (("--providers", "tvm-fused default,vllm"), "unknown provider vllm"),
+    (("--form", "out-of-place"), "unknown form out-of-place"),
+])
+def test_command_line_refuses_what_has_no_part(argv, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        _parts(*argv)
+    assert main(["suite", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+FORM_PROVIDERS = ("tvm-fused default", COPY_THEN_IN_PLACE, "triton fused", "torch.compile",
+                  "torch eager")
 
 
 @pytest.mark.gpu
 def test_small_suite_checks_and_times_every_provider(tmp_path):
-    from benchmarks.report import read_rows
+    from benchmarks.report import Group, groups, read_rows
     from benchmarks.suite import run_suite
 
     csv = tmp_path / "bench.csv"
-    rows, failures = run_suite([(4, True, (1, 2048), PROVIDERS)],
-                               OpConfig(), csv, reps=5, log=lambda _: None)
+    parts = [Part(4, True, (1, 2048), FORM_PROVIDERS),
+             Part(4, True, (1, 2048), FORM_PROVIDERS, "write-through"),
+             Part(4, False, (2,), FORM_PROVIDERS, "write-through", "float8_e4m3fn", True)]
+    rows, failures = run_suite(parts, OpConfig(), csv, reps=5, log=lambda _: None)
     assert not failures
-    assert {(r.provider, r.tokens) for r in rows} == {
-        (p, t) for p in PROVIDERS for t in (1, 2048)}
+    no_copy = [name for name in FORM_PROVIDERS if name != COPY_THEN_IN_PLACE]
+    assert sorted((r.form, r.cache_dtype, r.kv_output, r.provider, r.tokens) for r in rows) == \
+        sorted([("in-place", "bfloat16", False, p, t) for p in no_copy for t in (1, 2048)]
+               + [("write-through", "bfloat16", False, p, t) for p in FORM_PROVIDERS
+                  for t in (1, 2048)]
+               + [("write-through", "float8_e4m3fn", True, p, 2) for p in no_copy])
     assert all(r.checked and r.median_us > 0 and r.copy_fraction > 0 for r in rows)
-    assert len(read_rows(csv)) == len(rows) == 2 * len(PROVIDERS)
+    assert len(read_rows(csv)) == len(rows)
+    assert groups(read_rows(csv)) == [Group(), Group("write-through"),
+                                      Group("write-through", "float8_e4m3fn", True)]
+
+
+def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
+    """``run_suite`` with the GPU's timers replaced: every provider checked, rows with form,
+    cache dtype and bytes to the CSV, the report's groups read back; a provider that cannot
+    run (tvm-fused's GPU schedule on the CPU) is a failure, not a row."""
+    from benchmarks import suite
+    from benchmarks.report import Group, groups, read_rows
+    from tvm_fused.timing import Timing
+
+    def timed(fn, reps=50):
+        fn()
+        return Timing(10.0, 9.0, 11.0, reps)
+
+    sweep = suite.sweep_inputs
+    monkeypatch.setattr(suite, "sweep_inputs", lambda op, tokens: sweep(op, tokens, "cpu"))
+    monkeypatch.setattr(suite, "copy_us", lambda nbytes, reps: nbytes / 2e6)
+    monkeypatch.setattr(suite, "time_cuda", timed)
+    monkeypatch.setattr(suite, "time_graph", timed)
+    monkeypatch.setattr(suite, "host_us", lambda fn: 5.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "CPU")
+    csv = tmp_path / "bench.csv"
+    names = ("tvm-fused default", "torch eager")
+    parts = [Part(2, True, (2,), names), Part(2, False, (2,), names, "write-through"),
+             Part(2, True, (300,), names, "write-through", "float8_e5m2", True)]
+    rows, failures = suite.run_suite(parts, OpConfig(), csv, reps=3, log=lambda _: None)
+    assert len(failures) == 3 and all(f.startswith("tvm-fused default") for f in failures)
+    assert [(r.form, r.cache_dtype, r.kv_output, r.pairing, r.regime) for r in rows] == [
+        ("in-place", "bfloat16", False, "gptj", "decode"),
+        ("write-through", "bfloat16", False, "neox", "decode"),
+        ("write-through", "float8_e5m2", True, "gptj", "prefill")]
+    assert all(r.provider == "torch eager" and r.checked and r.median_us == 10.0 for r in rows)
+    bytes_per_op = [moved_bytes(part.op(OpConfig()), part.tokens[0], part.kv_output)
+                    for part in parts]
+    assert [r.same_bytes_copy_us for r in rows] == [b / 2e6 for b in bytes_per_op]
+    assert [r.tb_per_s for r in rows] == [b / 10.0 / 1e6 for b in bytes_per_op]
+    assert groups(read_rows(csv)) == [Group(), Group("write-through"),
+                                      Group("write-through", "float8_e5m2", True)]
