@@ -52,7 +52,7 @@ def probe(tokens):
     q = x.q_rope
     alignment = _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache, None, None)
     signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.input_row_offsets, x.k_cache,
-                                   True, False, alignment, None)
+                                   True, False, False, alignment, None)
     kernel = dispatch.kernel(signature, tokens)
 
     def call():

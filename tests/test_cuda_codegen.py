@@ -21,7 +21,7 @@ CONFIGS = {
     "v3-neox": OpConfig(num_q_heads=128, interleaved=False),
     "unaligned-int32-offsets": OpConfig(num_q_heads=64, offsets_dtype="int32",
                                         freqs_dtype="bfloat16", alignment=2),
-    "write-through": OpConfig(num_q_heads=128, write_through=True),
+    "write-through": OpConfig(num_q_heads=128, write_through=True, kv_output=True),
     "write-through-fp8-e4m3": OpConfig(num_q_heads=128, write_through=True,
                                        cache_dtype="float8_e4m3fn"),
     "write-through-fp8-e5m2-neox": OpConfig(num_q_heads=16, write_through=True,
@@ -124,8 +124,8 @@ ACCESS_BYTES = {"uint4": 16, "float4": 16, "uint2": 8, "float2": 8, "nv_bfloat16
                 "__nv_fp8x2_e4m3": 2}
 
 
-FORMS = {"in-place": {}, "write-through": {"write_through": True},
-         "fp8": {"write_through": True, "cache_dtype": "float8_e4m3fn"}}
+FORMS = {"in-place": {}, "write-through": {"write_through": True, "kv_output": True},
+         "fp8": {"write_through": True, "kv_output": True, "cache_dtype": "float8_e4m3fn"}}
 
 
 @pytest.mark.parametrize("alignment", [2, 4, 8, 16])
@@ -157,7 +157,7 @@ def test_rope_part_vectors_respect_the_latent_offset(form):
     src = cuda_source(op)
     kernel = src[src.rindex('extern "C" __global__'):]
     accesses = re.findall(r"\*\((\w+)\*\)\((\w+?)_ptr", kernel)
-    rope_part = {ACCESS_BYTES[kind] for kind, name in accesses if name.endswith("pairs_in")
+    rope_part = {ACCESS_BYTES[kind] for kind, name in accesses if name == "k_in_pairs"
                  or name in ("k_pairs", "input_pairs", "output_pairs")}
     assert rope_part and max(rope_part) <= 8, sorted(set(accesses))
     assert 16 in {ACCESS_BYTES[kind] for kind, name in accesses if name in ("q_pairs",

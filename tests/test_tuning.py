@@ -68,8 +68,10 @@ def test_nearest_bucket():
 
 @pytest.mark.parametrize("op", [
     OpConfig(num_q_heads=2), OpConfig(num_q_heads=2, write_through=True),
-    OpConfig(num_q_heads=2, write_through=True, cache_dtype="float8_e5m2")],
-    ids=["in-place", "write-through", "write-through-fp8"])
+    OpConfig(num_q_heads=2, write_through=True, kv_output=True),
+    OpConfig(num_q_heads=2, write_through=True, cache_dtype="float8_e5m2"),
+    OpConfig(num_q_heads=2, write_through=True, kv_output=True, cache_dtype="float8_e4m3fn")],
+    ids=["in-place", "write-through", "kv-output", "fp8", "kv-output-fp8"])
 def test_runner_recovers_the_op_from_the_workload(op):
     """The runner rebuilds a bucket's inputs from the workload's argument shapes alone (in
     another process, maybe remote): it must find the form, the cache dtype and every shape."""

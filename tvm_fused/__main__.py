@@ -36,6 +36,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-through", action="store_true",
                         help="the write-through form: new rows from kv_input (the projection "
                              "output) into the cache, which is never read")
+    parser.add_argument("--kv-output", action="store_true",
+                        help="with --write-through: the new rows go to kv_output too")
     parser.add_argument("--cache-dtype", choices=config.FP8_DTYPES, default=None,
                         help="an fp8 cache (with --write-through; default: the dtype)")
 
@@ -47,7 +49,7 @@ def _op_config(args: argparse.Namespace):
                                kv_norm_dim=args.kv_norm_dim, page_size=args.page_size,
                                dtype=args.dtype, gamma_dtype=args.dtype,
                                interleaved=not args.neox, write_through=args.write_through,
-                               cache_dtype=args.cache_dtype)
+                               kv_output=args.kv_output, cache_dtype=args.cache_dtype)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -55,7 +57,8 @@ def _op_config(args: argparse.Namespace):
 def _form(op) -> str:
     if not op.write_through:
         return "in place"
-    return f"write-through into a {op.cache_element} cache"
+    return (f"write-through into a {op.cache_element} cache"
+            + (" and kv_output" if op.kv_output else ""))
 
 
 def _device(name: str) -> str:
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
           f"{op.kv_norm_dim}, page size {op.page_size}, {op.dtype}, "
           f"{'interleaved' if op.interleaved else 'NeoX'}, {_form(op)}, {args.tokens} tokens "
           f"in {requests} requests")
-    report = run_and_check(inputs.clone(), interleaved=op.interleaved)
+    report = run_and_check(inputs.clone(), interleaved=op.interleaved,
+                           kv_output=op.kv_output)
     print(f"check: {report.summary()}")
     if not report.ok:
         return 1
@@ -111,14 +115,16 @@ def _time(inputs, op, reps: int, gpu_name: str) -> None:
     from .timing import op_bytes, time_cuda
 
     out = torch.empty_like(inputs.q_rope)
+    kv_output = torch.empty_like(inputs.kv_input) if op.kv_output else None
     moved = op_bytes(inputs.q_rope.shape[0], op.num_q_heads, op.rope_dim, op.kv_norm_dim,
-                     inputs.q_rope.dtype, cache_dtype=inputs.k_cache.dtype)
+                     inputs.q_rope.dtype, cache_dtype=inputs.k_cache.dtype,
+                     kv_output=op.kv_output)
     src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     timings = {
         "tvm-fused": time_cuda(lambda: fused_rope_rmsnorm(
-            *inputs.args(), **inputs.form(), out=out, interleaved=op.interleaved,
-            validate=False), reps=reps),
+            *inputs.args(), **inputs.form(), kv_output=kv_output, out=out,
+            interleaved=op.interleaved, validate=False), reps=reps),
         "copy of as many bytes": time_cuda(lambda: dst.copy_(src), reps=reps),
     }
     for label, timing in timings.items():

@@ -43,14 +43,6 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
-@functools.cache
-def _no_rows(device: torch.device, dtype: torch.dtype, width: int) -> torch.Tensor:
-    """``kv_output`` of write-through calls that pass none: no rows to write (its row stride
-    a multiple of 16 bytes, so that it suits every kernel's alignment)."""
-    stride = -(-width * dtype.itemsize // _VECTOR_BYTES) * _VECTOR_BYTES // dtype.itemsize
-    return torch.empty(0, dtype=dtype, device=device).as_strided((0, width), (stride, 1))
-
-
 def fused_rope_rmsnorm(
     q_rope: torch.Tensor,
     input_row_offsets: torch.Tensor,
@@ -161,13 +153,9 @@ def fused_rope_rmsnorm(
     args = (q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths)
     form = (kv_input, kv_output, k_scale)
     if validate is False:
-        # what TVM can't tell: an alias of q_rope needs its strides; tensors the form has no
-        # use for would be ignored; the kernel writes the rows kv_output has, any number
-        if ((out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr())
-                or (kv_output is not None and (kv_input is None
-                                               or kv_output.shape[0] != q_rope.shape[0]))
-                or (k_scale is not None and k_cache.dtype == q_rope.dtype)):
-            check_arguments(*args, out, *form, errors, epsilon)
+        if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
+            check_arguments(*args, out, *form, errors, epsilon)  # an alias of q_rope needs
+            # its strides (TVM can't tell)
         try:
             return _launch(*args, out, *form, errors, epsilon, interleaved, schedule)
         except Exception:
@@ -186,25 +174,22 @@ def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, 
             out, kv_input, kv_output, k_scale, errors, epsilon, interleaved, schedule):
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
     Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
-    alignment, devices, epsilon) raise before the launch."""
+    alignment, devices, epsilon) raise before the launch, and so do tensors the form has no
+    place for (a kernel without them takes fewer arguments, or its config refuses them)."""
     tokens, heads, rope_dim = q_rope.shape
     device = q_rope.device
     if out is None:
         out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=device)
     if tokens == 0:
         return out
-    write_through = kv_input is not None
     alignment = _alignment(q_rope, out, freqs_cis, gamma, k_cache, kv_input, kv_output)
     signature = dispatch.signature(q_rope, freqs_cis, gamma, input_row_offsets, k_cache,
-                                   interleaved, write_through, alignment, schedule)
+                                   interleaved, kv_input is not None, kv_output is not None,
+                                   alignment, schedule)
     errors = _scratch_errors(device) if errors is None else errors.reshape(1)
-    rows = ()
-    if write_through:
-        rows = (kv_input, _no_rows(device, q_rope.dtype, kv_input.shape[1])
-                if kv_output is None else kv_output)
-    scale = ()
-    if k_cache.dtype != q_rope.dtype:
-        scale = (_unit_scale(device) if k_scale is None else k_scale.reshape(1),)
+    rows = tuple(t for t in (kv_input, kv_output) if t is not None)
+    scale = () if k_cache.dtype == q_rope.dtype and k_scale is None else (
+        _unit_scale(device) if k_scale is None else k_scale.reshape(1),)
     dispatch.kernel(signature, tokens)(q_rope, out, *rows, input_row_offsets, freqs_cis, gamma,
                                        k_cache, *scale, lookup_table, cache_lengths, errors,
                                        float(epsilon))

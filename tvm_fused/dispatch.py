@@ -26,21 +26,21 @@ from .tuning.layout import default_logs_dir
 
 def signature(q_rope: torch.Tensor, freqs_cis: torch.Tensor, gamma: torch.Tensor,
               offsets: torch.Tensor, k_cache: torch.Tensor, interleaved: bool,
-              write_through: bool, alignment: int, schedule) -> tuple:
+              write_through: bool, kv_output: bool, alignment: int, schedule) -> tuple:
     """What shapes the kernel of a call, as a plain tuple (cheap to build and hash)."""
     return (q_rope.device, q_rope.dtype, freqs_cis.dtype, gamma.dtype, offsets.dtype,
             k_cache.dtype, *q_rope.shape[1:], gamma.shape[0], k_cache.shape[1], interleaved,
-            write_through, alignment, schedule)
+            write_through, kv_output, alignment, schedule)
 
 
 def _op(signature: tuple) -> OpConfig:
     (_, dtype, freqs_dtype, gamma_dtype, offsets_dtype, cache_dtype, heads, rope_dim,
-     kv_norm_dim, page_size, interleaved, write_through, alignment, _) = signature
+     kv_norm_dim, page_size, interleaved, write_through, kv_output, alignment, _) = signature
     return OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=kv_norm_dim,
                     page_size=page_size, dtype=dtype_name(dtype),
                     freqs_dtype=dtype_name(freqs_dtype), gamma_dtype=dtype_name(gamma_dtype),
                     offsets_dtype=dtype_name(offsets_dtype), interleaved=interleaved,
-                    write_through=write_through,
+                    write_through=write_through, kv_output=kv_output,
                     cache_dtype=None if cache_dtype == dtype else dtype_name(cache_dtype),
                     alignment=alignment)
 

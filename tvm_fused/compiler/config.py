@@ -41,7 +41,9 @@ class OpConfig:
     write_through : the form of the op. False: the new cache rows are updated in place (the
         caller has written the latent there). True: they are written from ``kv_input``
         (``[n, kv_norm_dim + rope_dim]``, the projection's output), never read, and the same
-        rows go to ``kv_output`` too when it has rows.
+        rows go to ``kv_output`` too if ``kv_output``.
+    kv_output : the write-through kernel also writes each new row to ``kv_output`` (``[n,
+        kv_norm_dim + rope_dim]``, q's dtype).
     cache_dtype : dtype of ``k_cache`` if not ``dtype``: an fp8 type (write-through only),
         each value computed in ``dtype`` and stored as ``fp8(saturate(value / k_scale))``.
     alignment : bytes that every tensor's data pointer and row strides are multiples of
@@ -59,6 +61,7 @@ class OpConfig:
     offsets_dtype: str = "uint32"
     interleaved: bool = True
     write_through: bool = False
+    kv_output: bool = False
     cache_dtype: str | None = None
     alignment: int = 16
 
@@ -74,6 +77,8 @@ class OpConfig:
         _check_choice("gamma_dtype", self.gamma_dtype, DTYPES)
         _check_choice("freqs_dtype", self.freqs_dtype, FREQS_DTYPES)
         _check_choice("offsets_dtype", self.offsets_dtype, OFFSETS_DTYPES)
+        if self.kv_output and not self.write_through:
+            raise ValueError("kv_output needs the write-through form")
         if self.cache_dtype is not None:
             _check_choice("cache_dtype", self.cache_dtype, FP8_DTYPES)
             if not self.write_through:

@@ -23,8 +23,8 @@ branches address, and calls the four branches, each a macro, each locating its o
 
 Two forms (``config.write_through``), one body: in place, the k and norm branches load the
 cache row itself; write-through, they load token t's row of ``kv_input`` (the projection's
-output) instead, never read the cache, and their stores also write ``kv_output[t]`` when
-that tensor has the row. An fp8 cache (``config.cache_dtype``) adds a stage per branch,
+output) instead, never read the cache, and (``config.kv_output``) their stores also write
+``kv_output[t]``. An fp8 cache (``config.cache_dtype``) adds a stage per branch,
 ``k_quant`` and ``norm_quant`` (``t, ...``: ``fp8(saturate(out / k_scale))``), between the
 last compute stage and the store: the value is first rounded to ``dtype``, as SPEC.md asks.
 
@@ -44,8 +44,7 @@ cache is updated in place: loads read it through ``*_in`` views and stores write
 others of the same memory, which keeps the dataflow a stage pipeline; a row is stored only
 after the stages before have read all of it.
 
-Write-through, ``kv_output`` has rows of its own (``n_out``: 0 when the caller wants none),
-and only those are written. The entry asserts what the kernel was built for: row strides
+The entry asserts what the kernel was built for: row strides
 that are multiples of ``config.alignment`` bytes (buffers declare the same alignment for
 their data pointers, which ``alignment_check.CheckDataAlignment`` asserts) and a finite,
 non-negative epsilon.
@@ -72,6 +71,14 @@ PADDING, OK, ERROR = 0, 1, 2
 
 def _f32(x):
     return T.Cast("float32", x)
+
+
+def _declare(name: str, *args, **kwargs):
+    """``T.decl_buffer(*args, **kwargs)`` named ``name`` (as the parser names ``name =
+    T.decl_buffer(...)``), for helpers that make views."""
+    buffer = T.decl_buffer(*args, **kwargs)
+    IRBuilder.name(name, buffer)
+    return buffer
 
 
 def _optional_buffer(present: bool, name: str, handle, *args, **kwargs):
@@ -110,7 +117,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     - q_rope ``[n, H, R]`` dtype, strides ``(qs0, qs1, 1)``
     - q_rope_output ``[n, H, R]`` dtype, strides ``(os0, os1, 1)``; may be ``q_rope`` itself
     - [kv_input ``[n, W]`` dtype, strides ``(is0, 1)``: the new rows, never written]
-    - [kv_output ``[n_out, W]`` dtype, strides ``(vs0, 1)``: rows ``t < n_out`` receive
+    - [kv_output ``[n, W]`` dtype, strides ``(vs0, 1)`` (``config.kv_output``): receives
       token t's new row]
     - input_row_offsets ``[batch + 1]`` offsets_dtype
     - freqs_cis ``[max_seq_len, R]`` freqs_dtype, contiguous
@@ -132,7 +139,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         config.row_width, config.rope_dim // 2, 1))
     dtype, gdtype, fdtype = config.dtype, config.gamma_dtype, config.freqs_dtype
     cdtype = config.cache_element
-    WRITE_THROUGH, FP8 = config.write_through, config.cache_dtype is not None
+    WRITE_THROUGH, KV_OUTPUT = config.write_through, config.kv_output
+    FP8 = config.cache_dtype is not None
     ZERO, TWO, NONE = T.int64(0), T.int64(2), T.int64(-1)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
 
@@ -168,9 +176,20 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         """The token has a cache row (its page is a physical page)."""
         return tvm.tirx.all(ZERO <= page, page < num_pages)
 
-    def has_output_row(vt, page, num_pages, n_out):
-        """kv_output receives token vt's row: the token is OK and kv_output has the row."""
-        return tvm.tirx.all(page < num_pages, vt < n_out)
+    def row_views(name: str, rows, dtype_name: str, *strides) -> tuple:
+        """Views of the rows ``[..., W]`` of buffer ``rows`` (leading strides ``strides``):
+        ``{name}_rows``, the whole rows, and ``{name}_pairs`` ``[..., R/2, 2]``, their rope
+        part; ``(None, None)`` without the buffer."""
+        if rows is None:
+            return None, None
+        lead = tuple(rows.shape[:-1])
+        whole = _declare(f"{name}_rows", (*lead, W), dtype_name, data=rows.data,
+                         elem_offset=rows.elem_offset,
+                         strides=(*(aligned(s, dtype_name) for s in strides), ONE))
+        pairs = _declare(f"{name}_pairs", (*lead, R2, TWO), dtype_name, data=rows.data,
+                         elem_offset=rows.elem_offset + D,
+                         strides=pair_strides(*strides, dtype_name=dtype_name))
+        return whole, pairs
 
     def scaled(value, k_scale):
         """``value`` (dtype) over the cache's scale, correctly rounded float32 (the value
@@ -303,11 +322,11 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                     out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
 
     @T.macro
-    def k_branch(n, k_source, k_pairs, output_pairs, n_out, freqs_pairs, k_scale, offsets,
+    def k_branch(n, k_source, k_pairs, output_pairs, freqs_pairs, k_scale, offsets,
                  cache_lengths, lookup_table, max_seq_len, num_pages):
         """row(t)[D:] = rope(source(t), freqs[pos]) for every token t with a row (and
-        output_pairs[t] too, write-through); source(t) is row(t)[D:] in place, else
-        kv_input[t, D:]."""
+        output_pairs[t] for every OK token, if given); source(t) is row(t)[D:] in place,
+        else kv_input[t, D:]."""
         k_pos = T.sblock_alloc_buffer((n,), "int64")
         k_page = T.sblock_alloc_buffer((n,), "int64")
         k_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
@@ -353,15 +372,16 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                         k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_quantized[vt, vj, vp]
                     else:
                         k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
-                if WRITE_THROUGH:
-                    if has_output_row(vt, k_page[vt], num_pages, n_out):
+                if output_pairs is not None:
+                    if k_page[vt] < num_pages:  # the token is OK
                         output_pairs[vt, vj, vp] = k_out[vt, vj, vp]
 
     @T.macro
-    def norm_branch(n, norm_source, k_rows, output_rows, n_out, gamma, epsilon, k_scale,
-                    offsets, cache_lengths, lookup_table, max_seq_len, num_pages):
+    def norm_branch(n, norm_source, k_rows, output_rows, gamma, epsilon, k_scale, offsets,
+                    cache_lengths, lookup_table, max_seq_len, num_pages):
         """row(t)[:D] = rmsnorm(source(t)) for every token t with a row (and output_rows[t]
-        too, write-through); source(t) is row(t)[:D] in place, else kv_input[t, :D]."""
+        for every OK token, if given); source(t) is row(t)[:D] in place, else
+        kv_input[t, :D]."""
         norm_pos = T.sblock_alloc_buffer((n,), "int64")
         norm_page = T.sblock_alloc_buffer((n,), "int64")
         norm_in = T.sblock_alloc_buffer((n, D), dtype)
@@ -419,8 +439,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                         k_rows[norm_page[vt], norm_pos[vt] % PS, vc] = norm_quantized[vt, vc]
                     else:
                         k_rows[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
-                if WRITE_THROUGH:
-                    if has_output_row(vt, norm_page[vt], num_pages, n_out):
+                if output_rows is not None:
+                    if norm_page[vt] < num_pages:  # the token is OK
                         output_rows[vt, vc] = norm_out[vt, vc]
 
     @T.macro
@@ -450,8 +470,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         # the pass cannot see, as the k and norm branches write other columns of the same rows
         T.func_attr({"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched"})
         # 64-bit sizes and strides: a layer view of a multi-layer cache spans > 2^31 elements
-        n, n_out, batch, max_seq_len, num_pages, max_pages = (
-            T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
+        n, batch, max_seq_len, num_pages, max_pages = (
+            T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
         qs0, qs1, os0, os1, is0, vs0, ks0, ks1, ls0 = (
             T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(),
             T.int64(), T.int64())
@@ -463,8 +483,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             WRITE_THROUGH, "kv_input", kv_input_handle, (n, W), dtype, strides=(is0, ONE),
             align=align(dtype)))
         kv_output = T.meta_var(_optional_buffer(
-            WRITE_THROUGH, "kv_output", kv_output_handle, (n_out, W), dtype,
-            strides=(vs0, ONE), align=align(dtype)))
+            KV_OUTPUT, "kv_output", kv_output_handle, (n, W), dtype, strides=(vs0, ONE),
+            align=align(dtype)))
         offsets = T.match_buffer(offsets_handle, (batch + ONE,), config.offsets_dtype,
                                  align=4)
         freqs_cis = T.match_buffer(freqs_handle, (max_seq_len, R), fdtype, align=align(fdtype))
@@ -482,6 +502,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         assert multiples(cdtype, ks0, ks1), refusal("k_cache", cdtype)
         if WRITE_THROUGH:
             assert multiples(dtype, is0), refusal("kv_input", dtype)
+        if KV_OUTPUT:
             assert multiples(dtype, vs0), refusal("kv_output", dtype)
         assert T.isfinite(epsilon) and epsilon >= T.float32(0), (
             "ValueError", ["epsilon must be finite and non-negative"])
@@ -493,42 +514,22 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                                   strides=pair_strides(os0, os1))
         freqs_pairs = T.decl_buffer((max_seq_len, R2, TWO), fdtype, data=freqs_cis.data,
                                     elem_offset=freqs_cis.elem_offset, strides=(R, TWO, ONE))
-        k_rows = T.decl_buffer((num_pages, PS, W), cdtype, data=k_cache.data,
-                               elem_offset=k_cache.elem_offset,
-                               strides=(aligned(ks0, cdtype), aligned(ks1, cdtype), ONE))
-        k_pairs = T.decl_buffer((num_pages, PS, R2, TWO), cdtype, data=k_cache.data,
-                                elem_offset=k_cache.elem_offset + D,
-                                strides=pair_strides(ks0, ks1, dtype_name=cdtype))
+        k_rows, k_pairs = T.meta_var(row_views("k", k_cache, cdtype, ks0, ks1))
         q_branch(n, q_pairs, out_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
                  max_seq_len, num_pages)
-        if WRITE_THROUGH:  # the k and norm branches read kv_input and also write kv_output
-            input_rows = T.decl_buffer((n, W), dtype, data=kv_input.data,
-                                       elem_offset=kv_input.elem_offset,
-                                       strides=(aligned(is0), ONE))
-            input_pairs = T.decl_buffer((n, R2, TWO), dtype, data=kv_input.data,
-                                        elem_offset=kv_input.elem_offset + D,
-                                        strides=pair_strides(is0))
-            output_rows = T.decl_buffer((n_out, W), dtype, data=kv_output.data,
-                                        elem_offset=kv_output.elem_offset,
-                                        strides=(aligned(vs0), ONE))
-            output_pairs = T.decl_buffer((n_out, R2, TWO), dtype, data=kv_output.data,
-                                         elem_offset=kv_output.elem_offset + D,
-                                         strides=pair_strides(vs0))
-            k_branch(n, input_pairs, k_pairs, output_pairs, n_out, freqs_pairs, k_scale,
-                     offsets, cache_lengths, lookup_table, max_seq_len, num_pages)
-            norm_branch(n, input_rows, k_rows, output_rows, n_out, gamma, epsilon, k_scale,
-                        offsets, cache_lengths, lookup_table, max_seq_len, num_pages)
+        if WRITE_THROUGH:  # the k and norm branches read kv_input (and write kv_output)
+            input_rows, input_pairs = T.meta_var(row_views("input", kv_input, dtype, is0))
+            output_rows, output_pairs = T.meta_var(row_views("output", kv_output, dtype, vs0))
+            k_branch(n, input_pairs, k_pairs, output_pairs, freqs_pairs, k_scale, offsets,
+                     cache_lengths, lookup_table, max_seq_len, num_pages)
+            norm_branch(n, input_rows, k_rows, output_rows, gamma, epsilon, k_scale, offsets,
+                        cache_lengths, lookup_table, max_seq_len, num_pages)
         else:  # the k and norm branches update the cache rows in place, through views that
             # read them (a stage pipeline: a row is stored after the stages before read it)
-            k_pairs_in = T.decl_buffer((num_pages, PS, R2, TWO), dtype, data=k_cache.data,
-                                       elem_offset=k_cache.elem_offset + D,
-                                       strides=pair_strides(ks0, ks1))
-            k_rows_in = T.decl_buffer((num_pages, PS, W), dtype, data=k_cache.data,
-                                      elem_offset=k_cache.elem_offset,
-                                      strides=(aligned(ks0), aligned(ks1), ONE))
-            k_branch(n, k_pairs_in, k_pairs, None, None, freqs_pairs, None, offsets,
-                     cache_lengths, lookup_table, max_seq_len, num_pages)
-            norm_branch(n, k_rows_in, k_rows, None, None, gamma, epsilon, None, offsets,
+            k_in_rows, k_in_pairs = T.meta_var(row_views("k_in", k_cache, dtype, ks0, ks1))
+            k_branch(n, k_in_pairs, k_pairs, None, freqs_pairs, None, offsets, cache_lengths,
+                     lookup_table, max_seq_len, num_pages)
+            norm_branch(n, k_in_rows, k_rows, None, gamma, epsilon, None, offsets,
                         cache_lengths, lookup_table, max_seq_len, num_pages)
         count_branch(n, errors, offsets, cache_lengths, lookup_table, max_seq_len, num_pages)
     # fmt: on

@@ -218,12 +218,14 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     # rows taken from the run (their values are checked above)
     cache_same = _storage_as_expected(after.cache_storage, before.cache_storage,
                                       before.k_cache, (page, slot), cache_rows)
-    q_same = _storage_as_expected(after.q_storage, before.q_storage, before.q_rope,
-                                  written if in_place else written[:0],
-                                  out[written] if in_place else out[written[:0]])
-    if not in_place and out_storage_before is not None:
-        q_same &= _storage_as_expected(out_storage, out_storage_before.cpu(), out, written,
-                                       out[written])
+    if in_place:
+        q_same = _storage_as_expected(after.q_storage, before.q_storage, before.q_rope,
+                                      written, out[written])
+    else:  # q is read only
+        q_same = _same_bits(after.q_storage, before.q_storage)
+        if out_storage_before is not None:
+            q_same &= _storage_as_expected(out_storage, out_storage_before.cpu(), out,
+                                           written, out[written])
     counted = tokens.errors if errors_counted is None else errors_counted
     return CheckReport(q_error, rope_error, norm_error, fp8_mismatches, cache_same, q_same,
                        rows_same, counted, tokens.errors)

@@ -25,11 +25,13 @@ def gpu_slug(name: str) -> str:
 
 def op_key(op: OpConfig) -> str:
     """The folder of an op: the dims, dtypes and form the best knobs depend on (in place:
-    no suffix; write-through: ``-write-through``, then the cache dtype if fp8)."""
+    no suffix; write-through: ``-write-through``, then ``-kv-output`` if it writes one and
+    the cache dtype if fp8)."""
     pairing = "gptj" if op.interleaved else "neox"
     form = ""
     if op.write_through:
-        form = "-write-through" + (f"-{op.cache_dtype}" if op.cache_dtype else "")
+        form = ("-write-through" + ("-kv-output" if op.kv_output else "")
+                + (f"-{op.cache_dtype}" if op.cache_dtype else ""))
     return (f"{op.dtype}-h{op.num_q_heads}-r{op.rope_dim}-d{op.kv_norm_dim}-p{op.page_size}-"
             f"{pairing}{form}")
 

@@ -35,17 +35,19 @@ IN_PLACE_ARGS = 9  # q, out, offsets, freqs, gamma, k, table, lengths, errors
 
 def _op_and_tokens(args_info) -> tuple[OpConfig, int]:
     """Recover the op config and token count from the workload's argument shapes, in the
-    order of the PrimFunc's parameters: q, out, [kv_input, kv_output,] offsets, freqs,
-    gamma, k, [k_scale,] table, lengths, errors."""
+    order of the PrimFunc's parameters: q, out, [kv_input, [kv_output,]] offsets, freqs,
+    gamma, k, [k_scale,] table, lengths, errors (an fp8 cache has ``k_scale``; the rest of
+    the count says the form)."""
     args = list(args_info)
-    write_through = len(args) > IN_PLACE_ARGS
-    (_, q_dtype, q_shape), rest = args[0], args[4 if write_through else 2:]
-    (_, off_dtype, _), (_, f_dtype, _), (_, g_dtype, g_shape), (_, k_dtype, k_shape) = rest[:4]
+    fp8 = len(args[-4][2]) != 3  # the argument before the table is k_scale, not k
+    (_, q_dtype, q_shape), (_, k_dtype, k_shape) = args[0], args[-5 if fp8 else -4]
+    rows = len(args) - IN_PLACE_ARGS - fp8  # kv_input, kv_output
+    (_, off_dtype, _), (_, f_dtype, _), (_, g_dtype, g_shape) = args[2 + rows:5 + rows]
     tokens, heads, rope_dim = q_shape
     op = OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=g_shape[0],
                   page_size=k_shape[1], dtype=q_dtype, freqs_dtype=f_dtype,
-                  gamma_dtype=g_dtype, offsets_dtype=off_dtype, write_through=write_through,
-                  cache_dtype=None if k_dtype == q_dtype else k_dtype)
+                  gamma_dtype=g_dtype, offsets_dtype=off_dtype, write_through=rows > 0,
+                  kv_output=rows > 1, cache_dtype=k_dtype if fp8 else None)
     return op, tokens
 
 

@@ -29,12 +29,13 @@ def bucket_inputs(op: OpConfig, tokens: int, device="cpu") -> OpInputs:
 
 def bucket_tensors(op: OpConfig, tokens: int, device="cpu") -> list[torch.Tensor]:
     """The kernel's tensor arguments for a bucket, in parameter order: ``bucket_inputs`` with
-    a contiguous ``q_rope_output``, write-through a ``kv_output`` of no rows (the common
-    call), an fp8 cache's ``k_scale`` 1, and an error counter."""
+    a contiguous ``q_rope_output`` (and ``kv_output``, if the op has one), an fp8 cache's
+    ``k_scale`` 1, and an error counter."""
     inputs = bucket_inputs(op, tokens, device)
     q = inputs.q_rope
-    rows = [inputs.kv_input, torch.empty((0, op.row_width), dtype=q.dtype, device=device)] \
-        if op.write_through else []
+    rows = [inputs.kv_input] if op.write_through else []
+    if op.kv_output:
+        rows.append(torch.empty(inputs.kv_input.shape, dtype=q.dtype, device=device))
     scale = [torch.ones(1, device=device)] if op.cache_dtype else []
     offsets, freqs, gamma, k_cache, table, lengths = inputs.args()[1:]
     return [q, torch.empty(q.shape, dtype=q.dtype, device=device), *rows, offsets, freqs,
