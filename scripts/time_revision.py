@@ -1,19 +1,23 @@
-"""GPU time of the op in whatever ``tvm_fused`` is importable, for comparing two revisions in
-one device call (run it once per revision, alternating, with PYTHONPATH pointing at each).
+"""GPU and host time of the op in whatever ``tvm_fused`` is importable, for comparing
+revisions and schedules in one device call (run it once per revision, alternating, with
+PYTHONPATH pointing at each).
 
-Only the public API and ``make_inputs`` / ``bucket_case`` are used (``make_inputs`` from
-where each revision has it), so any revision runs it.
-For each token count (128 heads, bf16, the tuning buckets' batches): the median of cold-L2
-CUDA-event runs, and at decode sizes the GPU time per call in a graph of 100 calls back to
-back (the steady state of a decode step). Prints one JSON line per token count.
+Only the public API, ``ScheduleConfig`` and ``make_inputs`` / ``bucket_case`` are used
+(``make_inputs`` from where each revision has it), so any revision runs it. For each token
+count (128 heads, bf16, the tuning buckets' batches) and each schedule: the median of
+cold-L2 CUDA-event runs; at decode sizes also the GPU time per call in a graph of 100 calls
+back to back (the steady state of a decode step) and the host time of a Python call with
+``validate=False``. Schedules are timed in turn at each token count, so drift hits them
+alike. Prints one JSON line per token count and schedule.
 
-Usage: python scripts/time_revision.py LABEL [--items N] [TOKENS ...]
-(``--items``: the schedule's ``rope_vectors_per_thread``, else the default schedule)
+Usage: python scripts/time_revision.py LABEL [--items N[,N...]] [TOKENS ...]
+(``--items``: the schedules' ``rope_vectors_per_thread``; 0 or none: the default schedule)
 """
 
 import argparse
 import json
 import statistics
+import time
 
 import torch
 
@@ -59,25 +63,45 @@ def graph_us(fn, calls: int = 100, reps: int = 20) -> float:
     return cold_us(graph.replay, reps) / calls
 
 
+def host_us(fn, calls: int = 200, batches: int = 7) -> float:
+    """Median over ``batches`` of the mean host time of ``calls`` back-to-back calls."""
+    means = []
+    for _ in range(batches):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        means.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(means)
+
+
 parser = argparse.ArgumentParser()
 parser.add_argument("label")
 parser.add_argument("tokens", type=int, nargs="*", default=[1, 64, 4096, 32768])
-parser.add_argument("--items", type=int)
+parser.add_argument("--items", default="0")
 args = parser.parse_intermixed_args()
-schedule = None
-if args.items:
-    from tvm_fused.schedules import ScheduleConfig
+schedules = {}
+for items in map(int, args.items.split(",")):
+    if items:
+        from tvm_fused.schedules import ScheduleConfig
 
-    schedule = ScheduleConfig(rope_vectors_per_thread=args.items)
+        schedules[items] = {"schedule": ScheduleConfig(rope_vectors_per_thread=items)}
+    else:
+        schedules[items] = {}
 for tokens in args.tokens:
     inputs = make_inputs(*bucket_case(tokens), num_q_heads=128, device="cuda")
     out = torch.empty_like(inputs.q_rope)
+    for items, schedule in schedules.items():
 
-    def call(inputs=inputs, out=out):
-        tvm_fused.fused_rope_rmsnorm(*inputs.args(), out=out, validate=False, schedule=schedule)
+        def call(inputs=inputs, out=out, schedule=schedule):
+            tvm_fused.fused_rope_rmsnorm(*inputs.args(), out=out, validate=False, **schedule)
 
-    row = {"label": args.label, "gpu": torch.cuda.get_device_name(), "tokens": tokens,
-           "cold_us": cold_us(call, 200 if tokens <= 4096 else 60)}
-    if tokens <= 256:
-        row["graph_us_per_call"] = graph_us(call)
-    print(json.dumps(row), flush=True)
+        row = {"label": args.label, "items": items or "default",
+               "gpu": torch.cuda.get_device_name(), "tokens": tokens,
+               "cold_us": cold_us(call, 200 if tokens <= 4096 else 60)}
+        if tokens <= 256:
+            row["graph_us_per_call"] = graph_us(call)
+        if tokens <= 64:
+            row["host_us"] = host_us(call)
+        print(json.dumps(row), flush=True)
