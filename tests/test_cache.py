@@ -134,3 +134,24 @@ def test_stale_kernels_are_pruned_and_the_cache_is_capped(tmp_path, monkeypatch)
     monkeypatch.setenv("TVM_FUSED_CACHE_MAX_MB", "0")  # room for the newest kernel only
     kernel_cache.get_kernel(OpConfig(num_q_heads=3, page_size=4), CPU_TARGET)
     assert len(list(tmp_path.glob("*/*.so"))) == 1
+
+
+def test_pruning_leaves_other_processes_alone(tmp_path, monkeypatch):
+    """Another process's build in progress (its temporary file) survives a prune over the
+    cap, and files that vanish while a prune lists them (renamed into place, or pruned by
+    another process) do not fail the call (seen with 16 fuzz processes on the GPU)."""
+    monkeypatch.setenv("TVM_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TVM_FUSED_CACHE_MAX_MB", "0")
+    other = tmp_path / "tvm0.1-other"
+    other.mkdir()
+    in_progress = other / "fused_rope_rmsnorm-y1234.tmp.so"
+    in_progress.write_bytes(b"x" * 1000)
+    glob = Path.glob
+
+    def glob_with_vanished(self, pattern):  # one more entry, gone before its stat
+        yield from glob(self, pattern)
+        yield self / "fused_rope_rmsnorm-gone.so"
+
+    monkeypatch.setattr(Path, "glob", glob_with_vanished)
+    kernel_cache.get_kernel(OpConfig(num_q_heads=2, page_size=2), CPU_TARGET)
+    assert in_progress.exists()

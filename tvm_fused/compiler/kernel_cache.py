@@ -59,6 +59,7 @@ def source_digest() -> str:
 
 STALE_AFTER_DAYS = 7
 DEFAULT_MAX_MB = 1024
+_IN_PROGRESS = ".tmp.so"  # a kernel being written, renamed into place when complete
 
 
 def cache_dir() -> Path:
@@ -71,27 +72,42 @@ def _sources_dir() -> Path:
     return cache_dir() / f"tvm{tvm.__version__}-{source_digest()}"
 
 
+def _stat(path: Path):
+    """``path.stat()``, or None if the file is gone: other processes rename their builds into
+    place and prune too."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
 def prune(keep: Path) -> None:
     """Remove what no current source can reach and has not been used for
     ``STALE_AFTER_DAYS`` (other folders, files of the flat layout of earlier versions), then
-    the least recently used kernels beyond the size cap; ``keep`` stays."""
+    the least recently used kernels beyond the size cap; ``keep`` stays, and so do other
+    processes' builds in progress (``*.tmp.so``). Files that vanish meanwhile are skipped."""
     root, now = cache_dir(), time.time()
     for entry in root.iterdir():
-        used = max((path.stat().st_mtime for path in entry.glob("*")),
-                   default=entry.stat().st_mtime)  # loads touch their file
+        own = _stat(entry)
+        if own is None:
+            continue
+        used = max((s.st_mtime for path in entry.glob("*") if (s := _stat(path))),
+                   default=own.st_mtime)  # loads touch their file
         if entry != keep.parent and now - used > STALE_AFTER_DAYS * 86400:
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
     cap = float(os.environ.get("TVM_FUSED_CACHE_MAX_MB", DEFAULT_MAX_MB)) * 2**20
-    kernels = sorted(root.glob("*/*.so"), key=lambda path: path.stat().st_mtime)
-    total = sum(path.stat().st_size for path in kernels)
-    for path in kernels:
+    kernels = sorted(((s.st_mtime, s.st_size, path) for path in root.glob("*/*.so")
+                      if not path.name.endswith(_IN_PROGRESS) and (s := _stat(path))),
+                     key=lambda item: item[0])
+    total = sum(size for _, size, _ in kernels)
+    for _, size, path in kernels:
         if total <= cap:
             break
         if path != keep:
-            total -= path.stat().st_size
+            total -= size
             path.unlink(missing_ok=True)
 
 
@@ -120,7 +136,7 @@ def _load(path: Path):
 
 def _store(executable, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=_IN_PROGRESS)
     os.close(fd)
     try:
         executable.export_library(tmp)
