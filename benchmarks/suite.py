@@ -27,7 +27,7 @@ import torch
 import tvm
 
 from tvm_fused import OpConfig, fused_rope_rmsnorm
-from tvm_fused.schedules.config import DEFAULT_SCHEDULE
+from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.testing.compare import CheckReport, check_run
 from tvm_fused.testing.inputs import OpInputs, make_inputs
 from tvm_fused.timing import op_bytes, time_cuda, time_graph
@@ -189,6 +189,7 @@ def providers(op: OpConfig, tokens: int, names: tuple[str, ...],
     pairs, the copy before the in-place op only into a cache of q's dtype without
     ``kv_output``."""
     interleaved = op.interleaved
+    default = default_for_tokens(nearest_bucket(tokens))  # the hand-written one
     decided = {}
     if "tvm-fused tuned" in names:
         decided = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(), op)
@@ -197,8 +198,8 @@ def providers(op: OpConfig, tokens: int, names: tuple[str, ...],
     makers = {
         "tvm-fused tuned": lambda: tvm_provider(
             decided[nearest_bucket(tokens, tuple(decided))], interleaved),
-        "tvm-fused default": lambda: tvm_provider(DEFAULT_SCHEDULE, interleaved),
-        COPY_THEN_IN_PLACE: lambda: copy_then_in_place(DEFAULT_SCHEDULE, interleaved),
+        "tvm-fused default": lambda: tvm_provider(default, interleaved),
+        COPY_THEN_IN_PLACE: lambda: copy_then_in_place(default, interleaved),
         "triton fused": lambda: triton_provider(interleaved),
         "liger": lambda: _with_token_count(_liger(), interleaved),
         "torch.compile": lambda: wrap(_compiled(torch_op), interleaved),

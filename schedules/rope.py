@@ -33,7 +33,7 @@ def schedule_rope_branch(
     sch: s_tir.Schedule, prefix: str, op: OpConfig, config: ScheduleConfig, items: int
 ) -> None:
     """Bind the ``{prefix}_locate/freqs/load/rope[/quant]/store`` stages; ``items`` vectors a
-    thread."""
+    thread (at most as many as a token's heads fill: with 16 heads and 128-thread blocks, one)."""
     locate, freqs, load, rope, store = (
         sch.get_sblock(f"{prefix}_{stage}")
         for stage in ("locate", "freqs", "load", "rope", "store")
@@ -63,7 +63,8 @@ def schedule_rope_branch(
     sch.reorder(j_lane, j_elem, p)
     elem = sch.fuse(j_elem, p)
     tiles_heads = heads * lanes >= threads
-    if tiles_heads:  # blocks tile a token's heads
+    if tiles_heads:  # blocks tile a token's heads; no more items than fill a block with them
+        items = min(items, heads * lanes // threads)
         blk_part, item, head_part = sch.split(head[0], [None, items, threads // lanes])
         blk = sch.fuse(t, blk_part)
         thread = sch.fuse(head_part, j_lane)

@@ -18,7 +18,7 @@ from tvm import s_tir
 
 from tvm_fused.compiler.config import OpConfig
 
-from .config import DEFAULT_SCHEDULE, ScheduleConfig
+from .config import ScheduleConfig, default_for_tokens
 from .cpu import CpuScheduleConfig, apply_cpu_schedule
 from .fused import apply_block_group_schedule
 
@@ -32,7 +32,7 @@ class DesignSpace:
     knobs: dict
     config_type: type
     apply: Callable  # (sch, op, config) -> None
-    default: object  # the hand-written default config
+    default_for: Callable  # tokens of a bucket -> the hand-written default config
     constrain: Callable = lambda name, chosen, values: values
 
     def make_config(self, values: dict):
@@ -60,7 +60,7 @@ GPU_SPACE = DesignSpace(
     },
     config_type=ScheduleConfig,
     apply=apply_block_group_schedule,
-    default=DEFAULT_SCHEDULE,
+    default_for=default_for_tokens,
     constrain=_gpu_constraint,
 )
 
@@ -68,7 +68,7 @@ CPU_SPACE = DesignSpace(
     knobs={"tokens_per_task": (1, 4, 16), "parallel": (1, 0)},
     config_type=CpuScheduleConfig,
     apply=apply_cpu_schedule,
-    default=CpuScheduleConfig(),
+    default_for=lambda tokens: CpuScheduleConfig(),
 )
 
 

@@ -16,20 +16,20 @@ cp -r tvm_fused "$head/"; cp -r schedules "$head/tvm_fused/schedules"
 cp -r tuning_logs "$head/tvm_fused/tuning_logs"
 # shellcheck disable=SC2086  # token counts are several words
 for rev in "$@"; do  # build (and cache) every kernel before timing, in parallel
-  PYTHONPATH="$rev" python3 scripts/time_revision.py "build $rev" 1 >/dev/null 2>&1 &
+  PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py "build $rev" 1 >/dev/null 2>&1 &
 done
 for i in ${items//,/ }; do
-  PYTHONPATH="$head" python3 scripts/time_revision.py "build head" --items "$i" 1 \
+  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py "build head" --items "$i" 1 \
     >/dev/null 2>&1 &
 done
 wait
 for round in 1 2; do
   for rev in "$@"; do
     # shellcheck disable=SC2086
-    PYTHONPATH="$rev" python3 scripts/time_revision.py "$(basename "$rev") r$round" $tokens \
+    PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py "$(basename "$rev") r$round" $tokens \
       2>/dev/null | tee -a "$out"
   done
   # shellcheck disable=SC2086
-  PYTHONPATH="$head" python3 scripts/time_revision.py "head r$round" --items "$items" $tokens \
+  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py "head r$round" --items "$items" $tokens \
     2>/dev/null | tee -a "$out"
 done

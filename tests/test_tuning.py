@@ -15,6 +15,7 @@ from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func
 from tvm_fused.compiler import pipeline
 from tvm_fused.compiler.build import cuda_target
 from tvm_fused.schedules import ScheduleConfig
+from tvm_fused.schedules.config import DEFAULT_SCHEDULE
 from tvm_fused.schedules.cpu import CpuScheduleConfig
 from tvm_fused.schedules.space import (
     GPU_SPACE,
@@ -25,7 +26,7 @@ from tvm_fused.schedules.space import (
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, measure, records
-from tvm_fused.tuning.buckets import nearest_bucket
+from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
 from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir
 from tvm_fused.tuning.tune import tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
@@ -168,12 +169,13 @@ def test_committed_records_match_the_current_definition(metadata_path: Path):
     best = records.best_records(metadata_path.parent / records.RECORDS,
                                 metadata_path.parent / (records.WORKLOADS + ".xz"))
     decided = decisions.read(metadata_path.parent)
-    assert decided == {int(tokens): records.choose(best[entry["workload"]], GPU_SPACE)
+    assert decided == {int(tokens): records.choose(best[entry["workload"]], GPU_SPACE,
+                                                   GPU_SPACE.default_for(int(tokens)))
                        for tokens, entry in metadata["buckets"].items()}
 
 
 def test_choose_keeps_the_default_unless_clearly_faster():
-    default = GPU_SPACE.default
+    default = GPU_SPACE.default_for(64)
     other = ScheduleConfig(block_threads=256)
 
     def ranked(*entries):
@@ -184,10 +186,22 @@ def test_choose_keeps_the_default_unless_clearly_faster():
             traces.append((secs, sch.trace.as_json(), ""))
         return traces
 
-    assert records.choose(ranked((1.00, other), (1.08, default)), GPU_SPACE) == default
-    assert records.choose(ranked((1.00, other), (1.15, default)), GPU_SPACE) == other
-    assert records.choose(ranked((1.00, default), (1.01, other)), GPU_SPACE) == default
-    assert records.choose(ranked((1.00, other)), GPU_SPACE) == other
+    def choose(*entries):
+        return records.choose(ranked(*entries), GPU_SPACE, default)
+
+    assert choose((1.00, other), (1.08, default)) == default
+    assert choose((1.00, other), (1.15, default)) == other
+    assert choose((1.00, default), (1.01, other)) == default
+    # records taken against another default show nothing about this one
+    assert choose((1.00, other)) == default
+    assert choose() == default
+
+
+def test_the_default_depends_on_the_bucket():
+    """Two vectors per q-rope thread at the smallest and the prefill buckets, one between
+    (measured on an H200; see schedules/config.py)."""
+    assert {tokens: GPU_SPACE.default_for(tokens).rope_vectors_per_thread
+            for tokens in BUCKETS} == {1: 2, 8: 2, 64: 1, 512: 1, 4096: 2, 32768: 2}
 
 
 def test_multi_warp_rows_are_one_per_thread():
@@ -211,7 +225,11 @@ def test_records_of_rejected_configs_are_skipped():
     decisions = [[index, 1 if int(index) == rows else value] for index, value in decisions]
     other = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
     sample_config(other, GPU_SPACE, ScheduleConfig(block_threads=512))
-    ranked = [(1.0, [insts, decisions], ""), (1.2, other.trace.as_json(), "")]
+    default = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+    sample_config(default, GPU_SPACE, DEFAULT_SCHEDULE)
+    ranked = [(1.0, [insts, decisions], ""), (1.2, other.trace.as_json(), ""),
+              (1.5, default.trace.as_json(), "")]
     with pytest.warns(UserWarning, match="one warp per row"):
-        assert records.choose(ranked, GPU_SPACE) == ScheduleConfig(block_threads=512)
+        assert records.choose(ranked, GPU_SPACE, DEFAULT_SCHEDULE) == ScheduleConfig(
+            block_threads=512)
 

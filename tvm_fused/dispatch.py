@@ -3,7 +3,8 @@
 The signature is what shapes the kernel and is known on the host without a sync: device,
 dtypes, static dims, pairing, alignment class and the schedule override (None: the tuning
 decisions). Its first call resolves it once: the op config, the target, the decided config
-of each token bucket (``tuning/decisions.py``), each kernel built or loaded through the one
+of each token bucket (``tuning/decisions.py``; on a GPU without decisions, the hand-written
+default of each bucket), each kernel built or loaded through the one
 kernel cache (``compiler/kernel_cache.py``), and the token counts where one bucket's kernel
 takes over from the next. Later calls cost one dict lookup and a bisect.
 """
@@ -19,8 +20,9 @@ import torch
 from .compiler.build import device_target
 from .compiler.config import OpConfig, dtype_name
 from .compiler.kernel_cache import get_kernel
+from .schedules import default_schedule_config
 from .tuning import decisions
-from .tuning.buckets import thresholds
+from .tuning.buckets import BUCKETS, thresholds
 from .tuning.layout import default_logs_dir
 
 
@@ -62,7 +64,8 @@ def _resolve(signature: tuple) -> _Kernels:
     configs = {}
     if schedule is None and device.type == "cuda":
         configs = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(device),
-                                    op)
+                                    op) or {tokens: default_schedule_config(target, tokens)
+                                            for tokens in BUCKETS}
     if not configs:
         return _Kernels((), (get_kernel(op, target, schedule),))
     buckets = sorted(configs)

@@ -104,10 +104,12 @@ def best_records(path: Path, workloads: Path) -> dict[str, list]:
     return {h: sorted(rs, key=lambda r: r[0]) for h, rs in by_hash.items()}
 
 
-def compact(work_dir: Path, dest: Path, space, keep: int = KEEP_PER_WORKLOAD) -> None:
+def compact(work_dir: Path, dest: Path, space, defaults: dict,
+            keep: int = KEEP_PER_WORKLOAD) -> None:
     """Write ``dest``: the ``keep`` best records per workload of the database in
-    ``work_dir`` and the best record of ``space``'s default config, and those workloads,
-    renumbered and xz-compressed."""
+    ``work_dir`` and the best record of its default config (``defaults``: workload hash ->
+    the hand-written default of its bucket), and those workloads, renumbered and
+    xz-compressed."""
     dest.mkdir(parents=True, exist_ok=True)
     workloads = Path(work_dir) / WORKLOADS
     best = best_records(Path(work_dir) / RECORDS, workloads)
@@ -118,8 +120,8 @@ def compact(work_dir: Path, dest: Path, space, keep: int = KEEP_PER_WORKLOAD) ->
         out.writelines(lines[h] + "\n" for h in kept)
     with open(dest / RECORDS, "w") as out:
         for new_index, h in enumerate(kept):
-            defaults = default_records(best[h], space)
-            chosen = best[h][:keep] + [r for r in defaults[:1] if r not in best[h][:keep]]
+            default = default_records(best[h], space, defaults.get(h))
+            chosen = best[h][:keep] + [r for r in default[:1] if r not in best[h][:keep]]
             for _, _, line in chosen:
                 record = json.loads(line)
                 record[0] = new_index
@@ -182,23 +184,22 @@ def _config(trace, space):
         return None
 
 
-def default_records(ranked: list, space) -> list:
-    """The records among ``ranked`` (``(secs, trace, line)``, fastest first) of
-    ``space.default``."""
-    return [record for record in ranked if _config(record[1], space) == space.default]
+def default_records(ranked: list, space, default) -> list:
+    """The records among ``ranked`` (``(secs, trace, line)``, fastest first) of the config
+    ``default``."""
+    return [record for record in ranked if _config(record[1], space) == default]
 
 
-def choose(ranked: list, space):
-    """The config to build from a workload's records, fastest first: the fastest, unless a
-    recorded default is within ``MIN_SPEEDUP`` of it (then the default: the margin is the
-    run-to-run spread of microsecond kernels, and the default is the better-tested one).
-    The default if no record is usable."""
+def choose(ranked: list, space, default):
+    """The config to build from a workload's records, fastest first: ``default`` (the
+    bucket's hand-written one) unless a record is ``MIN_SPEEDUP`` times faster than the
+    default's own record (the margin is the run-to-run spread of microsecond kernels, and
+    the default is the better-tested one). Without a record of the default (tuning always
+    measures it first: such records were taken against another default) nothing was shown
+    to beat it, so the default."""
     usable = [(secs, config) for secs, trace, _ in ranked
               if (config := _config(trace, space)) is not None]
-    if not usable:
-        return space.default
-    fastest_secs, fastest = usable[0]
-    for secs, config in usable:
-        if config == space.default and secs < fastest_secs * MIN_SPEEDUP:
-            return config
-    return fastest
+    default_secs = [secs for secs, config in usable if config == default]
+    if not default_secs or usable[0][0] * MIN_SPEEDUP > default_secs[0]:
+        return default
+    return usable[0][1]

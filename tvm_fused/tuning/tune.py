@@ -123,7 +123,6 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
     already have that many records in ``work_dir`` are skipped.
     """
     space = space_for(target)
-    default = space.default
     work_dir.mkdir(parents=True, exist_ok=True)
     for table in (records.WORKLOADS, records.RECORDS):
         records.drop_malformed_lines(work_dir / table)
@@ -138,8 +137,8 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
         name = f"{OP_NAME}-{tokens}tok"
         done = len(database.get_top_k(database.commit_workload(workload), trials))
         if done == 0:
-            secs = _measure_default(workload, op, target, space, default, builder, runner,
-                                    database)
+            secs = _measure_default(workload, op, target, space, space.default_for(tokens),
+                                    builder, runner, database)
             log(f"[{name}] default schedule: {secs * 1e6:.2f} us")
             done = 1
         if done >= trials:
@@ -162,7 +161,8 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
             database=database, cost_model=_cost_model(cost_model), task_scheduler="round-robin",
             measure_callbacks=callbacks)
     dest = records_dir(logs_dir, device_name, op)
-    records.compact(work_dir, dest, space)
+    records.compact(work_dir, dest, space, {workload_hash(w): space.default_for(tokens)
+                                            for tokens, w in workloads.items()})
     chosen = _write_metadata(dest, op, target, device_name, workloads, trials, space,
                              time.time() - started, work_dir, rpc)
     decisions.write(dest, device_name, op, chosen)
@@ -180,14 +180,15 @@ def _write_metadata(dest, op, target, device_name, workloads, trials, space, sec
     for tokens, workload in workloads.items():
         shash = workload_hash(workload)
         ranked = best.get(shash, [])
-        defaults = records.default_records(ranked, space)
-        chosen = choices[tokens] = records.choose(ranked, space) if ranked else space.default
+        default = space.default_for(tokens)
+        defaults = records.default_records(ranked, space, default)
+        chosen = choices[tokens] = records.choose(ranked, space, default)
         buckets[str(tokens)] = {
             "workload": shash,
             "records": len(ranked),
             "best_us": ranked[0][0] * 1e6 if ranked else None,
             "default_us": defaults[0][0] * 1e6 if defaults else None,
-            "chosen": "default" if chosen == space.default else dataclasses.asdict(chosen),
+            "chosen": "default" if chosen == default else dataclasses.asdict(chosen),
         }
     metadata = {
         "gpu": device_name,
