@@ -31,6 +31,9 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    """Import an export's module on first use, and keep the export as a module attribute
+    (later lookups, every ``tvm_fused.fused_rope_rmsnorm(...)`` call, skip this hook)."""
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    value = globals()[name] = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    return value
