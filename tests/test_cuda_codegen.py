@@ -8,10 +8,11 @@ import subprocess
 import pytest
 import tvm
 from tvm.script import tirx as T
+from tvm.support import nvcc
 
 from tvm_fused import OpConfig, cuda_source
 from tvm_fused.compiler import pipeline
-from tvm_fused.compiler.build import cuda_target
+from tvm_fused.compiler.build import cuda_target, ieee_float32
 
 CONFIGS = {
     "deepseek-v3": OpConfig(num_q_heads=128),
@@ -77,8 +78,8 @@ def test_aligned_configs_use_16_byte_accesses(source):
 
 
 def test_fp8_caches_divide_exactly_and_store_half_width(source):
-    """``value / k_scale`` is IEEE division (``__fdiv_rn``) although TVM compiles with
-    ``--use_fast_math``, and the cache stores of a 16-byte-aligned fp8 kernel are 8 bytes
+    """``value / k_scale`` is IEEE division (``__fdiv_rn``) whatever the compiler's flags,
+    and the cache stores of a 16-byte-aligned fp8 kernel are 8 bytes
     wide (the bf16 values they come from are 16)."""
     name, src = source
     op = CONFIGS[name]
@@ -99,6 +100,27 @@ def test_nvcc_builds_sm90a_with_no_local_memory(source, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in result.stderr, \
         result.stderr
+
+
+def test_kernels_compile_with_ieee_float32(source, monkeypatch):
+    """TVM compiles CUDA with --use_fast_math, whose flush of float32 subnormals to zero
+    turned bf16 subnormal inputs into zeros of the wrong sign on an H200: our builds switch
+    it off (``build.ieee_float32``). Checks that TVM's nvcc path honours the switch (no
+    ``.ftz`` instruction in the PTX; there are some without it) and that ``build`` compiles
+    under it."""
+    _nvcc()
+    name, src = source
+    with cuda_target():
+        assert ".ftz" in nvcc.compile_cuda(src, "ptx", arch="sm_90a", compiler="nvcc").decode()
+        with ieee_float32():
+            ptx = nvcc.compile_cuda(src, "ptx", arch="sm_90a", compiler="nvcc").decode()
+    assert ".ftz" not in ptx
+    flags = []
+    real_compile = tvm.compile
+    monkeypatch.setattr(tvm, "compile", lambda *args, **kwargs: flags.append(
+        os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH")) or real_compile(*args, **kwargs))
+    cuda_source(CONFIGS[name])
+    assert flags == ["1"]
 
 
 def test_pipeline_mirrors_tvm_default_on_a_single_launch():

@@ -2,10 +2,11 @@
 
 Two of TVM's defaults blur roundings that the spec fixes and the tests check bit for bit:
 
-- CUDA is compiled with ``--use_fast_math``, under which ``a / b`` is an approximation (up to
-  two ulps off). ``div_rn(a, b)`` lowers to CUDA's ``__fdiv_rn`` (IEEE division whatever the
-  flags) and to a plain division elsewhere (LLVM divides exactly). The fp8 cache divides by
-  ``k_scale`` with it.
+- TVM compiles CUDA with ``--use_fast_math`` by default, under which ``a / b`` is an
+  approximation (up to two ulps off). ``build`` turns fast math off for our kernels
+  (``build.ieee_float32``), and ``div_rn(a, b)`` keeps the division exact whatever the
+  flags: it lowers to CUDA's ``__fdiv_rn`` and to a plain division elsewhere (LLVM divides
+  exactly). The fp8 cache divides by ``k_scale`` with it.
 - On the CPU, ``BF16ComputeLegalize`` computes bfloat16 in float32 and drops the roundings
   in between (a cast to bfloat16 and back, or a bfloat16 register, keeps float32 bits).
   ``round_to(dtype, x)`` rounds to ``dtype``'s grid and back to float32 on every target:
