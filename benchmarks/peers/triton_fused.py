@@ -21,11 +21,13 @@ import triton.language as tl
 @triton.jit
 def _cache_value(x, scale, k_ptr, QUANTIZE: tl.constexpr, CACHE_MAX: tl.constexpr):
     """``x`` (q's dtype) as the cache stores it: itself, or ``fp8(clamp(x / scale))``."""
-    if QUANTIZE:
+    if QUANTIZE:  # one return statement: Triton 3.6 types every return of a function alike
         value = tl.math.div_rn(x.to(tl.float32), scale)
         value = tl.clamp(value, -CACHE_MAX, CACHE_MAX, propagate_nan=tl.PropagateNan.ALL)
-        return value.to(k_ptr.dtype.element_ty)
-    return x
+        stored = value.to(k_ptr.dtype.element_ty)
+    else:
+        stored = x
+    return stored
 
 
 @triton.autotune(
@@ -78,20 +80,20 @@ def _fused_kernel(q_ptr, out_ptr, offsets_ptr, freqs_ptr, gamma_ptr, k_ptr, tabl
     else:  # the new row: rope part, then RMSNorm of the latent part
         page = tl.load(table_ptr + lo.to(tl.int64) * t_s0 + pos // PAGE_SIZE)
         row = k_ptr + page.to(tl.int64) * k_s0 + (pos % PAGE_SIZE).to(tl.int64) * k_s1
-        src = row
-        if WRITE_THROUGH:
-            src = kv_ptr + token.to(tl.int64) * kv_s0
+        new_row = row  # (names apart from the q branch's: Triton 3.6 types a name
+        if WRITE_THROUGH:  # assigned in both branches of an if alike)
+            new_row = kv_ptr + token.to(tl.int64) * kv_s0
         scale = 1.0
         if QUANTIZE:
             scale = tl.load(scale_ptr)
-        k0 = tl.load(src + NORM_DIM + first).to(tl.float32)  # (names differ from the q
-        k1 = tl.load(src + NORM_DIM + second).to(tl.float32)  # branch's: other shapes)
+        k0 = tl.load(new_row + NORM_DIM + first).to(tl.float32)
+        k1 = tl.load(new_row + NORM_DIM + second).to(tl.float32)
         roped0 = (k0 * cos - k1 * sin).to(dtype)
         roped1 = (k0 * sin + k1 * cos).to(dtype)
         tl.store(row + NORM_DIM + first, _cache_value(roped0, scale, k_ptr, QUANTIZE, CACHE_MAX))
         tl.store(row + NORM_DIM + second, _cache_value(roped1, scale, k_ptr, QUANTIZE, CACHE_MAX))
         c = tl.arange(0, NORM_DIM)
-        x = tl.load(src + c).to(tl.float32)
+        x = tl.load(new_row + c).to(tl.float32)
         rms = tl.rsqrt(tl.sum(x * x, axis=0) / NORM_DIM + epsilon)
         gamma = tl.load(gamma_ptr + c)
         normed = (x * rms).to(gamma_ptr.dtype.element_ty)
@@ -99,10 +101,10 @@ def _fused_kernel(q_ptr, out_ptr, offsets_ptr, freqs_ptr, gamma_ptr, k_ptr, tabl
         y = y.to(dtype)
         tl.store(row + c, _cache_value(y, scale, k_ptr, QUANTIZE, CACHE_MAX))
         if KV_OUTPUT:
-            dst = kvo_ptr + token.to(tl.int64) * kvo_s0
-            tl.store(dst + NORM_DIM + first, roped0)
-            tl.store(dst + NORM_DIM + second, roped1)
-            tl.store(dst + c, y)
+            out_row = kvo_ptr + token.to(tl.int64) * kvo_s0
+            tl.store(out_row + NORM_DIM + first, roped0)
+            tl.store(out_row + NORM_DIM + second, roped1)
+            tl.store(out_row + c, y)
 
 
 @functools.cache
