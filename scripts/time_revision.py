@@ -4,14 +4,19 @@ PYTHONPATH pointing at each).
 
 Only the public API, ``ScheduleConfig`` and ``make_inputs`` / ``bucket_case`` are used
 (``make_inputs`` from where each revision has it), so any revision runs it. For each token
-count (128 heads, bf16, the tuning buckets' batches) and each schedule: the median of
+count (the tuning buckets' batches), head count (default 128), case (form and cache; bf16 q)
+and schedule: the median of
 cold-L2 CUDA-event runs; at decode sizes also the GPU time per call in a graph of 100 calls
 back to back (the steady state of a decode step) and the host time of a Python call with
 ``validate=False``. Schedules are timed in turn at each token count, so drift hits them
 alike. Prints one JSON line per token count and schedule.
 
-Usage: python scripts/time_revision.py LABEL [--items N[,N...]] [TOKENS ...]
-(``--items``: the schedules' ``rope_vectors_per_thread``; 0 or none: the default schedule)
+Usage: python scripts/time_revision.py LABEL [--items N[,N...]] [--heads H[,H...]]
+    [--cases CASE[,CASE...]] [TOKENS ...]
+(``--items``: the schedules' ``rope_vectors_per_thread``; 0 or none: the default schedule;
+``--cases``: in-place (default), write-through, or an fp8 cache dtype with an optional
+``@k_scale``, e.g. ``float8_e4m3fn@0.37``; the write-through cases need a revision that has
+the form)
 """
 
 import argparse
@@ -76,10 +81,27 @@ def host_us(fn, calls: int = 200, batches: int = 7) -> float:
     return statistics.median(means)
 
 
+def case_inputs(tokens: int, heads: int, case: str):
+    """Inputs of ``tokens`` tokens (the tuning bucket's batch) for ``case``: ``in-place``,
+    ``write-through`` (bf16 cache) or an fp8 cache dtype, optionally ``@K_SCALE``."""
+    options = {}
+    if case != "in-place":
+        cache, _, scale = case.partition("@")
+        options = {"write_through": True}
+        if cache != "write-through":
+            options.update(cache_dtype=getattr(torch, cache),
+                           k_scale=float(scale) if scale else None)
+    return make_inputs(*bucket_case(tokens), num_q_heads=heads, device="cuda", **options)
+
+
 parser = argparse.ArgumentParser()
 parser.add_argument("label")
 parser.add_argument("tokens", type=int, nargs="*", default=[1, 64, 4096, 32768])
 parser.add_argument("--items", default="0")
+parser.add_argument("--heads", default="128", help="comma-separated head counts")
+parser.add_argument("--cases", default="in-place",
+                    help="comma-separated: in-place, write-through, an fp8 cache dtype[@k_scale]")
+parser.add_argument("--build", action="store_true", help="only build (and cache) the kernels")
 args = parser.parse_intermixed_args()
 schedules = {}
 for items in map(int, args.items.split(",")):
@@ -90,18 +112,25 @@ for items in map(int, args.items.split(",")):
     else:
         schedules[items] = {}
 for tokens in args.tokens:
-    inputs = make_inputs(*bucket_case(tokens), num_q_heads=128, device="cuda")
-    out = torch.empty_like(inputs.q_rope)
-    for items, schedule in schedules.items():
+    for heads in map(int, args.heads.split(",")):
+        for case in args.cases.split(","):
+            inputs = case_inputs(tokens, heads, case)
+            form = {} if case == "in-place" else inputs.form()
+            out = torch.empty_like(inputs.q_rope)
+            for items, schedule in schedules.items():
 
-        def call(inputs=inputs, out=out, schedule=schedule):
-            tvm_fused.fused_rope_rmsnorm(*inputs.args(), out=out, validate=False, **schedule)
+                def call(inputs=inputs, out=out, schedule=schedule, form=form):
+                    tvm_fused.fused_rope_rmsnorm(*inputs.args(), out=out, validate=False,
+                                                 **form, **schedule)
 
-        row = {"label": args.label, "items": items or "default",
-               "gpu": torch.cuda.get_device_name(), "tokens": tokens,
-               "cold_us": cold_us(call, 200 if tokens <= 4096 else 60)}
-        if tokens <= 256:
-            row["graph_us_per_call"] = graph_us(call)
-        if tokens <= 64:
-            row["host_us"] = host_us(call)
-        print(json.dumps(row), flush=True)
+                if args.build:
+                    call()
+                    continue
+                row = {"label": args.label, "items": items or "default",
+                       "gpu": torch.cuda.get_device_name(), "heads": heads, "case": case,
+                       "tokens": tokens, "cold_us": cold_us(call, 200 if tokens <= 4096 else 60)}
+                if tokens <= 256:
+                    row["graph_us_per_call"] = graph_us(call)
+                if tokens <= 64:
+                    row["host_us"] = host_us(call)
+                print(json.dumps(row), flush=True)

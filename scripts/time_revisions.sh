@@ -6,30 +6,35 @@
 #   (then mv schedules and tuning_logs into tvm_fused/; carry benchmarks/scratch)
 # This checkout is laid out the same way in /tmp/rev_head (no editable install may be active:
 # its import hook would shadow PYTHONPATH). Kernels are built in parallel first.
-# Usage: scripts/time_revisions.sh OUTFILE ITEMS "TOKENS" REV_DIR...
+# Usage: scripts/time_revisions.sh OUTFILE ITEMS "TOKENS" "OPTIONS" REV_DIR...
 #   ITEMS: comma-separated rope_vectors_per_thread values for this checkout (0: default)
+#   OPTIONS: more options of time_revision.py for every revision (--heads, --cases), or ""
 set -uo pipefail
-out=${1:?output file}; items=${2:?items}; tokens=${3:?token counts}; shift 3
+out=${1:?output file}; items=${2:?items}; tokens=${3:?token counts}; options=${4?options}
+shift 4
 head=/tmp/rev_head
 rm -rf "$head"; mkdir -p "$head"
 cp -r tvm_fused "$head/"; cp -r schedules "$head/tvm_fused/schedules"
 cp -r tuning_logs "$head/tvm_fused/tuning_logs"
-# shellcheck disable=SC2086  # token counts are several words
+# shellcheck disable=SC2086  # token counts and options are several words
 for rev in "$@"; do  # build (and cache) every kernel before timing, in parallel
-  PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py "build $rev" 1 >/dev/null 2>&1 &
+  PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py build --build $options $tokens \
+    >/dev/null 2>&1 &
 done
 for i in ${items//,/ }; do
-  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py "build head" --items "$i" 1 \
-    >/dev/null 2>&1 &
+  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py build --build --items "$i" \
+    $options $tokens >/dev/null 2>&1 &
 done
 wait
 for round in 1 2; do
   for rev in "$@"; do
     # shellcheck disable=SC2086
-    PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py "$(basename "$rev") r$round" $tokens \
+    PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py "$(basename "$rev") r$round" \
+      $options $tokens \
       2>/dev/null | tee -a "$out"
   done
   # shellcheck disable=SC2086
-  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py "head r$round" --items "$items" $tokens \
+  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py "head r$round" --items "$items" \
+    $options $tokens \
     2>/dev/null | tee -a "$out"
 done

@@ -1,14 +1,20 @@
 """Shared fixtures: an isolated kernel cache, and the GPU marker's skip."""
 
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_kernel_cache(tmp_path_factory):
-    """Build kernels into a fresh cache directory, never the user's."""
+    """Build kernels into a fresh cache directory, never the user's; pytest-xdist's workers
+    share one (the cache is safe across processes), so each kernel is built once per run."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "kernel-cache"
+    cache.mkdir(exist_ok=True)
     mp = pytest.MonkeyPatch()
-    mp.setenv("TVM_FUSED_CACHE_DIR", str(tmp_path_factory.mktemp("kernel-cache")))
+    mp.setenv("TVM_FUSED_CACHE_DIR", str(cache))
     yield
     mp.undo()
 

@@ -62,7 +62,7 @@ from tvm.script.ir_builder import IRBuilder
 from .block_groups import BLOCK_GROUPS
 from .config import ITEMSIZE, OpConfig
 from .exact_math import div_rn, round_to
-from .fp8 import saturating_fp8, storer
+from .fp8 import saturating_fp8
 
 OP_NAME = "fused_rope_rmsnorm"
 # token states written by ``locate``
@@ -360,10 +360,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             for t, j, p in T.grid(n, R2, TWO):
                 with T.sblock("k_quant"):
                     vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                    T.reads(k_out[vt, vj, vp], k_scale[0])
-                    T.writes(k_quantized[vt, vj, vp])
-                    saturating_fp8(scaled(k_out[vt, vj, vp], k_scale), cdtype,
-                                   storer(k_quantized, vt, vj, vp))
+                    k_quantized[vt, vj, vp] = saturating_fp8(
+                        cdtype, scaled(k_out[vt, vj, vp], k_scale))
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_store"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
@@ -427,10 +425,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             for t, c in T.grid(n, D):
                 with T.sblock("norm_quant"):
                     vt, vc = T.axis.remap("SS", [t, c])
-                    T.reads(norm_out[vt, vc], k_scale[0])
-                    T.writes(norm_quantized[vt, vc])
-                    saturating_fp8(scaled(norm_out[vt, vc], k_scale), cdtype,
-                                   storer(norm_quantized, vt, vc))
+                    norm_quantized[vt, vc] = saturating_fp8(
+                        cdtype, scaled(norm_out[vt, vc], k_scale))
         for t, c in T.grid(n, D):
             with T.sblock("norm_store"):
                 vt, vc = T.axis.remap("SS", [t, c])

@@ -49,8 +49,11 @@ _INTRINSICS = {
 }
 
 
-def _register() -> None:
-    for name, (operands, lowerings) in _INTRINSICS.items():
+def register_intrinsics(intrinsics: dict, vectorizable: bool = False) -> None:
+    """Register each pure intrinsic of ``intrinsics`` (name -> (operands, lowering per
+    target)) once; ``vectorizable``: a vectorized loop calls it on vector operands (its
+    lowerings take them)."""
+    for name, (operands, lowerings) in intrinsics.items():
         if name in tvm.ir.Op.list_op_names():
             continue
         tvm_ffi.get_global_func("ir.RegisterOp")(name, "")
@@ -58,11 +61,13 @@ def _register() -> None:
         op.set_num_inputs(operands)
         op.set_attr("TCallEffectKind", tvm.tirx.CallEffectKind.Pure.value)
         op.set_attr("TScriptPrinterName", name.removeprefix("tirx."))
+        if vectorizable:
+            op.set_attr("TVectorizable", True)
         for target, lower in lowerings.items():
             register_intrin_lowering(name, target, f=lower)
 
 
-_register()
+register_intrinsics(_INTRINSICS)
 
 
 def div_rn(a, b):
