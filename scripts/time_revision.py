@@ -69,7 +69,9 @@ def graph_us(fn, calls: int = 100, reps: int = 20) -> float:
 
 
 def host_us(fn, calls: int = 200, batches: int = 7) -> float:
-    """Median over ``batches`` of the mean host time of ``calls`` back-to-back calls."""
+    """Median over ``batches`` of the mean host time of ``calls`` back-to-back calls.
+    (``benchmarks.suite.host_us`` measures the same, but imports this checkout's package,
+    which an earlier revision on the path would shadow.)"""
     means = []
     for _ in range(batches):
         torch.cuda.synchronize()
