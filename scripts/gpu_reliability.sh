@@ -2,8 +2,8 @@
 # Every GPU test on the GPU machine, then the GPU fuzz and compute-sanitizer, each step with a
 # time limit so that together they fit one 10-minute device call: the GPU tests but the fuzz
 # (custom ops under torch.compile and CUDA graphs, threads and streams, peers, kernels) over
-# 12 pytest-xdist workers, the 1000-case fuzz over 16 worker processes (about 4 cases a
-# second on an H100 host), memcheck/racecheck/synccheck over scripts/sanitize_cases.py.
+# 12 pytest-xdist workers, as many of 1000 fuzz cases as 170 s allow over 16 worker processes
+# (an H200 host did 570), memcheck/racecheck/synccheck over scripts/sanitize_cases.py.
 # Wheels the GPU machine lacks (pytest-xdist, execnet, liger-kernel) come from a carried .whl/.
 # Usage: scripts/gpu_reliability.sh OUTDIR
 set -uo pipefail

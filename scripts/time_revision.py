@@ -5,11 +5,10 @@ PYTHONPATH pointing at each).
 Only the public API, ``ScheduleConfig`` and ``make_inputs`` / ``bucket_case`` are used
 (``make_inputs`` from where each revision has it), so any revision runs it. For each token
 count (the tuning buckets' batches), head count (default 128), case (form and cache; bf16 q)
-and schedule: the median of
-cold-L2 CUDA-event runs; at decode sizes also the GPU time per call in a graph of 100 calls
-back to back (the steady state of a decode step) and the host time of a Python call with
-``validate=False``. Schedules are timed in turn at each token count, so drift hits them
-alike. Prints one JSON line per token count and schedule.
+and schedule: the median of cold-L2 CUDA-event runs; at decode sizes also the GPU time per
+call in a graph of 100 calls back to back (the steady state of a decode step) and the host
+time of a Python call with ``validate=False``. Schedules are timed in turn at each point, so
+drift hits them alike. Prints one JSON line per point and schedule.
 
 Usage: python scripts/time_revision.py LABEL [--items N[,N...]] [--heads H[,H...]]
     [--cases CASE[,CASE...]] [TOKENS ...]

@@ -50,7 +50,7 @@ def _integer_lowering(fmt: Fp8Format):
     def lower(call):
         (x,) = call.args
         lanes = x.ty.dtype.lanes
-        u32 = tvm.DataType("uint32").with_lanes(lanes) if lanes > 1 else "uint32"
+        u32 = tvm.DataType("uint32").with_lanes(lanes)
 
         def u(value: int):
             const = tvm.tirx.const(value, "uint32")
@@ -75,8 +75,8 @@ def _integer_lowering(fmt: Fp8Format):
         subnormal = round_shift(significand, T.min(base - T.min(exponent, base), u(31)))
         value = T.Select(magnitude > u(_F32_INF), u(_NAN), T.Select(
             exponent >= u(128 - fmt.bias), normal, subnormal))  # 128 - bias: smallest normal
-        u8 = tvm.DataType("uint8").with_lanes(lanes) if lanes > 1 else "uint8"
-        result = T.Cast(u8, ((bits >> u(24)) & u(0x80)) | value)
+        sign = (bits >> u(24)) & u(0x80)
+        result = T.Cast(tvm.DataType("uint8").with_lanes(lanes), sign | value)
         for var, bound in reversed(((bits, T.reinterpret(u32, x)),
                                     (magnitude, bits & u(_F32_ABS)),
                                     (clamped, T.min(magnitude, u(_float_bits(fmt.max)))),
@@ -91,8 +91,7 @@ def _cuda_lowering(dtype: str):
     """The lowering of a call to the bits of TVM's CUDA fp8 cast (the hardware's)."""
 
     def lower(call):
-        lanes = call.ty.dtype.lanes
-        fp8 = tvm.DataType(dtype).with_lanes(lanes) if lanes > 1 else dtype
+        fp8 = tvm.DataType(dtype).with_lanes(call.ty.dtype.lanes)
         return T.reinterpret(call.ty.dtype, T.Cast(fp8, call.args[0]))
 
     return lower
