@@ -189,7 +189,7 @@ def providers(op: OpConfig, tokens: int, names: tuple[str, ...],
     pairs, the copy before the in-place op only into a cache of q's dtype without
     ``kv_output``."""
     interleaved = op.interleaved
-    default = default_for_tokens(nearest_bucket(tokens))  # the hand-written one
+    default = default_for_tokens(nearest_bucket(tokens), op)  # the hand-written one
     decided = {}
     if "tvm-fused tuned" in names:
         decided = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(), op)

@@ -25,8 +25,10 @@ class ScheduleConfig:
         groups use the same ``(x, y)`` thread shape, so no thread of the merged launch idles.
         32 (one warp) reduces with shuffles alone; more threads add a shared-memory step.
     vector_bytes : bytes per global load/store (16: one ``uint4`` per access).
-    rope_vectors_per_thread : vectors each rope thread handles, strided by the block's span,
-        so a block covers that many times more heads (q) or tokens (k): fewer, longer blocks.
+    rope_vectors_per_thread : vectors each rope thread handles, so a block covers that many
+        times more heads (q) or tokens (k): fewer, longer blocks. A q thread's are adjacent
+        heads of one token, all loaded before the first rotation (that many loads in
+        flight); a k thread's are tokens strided by the block's span, one after another.
     norm_rows_per_thread : cache rows each norm thread group normalizes one after another,
         so a norm block covers that many times more tokens.
     unroll : unroll the per-thread element loops explicitly.
@@ -76,24 +78,30 @@ class ScheduleConfig:
 DEFAULT_SCHEDULE = ScheduleConfig()
 # Two vectors per q-rope thread (two heads of one token): the thread locates its token once
 # for both, which halves the locate's instructions per byte. Measured on an H200 (README,
-# "What the index checks cost"): 3% faster than one vector at 4096 and 32768 tokens and 5%
-# at 1 token, 4-8% slower at 64 and 512 tokens, even at 8.
+# "What the index checks cost"): at 128 heads 3% faster than one vector at 4096 and 32768
+# tokens and 5% at 1 token, 4-8% slower at 64 and 512 tokens, even at 8. With too few heads
+# for two vectors per q thread (16 heads: a token's q rope fills one 128-thread block) only
+# the k rope threads take two tokens each, which measured 2-8% slower at 4096 and 32768
+# tokens on an H200 in every form (benchmarks/results/h200_schedule_sweep.jsonl).
 TWO_VECTORS = ScheduleConfig(rope_vectors_per_thread=2)
 
 
-def default_for_tokens(tokens: int | None) -> ScheduleConfig:
-    """The hand-written default for calls of about ``tokens`` tokens (a token bucket; None:
-    any count): ``TWO_VECTORS`` up to 8 and from 4096 tokens, else ``DEFAULT_SCHEDULE``.
-    Tuning decisions replace it per GPU and bucket where a candidate was measured faster."""
-    if tokens is not None and (tokens <= 8 or tokens >= 4096):
+def default_for_tokens(tokens: int | None, op: OpConfig) -> ScheduleConfig:
+    """The hand-written default for ``op`` and calls of about ``tokens`` tokens (a token
+    bucket; None: any count): ``TWO_VECTORS`` up to 8 and from 4096 tokens where a token's q
+    rope gives each thread of a block two vectors, else ``DEFAULT_SCHEDULE``. Tuning
+    decisions replace it per GPU and bucket where a candidate was measured faster."""
+    q_vectors = op.num_q_heads * op.rope_dim * ITEMSIZE[op.dtype] // DEFAULT_SCHEDULE.vector_bytes
+    if (tokens is not None and (tokens <= 8 or tokens >= 4096)
+            and q_vectors >= 2 * DEFAULT_SCHEDULE.block_threads):
         return TWO_VECTORS
     return DEFAULT_SCHEDULE
 
 
-def default_schedule_config(target: tvm.target.Target,
+def default_schedule_config(target: tvm.target.Target, op: OpConfig,
                             tokens: int | None = None) -> ScheduleConfig:
-    """The hand-written default for a CUDA target and calls of about ``tokens`` tokens
-    (``default_for_tokens``)."""
+    """The hand-written default for a CUDA target, ``op`` and calls of about ``tokens``
+    tokens (``default_for_tokens``)."""
     if target.kind.name != "cuda":
         raise ValueError(f"the block-group schedule is for CUDA targets, got {target.kind.name}")
-    return default_for_tokens(tokens)
+    return default_for_tokens(tokens, op)

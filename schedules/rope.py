@@ -8,8 +8,9 @@ interleaved; two for NeoX, whose pairs sit ``R / 2`` apart). A block's ``Y * X``
     for blk   in blockIdx.x  (n * ceil(H / heads per block), or ceil(n / tokens per block))
      for ty   in threadIdx.y (Y)
       for tx  in threadIdx.x (X)                      thread -> (token, head, lane)
-       locate token t, freqs[pos, lane*E : +E]       once per thread when its items are heads
-                                                      (of one token; two or more items)
+       locate token t, freqs[pos, lane*E : +E],      once per thread when its items are
+       x[t, h .. h+items, lane*E : +E]               adjacent heads (of one token; two or
+                                                      more items): all loads in flight at once
        for item in range(items)                       heads (or tokens) a thread handles
          locate token t: binary search of input_row_offsets        (registers)
          freqs[pos, lane*E : +E]          ->  vector loads         (registers)
@@ -65,8 +66,10 @@ def schedule_rope_branch(
     tiles_heads = heads * lanes >= threads
     if tiles_heads:  # blocks tile a token's heads; no more items than fill a block with them
         items = min(items, heads * lanes // threads)
-        blk_part, item, head_part = sch.split(head[0], [None, items, threads // lanes])
+        # a thread's heads are adjacent, so that their loads cover one region of the row
+        blk_part, head_part, item = sch.split(head[0], [None, threads // lanes, items])
         blk = sch.fuse(t, blk_part)
+        sch.reorder(head_part, j_lane, item)
         thread = sch.fuse(head_part, j_lane)
     else:  # a block takes whole tokens
         blk, item, tok_part = sch.split(t, [None, items, threads // (heads * lanes)])
@@ -85,17 +88,19 @@ def schedule_rope_branch(
         sch.vectorize(j_vec)
         sch.unroll(p)  # the registers it indexes stay registers (nvcc may keep the loop)
 
-    # a thread's items are heads of one token (one locate and freqs row for all) or tokens;
-    # with one item, everything stays at the item loop, where the q loads come first
+    # a thread's items are heads of one token (one locate and freqs row for all, and every
+    # head's loads before the first rotation: that many vectors in flight) or tokens (each
+    # with its own locate, at the item loop); with one item, everything stays at the item
+    # loop, where the q loads come first
     per_token = tx if tiles_heads and items > 1 else item
     for stage in computed:
         sch.compute_at(stage, item)
-    for stage, at in ((load, item), (freqs, per_token), (locate, per_token)):
+    for stage, at in ((load, per_token), (freqs, per_token), (locate, per_token)):
         sch.compute_at(stage, at)
     if config.unroll:
         for stage in computed:
             for loop in loops_under(sch, stage, item):
                 sch.unroll(loop)
     vectorize_tail(sch, freqs, per_token, config.vector_elems(op, op.freqs_dtype, elems))
-    vectorize_tail(sch, load, item, vector, pairs_first=op.interleaved)
+    vectorize_tail(sch, load, per_token, vector, pairs_first=op.interleaved)
     set_local(sch, locate, freqs, load, *computed)

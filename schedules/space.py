@@ -32,7 +32,7 @@ class DesignSpace:
     knobs: dict
     config_type: type
     apply: Callable  # (sch, op, config) -> None
-    default_for: Callable  # tokens of a bucket -> the hand-written default config
+    default_for: Callable  # (tokens of a bucket, op) -> the hand-written default config
     constrain: Callable = lambda name, chosen, values: values
 
     def make_config(self, values: dict):
@@ -68,7 +68,7 @@ CPU_SPACE = DesignSpace(
     knobs={"tokens_per_task": (1, 4, 16), "parallel": (1, 0)},
     config_type=CpuScheduleConfig,
     apply=apply_cpu_schedule,
-    default_for=lambda tokens: CpuScheduleConfig(),
+    default_for=lambda tokens, op: CpuScheduleConfig(),
 )
 
 

@@ -10,12 +10,14 @@ call in a graph of 100 calls back to back (the steady state of a decode step) an
 time of a Python call with ``validate=False``. Schedules are timed in turn at each point, so
 drift hits them alike. Prints one JSON line per point and schedule.
 
-Usage: python scripts/time_revision.py LABEL [--items N[,N...]] [--heads H[,H...]]
+Usage: python scripts/time_revision.py LABEL [--schedules S[,S...]] [--heads H[,H...]]
     [--cases CASE[,CASE...]] [TOKENS ...]
-(``--items``: the schedules' ``rope_vectors_per_thread``; 0 or none: the default schedule;
-``--cases``: in-place (default), write-through, or an fp8 cache dtype with an optional
-``@k_scale``, e.g. ``float8_e4m3fn@0.37``; the write-through cases need a revision that has
-the form)
+(``--schedules``: ``default`` (the schedule decided per bucket) or ``ScheduleConfig`` fields
+as letters and values joined by ``-``: ``T`` block_threads, ``X`` norm_threads_per_row,
+``V`` vector_bytes, ``R`` rope_vectors_per_thread, ``N`` norm_rows_per_thread, ``U`` unroll,
+e.g. ``T256-R2`` (unnamed fields keep their defaults); ``--cases``: in-place (default),
+write-through, or an fp8 cache dtype with an optional ``@k_scale``, e.g.
+``float8_e4m3fn@0.37``; the write-through cases need a revision that has the form)
 """
 
 import argparse
@@ -98,27 +100,34 @@ def case_inputs(tokens: int, heads: int, case: str):
 parser = argparse.ArgumentParser()
 parser.add_argument("label")
 parser.add_argument("tokens", type=int, nargs="*", default=[1, 64, 4096, 32768])
-parser.add_argument("--items", default="0")
+parser.add_argument("--schedules", default="default")
 parser.add_argument("--heads", default="128", help="comma-separated head counts")
 parser.add_argument("--cases", default="in-place",
                     help="comma-separated: in-place, write-through, an fp8 cache dtype[@k_scale]")
 parser.add_argument("--build", action="store_true", help="only build (and cache) the kernels")
 args = parser.parse_intermixed_args()
-schedules = {}
-for items in map(int, args.items.split(",")):
-    if items:
-        from tvm_fused.schedules import ScheduleConfig
+SCHEDULE_FIELDS = {"T": "block_threads", "X": "norm_threads_per_row", "V": "vector_bytes",
+                   "R": "rope_vectors_per_thread", "N": "norm_rows_per_thread", "U": "unroll"}
 
-        schedules[items] = {"schedule": ScheduleConfig(rope_vectors_per_thread=items)}
-    else:
-        schedules[items] = {}
+
+def schedule_option(spec: str) -> dict:
+    """The ``schedule=`` keyword of a ``--schedules`` entry (none for ``default``)."""
+    if spec == "default":
+        return {}
+    from tvm_fused.schedules import ScheduleConfig
+
+    fields = {SCHEDULE_FIELDS[part[0]]: int(part[1:]) for part in spec.split("-")}
+    return {"schedule": ScheduleConfig(**fields)}
+
+
+schedules = {spec: schedule_option(spec) for spec in args.schedules.split(",")}
 for tokens in args.tokens:
     for heads in map(int, args.heads.split(",")):
         for case in args.cases.split(","):
             inputs = case_inputs(tokens, heads, case)
             form = {} if case == "in-place" else inputs.form()
             out = torch.empty_like(inputs.q_rope)
-            for items, schedule in schedules.items():
+            for spec, schedule in schedules.items():
 
                 def call(inputs=inputs, out=out, schedule=schedule, form=form):
                     tvm_fused.fused_rope_rmsnorm(*inputs.args(), out=out, validate=False,
@@ -127,7 +136,7 @@ for tokens in args.tokens:
                 if args.build:
                     call()
                     continue
-                row = {"label": args.label, "items": items or "default",
+                row = {"label": args.label, "schedule": spec,
                        "gpu": torch.cuda.get_device_name(), "heads": heads, "case": case,
                        "tokens": tokens, "cold_us": cold_us(call, 200 if tokens <= 4096 else 60)}
                 if tokens <= 256:

@@ -6,11 +6,11 @@
 #   (then mv schedules and tuning_logs into tvm_fused/; carry benchmarks/scratch)
 # This checkout is laid out the same way in /tmp/rev_head (no editable install may be active:
 # its import hook would shadow PYTHONPATH). Kernels are built in parallel first.
-# Usage: scripts/time_revisions.sh OUTFILE ITEMS "TOKENS" "OPTIONS" REV_DIR...
-#   ITEMS: comma-separated rope_vectors_per_thread values for this checkout (0: default)
+# Usage: scripts/time_revisions.sh OUTFILE SCHEDULES "TOKENS" "OPTIONS" REV_DIR...
+#   SCHEDULES: this checkout's schedules, as time_revision.py's --schedules (e.g. default,T256-R2)
 #   OPTIONS: more options of time_revision.py for every revision (--heads, --cases), or ""
 set -uo pipefail
-out=${1:?output file}; items=${2:?items}; tokens=${3:?token counts}; options=${4?options}
+out=${1:?output file}; schedules=${2:?schedules}; tokens=${3:?token counts}; options=${4?options}
 shift 4
 head=/tmp/rev_head
 rm -rf "$head"; mkdir -p "$head"
@@ -21,8 +21,8 @@ for rev in "$@"; do  # build (and cache) every kernel before timing, in parallel
   PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py build --build $options $tokens \
     >/dev/null 2>&1 &
 done
-for i in ${items//,/ }; do
-  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py build --build --items "$i" \
+for s in ${schedules//,/ }; do
+  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py build --build --schedules "$s" \
     $options $tokens >/dev/null 2>&1 &
 done
 wait
@@ -34,7 +34,7 @@ for round in 1 2; do
       2>/dev/null | tee -a "$out"
   done
   # shellcheck disable=SC2086
-  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py "head r$round" --items "$items" \
+  PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py "head r$round" --schedules "$schedules" \
     $options $tokens \
     2>/dev/null | tee -a "$out"
 done

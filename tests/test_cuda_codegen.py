@@ -13,6 +13,7 @@ from tvm.support import nvcc
 from tvm_fused import OpConfig, cuda_source
 from tvm_fused.compiler import pipeline
 from tvm_fused.compiler.build import cuda_target, ieee_float32
+from tvm_fused.schedules import ScheduleConfig
 
 CONFIGS = {
     "deepseek-v3": OpConfig(num_q_heads=128),
@@ -189,3 +190,20 @@ def test_rope_part_vectors_respect_the_latent_offset(form):
     assert rope_part and max(rope_part) <= 8, sorted(set(accesses))
     assert 16 in {ACCESS_BYTES[kind] for kind, name in accesses if name in ("q_pairs",
                                                                                "out_pairs")}
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+@pytest.mark.parametrize("items", [2, 4])
+def test_q_threads_load_all_their_heads_first(items, interleaved):
+    """With several heads per q-rope thread, the thread loads exactly its heads (its lane's
+    vectors of each, no head in between) and issues every load before its first rotation, so
+    that many loads are in flight at once."""
+    op = OpConfig(num_q_heads=128, interleaved=interleaved)
+    src = cuda_source(op, schedule=ScheduleConfig(rope_vectors_per_thread=items))
+    kernel = src[src.rindex('extern "C" __global__'):]
+    q_group = kernel[:kernel.index(GROUP_TEST, kernel.index(GROUP_TEST) + 1)]
+    per_head = 8 if interleaved else 16  # a lane's vector, or one from each half (NeoX)
+    assert f"nv_bfloat16 q_in_local_ptr[{items * per_head}];" in q_group
+    first_rotation = q_group.index("q_out_local_ptr[0] =")
+    loads = [m.start() for m in re.finditer(r"= \*\(uint4\*\)\(q_pairs_ptr", q_group)]
+    assert loads and max(loads) < first_rotation

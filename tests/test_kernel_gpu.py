@@ -93,8 +93,8 @@ SCHEDULES = [
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=["narrow", "two-warp-rows", "wide"])
-@pytest.mark.parametrize("heads, interleaved", [(128, True), (1, False)],
-                         ids=["v3", "one-head-neox"])
+@pytest.mark.parametrize("heads, interleaved", [(128, True), (128, False), (1, False)],
+                         ids=["v3", "v3-neox", "one-head-neox"])
 def test_schedule_variants(schedule, heads, interleaved):
     """Knob values the tuner may pick: shared-memory row reductions, several rows or heads
     per thread, narrow vectors."""

@@ -170,12 +170,12 @@ def test_committed_records_match_the_current_definition(metadata_path: Path):
                                 metadata_path.parent / (records.WORKLOADS + ".xz"))
     decided = decisions.read(metadata_path.parent)
     assert decided == {int(tokens): records.choose(best[entry["workload"]], GPU_SPACE,
-                                                   GPU_SPACE.default_for(int(tokens)))
+                                                   GPU_SPACE.default_for(int(tokens), op))
                        for tokens, entry in metadata["buckets"].items()}
 
 
 def test_choose_keeps_the_default_unless_clearly_faster():
-    default = GPU_SPACE.default_for(64)
+    default = GPU_SPACE.default_for(64, OpConfig())
     other = ScheduleConfig(block_threads=256)
 
     def ranked(*entries):
@@ -197,11 +197,18 @@ def test_choose_keeps_the_default_unless_clearly_faster():
     assert choose() == default
 
 
-def test_the_default_depends_on_the_bucket():
-    """Two vectors per q-rope thread at the smallest and the prefill buckets, one between
-    (measured on an H200; see schedules/config.py)."""
-    assert {tokens: GPU_SPACE.default_for(tokens).rope_vectors_per_thread
-            for tokens in BUCKETS} == {1: 2, 8: 2, 64: 1, 512: 1, 4096: 2, 32768: 2}
+def test_the_default_depends_on_the_bucket_and_the_heads():
+    """Two vectors per q-rope thread at the smallest and the prefill buckets, one between,
+    and one everywhere when a token's q rope fills a single block (16 bf16 heads), where a
+    second vector would only go to k rope threads (measured on an H200 and an H100; see
+    schedules/config.py)."""
+    def vectors(**op):
+        return {tokens: GPU_SPACE.default_for(tokens, OpConfig(**op)).rope_vectors_per_thread
+                for tokens in BUCKETS}
+
+    assert vectors() == vectors(num_q_heads=32) == vectors(num_q_heads=16, dtype="float32") \
+        == {1: 2, 8: 2, 64: 1, 512: 1, 4096: 2, 32768: 2}
+    assert vectors(num_q_heads=16) == {tokens: 1 for tokens in BUCKETS}
 
 
 def test_multi_warp_rows_are_one_per_thread():

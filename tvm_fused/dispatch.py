@@ -64,7 +64,7 @@ def _resolve(signature: tuple) -> _Kernels:
     configs = {}
     if schedule is None and device.type == "cuda":
         configs = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(device),
-                                    op) or {tokens: default_schedule_config(target, tokens)
+                                    op) or {tokens: default_schedule_config(target, op, tokens)
                                             for tokens in BUCKETS}
     if not configs:
         return _Kernels((), (get_kernel(op, target, schedule),))

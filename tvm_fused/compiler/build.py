@@ -96,7 +96,7 @@ def scheduled_module(op: OpConfig, target: tvm.target.Target,
     """The IRModule to compile for ``target``: the block-group schedule for CUDA, the CPU
     schedule for ``llvm``."""
     if target.kind.name == "cuda":
-        return schedule_fused_rope_rmsnorm(op, schedule or default_schedule_config(target))
+        return schedule_fused_rope_rmsnorm(op, schedule or default_schedule_config(target, op))
     if target.kind.name != "llvm":
         raise ValueError(f"unsupported target kind {target.kind.name!r}: use cuda or llvm")
     sch = tvm.s_tir.Schedule(tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(op)}))

@@ -5,7 +5,7 @@ from float32: one ulp of the output dtype off the float64 result, plus float32 e
 pair's magnitude (cancellation can make the result itself tiny). RMSNorm rounds to the gamma
 dtype, multiplies by gamma and rounds again: the first rounding may flip (one ulp of the
 normalized value, which gamma turns into up to two ulps of the product) and the second adds
-its own, so three ulps; plus the float32 sum of squares (at most ``kv_norm_dim / 2`` float32
+its own, so three ulps (of the gamma dtype where it is the coarser); plus the float32 sum of squares (at most ``kv_norm_dim / 2`` float32
 epsilons, relative). A report gives, per output, the worst error as a share of its tolerance
 (at most 1 passes), which stays meaningful where a value is near zero and ulps are not.
 An fp8 cache value must be the fp8 rounding of a value within tolerance (the rounding is
@@ -110,14 +110,18 @@ def _storage_as_expected(after: torch.Tensor, before: torch.Tensor, view: torch.
 class _RowTolerance:
     """Tolerances of new latent rows ``[m, D + R]`` (float64), from the rows they came from."""
 
-    def __init__(self, kv_norm_dim: int, dtype: torch.dtype, interleaved: bool):
+    def __init__(self, kv_norm_dim: int, dtype: torch.dtype, interleaved: bool,
+                 gamma_dtype: torch.dtype):
         self.kv_norm_dim, self.dtype, self.interleaved = kv_norm_dim, dtype, interleaved
+        # the normalized value and its product with gamma are rounded to gamma's dtype first:
+        # where that is the coarser one (bf16 gamma, fp16 or fp32 rows), its ulps count
+        self.norm_dtype = max(dtype, gamma_dtype, key=lambda t: torch.finfo(t).eps)
 
     def __call__(self, reference: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         d = self.kv_norm_dim
         rope = ulp(reference[:, d:], self.dtype) + 4 * F32_EPS * _pair_magnitude(
             source[:, d:], self.interleaved)
-        norm = (3 * ulp(reference[:, :d], self.dtype)
+        norm = (3 * ulp(reference[:, :d], self.norm_dtype)
                 + reference[:, :d].abs() * (d / 2 + 4) * F32_EPS)
         return torch.cat((norm, rope), dim=-1)
 
@@ -190,7 +194,7 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     else:
         source = before.kv_input[:n_real].to(torch.float64)
     rows_ref = reference.rows.to(torch.float64)
-    row_tol = _RowTolerance(kv_norm_dim, dtype, interleaved)
+    row_tol = _RowTolerance(kv_norm_dim, dtype, interleaved, before.gamma.dtype)
     tol = row_tol(rows_ref, source)
 
     rope_error = norm_error = 0.0

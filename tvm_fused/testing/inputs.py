@@ -14,7 +14,11 @@ NOPE_DIM = 128  # q's non-rope part: q_rope is usually the view q[..., 128:192]
 Q_LORA_RANK = 1536
 
 
-GUARD = 16  # elements of random values before and after each storage, to catch stray writes
+# elements of random values before and after each storage, to catch stray writes: 128 bytes
+# or more in every dtype, so that a view keeps the allocation's 128-byte line alignment, as a
+# projection's output does (a 32-byte offset made every 128-byte q rope chunk straddle two
+# lines: the H200 then read 1.5x the bytes from DRAM, in every implementation given them)
+GUARD = 128
 
 
 @dataclasses.dataclass

@@ -137,7 +137,7 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
         name = f"{OP_NAME}-{tokens}tok"
         done = len(database.get_top_k(database.commit_workload(workload), trials))
         if done == 0:
-            secs = _measure_default(workload, op, target, space, space.default_for(tokens),
+            secs = _measure_default(workload, op, target, space, space.default_for(tokens, op),
                                     builder, runner, database)
             log(f"[{name}] default schedule: {secs * 1e6:.2f} us")
             done = 1
@@ -161,7 +161,7 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
             database=database, cost_model=_cost_model(cost_model), task_scheduler="round-robin",
             measure_callbacks=callbacks)
     dest = records_dir(logs_dir, device_name, op)
-    records.compact(work_dir, dest, space, {workload_hash(w): space.default_for(tokens)
+    records.compact(work_dir, dest, space, {workload_hash(w): space.default_for(tokens, op)
                                             for tokens, w in workloads.items()})
     chosen = _write_metadata(dest, op, target, device_name, workloads, trials, space,
                              time.time() - started, work_dir, rpc)
@@ -180,7 +180,7 @@ def _write_metadata(dest, op, target, device_name, workloads, trials, space, sec
     for tokens, workload in workloads.items():
         shash = workload_hash(workload)
         ranked = best.get(shash, [])
-        default = space.default_for(tokens)
+        default = space.default_for(tokens, op)
         defaults = records.default_records(ranked, space, default)
         chosen = choices[tokens] = records.choose(ranked, space, default)
         buckets[str(tokens)] = {
