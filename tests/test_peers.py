@@ -278,3 +278,16 @@ def test_triton_write_through_peer_on_the_gpu(cache, interleaved):
 def test_triton_write_through_peer_autotuned_on_the_gpu():
     """The autotuned kernel into an fp8 cache: its tuning runs must leave it right."""
     check_triton_write_through(CACHES["fp8-e4m3-scaled"], True, False)
+
+
+def test_flashinfer_cos_sin_table_splits_the_interleaved_pairs():
+    """FlashInfer's table holds pair i's cosine at column i and its sine at R/2 + i: from an
+    interleaved ``freqs_cis`` of known angles, the columns are the cosines then the sines."""
+    from benchmarks.peers.flashinfer_rope import cos_sin_table
+
+    angles = torch.arange(6 * 32, dtype=torch.float64).view(6, 32) * 0.01
+    freqs = torch.stack((angles.cos(), angles.sin()), dim=-1).view(6, 64).float()
+    table = cos_sin_table(freqs)
+    assert table.dtype == torch.float32 and table.is_contiguous()
+    assert torch.equal(table[:, :32], angles.cos().float())
+    assert torch.equal(table[:, 32:], angles.sin().float())
