@@ -5,9 +5,10 @@ from float32: one ulp of the output dtype off the float64 result, plus float32 e
 pair's magnitude (cancellation can make the result itself tiny). RMSNorm rounds to the gamma
 dtype, multiplies by gamma and rounds again: the first rounding may flip (one ulp of the
 normalized value, which gamma turns into up to two ulps of the product) and the second adds
-its own, so three ulps (of the gamma dtype where it is the coarser); plus the float32 sum of squares (at most ``kv_norm_dim / 2`` float32
-epsilons, relative). A report gives, per output, the worst error as a share of its tolerance
-(at most 1 passes), which stays meaningful where a value is near zero and ulps are not.
+its own, so three ulps (of the gamma dtype where it is the coarser); plus the float32 sum of
+squares (at most ``kv_norm_dim / 2`` float32 epsilons, relative). A report gives, per
+output, the worst error as a share of its tolerance (at most 1 passes), which stays
+meaningful where a value is near zero and ulps are not.
 An fp8 cache value must be the fp8 rounding of a value within tolerance (the rounding is
 monotonic, so it lies between the roundings of the tolerance interval's ends), and exactly
 the rounding of the op's own value where ``kv_output`` shows it. Everything the op must not
