@@ -63,6 +63,25 @@ class ScheduleConfig:
         """Cache rows one norm block normalizes."""
         return self.block_threads // self.norm_threads_per_row
 
+    def rope_lanes(self, op: OpConfig, prefix: str) -> tuple[int, int, int]:
+        """``(vector, elems, lanes)`` of the ``prefix`` ("q" or "k") rope branch: elements per
+        vector access, elements per lane (whole pairs), lanes per head (``rope_dim / elems``).
+        """
+        # the k rope part starts kv_norm_dim elements into its row: vectors must divide that
+        offset = (op.kv_norm_dim,) if prefix == "k" else ()
+        vector = self.vector_elems(op, op.dtype, op.rope_dim // (1 if op.interleaved else 2),
+                                   *offset)
+        # a lane's elements hold whole pairs: at least one interleaved pair, whose two
+        # elements are accessed one by one when the alignment allows no vector (a pair-wide
+        # access would be misaligned), or a vector from each half of a NeoX row
+        elems = max(vector, 2) if op.interleaved else 2 * vector
+        return vector, elems, op.rope_dim // elems
+
+    def q_heads_per_thread(self, op: OpConfig) -> int:
+        """The most heads a q rope thread can take while blocks still tile a token's heads
+        (0: a block holds whole tokens)."""
+        return op.num_q_heads * self.rope_lanes(op, "q")[2] // self.block_threads
+
     def vector_elems(self, op: OpConfig, dtype: str, *dims: int) -> int:
         """Elements per vector access of ``dtype``: as wide as ``vector_bytes`` and the op's
         alignment allow while dividing every dim in ``dims``."""
@@ -89,11 +108,10 @@ TWO_VECTORS = ScheduleConfig(rope_vectors_per_thread=2)
 def default_for_tokens(tokens: int | None, op: OpConfig) -> ScheduleConfig:
     """The hand-written default for ``op`` and calls of about ``tokens`` tokens (a token
     bucket; None: any count): ``TWO_VECTORS`` up to 8 and from 4096 tokens where a token's q
-    rope gives each thread of a block two vectors, else ``DEFAULT_SCHEDULE``. Tuning
+    rope gives each thread of a block two heads, else ``DEFAULT_SCHEDULE``. Tuning
     decisions replace it per GPU and bucket where a candidate was measured faster."""
-    q_vectors = op.num_q_heads * op.rope_dim * ITEMSIZE[op.dtype] // DEFAULT_SCHEDULE.vector_bytes
     if (tokens is not None and (tokens <= 8 or tokens >= 4096)
-            and q_vectors >= 2 * DEFAULT_SCHEDULE.block_threads):
+            and TWO_VECTORS.q_heads_per_thread(op) >= 2):
         return TWO_VECTORS
     return DEFAULT_SCHEDULE
 

@@ -43,15 +43,7 @@ def schedule_rope_branch(
     computed = [rope]
     if prefix == "k" and op.cache_dtype is not None:
         computed.insert(0, sch.get_sblock("k_quant"))
-    # the k rope part starts kv_norm_dim elements into its row: vectors must divide that too
-    offset = (op.kv_norm_dim,) if prefix == "k" else ()
-    vector = config.vector_elems(op, op.dtype, op.rope_dim // (1 if op.interleaved else 2),
-                                 *offset)
-    # a lane's elements hold whole pairs: at least one interleaved pair, whose two elements
-    # are accessed one by one when the alignment allows no vector (a pair-wide access would
-    # be misaligned), or a vector from each half of a NeoX row
-    elems = max(vector, 2) if op.interleaved else 2 * vector
-    lanes = op.rope_dim // elems
+    vector, elems, lanes = config.rope_lanes(op, prefix)
     threads = config.block_threads
     heads = op.num_q_heads if prefix == "q" else 1
 

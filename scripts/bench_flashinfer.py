@@ -56,7 +56,7 @@ for heads in (128, 16):
                           lambda f=flashinfer: f.append(f.kv_input[:, :f.gamma.shape[0]])),
                          ("flashinfer, real q_nope", real)):
             row[name] = round(time_cuda(fn, reps=200 if tokens <= 4096 else 60).median_us, 2)
-        row["op bytes"] = op_bytes(n, heads, 64, 512, torch.bfloat16,
-                                   cache_dtype=torch.float8_e4m3fn)
+        row["op bytes"] = op_bytes(n, heads, base.q_rope.shape[2], base.gamma.shape[0],
+                                   base.q_rope.dtype, cache_dtype=base.k_cache.dtype)
         row["q_nope bytes"] = real.q_nope_bytes
         print(json.dumps(row), flush=True)

@@ -199,8 +199,9 @@ def test_choose_keeps_the_default_unless_clearly_faster():
 
 def test_the_default_depends_on_the_bucket_and_the_heads():
     """Two vectors per q-rope thread at the smallest and the prefill buckets, one between,
-    and one everywhere when a token's q rope fills a single block (16 bf16 heads), where a
-    second vector would only go to k rope threads (measured on an H200 and an H100; see
+    and one everywhere when a token's q rope fills a single block (16 bf16 heads, or 32
+    NeoX heads, whose lanes take two vectors each), where a second vector would only go to
+    k rope threads (measured on an H200 and an H100; see
     schedules/config.py)."""
     def vectors(**op):
         return {tokens: GPU_SPACE.default_for(tokens, OpConfig(**op)).rope_vectors_per_thread
@@ -208,7 +209,8 @@ def test_the_default_depends_on_the_bucket_and_the_heads():
 
     assert vectors() == vectors(num_q_heads=32) == vectors(num_q_heads=16, dtype="float32") \
         == {1: 2, 8: 2, 64: 1, 512: 1, 4096: 2, 32768: 2}
-    assert vectors(num_q_heads=16) == {tokens: 1 for tokens in BUCKETS}
+    assert vectors(num_q_heads=16) == vectors(num_q_heads=32, interleaved=False) \
+        == {tokens: 1 for tokens in BUCKETS}
 
 
 def test_multi_warp_rows_are_one_per_thread():
