@@ -47,9 +47,17 @@ def schedule_rope_branch(
     threads = config.block_threads
     heads = op.num_q_heads if prefix == "q" else 1
 
-    if not op.interleaved:  # registers in memory order too, (p, j): vectors stay contiguous
-        for block in (load, *computed):
+    def in_pj_order(*blocks):
+        """Registers in memory order (p, j), where a pair's elements sit apart: vectors stay
+        contiguous."""
+        for block in blocks:
             sch.transform_layout(block, ("write", 0), lambda *i: (*i[:-2], i[-1], i[-2]))
+
+    if not op.interleaved:  # NeoX rows: x[j] and x[j + R/2]
+        in_pj_order(load, *computed)
+    split_table = op.freqs_layout == "split"  # cosines, then sines
+    if split_table:
+        in_pj_order(freqs)
 
     t, *head, j, p = sch.get_loops(store)
     j_lane, j_elem = sch.split(j, [lanes, None])
@@ -93,6 +101,8 @@ def schedule_rope_branch(
         for stage in computed:
             for loop in loops_under(sch, stage, item):
                 sch.unroll(loop)
-    vectorize_tail(sch, freqs, per_token, config.vector_elems(op, op.freqs_dtype, elems))
+    # a lane's elems/2 pairs read elems adjacent table entries, or two runs of elems/2
+    vectorize_tail(sch, freqs, per_token, config.vector_elems(
+        op, op.freqs_dtype, elems // 2 if split_table else elems), pairs_first=not split_table)
     vectorize_tail(sch, load, per_token, vector, pairs_first=op.interleaved)
     set_local(sch, locate, freqs, load, *computed)

@@ -2,7 +2,9 @@
 
 The rooms of the package:
 
-- library: ``api`` (``fused_rope_rmsnorm``, the torch entry point), ``torch_op`` (the op as
+- library: ``api`` (the torch entry points: ``fused_rope_rmsnorm``, tokens addressed by
+  request offsets and a page table, and ``fused_rope_rmsnorm_slots``, by positions and a slot
+  mapping as vLLM and SGLang address them), ``torch_op`` (the op as
   torch custom ops), ``arguments`` (argument checks);
 - compiler: ``compiler`` (the TensorIR definition, our passes and pipeline, build, kernel
   cache) and ``schedules`` (the GPU and CPU schedules and their design spaces);
@@ -18,6 +20,7 @@ import importlib
 
 _EXPORTS = {
     "fused_rope_rmsnorm": ".api",
+    "fused_rope_rmsnorm_slots": ".api",
     "build": ".compiler.build",
     "cuda_source": ".compiler.build",
     "cuda_target": ".compiler.build",

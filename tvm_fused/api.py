@@ -1,4 +1,7 @@
-"""The torch-facing entry point: ``fused_rope_rmsnorm``."""
+"""The torch-facing entry points: ``fused_rope_rmsnorm`` (tokens addressed by request offsets,
+cache lengths and a page table, as MAX does) and ``fused_rope_rmsnorm_slots`` (by positions and
+a slot mapping, as vLLM, SGLang and FlashInfer do). One definition and one kernel cache serve
+both: the addressing is a static option of the op (``OpConfig.addressing``)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import functools
 import torch
 
 from . import dispatch
-from .arguments import check_arguments, check_contents
+from .arguments import OFFSETS, SLOTS, check_arguments, check_contents, check_slot_contents
 from .schedules import ScheduleConfig
 
 _VECTOR_BYTES = 16  # the widest access the schedules use
@@ -59,6 +62,8 @@ def fused_rope_rmsnorm(
     out: torch.Tensor | None = None,
     errors: torch.Tensor | None = None,
     interleaved: bool = True,
+    freqs_layout: str = "interleaved",
+    norm_rounding: str = "before_gamma",
     validate: bool | None = None,
     schedule: ScheduleConfig | None = None,
 ) -> torch.Tensor:
@@ -80,8 +85,10 @@ def fused_rope_rmsnorm(
     the cache row itself, which the caller has written (un-normed) before the call.
 
     ``rope`` rotates pairs ``(x[2j], x[2j+1])`` (``interleaved``) or ``(x[j], x[j + R/2])``
-    by ``(cos, sin) = freqs_cis[pos, 2j : 2j+2]`` in float32. Rows of ``q_rope`` (and
-    ``kv_input``, ``kv_output``) past ``input_row_offsets[-1]`` are neither read nor written.
+    by ``(cos, sin) = freqs_cis[pos, 2j : 2j+2]`` (``freqs_layout="interleaved"``) or
+    ``freqs_cis[pos, (j, R/2 + j)]`` (``"split"``: cosines, then sines) in float32. Rows of
+    ``q_rope`` (and ``kv_input``, ``kv_output``) past ``input_row_offsets[-1]`` are neither
+    read nor written.
 
     Indices that point nowhere never make the kernel read or write outside its tensors. A
     negative physical page in ``lookup_table`` means "no cache row": the token's q row (and
@@ -97,7 +104,8 @@ def fused_rope_rmsnorm(
     ----------
     q_rope : ``[n, H, R]`` bf16/fp16/fp32; any strides with a contiguous last dim.
     input_row_offsets : ``[batch + 1]`` uint32 or int32, prefix sums of new tokens.
-    freqs_cis : ``[max_seq_len, R]`` fp32 or bf16, contiguous; (cos, sin) pairs per row.
+    freqs_cis : ``[max_seq_len, R]`` fp32 or bf16, contiguous; cos and sin of each pair per
+        row, as ``freqs_layout`` says.
     gamma : ``[D]`` bf16/fp16/fp32, the RMSNorm weight.
     k_cache : ``[num_pages, page_size, D + R]`` in q_rope's dtype (or fp8, write-through),
         any strides with a contiguous last dim (a layer of a multi-layer cache works).
@@ -117,6 +125,11 @@ def fused_rope_rmsnorm(
     errors : a one-element int32 tensor on the op's device, or None; the number of error
         tokens (see above) is added to it, on the device (no sync).
     interleaved : GPT-J pairs if True, NeoX (half-split) pairs if False.
+    freqs_layout : ``"interleaved"`` (MAX's ``freqs_cis``) or ``"split"`` (vLLM's
+        ``cos_sin_cache``), independent of the pairing.
+    norm_rounding : ``"before_gamma"`` (the spec's, HF's and vLLM's: ``x * rsqrt`` rounded to
+        gamma's dtype before the gamma product) or ``"once"`` (SGLang's and FlashInfer's:
+        ``x * rsqrt * gamma`` in float32, rounded once).
     validate : True: check every argument's metadata and prove every position, page and
         offset in range and every written cache row distinct before launching (a device
         sync). None (default): the metadata checks (dtypes, shapes, devices, strides,
@@ -150,28 +163,124 @@ def fused_rope_rmsnorm(
     >>> q_out.shape, k_cache[2, 5:8].float().abs().sum(-1).gt(0).tolist()
     (torch.Size([3, 16, 64]), [True, True, True])
     """
-    args = (q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths)
-    form = (kv_input, kv_output, k_scale)
+    index = dict(zip(OFFSETS, (input_row_offsets, lookup_table, cache_lengths)))
+    return _checked_launch(
+        q_rope, freqs_cis, gamma, k_cache, index, out, kv_input, kv_output, k_scale, errors,
+        epsilon, ("offsets", interleaved, freqs_layout, norm_rounding), validate, schedule,
+        "freqs_cis")
+
+
+def fused_rope_rmsnorm_slots(
+    q_rope: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    gamma: torch.Tensor,
+    k_cache: torch.Tensor,
+    *,
+    kv_input: torch.Tensor | None = None,
+    kv_output: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    epsilon: float = 1e-6,
+    out: torch.Tensor | None = None,
+    errors: torch.Tensor | None = None,
+    interleaved: bool = True,
+    freqs_layout: str = "split",
+    norm_rounding: str = "before_gamma",
+    validate: bool | None = None,
+    schedule: ScheduleConfig | None = None,
+) -> torch.Tensor:
+    """The op of ``fused_rope_rmsnorm`` with engine addressing: what vLLM's RMSNorm, rotary
+    embedding and ``concat_and_cache_mla`` (or SGLang's RMSNorm, rotary and
+    ``set_mla_kv_buffer``) do in three launches, in one.
+
+    Token ``t < len(positions)`` is at ``pos = positions[t]``; if ``t < len(slot_mapping)``
+    and ``slot = slot_mapping[t] >= 0``, its cache row is ``k_cache[slot // page_size, slot
+    % page_size]``, else it has none (vLLM's padding slot -1; SGLang's ``[size, 1, 576]``
+    buffer is a cache of page size 1)::
+
+        out[t, h] = rope(q_rope[t, h], cos_sin_cache[pos])               every head h
+        row[:D]   = rmsnorm(x[:D]),  row[D:] = rope(x[D:], cos_sin_cache[pos])
+
+    with ``x`` the token's new latent row: ``kv_input[t]`` (write-through, the projection
+    output's ``kv_a`` columns; ``kv_output[t]`` receives the same row) or the cache row
+    itself (in place). Rows of ``q_rope`` (and ``kv_input``, ``kv_output``) from
+    ``len(positions)`` on are neither read nor written.
+
+    A position without a table row or a slot ``>= num_pages * page_size`` makes the token an
+    error: none of its rows is written and ``errors`` counts it; ``validate=True`` raises
+    ``ValueError`` instead, as it does for two tokens with one slot.
+
+    Parameters
+    ----------
+    positions : ``[m]`` int64 or int32, ``m <= n``: each token's position.
+    slot_mapping : ``[s]`` int64 or int32, ``s <= m``: each token's cache row
+        ``page * page_size + row``, negative for none.
+    cos_sin_cache : ``[max_position, R]`` fp32 or bf16, contiguous: vLLM's table (cosines in
+        ``[0, R/2)``, sines in ``[R/2, R)``) by default; MAX's interleaved one with
+        ``freqs_layout="interleaved"``.
+    k_cache : ``[num_pages, page_size, D + R]`` (vLLM: ``[num_blocks, block_size, 576]``;
+        SGLang: ``kv_buffer [size, 1, 576]``), q's dtype or fp8 (write-through; a ``.view``
+        of an engine's uint8 cache).
+
+    Everything else is as for ``fused_rope_rmsnorm``.
+
+    Example
+    -------
+    vLLM's DeepSeek layer, the latent from the fused ``q_a | kv_a`` projection output, two
+    decode tokens and one CUDA-graph padding row (slot -1):
+
+    >>> q = torch.randn(3, 16, 192, dtype=torch.bfloat16)       # q_b_proj output, per head
+    >>> qkv = torch.randn(3, 1536 + 576, dtype=torch.bfloat16)
+    >>> kv_cache = torch.zeros(4, 64, 576, dtype=torch.bfloat16)  # [num_blocks, block_size, 576]
+    >>> angles = torch.arange(128.)[:, None] * 0.1 ** torch.arange(32.)[None]
+    >>> cos_sin_cache = torch.cat((angles.cos(), angles.sin()), -1)
+    >>> _ = fused_rope_rmsnorm_slots(
+    ...     q[..., 128:], torch.tensor([7, 70, 0]), torch.tensor([135, 6, -1]), cos_sin_cache,
+    ...     torch.ones(512, dtype=torch.bfloat16), kv_cache, kv_input=qkv[:, 1536:],
+    ...     out=q[..., 128:])
+    >>> kv_cache[2, 7].ne(0).any().item(), kv_cache[0, 6].ne(0).any().item()
+    (True, True)
+    """
+    index = dict(zip(SLOTS, (positions, slot_mapping)))
+    return _checked_launch(
+        q_rope, cos_sin_cache, gamma, k_cache, index, out, kv_input, kv_output, k_scale,
+        errors, epsilon, ("slots", interleaved, freqs_layout, norm_rounding), validate,
+        schedule, "cos_sin_cache")
+
+
+def _checked_launch(q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale,
+                    errors, epsilon, options, validate, schedule, freqs_name):
+    """Check the arguments as ``validate`` asks, then launch (``options``: addressing,
+    interleaved, freqs_layout, norm_rounding)."""
+    tensors = (q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale, errors,
+               epsilon)
+
+    def check():
+        check_arguments(*tensors, freqs_name=freqs_name)
+
     if validate is False:
         if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-            check_arguments(*args, out, *form, errors, epsilon)  # an alias of q_rope needs
-            # its strides (TVM can't tell)
+            check()  # an alias of q_rope needs its strides (TVM can't tell)
         try:
-            return _launch(*args, out, *form, errors, epsilon, interleaved, schedule)
+            return _launch(*tensors, options, schedule)
         except Exception:
-            check_arguments(*args, out, *form, errors, epsilon)  # names the bad argument
+            check()  # names the bad argument
             raise
-    check_arguments(*args, out, *form, errors, epsilon)
+    check()
     if validate is None:
         validate = q_rope.device.type == "cpu"
     if validate:
-        check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
-                       cache_lengths)
-    return _launch(*args, out, *form, errors, epsilon, interleaved, schedule)
+        if options[0] == "slots":
+            check_slot_contents(*index.values(), freqs, k_cache)
+        else:
+            check_contents(q_rope, index["input_row_offsets"], freqs, k_cache,
+                           index["lookup_table"], index["cache_lengths"])
+    return _launch(*tensors, options, schedule)
 
 
-def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-            out, kv_input, kv_output, k_scale, errors, epsilon, interleaved, schedule):
+def _launch(q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale, errors,
+            epsilon, options, schedule):
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
     Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
     alignment, devices, epsilon) raise before the launch, and so do tensors the form has no
@@ -182,15 +291,18 @@ def _launch(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, 
         out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=device)
     if tokens == 0:
         return out
-    alignment = _alignment(q_rope, out, freqs_cis, gamma, k_cache, kv_input, kv_output)
-    signature = dispatch.signature(q_rope, freqs_cis, gamma, input_row_offsets, k_cache,
-                                   interleaved, kv_input is not None, kv_output is not None,
-                                   alignment, schedule)
+    alignment = _alignment(q_rope, out, freqs, gamma, k_cache, kv_input, kv_output)
+    indices = tuple(index.values())
+    signature = dispatch.signature(q_rope, freqs, gamma, k_cache, indices, options,
+                                   kv_input is not None, kv_output is not None, alignment,
+                                   schedule)
     errors = _scratch_errors(device) if errors is None else errors.reshape(1)
     rows = tuple(t for t in (kv_input, kv_output) if t is not None)
     scale = () if k_cache.dtype == q_rope.dtype and k_scale is None else (
         _unit_scale(device) if k_scale is None else k_scale.reshape(1),)
-    dispatch.kernel(signature, tokens)(q_rope, out, *rows, input_row_offsets, freqs_cis, gamma,
-                                       k_cache, *scale, lookup_table, cache_lengths, errors,
-                                       float(epsilon))
+    # the kernel's parameters: offsets before the table, the page table and lengths (or the
+    # positions and slots) after the cache's scale
+    before, after = (indices[:1], indices[1:]) if options[0] == "offsets" else ((), indices)
+    dispatch.kernel(signature, tokens)(q_rope, out, *rows, *before, freqs, gamma, k_cache,
+                                       *scale, *after, errors, float(epsilon))
     return out

@@ -2,11 +2,13 @@
 
 ``check_arguments`` looks only at metadata (no device sync): dtypes, ranks, shapes, devices,
 strides, epsilon, the form's tensors (``kv_input``, ``kv_output``, ``k_scale``; an fp8
-cache only write-through), and that no tensor the op writes overlaps another argument in
-memory.
-``check_contents`` reads the index tensors (a device sync on GPU) and proves every position,
-page and offset in range and every written cache row distinct, so an invalid call raises
-instead of losing rows (the kernel itself skips and counts such tokens).
+cache only write-through), the addressing's index tensors (``OFFSETS``: offsets, page table
+and cache lengths; ``SLOTS``: positions and slot mapping), and that no tensor the op writes
+overlaps another argument in memory.
+``check_contents`` and ``check_slot_contents`` read the index tensors (a device sync on GPU)
+and prove every position, page, slot and offset in range and every written cache row
+distinct, so an invalid call raises instead of losing rows (the kernel itself skips and
+counts such tokens).
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import torch
 
 from .compiler import config
 
-DATA_DTYPES, FREQS_DTYPES, OFFSETS_DTYPES, FP8_DTYPES = (
+DATA_DTYPES, FREQS_DTYPES, OFFSETS_DTYPES, FP8_DTYPES, INDEX_DTYPES = (
     tuple(getattr(torch, name) for name in names)
-    for names in (config.DTYPES, config.FREQS_DTYPES, config.OFFSETS_DTYPES, config.FP8_DTYPES))
+    for names in (config.DTYPES, config.FREQS_DTYPES, config.OFFSETS_DTYPES, config.FP8_DTYPES,
+                  config.INDEX_DTYPES))
+# the index tensors of each addressing, by argument name
+OFFSETS = ("input_row_offsets", "lookup_table", "cache_lengths")
+SLOTS = ("positions", "slot_mapping")
 
 
 def _checked_layout(name: str, value, rank: int, dtypes: tuple, dtype_rule: str = "one of"):
@@ -111,21 +117,18 @@ def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale) -> 
                              f"{tuple(shape)}")
 
 
-def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
-                    cache_lengths, out, kv_input=None, kv_output=None, k_scale=None,
-                    errors=None, epsilon=1e-6) -> None:
-    """Raise TypeError/ValueError naming the argument for any malformed input."""
+def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, out, kv_input=None,
+                    kv_output=None, k_scale=None, errors=None, epsilon=1e-6,
+                    freqs_name: str = "freqs_cis") -> None:
+    """Raise TypeError/ValueError naming the argument for any malformed input. ``index``
+    maps the names of ``OFFSETS`` or of ``SLOTS`` to their tensors; ``freqs_name`` is what
+    the caller calls the cos/sin table."""
     q_shape, q_strides = _checked_layout("q_rope", q_rope, 3, DATA_DTYPES)
-    offsets_shape, offsets_strides = _checked_layout("input_row_offsets", input_row_offsets,
-                                                     1, OFFSETS_DTYPES)
-    freqs_shape, freqs_strides = _checked_layout("freqs_cis", freqs_cis, 2, FREQS_DTYPES)
+    freqs_shape, freqs_strides = _checked_layout(freqs_name, freqs_cis, 2, FREQS_DTYPES)
     gamma_shape, gamma_strides = _checked_layout("gamma", gamma, 1, DATA_DTYPES)
     cache_shape, _ = _checked_layout("k_cache", k_cache, 3, (q_rope.dtype, *FP8_DTYPES),
                                      "of q_rope or fp8:")
     _check_form(q_shape, q_rope.dtype, k_cache.dtype, kv_input, kv_output, k_scale)
-    table_shape, _ = _checked_layout("lookup_table", lookup_table, 2, (torch.int32,))
-    lengths_shape, lengths_strides = _checked_layout("cache_lengths", cache_lengths, 1,
-                                                     (torch.int32,))
     if out is not None:
         out_shape, out_strides = _checked_layout("out", out, 3, (q_rope.dtype,), "of q_rope")
         if out_shape != q_shape:
@@ -145,10 +148,10 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
     if rope_dim % 2 != 0:
         raise ValueError(f"q_rope's last dim (rope_dim) must be even, got {rope_dim}")
     if freqs_shape[1] != rope_dim:
-        raise ValueError(f"freqs_cis must have rope_dim={rope_dim} columns, got shape "
+        raise ValueError(f"{freqs_name} must have rope_dim={rope_dim} columns, got shape "
                          f"{tuple(freqs_shape)}")
     if not _contiguous(freqs_shape, freqs_strides):
-        raise ValueError("freqs_cis must be contiguous")
+        raise ValueError(f"{freqs_name} must be contiguous")
     kv_norm_dim = gamma_shape[0]
     if kv_norm_dim <= 0:
         raise ValueError("gamma must not be empty")
@@ -161,27 +164,20 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
     page_size = cache_shape[1]
     if page_size <= 0 or page_size & (page_size - 1):
         raise ValueError(f"k_cache's page size (dim 1) must be a power of two, got {page_size}")
-    batch = lengths_shape[0]
-    if offsets_shape[0] != batch + 1:
-        raise ValueError(f"input_row_offsets must have batch + 1 = {batch + 1} entries "
-                         f"(cache_lengths has {batch}), got {offsets_shape[0]}")
-    if table_shape[0] != batch:
-        raise ValueError(f"lookup_table must have batch = {batch} rows "
-                         f"(cache_lengths has {batch}), got shape {tuple(table_shape)}")
-    for name, shape, strides in (("gamma", gamma_shape, gamma_strides),
-                                 ("input_row_offsets", offsets_shape, offsets_strides),
-                                 ("cache_lengths", lengths_shape, lengths_strides)):
-        if not _contiguous(shape, strides):
-            raise ValueError(f"{name} must be contiguous")
+    if not _contiguous(gamma_shape, gamma_strides):
+        raise ValueError("gamma must be contiguous")
+    if "positions" in index:
+        _check_slots(q_shape[0], **index)
+    else:
+        _check_offsets(**index)
 
     on_cuda = q_rope.is_cuda
     if not on_cuda and not q_rope.is_cpu:
         raise ValueError(f"q_rope must be on a CUDA device or the CPU, got {q_rope.device}")
     device = q_rope.get_device()  # an int: cheaper than comparing torch.device objects
-    named = (("input_row_offsets", input_row_offsets), ("freqs_cis", freqs_cis),
-             ("gamma", gamma), ("k_cache", k_cache), ("lookup_table", lookup_table),
-             ("cache_lengths", cache_lengths), ("out", out), ("kv_input", kv_input),
-             ("kv_output", kv_output), ("k_scale", k_scale), ("errors", errors))
+    named = ((freqs_name, freqs_cis), ("gamma", gamma), ("k_cache", k_cache),
+             *index.items(), ("out", out), ("kv_input", kv_input), ("kv_output", kv_output),
+             ("k_scale", k_scale), ("errors", errors))
     for name, tensor in named:
         if tensor is not None:
             same = tensor.is_cuda and tensor.get_device() == device if on_cuda else \
@@ -190,6 +186,37 @@ def check_arguments(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup
                 raise ValueError(f"{name} is on {tensor.device} but q_rope is on "
                                  f"{q_rope.device}: all tensors must be on one device")
     _check_no_overlap([("q_rope", q_rope), *named], ("out", "k_cache", "kv_output", "errors"))
+
+
+def _check_offsets(input_row_offsets, lookup_table, cache_lengths) -> None:
+    """The index tensors of ``OFFSETS``: dtypes, ranks, one batch size, contiguity."""
+    offsets_shape, offsets_strides = _checked_layout("input_row_offsets", input_row_offsets,
+                                                     1, OFFSETS_DTYPES)
+    table_shape, _ = _checked_layout("lookup_table", lookup_table, 2, (torch.int32,))
+    lengths_shape, lengths_strides = _checked_layout("cache_lengths", cache_lengths, 1,
+                                                     (torch.int32,))
+    batch = lengths_shape[0]
+    if offsets_shape[0] != batch + 1:
+        raise ValueError(f"input_row_offsets must have batch + 1 = {batch + 1} entries "
+                         f"(cache_lengths has {batch}), got {offsets_shape[0]}")
+    if table_shape[0] != batch:
+        raise ValueError(f"lookup_table must have batch = {batch} rows "
+                         f"(cache_lengths has {batch}), got shape {tuple(table_shape)}")
+    for name, shape, strides in (("input_row_offsets", offsets_shape, offsets_strides),
+                                 ("cache_lengths", lengths_shape, lengths_strides)):
+        if not _contiguous(shape, strides):
+            raise ValueError(f"{name} must be contiguous")
+
+
+def _check_slots(tokens: int, positions, slot_mapping) -> None:
+    """The index tensors of ``SLOTS``: int64 or int32 vectors, contiguous, ``slot_mapping``
+    no longer than ``positions``, ``positions`` no longer than q's ``tokens`` rows."""
+    (length,), _ = _checked_layout("positions", positions, 1, INDEX_DTYPES)
+    (slots,), _ = _checked_layout("slot_mapping", slot_mapping, 1, INDEX_DTYPES)
+    if length > tokens:
+        raise ValueError(f"positions has {length} entries, more than q_rope's {tokens} rows")
+    if slots > length:
+        raise ValueError(f"slot_mapping has {slots} entries, more than positions' {length}")
 
 
 def check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
@@ -231,3 +258,22 @@ def check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
     if rows.unique().numel() != rows.numel():
         raise ValueError("two new tokens map to one cache row: lookup_table shares a page "
                          "between requests whose new positions meet")
+
+
+def check_slot_contents(positions, slot_mapping, freqs_cis, k_cache) -> None:
+    """Raise ValueError unless every position has a freqs row, every slot is below
+    ``num_pages * page_size`` and no two tokens share a slot (a negative slot, "no cache
+    row", is in range)."""
+    pos = positions.to(torch.int64).cpu()
+    slots = slot_mapping.to(torch.int64).cpu()
+    if pos.numel() and not bool(((pos >= 0) & (pos < freqs_cis.shape[0])).all()):
+        bad = pos[(pos < 0) | (pos >= freqs_cis.shape[0])][0]
+        raise ValueError(f"position {int(bad)} has no row in the cos/sin table's "
+                         f"{freqs_cis.shape[0]} rows")
+    rows = k_cache.shape[0] * k_cache.shape[1]
+    if slots.numel() and int(slots.max()) >= rows:
+        raise ValueError(f"slot {int(slots.max())} is beyond k_cache's {rows} rows "
+                         f"({k_cache.shape[0]} pages of {k_cache.shape[1]})")
+    written = slots[slots >= 0]
+    if written.unique().numel() != written.numel():
+        raise ValueError("two tokens map to one cache row: slot_mapping repeats a slot")

@@ -26,25 +26,33 @@ from .tuning.buckets import BUCKETS, thresholds
 from .tuning.layout import default_logs_dir
 
 
-def signature(q_rope: torch.Tensor, freqs_cis: torch.Tensor, gamma: torch.Tensor,
-              offsets: torch.Tensor, k_cache: torch.Tensor, interleaved: bool,
-              write_through: bool, kv_output: bool, alignment: int, schedule) -> tuple:
-    """What shapes the kernel of a call, as a plain tuple (cheap to build and hash)."""
-    return (q_rope.device, q_rope.dtype, freqs_cis.dtype, gamma.dtype, offsets.dtype,
-            k_cache.dtype, *q_rope.shape[1:], gamma.shape[0], k_cache.shape[1], interleaved,
-            write_through, kv_output, alignment, schedule)
+def signature(q_rope: torch.Tensor, freqs: torch.Tensor, gamma: torch.Tensor,
+              k_cache: torch.Tensor, indices: tuple, options: tuple, write_through: bool,
+              kv_output: bool, alignment: int, schedule) -> tuple:
+    """What shapes the kernel of a call, as a plain tuple (cheap to build and hash):
+    ``indices`` are the addressing's index tensors (offsets first), ``options`` the
+    addressing, pairing, table layout and norm rounding."""
+    return (q_rope.device, q_rope.dtype, freqs.dtype, gamma.dtype, k_cache.dtype,
+            *q_rope.shape[1:], gamma.shape[0], k_cache.shape[1],
+            tuple(t.dtype for t in indices), *options, write_through, kv_output, alignment,
+            schedule)
 
 
 def _op(signature: tuple) -> OpConfig:
-    (_, dtype, freqs_dtype, gamma_dtype, offsets_dtype, cache_dtype, heads, rope_dim,
-     kv_norm_dim, page_size, interleaved, write_through, kv_output, alignment, _) = signature
+    (_, dtype, freqs_dtype, gamma_dtype, cache_dtype, heads, rope_dim, kv_norm_dim, page_size,
+     index_dtypes, addressing, interleaved, freqs_layout, norm_rounding, write_through,
+     kv_output, alignment, _) = signature
+    names = [dtype_name(d) for d in index_dtypes]
+    index = ({"positions_dtype": names[0], "slots_dtype": names[1]} if addressing == "slots"
+             else {"offsets_dtype": names[0]})
     return OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=kv_norm_dim,
                     page_size=page_size, dtype=dtype_name(dtype),
                     freqs_dtype=dtype_name(freqs_dtype), gamma_dtype=dtype_name(gamma_dtype),
-                    offsets_dtype=dtype_name(offsets_dtype), interleaved=interleaved,
-                    write_through=write_through, kv_output=kv_output,
+                    addressing=addressing, interleaved=interleaved, freqs_layout=freqs_layout,
+                    norm_rounding=norm_rounding, write_through=write_through,
+                    kv_output=kv_output,
                     cache_dtype=None if cache_dtype == dtype else dtype_name(cache_dtype),
-                    alignment=alignment)
+                    alignment=alignment, **index)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 DTYPES = ("bfloat16", "float16", "float32")
 FREQS_DTYPES = ("float32", "bfloat16")
 OFFSETS_DTYPES = ("uint32", "int32")
+INDEX_DTYPES = ("int64", "int32")  # positions and slot_mapping
+ADDRESSINGS = ("offsets", "slots")
+FREQS_LAYOUTS = ("interleaved", "split")
+NORM_ROUNDINGS = ("before_gamma", "once")
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1,
+            "int64": 8, "int32": 4}
 
 
 def dtype_name(dtype) -> str:
@@ -36,6 +41,18 @@ class OpConfig:
     freqs_dtype : dtype of ``freqs_cis``.
     gamma_dtype : dtype of ``gamma``.
     offsets_dtype : dtype of ``input_row_offsets``.
+    addressing : how tokens find their position and cache row. ``"offsets"`` (MAX's):
+        ``input_row_offsets``, ``cache_lengths`` and ``lookup_table``. ``"slots"`` (vLLM's,
+        SGLang's, FlashInfer's): ``positions [m]`` and ``slot_mapping [s]`` (``page *
+        page_size + row``; negative: no cache row); tokens from ``m`` on are padding,
+        tokens from ``s`` on have no cache row.
+    positions_dtype, slots_dtype : dtypes of ``positions`` and ``slot_mapping`` (slots).
+    freqs_layout : the cos/sin table's columns: ``"interleaved"`` (MAX's ``freqs_cis``: pair
+        ``j``'s cos at ``2j``, sin at ``2j + 1``) or ``"split"`` (vLLM's ``cos_sin_cache``:
+        cosines in ``[0, R/2)``, sines in ``[R/2, R)``).
+    norm_rounding : ``"before_gamma"`` (HF, DeepSeek, vLLM, MAX): the normalized value is
+        rounded to gamma's dtype, multiplied by gamma and rounded again; ``"once"`` (SGLang,
+        FlashInfer): ``x * rsqrt(...) * gamma`` in float32, rounded once.
     interleaved : GPT-J pairs ``(x[2j], x[2j+1])`` if True, NeoX pairs ``(x[j], x[j + rope_dim/2])``
         otherwise.
     write_through : the form of the op. False: the new cache rows are updated in place (the
@@ -59,6 +76,11 @@ class OpConfig:
     freqs_dtype: str = "float32"
     gamma_dtype: str = "bfloat16"
     offsets_dtype: str = "uint32"
+    addressing: str = "offsets"
+    positions_dtype: str = "int64"
+    slots_dtype: str = "int64"
+    freqs_layout: str = "interleaved"
+    norm_rounding: str = "before_gamma"
     interleaved: bool = True
     write_through: bool = False
     kv_output: bool = False
@@ -77,6 +99,11 @@ class OpConfig:
         _check_choice("gamma_dtype", self.gamma_dtype, DTYPES)
         _check_choice("freqs_dtype", self.freqs_dtype, FREQS_DTYPES)
         _check_choice("offsets_dtype", self.offsets_dtype, OFFSETS_DTYPES)
+        _check_choice("addressing", self.addressing, ADDRESSINGS)
+        _check_choice("positions_dtype", self.positions_dtype, INDEX_DTYPES)
+        _check_choice("slots_dtype", self.slots_dtype, INDEX_DTYPES)
+        _check_choice("freqs_layout", self.freqs_layout, FREQS_LAYOUTS)
+        _check_choice("norm_rounding", self.norm_rounding, NORM_ROUNDINGS)
         if self.kv_output and not self.write_through:
             raise ValueError("kv_output needs the write-through form")
         if self.cache_dtype is not None:

@@ -54,6 +54,8 @@ Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU t
 
 from __future__ import annotations
 
+import dataclasses
+
 import tvm
 from tvm.ir import PointerType
 from tvm.script import tirx as T
@@ -102,6 +104,26 @@ def _elements(index, *buffers) -> list:
     return [buffer[index] for buffer in buffers if buffer is not None]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Index:
+    """The buffers a token is located through (those of the other addressing are None), the
+    freqs table's rows and ``end``, the number of cache rows (``num_pages * page_size``)."""
+
+    offsets: tvm.tirx.Buffer | None
+    cache_lengths: tvm.tirx.Buffer | None
+    table: tvm.tirx.Buffer | None
+    positions: tvm.tirx.Buffer | None
+    slots: tvm.tirx.Buffer | None
+    max_seq_len: tvm.tirx.PrimExpr
+    end: tvm.tirx.PrimExpr
+
+    def regions(self) -> list:
+        """The whole of each buffer (what a locate stage may read)."""
+        buffers = (self.offsets, self.cache_lengths, self.table, self.positions, self.slots)
+        return [tvm.tirx.BufferRegion(b, [tvm.ir.Range(0, d) for d in b.shape])
+                for b in buffers if b is not None]
+
+
 def _rotate(x0, x1, cos, sin, p):
     """Element ``p`` of the pair ``(x0, x1)`` rotated by ``(cos, sin)``, all float32."""
     return T.if_then_else(p == 0, x0 * cos - x1 * sin, x0 * sin + x1 * cos)
@@ -141,8 +163,11 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     cdtype = config.cache_element
     WRITE_THROUGH, KV_OUTPUT = config.write_through, config.kv_output
     FP8 = config.cache_dtype is not None
+    SLOTS, ROUND_ONCE = config.addressing == "slots", config.norm_rounding == "once"
     ZERO, TWO, NONE = T.int64(0), T.int64(2), T.int64(-1)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
+    # the cos/sin table's pair view [max_seq_len, R/2, 2]: (cos, sin) adjacent, or R/2 apart
+    freqs_strides = (R, TWO, ONE) if config.freqs_layout == "interleaved" else (R, ONE, R2)
 
     def align(dtype_name: str) -> int:
         """Data-pointer alignment a buffer of ``dtype_name`` declares (and the entry checks)."""
@@ -172,9 +197,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                                f"({config.alignment} bytes), the alignment this kernel was "
                                "built for"])
 
-    def in_cache(page, num_pages):
-        """The token has a cache row (its page is a physical page)."""
-        return tvm.tirx.all(ZERO <= page, page < num_pages)
+    def in_cache(slot, index):
+        """The token has a cache row (its slot is a row of a physical page)."""
+        return tvm.tirx.all(ZERO <= slot, slot < index.end)
 
     def row_views(name: str, rows, dtype_name: str, *strides) -> tuple:
         """Views of the rows ``[..., W]`` of buffer ``rows`` (leading strides ``strides``):
@@ -198,15 +223,20 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
 
     # fmt: off
     @T.macro
-    def locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, pos, page,
-               state):
-        """Find token ``vt``'s request, position and page, checking every index on the way.
+    def record(vt, index, real, positioned, p, row, pos, slot, state):
+        """Write a located token's outputs (each optional; see ``locate_stage``)."""
+        if pos is not None:
+            pos[vt] = T.Select(positioned, p, NONE)
+        if slot is not None:
+            slot[vt] = row
+        if state is not None:
+            state[vt] = T.Select(real, T.Select(row < index.end, OK, ERROR), PADDING)
 
-        Writes (each output optional): ``pos[vt]`` its position if the token is real and the
-        position has a freqs row, else -1; ``page[vt]`` the physical page the lookup table
-        gives for it (negative: no cache row), or ``num_pages`` if the position is not in
-        the table (so: the token is OK iff ``page < num_pages``, and has a cache row iff also
-        ``page >= 0``); ``state[vt]`` PADDING, OK or ERROR.
+    @T.macro
+    def locate_by_offsets(vt, index, pos, slot, state):
+        """Find token ``vt``'s request, position and cache row from ``input_row_offsets``,
+        ``cache_lengths`` and ``lookup_table``, checking every index on the way (``pos``,
+        ``slot``, ``state`` as for ``locate_stage``).
 
         Request ``min(token, batch - 1)`` is tried first, its offsets and cache length loaded
         in one round with ``offsets[batch]``: right for every token of a decode step (one new
@@ -216,6 +246,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         the search pick a wrong request, whose index stays in range); the position is
         computed and checked in 64 bits, so no length overflows it. Loads behind a failed
         check are never issued."""
+        offsets, cache_lengths, lookup_table = index.offsets, index.cache_lengths, index.table
         batch: T.let = T.Cast("int32", offsets.shape[0] - ONE)
         token: T.let = T.Cast("int32", vt)
         request = T.alloc_buffer((1,), "int32", scope="local")  # -1: no request claims vt
@@ -249,32 +280,46 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                     first[0] = T.Cast("int32", offsets[lo[0]])
                     length[0] = cache_lengths[lo[0]]
         p: T.let = T.Cast("int64", length[0]) + vt - T.Cast("int64", first[0])
-        positioned: T.let = real and request[0] >= 0 and ZERO <= p and p < max_seq_len
+        positioned: T.let = real and request[0] >= 0 and ZERO <= p and p < index.max_seq_len
         listed: T.let = positioned and p // PS < lookup_table.shape[1]
-        physical: T.let = T.if_then_else(
-            listed, T.Cast("int64", lookup_table[request[0], p // PS]), num_pages)
-        if pos is not None:
-            pos[vt] = T.Select(positioned, p, NONE)
-        if page is not None:
-            page[vt] = physical
-        if state is not None:
-            state[vt] = T.Select(real, T.Select(physical < num_pages, OK, ERROR), PADDING)
+        row: T.let = T.if_then_else(
+            listed, T.Cast("int64", lookup_table[request[0], p // PS]) * PS + p % PS,
+            index.end)
+        record(vt, index, real, positioned, p, row, pos, slot, state)
+
+    @T.macro
+    def locate_by_slots(vt, index, pos, slot, state):
+        """Read token ``vt``'s position and cache row from ``positions`` and ``slot_mapping``
+        (``pos``, ``slot``, ``state`` as for ``locate_stage``): tokens past ``positions``
+        are padding, tokens past ``slot_mapping`` have no cache row. Loads behind a failed
+        check are never issued."""
+        real: T.let = vt < index.positions.shape[0]
+        p: T.let = T.if_then_else(real, T.Cast("int64", index.positions[vt]), NONE)
+        positioned: T.let = real and ZERO <= p and p < index.max_seq_len
+        row: T.let = T.if_then_else(
+            positioned, T.if_then_else(vt < index.slots.shape[0],
+                                       T.Cast("int64", index.slots[vt]), NONE), index.end)
+        record(vt, index, real, positioned, p, row, pos, slot, state)
+
+    locate = locate_by_slots if SLOTS else locate_by_offsets
 
     # a macro's later calls get suffixed block names ("k_locate_1"): each stage call takes a
     # macro of its own from these factories
     def locate_stage():
         @T.macro
-        def stage(name, n, offsets, cache_lengths, lookup_table, max_seq_len, num_pages, pos,
-                  page, state):
-            """A stage ``name`` running ``locate`` for every token (``pos``, ``page``,
-            ``state`` as there)."""
+        def stage(name, n, index, pos, slot, state):
+            """A stage ``name`` locating every token through ``index``. Writes (each output
+            optional): ``pos[t]`` the token's position if it is real and has a freqs row,
+            else -1; ``slot[t]`` its cache row as ``page * page_size + row`` (negative: no
+            cache row), or ``index.end`` if the token is not OK (so: it is OK iff ``slot <
+            end``, and has a cache row iff also ``slot >= 0``); ``state[t]`` PADDING, OK or
+            ERROR."""
             for t in range(n):
                 with T.sblock(name):
                     vt = T.axis.spatial(n, t)
-                    T.reads(offsets[:], cache_lengths[:], lookup_table[:, :])
-                    T.writes(_elements(vt, pos, page, state))
-                    locate(vt, offsets, cache_lengths, lookup_table, max_seq_len, num_pages,
-                           pos, page, state)
+                    T.reads(index.regions())
+                    T.writes(_elements(vt, pos, slot, state))
+                    locate(vt, index, pos, slot, state)
         return stage
 
     def freqs_stage():
@@ -291,16 +336,14 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         return stage
 
     @T.macro
-    def q_branch(n, q_pairs, out_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
-                 max_seq_len, num_pages):
+    def q_branch(n, q_pairs, out_pairs, freqs_pairs, index):
         """q_rope_output[t] = rope(q_rope[t], freqs[pos]) for every OK token t."""
         q_pos = T.sblock_alloc_buffer((n,), "int64")
         q_state = T.sblock_alloc_buffer((n,), "int32")
         q_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
         q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
         q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
-        locate_stage()("q_locate", n, offsets, cache_lengths, lookup_table, max_seq_len,
-                     num_pages, q_pos, None, q_state)
+        locate_stage()("q_locate", n, index, q_pos, None, q_state)
         freqs_stage()("q_freqs", n, q_pos, q_freqs, freqs_pairs)
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_load"):
@@ -322,20 +365,18 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                     out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
 
     @T.macro
-    def k_branch(n, k_source, k_pairs, output_pairs, freqs_pairs, k_scale, offsets,
-                 cache_lengths, lookup_table, max_seq_len, num_pages):
+    def k_branch(n, k_source, k_pairs, output_pairs, freqs_pairs, k_scale, index):
         """row(t)[D:] = rope(source(t), freqs[pos]) for every token t with a row (and
         output_pairs[t] for every OK token, if given); source(t) is row(t)[D:] in place,
         else kv_input[t, D:]."""
         k_pos = T.sblock_alloc_buffer((n,), "int64")
-        k_page = T.sblock_alloc_buffer((n,), "int64")
+        k_slot = T.sblock_alloc_buffer((n,), "int64")
         k_freqs = T.sblock_alloc_buffer((n, R2, TWO), fdtype)
         k_in = T.sblock_alloc_buffer((n, R2, TWO), dtype)
         k_out = T.sblock_alloc_buffer((n, R2, TWO), dtype)
         if FP8:
             k_quantized = T.sblock_alloc_buffer((n, R2, TWO), cdtype)
-        locate_stage()("k_locate", n, offsets, cache_lengths, lookup_table, max_seq_len,
-                     num_pages, k_pos, k_page, None)
+        locate_stage()("k_locate", n, index, k_pos, k_slot, None)
         freqs_stage()("k_freqs", n, k_pos, k_freqs, freqs_pairs)
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_load"):
@@ -346,8 +387,8 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                     else:
                         k_in[vt, vj, vp] = T.Cast(dtype, 0)
                 else:
-                    if in_cache(k_page[vt], num_pages):
-                        k_in[vt, vj, vp] = k_source[k_page[vt], k_pos[vt] % PS, vj, vp]
+                    if in_cache(k_slot[vt], index):
+                        k_in[vt, vj, vp] = k_source[k_slot[vt] // PS, k_slot[vt] % PS, vj, vp]
                     else:
                         k_in[vt, vj, vp] = T.Cast(dtype, 0)
         for t, j, p in T.grid(n, R2, TWO):
@@ -365,31 +406,30 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, j, p in T.grid(n, R2, TWO):
             with T.sblock("k_store"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
-                if in_cache(k_page[vt], num_pages):
+                if in_cache(k_slot[vt], index):
                     if FP8:
-                        k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_quantized[vt, vj, vp]
+                        k_pairs[k_slot[vt] // PS, k_slot[vt] % PS, vj, vp] = k_quantized[
+                            vt, vj, vp]
                     else:
-                        k_pairs[k_page[vt], k_pos[vt] % PS, vj, vp] = k_out[vt, vj, vp]
+                        k_pairs[k_slot[vt] // PS, k_slot[vt] % PS, vj, vp] = k_out[vt, vj, vp]
                 if output_pairs is not None:
-                    if k_page[vt] < num_pages:  # the token is OK
+                    if k_slot[vt] < index.end:  # the token is OK
                         output_pairs[vt, vj, vp] = k_out[vt, vj, vp]
 
     @T.macro
-    def norm_branch(n, norm_source, k_rows, output_rows, gamma, epsilon, k_scale, offsets,
-                    cache_lengths, lookup_table, max_seq_len, num_pages):
+    def norm_branch(n, norm_source, k_rows, output_rows, gamma, epsilon, k_scale, index):
         """row(t)[:D] = rmsnorm(source(t)) for every token t with a row (and output_rows[t]
         for every OK token, if given); source(t) is row(t)[:D] in place, else
         kv_input[t, :D]."""
         norm_pos = T.sblock_alloc_buffer((n,), "int64")
-        norm_page = T.sblock_alloc_buffer((n,), "int64")
+        norm_slot = T.sblock_alloc_buffer((n,), "int64")
         norm_in = T.sblock_alloc_buffer((n, D), dtype)
         sumsq = T.sblock_alloc_buffer((n,), "float32")
         scale = T.sblock_alloc_buffer((n,), "float32")
         norm_out = T.sblock_alloc_buffer((n, D), dtype)
         if FP8:
             norm_quantized = T.sblock_alloc_buffer((n, D), cdtype)
-        locate_stage()("norm_locate", n, offsets, cache_lengths, lookup_table, max_seq_len,
-                     num_pages, norm_pos, norm_page, None)
+        locate_stage()("norm_locate", n, index, norm_pos, norm_slot, None)
         for t, c in T.grid(n, D):
             with T.sblock("norm_load"):
                 vt, vc = T.axis.remap("SS", [t, c])
@@ -399,8 +439,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
                     else:
                         norm_in[vt, vc] = T.Cast(dtype, 0)
                 else:
-                    if in_cache(norm_page[vt], num_pages):
-                        norm_in[vt, vc] = norm_source[norm_page[vt], norm_pos[vt] % PS, vc]
+                    if in_cache(norm_slot[vt], index):
+                        norm_in[vt, vc] = norm_source[norm_slot[vt] // PS, norm_slot[vt] % PS,
+                                                      vc]
                     else:
                         norm_in[vt, vc] = T.Cast(dtype, 0)
         for t, c in T.grid(n, D):
@@ -416,11 +457,14 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, c in T.grid(n, D):
             with T.sblock("norm_apply"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                normed = T.meta_var(round_to(gdtype, _f32(norm_in[vt, vc]) * scale[vt]))
-                product = T.meta_var(normed * _f32(gamma[vc]))  # rounded to gamma's dtype,
-                # then to dtype (a single rounding when they are the same)
-                norm_out[vt, vc] = T.Cast(dtype, product if gdtype == dtype else round_to(
-                    gdtype, product))
+                normed = T.meta_var(_f32(norm_in[vt, vc]) * scale[vt])
+                if ROUND_ONCE:
+                    norm_out[vt, vc] = T.Cast(dtype, normed * _f32(gamma[vc]))
+                else:  # rounded to gamma's dtype, times gamma, rounded to gamma's dtype, then
+                    # to dtype (a single rounding when they are the same)
+                    product = T.meta_var(round_to(gdtype, normed) * _f32(gamma[vc]))
+                    norm_out[vt, vc] = T.Cast(dtype, product if gdtype == dtype else round_to(
+                        gdtype, product))
         if FP8:
             for t, c in T.grid(n, D):
                 with T.sblock("norm_quant"):
@@ -430,22 +474,22 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, c in T.grid(n, D):
             with T.sblock("norm_store"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                if in_cache(norm_page[vt], num_pages):
+                if in_cache(norm_slot[vt], index):
                     if FP8:
-                        k_rows[norm_page[vt], norm_pos[vt] % PS, vc] = norm_quantized[vt, vc]
+                        k_rows[norm_slot[vt] // PS, norm_slot[vt] % PS, vc] = norm_quantized[
+                            vt, vc]
                     else:
-                        k_rows[norm_page[vt], norm_pos[vt] % PS, vc] = norm_out[vt, vc]
+                        k_rows[norm_slot[vt] // PS, norm_slot[vt] % PS, vc] = norm_out[vt, vc]
                 if output_rows is not None:
-                    if norm_page[vt] < num_pages:  # the token is OK
+                    if norm_slot[vt] < index.end:  # the token is OK
                         output_rows[vt, vc] = norm_out[vt, vc]
 
     @T.macro
-    def count_branch(n, errors, offsets, cache_lengths, lookup_table, max_seq_len, num_pages):
+    def count_branch(n, errors, index):
         """errors[0] += the number of ERROR tokens (a schedule running tokens in parallel
         makes the accumulation atomic)."""
         count_state = T.sblock_alloc_buffer((n,), "int32")
-        locate_stage()("count_locate", n, offsets, cache_lengths, lookup_table, max_seq_len,
-                     num_pages, None, None, count_state)
+        locate_stage()("count_locate", n, index, None, None, count_state)
         for t in range(n):
             with T.sblock("count_errors"):
                 vt = T.axis.spatial(n, t)
@@ -459,15 +503,15 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         q_handle: T.handle, out_handle: T.handle, kv_input_handle: T.handle,
         kv_output_handle: T.handle, offsets_handle: T.handle, freqs_handle: T.handle,
         gamma_handle: T.handle, k_handle: T.handle, k_scale_handle: T.handle,
-        lookup_handle: T.handle, lengths_handle: T.handle, errors_handle: T.handle,
-        epsilon: T.float32,
+        lookup_handle: T.handle, lengths_handle: T.handle, positions_handle: T.handle,
+        slots_handle: T.handle, errors_handle: T.handle, epsilon: T.float32,
     ):
         # the branches become one launch (MergeBlockGroups): they write disjoint memory, which
         # the pass cannot see, as the k and norm branches write other columns of the same rows
         T.func_attr({"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched"})
         # 64-bit sizes and strides: a layer view of a multi-layer cache spans > 2^31 elements
-        n, batch, max_seq_len, num_pages, max_pages = (
-            T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
+        n, batch, max_seq_len, num_pages, max_pages, m, s = (
+            T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64())
         qs0, qs1, os0, os1, is0, vs0, ks0, ks1, ls0 = (
             T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(),
             T.int64(), T.int64())
@@ -481,17 +525,26 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         kv_output = T.meta_var(_optional_buffer(
             KV_OUTPUT, "kv_output", kv_output_handle, (n, W), dtype, strides=(vs0, ONE),
             align=align(dtype)))
-        offsets = T.match_buffer(offsets_handle, (batch + ONE,), config.offsets_dtype,
-                                 align=4)
+        offsets = T.meta_var(_optional_buffer(
+            not SLOTS, "offsets", offsets_handle, (batch + ONE,), config.offsets_dtype,
+            align=4))
         freqs_cis = T.match_buffer(freqs_handle, (max_seq_len, R), fdtype, align=align(fdtype))
         gamma = T.match_buffer(gamma_handle, (D,), gdtype, align=align(gdtype))
         k_cache = T.match_buffer(k_handle, (num_pages, PS, W), cdtype, strides=(ks0, ks1, ONE),
                                  align=align(cdtype))
         k_scale = T.meta_var(_optional_buffer(FP8, "k_scale", k_scale_handle, (ONE,),
                                               "float32", align=4))
-        lookup_table = T.match_buffer(lookup_handle, (batch, max_pages), "int32",
-                                      strides=(ls0, ONE), align=4)
-        cache_lengths = T.match_buffer(lengths_handle, (batch,), "int32", align=4)
+        lookup_table = T.meta_var(_optional_buffer(
+            not SLOTS, "lookup_table", lookup_handle, (batch, max_pages), "int32",
+            strides=(ls0, ONE), align=4))
+        cache_lengths = T.meta_var(_optional_buffer(
+            not SLOTS, "cache_lengths", lengths_handle, (batch,), "int32", align=4))
+        positions = T.meta_var(_optional_buffer(
+            SLOTS, "positions", positions_handle, (m,), config.positions_dtype,
+            align=ITEMSIZE[config.positions_dtype]))
+        slot_mapping = T.meta_var(_optional_buffer(
+            SLOTS, "slot_mapping", slots_handle, (s,), config.slots_dtype,
+            align=ITEMSIZE[config.slots_dtype]))
         errors = T.match_buffer(errors_handle, (ONE,), "int32", align=4)
         assert multiples(dtype, qs0, qs1), refusal("q_rope", dtype)
         assert multiples(dtype, os0, os1), refusal("q_rope_output", dtype)
@@ -503,31 +556,28 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         assert T.isfinite(epsilon) and epsilon >= T.float32(0), (
             "ValueError", ["epsilon must be finite and non-negative"])
 
+        index = T.meta_var(_Index(offsets, cache_lengths, lookup_table, positions,
+                                  slot_mapping, max_seq_len, num_pages * PS))
         q_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope.data,
                                 elem_offset=q_rope.elem_offset, strides=pair_strides(qs0, qs1))
         out_pairs = T.decl_buffer((n, H, R2, TWO), dtype, data=q_rope_output.data,
                                   elem_offset=q_rope_output.elem_offset,
                                   strides=pair_strides(os0, os1))
         freqs_pairs = T.decl_buffer((max_seq_len, R2, TWO), fdtype, data=freqs_cis.data,
-                                    elem_offset=freqs_cis.elem_offset, strides=(R, TWO, ONE))
+                                    elem_offset=freqs_cis.elem_offset, strides=freqs_strides)
         k_rows, k_pairs = T.meta_var(row_views("k", k_cache, cdtype, ks0, ks1))
-        q_branch(n, q_pairs, out_pairs, freqs_pairs, offsets, cache_lengths, lookup_table,
-                 max_seq_len, num_pages)
+        q_branch(n, q_pairs, out_pairs, freqs_pairs, index)
         if WRITE_THROUGH:  # the k and norm branches read kv_input (and write kv_output)
             input_rows, input_pairs = T.meta_var(row_views("input", kv_input, dtype, is0))
             output_rows, output_pairs = T.meta_var(row_views("output", kv_output, dtype, vs0))
-            k_branch(n, input_pairs, k_pairs, output_pairs, freqs_pairs, k_scale, offsets,
-                     cache_lengths, lookup_table, max_seq_len, num_pages)
-            norm_branch(n, input_rows, k_rows, output_rows, gamma, epsilon, k_scale, offsets,
-                        cache_lengths, lookup_table, max_seq_len, num_pages)
+            k_branch(n, input_pairs, k_pairs, output_pairs, freqs_pairs, k_scale, index)
+            norm_branch(n, input_rows, k_rows, output_rows, gamma, epsilon, k_scale, index)
         else:  # the k and norm branches update the cache rows in place, through views that
             # read them (a stage pipeline: a row is stored after the stages before read it)
             k_in_rows, k_in_pairs = T.meta_var(row_views("k_in", k_cache, dtype, ks0, ks1))
-            k_branch(n, k_in_pairs, k_pairs, None, freqs_pairs, None, offsets, cache_lengths,
-                     lookup_table, max_seq_len, num_pages)
-            norm_branch(n, k_in_rows, k_rows, None, gamma, epsilon, None, offsets,
-                        cache_lengths, lookup_table, max_seq_len, num_pages)
-        count_branch(n, errors, offsets, cache_lengths, lookup_table, max_seq_len, num_pages)
+            k_branch(n, k_in_pairs, k_pairs, None, freqs_pairs, None, index)
+            norm_branch(n, k_in_rows, k_rows, None, gamma, epsilon, None, index)
+        count_branch(n, errors, index)
     # fmt: on
 
     return _without_unused_handles(fused_rope_rmsnorm)

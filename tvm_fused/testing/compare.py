@@ -21,9 +21,13 @@ import dataclasses
 
 import torch
 
-from ..api import fused_rope_rmsnorm
 from .inputs import OpInputs, q_like, rows_like
-from .reference import fused_rope_rmsnorm_reference, locate_tokens, quantize
+from .reference import (
+    locate_slots,
+    locate_tokens,
+    quantize,
+    reference_outputs,
+)
 
 F32_EPS = 2.0**-24
 
@@ -112,17 +116,21 @@ class _RowTolerance:
     """Tolerances of new latent rows ``[m, D + R]`` (float64), from the rows they came from."""
 
     def __init__(self, kv_norm_dim: int, dtype: torch.dtype, interleaved: bool,
-                 gamma_dtype: torch.dtype):
+                 gamma_dtype: torch.dtype, norm_rounding: str = "before_gamma"):
         self.kv_norm_dim, self.dtype, self.interleaved = kv_norm_dim, dtype, interleaved
         # the normalized value and its product with gamma are rounded to gamma's dtype first:
-        # where that is the coarser one (bf16 gamma, fp16 or fp32 rows), its ulps count
-        self.norm_dtype = max(dtype, gamma_dtype, key=lambda t: torch.finfo(t).eps)
+        # where that is the coarser one (bf16 gamma, fp16 or fp32 rows), its ulps count;
+        # rounded once, the product is one ulp of the output dtype off
+        self.norm_ulps, self.norm_dtype = (3, max(dtype, gamma_dtype,
+                                                  key=lambda t: torch.finfo(t).eps))
+        if norm_rounding == "once":
+            self.norm_ulps, self.norm_dtype = 1, dtype
 
     def __call__(self, reference: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         d = self.kv_norm_dim
         rope = ulp(reference[:, d:], self.dtype) + 4 * F32_EPS * _pair_magnitude(
             source[:, d:], self.interleaved)
-        norm = (3 * ulp(reference[:, :d], self.norm_dtype)
+        norm = (self.norm_ulps * ulp(reference[:, :d], self.norm_dtype)
                 + reference[:, :d].abs() * (d / 2 + 4) * F32_EPS)
         return torch.cat((norm, rope), dim=-1)
 
@@ -149,6 +157,16 @@ def _fp8_mismatches(actual: torch.Tensor, reference: torch.Tensor, tol: torch.Te
     return int(off.sum())
 
 
+def located(inputs: OpInputs):
+    """The reference's tokens of ``inputs``, by their addressing (on the CPU)."""
+    num_pages, page_size = inputs.k_cache.shape[:2]
+    if inputs.engine:
+        return locate_slots(inputs.positions, inputs.slot_mapping, inputs.freqs_cis.shape[0],
+                            num_pages, page_size)
+    return locate_tokens(inputs.input_row_offsets, inputs.cache_lengths, inputs.lookup_table,
+                         inputs.freqs_cis.shape[0], num_pages, page_size)
+
+
 def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
               out_storage_before: torch.Tensor | None = None, *, in_place: bool = False,
               epsilon: float = 1e-6, interleaved: bool = True,
@@ -172,12 +190,10 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     before, after = before.to("cpu"), after.to("cpu")
     dtype = before.q_rope.dtype
     kv_norm_dim = before.gamma.shape[0]
-    page_size = before.k_cache.shape[1]
-    reference = fused_rope_rmsnorm_reference(*before.args(), **before.form(),
-                                             epsilon=epsilon, interleaved=interleaved)
-    tokens = locate_tokens(before.input_row_offsets, before.cache_lengths,
-                           before.lookup_table, before.freqs_cis.shape[0],
-                           before.k_cache.shape[0], page_size)
+    tokens = located(before)
+    reference = reference_outputs(tokens, before.q_rope, before.freqs_cis, before.gamma,
+                                  before.k_cache, **before.form(), **before.options(),
+                                  epsilon=epsilon, interleaved=interleaved)
     written = torch.nonzero(tokens.q_written).flatten()
 
     q_in = before.q_rope[written].to(torch.float64)
@@ -187,7 +203,7 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
 
     # the new rows: where they came from, the reference's values and their tolerances
     cached = tokens.row_written
-    page, slot = tokens.page[cached], tokens.pos[cached] % page_size
+    page, slot = tokens.page[cached], tokens.row[cached]
     n_real = tokens.pos.numel()
     if before.kv_input is None:
         source = torch.zeros(reference.rows.shape, dtype=torch.float64)
@@ -195,7 +211,8 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     else:
         source = before.kv_input[:n_real].to(torch.float64)
     rows_ref = reference.rows.to(torch.float64)
-    row_tol = _RowTolerance(kv_norm_dim, dtype, interleaved, before.gamma.dtype)
+    row_tol = _RowTolerance(kv_norm_dim, dtype, interleaved, before.gamma.dtype,
+                            before.norm_rounding)
     tol = row_tol(rows_ref, source)
 
     rope_error = norm_error = 0.0
@@ -240,7 +257,7 @@ def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool
                   epsilon: float = 1e-6, validate: bool | None = None, schedule=None,
                   out_columns: tuple[int, int] | None = None, kv_output: bool = True,
                   kv_output_columns: tuple[int, int] | None = None) -> CheckReport:
-    """Run ``fused_rope_rmsnorm`` on ``inputs`` (updating them) and check the result.
+    """Run the op (``inputs.call``) on ``inputs`` (updating them) and check the result.
 
     The output is ``q_rope`` itself if ``in_place``, else random values inside guards of
     their own, so that rows the op must not write are recognizable: columns ``(width,
@@ -265,9 +282,8 @@ def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool
         rows = _view(rows, storage.to(q.device))
         rows_storage_before = whole_storage(rows).clone()
     errors = torch.zeros(1, dtype=torch.int32, device=inputs.q_rope.device)
-    result = fused_rope_rmsnorm(*inputs.args(), **inputs.form(), kv_output=rows, out=out,
-                                errors=errors, epsilon=epsilon, interleaved=interleaved,
-                                validate=validate, schedule=schedule)
+    result = inputs.call(kv_output=rows, out=out, errors=errors, epsilon=epsilon,
+                         interleaved=interleaved, validate=validate, schedule=schedule)
     return check_run(before, inputs, result, out_storage_before, in_place=in_place,
                      epsilon=epsilon, interleaved=interleaved, errors_counted=int(errors.item()),
                      kv_output=rows, kv_output_storage_before=rows_storage_before)

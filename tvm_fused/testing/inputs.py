@@ -30,7 +30,10 @@ class OpInputs:
     (``q_rope`` is a column range of it) and the whole cache (several layers when
     ``layers > 1``, rows padded when ``row_width`` says so). Write-through inputs also have
     ``kv_input`` (a column range of the projection output ``kv_storage``, guarded too) and,
-    with an fp8 cache, maybe ``k_scale``.
+    with an fp8 cache, maybe ``k_scale``. Engine-addressed inputs (``engine_addressed``) also
+    have ``positions`` and ``slot_mapping``, which replace the offsets, page table and cache
+    lengths as arguments (those stay, as what the slots came from). ``freqs_layout`` is
+    ``freqs_cis``'s layout, ``norm_rounding`` the RMSNorm's rounding the call asks for.
     """
 
     q_rope: torch.Tensor
@@ -45,9 +48,22 @@ class OpInputs:
     kv_input: torch.Tensor | None = None
     kv_storage: torch.Tensor | None = None
     k_scale: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+    freqs_layout: str = "interleaved"
+    norm_rounding: str = "before_gamma"
+
+    @property
+    def engine(self) -> bool:
+        """Addressed by positions and slot mapping (``fused_rope_rmsnorm_slots``)."""
+        return self.positions is not None
 
     def args(self) -> tuple:
-        """Positional arguments of ``fused_rope_rmsnorm`` and the reference."""
+        """Positional arguments of the op's entry point (``fused_rope_rmsnorm``, or
+        ``fused_rope_rmsnorm_slots`` for engine-addressed inputs) and its reference."""
+        if self.engine:
+            return (self.q_rope, self.positions, self.slot_mapping, self.freqs_cis, self.gamma,
+                    self.k_cache)
         return (self.q_rope, self.input_row_offsets, self.freqs_cis, self.gamma, self.k_cache,
                 self.lookup_table, self.cache_lengths)
 
@@ -55,6 +71,18 @@ class OpInputs:
         """Keyword arguments of ``fused_rope_rmsnorm`` and the reference that select the
         form: ``kv_input`` (None: in place) and ``k_scale``."""
         return {"kv_input": self.kv_input, "k_scale": self.k_scale}
+
+    def options(self) -> dict:
+        """Keyword arguments of the entry point and the reference for the table layout and
+        the RMSNorm's rounding."""
+        return {"freqs_layout": self.freqs_layout, "norm_rounding": self.norm_rounding}
+
+    def call(self, **kwargs) -> torch.Tensor:
+        """The op's entry point on these inputs (their form and options, and ``kwargs``)."""
+        from .. import api
+
+        entry = api.fused_rope_rmsnorm_slots if self.engine else api.fused_rope_rmsnorm
+        return entry(*self.args(), **self.form(), **self.options(), **kwargs)
 
     def to(self, device) -> OpInputs:
         """A copy on ``device`` (views stay views of the copied storage)."""
@@ -74,11 +102,16 @@ class OpInputs:
         if self.kv_input is not None:
             kv_storage = copy(self.kv_storage)
             kv_input = view(self.kv_input, kv_storage)
+
+        def maybe(tensor):
+            return None if tensor is None else copy(tensor)
+
         return OpInputs(view(self.q_rope, q_storage), copy(self.input_row_offsets),
                         copy(self.freqs_cis), copy(self.gamma), view(self.k_cache, cache_storage),
                         copy(self.lookup_table), copy(self.cache_lengths), q_storage,
-                        cache_storage, kv_input, kv_storage,
-                        None if self.k_scale is None else copy(self.k_scale))
+                        cache_storage, kv_input, kv_storage, maybe(self.k_scale),
+                        maybe(self.positions), maybe(self.slot_mapping), self.freqs_layout,
+                        self.norm_rounding)
 
 
 def rope_freqs(max_seq_len: int, rope_dim: int, dtype=torch.float32) -> torch.Tensor:
@@ -205,3 +238,43 @@ def make_inputs(
     if k_scale is not None:
         inputs.k_scale = torch.tensor([k_scale], dtype=torch.float32)
     return inputs.to(device) if torch.device(device).type != "cpu" else inputs
+
+
+def split_table(freqs_cis: torch.Tensor) -> torch.Tensor:
+    """An interleaved ``freqs_cis [P, R]`` in the split layout: cosines, then sines."""
+    return torch.cat((freqs_cis[:, 0::2], freqs_cis[:, 1::2]), dim=1).contiguous()
+
+
+def with_options(inputs: OpInputs, *, freqs_layout: str = "interleaved",
+                 norm_rounding: str = "before_gamma") -> OpInputs:
+    """A copy of ``inputs`` (interleaved table) with the table in ``freqs_layout`` and calls
+    asking for ``norm_rounding``."""
+    result = inputs.clone()
+    if freqs_layout == "split":
+        result.freqs_cis = split_table(inputs.freqs_cis)
+    result.freqs_layout, result.norm_rounding = freqs_layout, norm_rounding
+    return result
+
+
+def engine_addressed(inputs: OpInputs, *, unslotted: int = 0,
+                     index_dtypes: tuple = (torch.int64, torch.int64)) -> OpInputs:
+    """A copy of ``inputs`` addressed as vLLM does: ``positions`` and ``slot_mapping`` of the
+    real tokens (those of ``input_row_offsets``), located by the reference. Each token keeps
+    its fate: a token without a cache row (negative page) gets slot -1, an error token its
+    position past the table or a slot past the cache. The last ``unslotted`` tokens get no
+    ``slot_mapping`` entry (vLLM's CUDA-graph padding: no cache row). ``index_dtypes``: of
+    positions and slot mapping."""
+    from .reference import locate_tokens
+
+    device = inputs.q_rope.device
+    page_size = inputs.k_cache.shape[1]
+    end = inputs.k_cache.shape[0] * page_size
+    tokens = locate_tokens(inputs.input_row_offsets, inputs.cache_lengths, inputs.lookup_table,
+                           inputs.freqs_cis.shape[0], inputs.k_cache.shape[0], page_size)
+    # page * page_size + row, -1 without a page, the cache's end for an error token
+    slots = torch.where(tokens.page >= 0, tokens.page * page_size + tokens.row, -1)
+    slots = torch.where(tokens.q_written, slots, end)
+    result = inputs.clone()
+    result.positions = tokens.pos.to(index_dtypes[0]).to(device)
+    result.slot_mapping = slots[:slots.numel() - unslotted].to(index_dtypes[1]).to(device)
+    return result

@@ -3,13 +3,17 @@
 It shares no code with the TensorIR definition: positions come from ``repeat_interleave`` on
 the host, the math runs in ``compute_dtype`` (float64 by default) and is rounded only where
 the spec rounds: once to the output dtype for RoPE; to the gamma dtype before and after the
-gamma product, then to q's dtype, for RMSNorm; an fp8 cache then stores ``fp8(saturate(value
-/ k_scale))`` (torch's cast: nearest even). Both forms: in place (the new rows are read from
-the cache) and write-through (from ``kv_input``). Indices that point nowhere follow
-SPEC.md: a negative page writes no cache row; a position with no freqs row, a logical page
-past the lookup table or a physical page ``>= num_pages`` makes the token an error, which
-writes nothing. ``input_row_offsets`` must ascend from 0 (the kernel stays in bounds for any
-offsets, but only these have a defined result).
+gamma product, then to q's dtype, for RMSNorm (or once, ``norm_rounding="once"``); an fp8
+cache then stores ``fp8(saturate(value / k_scale))`` (torch's cast: nearest even). Both
+forms: in place (the new rows are read from the cache) and write-through (from
+``kv_input``); both addressings: request offsets, cache lengths and a page table
+(``fused_rope_rmsnorm_reference``), or positions and a slot mapping
+(``fused_rope_rmsnorm_slots_reference``); both table layouts. Indices that point nowhere
+follow SPEC.md: a negative page or slot writes no cache row; a position with no freqs row, a
+logical page past the lookup table or a physical page ``>= num_pages`` (a slot ``>= num_pages
+* page_size``) makes the token an error, which writes nothing. ``input_row_offsets`` must
+ascend from 0 (the kernel stays in bounds for any offsets, but only these have a defined
+result).
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ import torch
 
 @dataclasses.dataclass
 class Tokens:
-    """Where each real token goes, all int64/bool tensors of ``offsets[-1]`` elements."""
+    """Where each real token goes, all int64/bool tensors of one element per real token
+    (``offsets[-1]``, or ``len(positions)``)."""
 
-    request: torch.Tensor
+    request: torch.Tensor  # (offsets addressing; the token itself by slots)
     pos: torch.Tensor
     page: torch.Tensor  # physical page (-1 where the token has none to look up)
+    row: torch.Tensor  # the row in the page
     q_written: torch.Tensor  # the op writes the token's q row
-    row_written: torch.Tensor  # the op writes the token's cache row ``(page, pos % size)``
+    row_written: torch.Tensor  # the op writes the token's cache row ``(page, row)``
 
     @property
     def errors(self) -> int:
@@ -51,7 +57,22 @@ def locate_tokens(input_row_offsets: torch.Tensor, cache_lengths: torch.Tensor,
     page = torch.full_like(pos, -1)
     page[listed] = table[request[listed], pos[listed] // page_size]
     q_written = listed & (page < num_pages)
-    return Tokens(request, pos, page, q_written, q_written & (page >= 0))
+    return Tokens(request, pos, page, pos % page_size, q_written, q_written & (page >= 0))
+
+
+def locate_slots(positions: torch.Tensor, slot_mapping: torch.Tensor, max_seq_len: int,
+                 num_pages: int, page_size: int) -> Tokens:
+    """Position and page of every token of ``positions``: tokens past ``slot_mapping`` or with
+    a negative slot have no cache row; a position without a freqs row or a slot past the
+    cache makes an error."""
+    pos = positions.to(torch.int64).cpu()
+    slot = torch.full_like(pos, -1)
+    given = slot_mapping.to(torch.int64).cpu()
+    slot[:given.numel()] = given
+    q_written = (pos >= 0) & (pos < max_seq_len) & (slot < num_pages * page_size)
+    page = torch.where(slot >= 0, slot // page_size, -1)
+    return Tokens(torch.arange(pos.numel()), pos, page, slot % page_size, q_written,
+                  q_written & (slot >= 0))
 
 
 def rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
@@ -70,12 +91,24 @@ def rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True) -> torc
 
 
 def rmsnorm(x: torch.Tensor, gamma: torch.Tensor, epsilon: float, out_dtype: torch.dtype,
-            compute_dtype: torch.dtype) -> torch.Tensor:
-    """``out_dtype(gamma_dtype(x * rsqrt(mean(x^2) + eps)) * gamma)`` over the last dim."""
+            compute_dtype: torch.dtype, rounding: str = "before_gamma") -> torch.Tensor:
+    """``out_dtype(gamma_dtype(gamma_dtype(x * rsqrt(mean(x^2) + eps)) * gamma))`` over the last
+    dim, or with ``rounding="once"``, ``out_dtype(x * rsqrt(mean(x^2) + eps) * gamma)``."""
     xc = x.to(compute_dtype)
     y = xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + epsilon)
+    if rounding == "once":
+        return (y * gamma.to(compute_dtype)).to(out_dtype)
     y = y.to(gamma.dtype).to(compute_dtype) * gamma.to(compute_dtype)
     return y.to(gamma.dtype).to(out_dtype)
+
+
+def interleaved_table(table: torch.Tensor, layout: str) -> torch.Tensor:
+    """A cos/sin ``table [P, R]`` of ``layout`` ("interleaved" or "split": cosines, then
+    sines) as interleaved (cos, sin) pairs."""
+    if layout == "interleaved":
+        return table
+    cos, sin = table.chunk(2, dim=-1)
+    return torch.stack((cos, sin), dim=-1).flatten(-2)
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, k_scale: torch.Tensor | None) -> torch.Tensor:
@@ -113,25 +146,58 @@ def fused_rope_rmsnorm_reference(
     k_cache: torch.Tensor,
     lookup_table: torch.Tensor,
     cache_lengths: torch.Tensor,
+    **options,
+) -> ReferenceOutputs:
+    """The op of SPEC.md, out of place, on the CPU.
+
+    Parameters are those of ``tvm_fused.fused_rope_rmsnorm``: with ``kv_input``
+    (``[n, D + R]``), the write-through form; nothing is modified. ``options``: those of
+    ``reference_outputs``.
+    """
+    tokens = locate_tokens(input_row_offsets, cache_lengths, lookup_table, freqs_cis.shape[0],
+                           k_cache.shape[0], k_cache.shape[1])
+    return reference_outputs(tokens, q_rope, freqs_cis, gamma, k_cache, **options)
+
+
+def fused_rope_rmsnorm_slots_reference(
+    q_rope: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    gamma: torch.Tensor,
+    k_cache: torch.Tensor,
+    **options,
+) -> ReferenceOutputs:
+    """The op addressed by positions and a slot mapping (``tvm_fused.fused_rope_rmsnorm_slots``
+    and its parameters), out of place, on the CPU; the table is split unless ``options``
+    say otherwise."""
+    tokens = locate_slots(positions, slot_mapping, cos_sin_cache.shape[0], k_cache.shape[0],
+                          k_cache.shape[1])
+    return reference_outputs(tokens, q_rope, cos_sin_cache, gamma, k_cache,
+                             **{"freqs_layout": "split", **options})
+
+
+def reference_outputs(
+    tokens: Tokens,
+    q_rope: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    gamma: torch.Tensor,
+    k_cache: torch.Tensor,
     *,
     kv_input: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     epsilon: float = 1e-6,
     interleaved: bool = True,
+    freqs_layout: str = "interleaved",
+    norm_rounding: str = "before_gamma",
     compute_dtype: torch.dtype = torch.float64,
 ) -> ReferenceOutputs:
-    """The op of SPEC.md, out of place, on the CPU.
-
-    Parameters are those of ``tvm_fused.fused_rope_rmsnorm``: with ``kv_input``
-    (``[n, D + R]``), the write-through form; nothing is modified.
-    """
-    page_size = k_cache.shape[1]
-    tokens = locate_tokens(input_row_offsets, cache_lengths, lookup_table,
-                           freqs_cis.shape[0], k_cache.shape[0], page_size)
+    """What the op writes for the located ``tokens`` (``kv_input``: the write-through form;
+    ``freqs_layout`` of ``freqs_cis``; ``norm_rounding`` as for ``rmsnorm``)."""
     n_real = tokens.pos.numel()
     dtype = q_rope.dtype
     kv_norm_dim = gamma.shape[0]
-    freqs = freqs_cis.cpu().to(compute_dtype)
+    freqs = interleaved_table(freqs_cis.cpu(), freqs_layout).to(compute_dtype)
     q_out = q_rope.cpu()[:n_real].clone()
     written = tokens.q_written
     q = q_out[written].to(compute_dtype)
@@ -139,14 +205,15 @@ def fused_rope_rmsnorm_reference(
 
     k_out = k_cache.cpu().clone()
     cached = tokens.row_written
-    page, slot = tokens.page[cached], tokens.pos[cached] % page_size
+    page, slot = tokens.page[cached], tokens.row[cached]
     if kv_input is None:  # in place: the rows themselves
         computed, source = cached, k_out[page, slot]
     else:
         computed, source = written, kv_input.cpu()[:n_real][written]
     rows = torch.zeros((n_real, source.shape[1]), dtype=dtype)
     rows[computed] = torch.cat((
-        rmsnorm(source[:, :kv_norm_dim], gamma.cpu(), epsilon, dtype, compute_dtype),
+        rmsnorm(source[:, :kv_norm_dim], gamma.cpu(), epsilon, dtype, compute_dtype,
+                norm_rounding),
         rope(source[:, kv_norm_dim:].to(compute_dtype), freqs[tokens.pos[computed]],
              interleaved).to(dtype)), dim=-1)
     k_out[page, slot] = quantize(rows[cached], k_cache.dtype, k_scale)
