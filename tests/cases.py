@@ -115,7 +115,8 @@ def snapshot(inputs) -> list:
     return [t.clone() for t in (inputs.q_storage, inputs.cache_storage,
                                 inputs.input_row_offsets, inputs.lookup_table,
                                 inputs.cache_lengths, inputs.freqs_cis, inputs.gamma,
-                                inputs.kv_storage, inputs.k_scale) if t is not None]
+                                inputs.kv_storage, inputs.k_scale, inputs.positions,
+                                inputs.slot_mapping) if t is not None]
 
 
 def unchanged(inputs, before: list) -> bool:

@@ -5,7 +5,7 @@ import torch
 
 import tvm_fused.torch_op  # noqa: F401  (registers torch.ops.tvm_fused.*)
 from tvm_fused.testing.compare import check_run, whole_storage
-from tvm_fused.testing.inputs import make_inputs, rows_like
+from tvm_fused.testing.inputs import engine_addressed, make_inputs, rows_like, with_options
 
 from .cases import FORMS, RAGGED
 
@@ -80,6 +80,32 @@ def test_write_through_custom_op(device, compiled, in_place, form):
     assert report.ok and report.errors_expected == 3, report.summary()
 
 
+def _slots_in_place(q, positions, slots, table, gamma, k_cache, *, kv_input, k_scale, errors):
+    torch.ops.tvm_fused.fused_rope_rmsnorm_slots_(
+        q, positions, slots, table, gamma, k_cache, kv_input, k_scale, 1e-6, True, "split",
+        "once", None, errors)
+    return q
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("form", ["in-place", "fp8-e5m2-scaled"])
+def test_slots_custom_op(device, compiled, form):
+    """The engine-addressed op, eager or compiled: a slot past the cache is skipped and
+    counted, two padding tokens have no slot_mapping entry."""
+    inputs = make_inputs(*RAGGED, num_q_heads=4, page_size=16, layers=3, device=device,
+                         **FORMS[form])
+    inputs = engine_addressed(with_options(inputs, freqs_layout="split", norm_rounding="once"),
+                              unslotted=2)
+    inputs.slot_mapping[5] = inputs.k_cache.shape[0] * inputs.k_cache.shape[1]
+    errors = torch.zeros(1, dtype=torch.int32, device=device)
+    before = inputs.clone()
+    fn = torch.compile(_slots_in_place, fullgraph=True) if compiled else _slots_in_place
+    out = fn(*inputs.args(), **inputs.form(), errors=errors)
+    report = check_run(before, inputs, out, in_place=True, errors_counted=int(errors))
+    assert report.ok and report.errors_expected == 1, report.summary()
+
+
 def _mutated(op):
     schema = op.default._schema
     return {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
@@ -91,6 +117,8 @@ def test_ops_declare_their_mutations():
     assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm_write_through) == {
         "k_cache", "kv_output", "errors"}
     assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm_write_through_) == {
+        "q_rope", "k_cache", "kv_output", "errors"}
+    assert _mutated(torch.ops.tvm_fused.fused_rope_rmsnorm_slots_) == {
         "q_rope", "k_cache", "kv_output", "errors"}
 
 

@@ -82,6 +82,18 @@ class CheckReport:
                 f"{'PASS' if self.ok else 'FAIL'}")
 
 
+def agreement(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
+    """``(share of bit-identical values, most ulps apart)`` of two tensors of one float dtype
+    (the ulps counted on the sign-magnitude bit patterns: adjacent values are 1 apart)."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32}[actual.element_size()]
+    a, b = (t.contiguous().view(bits).to(torch.int64) for t in (actual, expected))
+    sign = 1 << (8 * actual.element_size() - 1)
+    a, b = (torch.where(v < 0, -(v + sign), v) for v in (a, b))  # monotonic in the value
+    if a.numel() == 0:
+        return 1.0, 0
+    return float((a == b).double().mean()), int((a - b).abs().max())
+
+
 def _score(actual, expected, tol) -> float:
     """The worst ``|actual - expected| / tol`` (0 for no values)."""
     diff = (actual.to(torch.float64) - expected.to(torch.float64)).abs()

@@ -5,9 +5,11 @@ tokens per request, cache lengths 0-8192 drawn mostly at page boundaries, page s
 1-128 heads, every dtype, strided or contiguous and in-place or separate q, multi-layer cache
 views, shuffled page tables, padding rows, interleaved and NeoX pairs, both forms of the op
 (in place, or write-through from a column slice of a projection output, with or without
-kv_output, into a cache of q's dtype or fp8 e4m3fn/e5m2 with or without k_scale), and in a
-third of the cases an index that points nowhere (a page of -1 or past the cache, a freqs
-table too short),
+kv_output, into a cache of q's dtype or fp8 e4m3fn/e5m2 with or without k_scale), both
+addressings (offsets and a page table, or positions and a slot mapping of int64 or int32,
+maybe shorter than the positions), both cos/sin table layouts and both RMSNorm roundings,
+and in a third of the cases an index that points nowhere (a page or slot of -1 or past the
+cache, a freqs table too short),
 which the kernel must skip and count (those cases run unvalidated). A failing case prints a
 one-line repro: ``python -m tvm_fused fuzz --seed S --cases 1 --device D``.
 """
@@ -24,7 +26,7 @@ import torch
 
 from ..compiler import config
 from .compare import CheckReport, run_and_check
-from .inputs import OpInputs, make_inputs
+from .inputs import OpInputs, engine_addressed, make_inputs, with_options
 from .reference import locate_tokens
 
 DTYPES = tuple(getattr(torch, name) for name in config.DTYPES)
@@ -61,6 +63,11 @@ class FuzzCase:
     k_scale: float | None
     kv_columns: tuple
     kv_output: bool
+    slots: bool = False  # engine addressing
+    index_dtypes: tuple = (torch.int64, torch.int64)
+    unslotted: int = 0
+    freqs_layout: str = "interleaved"
+    norm_rounding: str = "before_gamma"
 
     def describe(self) -> str:
         form = "in-place cache"
@@ -73,7 +80,14 @@ class FuzzCase:
                 f"offsets={str(self.offsets_dtype)[6:]} pad={self.padding_rows} "
                 f"strided={self.strided_q} layers={self.layers} in_place={self.in_place} "
                 f"{'interleaved' if self.interleaved else 'neox'} {form} "
-                f"corruption={self.corruption}")
+                f"corruption={self.corruption} {self._addressing()} table={self.freqs_layout} "
+                f"norm={self.norm_rounding}")
+
+    def _addressing(self) -> str:
+        if not self.slots:
+            return "offsets"
+        positions, slots = (str(d)[6:] for d in self.index_dtypes)
+        return f"slots positions={positions} slot_mapping={slots} unslotted={self.unslotted}"
 
 
 def _cache_length(rng: random.Random, page_size: int) -> int:
@@ -107,9 +121,16 @@ def random_case(seed: int, max_tokens: int = 300) -> FuzzCase:
     # the form is drawn last, so that the fields above are those of earlier versions
     write_through = rng.random() < 0.5
     cache_dtype = rng.choice(CACHE_DTYPES) if write_through else None
-    return FuzzCase(**case, write_through=write_through, cache_dtype=cache_dtype,
-                    k_scale=rng.choice(K_SCALES) if cache_dtype else None,
-                    kv_columns=rng.choice(KV_COLUMNS), kv_output=rng.random() < 0.5)
+    case.update(write_through=write_through, cache_dtype=cache_dtype,
+                k_scale=rng.choice(K_SCALES) if cache_dtype else None,
+                kv_columns=rng.choice(KV_COLUMNS), kv_output=rng.random() < 0.5)
+    # then the addressing, the table layout and the rounding
+    return FuzzCase(**case, slots=rng.random() < 0.5,
+                    index_dtypes=rng.choice(((torch.int64,) * 2, (torch.int32,) * 2,
+                                             (torch.int64, torch.int32))),
+                    unslotted=rng.choice((0, 0, 1, 3)),
+                    freqs_layout=rng.choice(("interleaved", "split")),
+                    norm_rounding=rng.choice(("before_gamma", "once")))
 
 
 def _corrupt(inputs: OpInputs, how: str, seed: int) -> None:
@@ -142,6 +163,12 @@ def run_case(case: FuzzCase, device: str) -> CheckReport:
         kv_columns=case.kv_columns, prefix_pool=3, seed=case.seed, device=device)
     if case.corruption:
         _corrupt(inputs, case.corruption, case.seed)
+    inputs = with_options(inputs, freqs_layout=case.freqs_layout,
+                          norm_rounding=case.norm_rounding)
+    if case.slots:
+        inputs = engine_addressed(inputs, unslotted=min(case.unslotted,
+                                                        int(inputs.input_row_offsets[-1])),
+                                  index_dtypes=case.index_dtypes)
     return run_and_check(inputs, in_place=case.in_place, interleaved=case.interleaved,
                          validate=case.corruption is None, kv_output=case.kv_output)
 
