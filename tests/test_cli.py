@@ -54,3 +54,11 @@ def test_run_checks_the_kernel_on_the_cpu():
     run = _cli("run", "--device", "cpu", "--heads", "2", "--tokens", "5", "--page-size", "4")
     assert run.returncode == 0, run.stderr
     assert "worst error / tolerance" in run.stdout and "-> PASS" in run.stdout
+
+
+def test_run_checks_the_engine_form_on_the_cpu():
+    run = _cli("run", "--device", "cpu", "--heads", "2", "--tokens", "5", "--page-size", "4",
+               "--slots", "--split-table", "--norm-once", "--write-through", "--cache-dtype",
+               "float8_e4m3fn")
+    assert run.returncode == 0, run.stderr
+    assert "addressed by slots, split cos/sin table" in run.stdout and "-> PASS" in run.stdout

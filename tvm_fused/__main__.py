@@ -40,6 +40,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                         help="with --write-through: the new rows go to kv_output too")
     parser.add_argument("--cache-dtype", choices=config.FP8_DTYPES, default=None,
                         help="an fp8 cache (with --write-through; default: the dtype)")
+    parser.add_argument("--slots", action="store_true",
+                        help="engine addressing: positions and a slot mapping (vLLM's, "
+                             "SGLang's) instead of offsets, cache lengths and a page table")
+    parser.add_argument("--split-table", action="store_true",
+                        help="the cos/sin table split (cosines, then sines: vLLM's "
+                             "cos_sin_cache) instead of interleaved pairs")
+    parser.add_argument("--norm-once", action="store_true",
+                        help="the RMSNorm rounded once (SGLang's), not to gamma's dtype first")
 
 
 def _op_config(args: argparse.Namespace):
@@ -49,16 +57,20 @@ def _op_config(args: argparse.Namespace):
                                kv_norm_dim=args.kv_norm_dim, page_size=args.page_size,
                                dtype=args.dtype, gamma_dtype=args.dtype,
                                interleaved=not args.neox, write_through=args.write_through,
-                               kv_output=args.kv_output, cache_dtype=args.cache_dtype)
+                               kv_output=args.kv_output, cache_dtype=args.cache_dtype,
+                               addressing="slots" if args.slots else "offsets",
+                               freqs_layout="split" if args.split_table else "interleaved",
+                               norm_rounding="once" if args.norm_once else "before_gamma")
     except ValueError as error:
         raise UsageError(str(error)) from None
 
 
 def _form(op) -> str:
-    if not op.write_through:
-        return "in place"
-    return (f"write-through into a {op.cache_element} cache"
-            + (" and kv_output" if op.kv_output else ""))
+    form = "in place" if not op.write_through else (
+        f"write-through into a {op.cache_element} cache"
+        + (" and kv_output" if op.kv_output else ""))
+    return (f"{form}, addressed by {op.addressing}, {op.freqs_layout} cos/sin table, RMSNorm "
+            f"rounded {op.norm_rounding.replace('_', ' ')}")
 
 
 def _device(name: str) -> str:
@@ -78,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .testing.compare import run_and_check
-    from .testing.inputs import make_inputs
+    from .testing.inputs import engine_addressed, make_inputs, with_options
 
     op = _op_config(args)
     device = torch.device(_device(args.device))
@@ -92,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
                          kv_norm_dim=op.kv_norm_dim, page_size=op.page_size,
                          dtype=getattr(torch, op.dtype), write_through=op.write_through,
                          cache_dtype=getattr(torch, op.cache_element), device=device)
+    inputs = with_options(inputs, freqs_layout=op.freqs_layout, norm_rounding=op.norm_rounding)
+    if op.addressing == "slots":
+        inputs = engine_addressed(inputs)
     print(f"device: {name}")
     print(f"op: {op.num_q_heads} heads, rope_dim {op.rope_dim}, kv_norm_dim "
           f"{op.kv_norm_dim}, page size {op.page_size}, {op.dtype}, "
@@ -111,7 +126,6 @@ def _time(inputs, op, reps: int, gpu_name: str) -> None:
     """The op's GPU time next to a device copy of as many bytes, timed the same way."""
     import torch
 
-    from .api import fused_rope_rmsnorm
     from .timing import op_bytes, time_cuda
 
     out = torch.empty_like(inputs.q_rope)
@@ -122,9 +136,9 @@ def _time(inputs, op, reps: int, gpu_name: str) -> None:
     src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     timings = {
-        "tvm-fused": time_cuda(lambda: fused_rope_rmsnorm(
-            *inputs.args(), **inputs.form(), kv_output=kv_output, out=out,
-            interleaved=op.interleaved, validate=False), reps=reps),
+        "tvm-fused": time_cuda(lambda: inputs.call(
+            kv_output=kv_output, out=out, interleaved=op.interleaved, validate=False),
+            reps=reps),
         "copy of as many bytes": time_cuda(lambda: dst.copy_(src), reps=reps),
     }
     for label, timing in timings.items():
