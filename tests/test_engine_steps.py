@@ -1,18 +1,28 @@
 """The engines' three steps in plain torch (benchmarks/peers/engine_steps.py) do what vLLM's
 and SGLang's definitions say (CPU)."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from benchmarks.peers import engine_steps as es
 
 BF16 = torch.bfloat16
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_drop_in.py"
 
 
 def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """How many bf16 values apart ``a`` and ``b`` are (same signs, checked)."""
     assert torch.equal(a.signbit(), b.signbit())
     return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+def pairs_layout(a, b, is_neox: bool):
+    """``[..., R]`` from pair halves ``a``, ``b`` ``[..., R/2]``: NeoX or GPT-J order."""
+    return torch.cat((a, b), -1) if is_neox else torch.stack((a, b), -1).flatten(-2)
 
 
 @pytest.mark.parametrize("is_neox", [False, True])
@@ -27,15 +37,12 @@ def test_rotary_is_a_rotation_by_the_angle(is_neox, dtype, rel):
     x64 = x.double()
     pairs = (x64[..., :32], x64[..., 32:]) if is_neox else (x64[..., 0::2], x64[..., 1::2])
     z = torch.complex(*pairs) * torch.polar(torch.ones(()).double(), angles[positions])[:, None]
-    def layout(a, b):
-        return torch.cat((a, b), -1) if is_neox else torch.stack((a, b), -1).flatten(-2)
-
-    want, size = layout(z.real, z.imag), layout(z.abs(), z.abs())
+    want, size = pairs_layout(z.real, z.imag, is_neox), pairs_layout(z.abs(), z.abs(), is_neox)
     got = es.rotary_gptj_split_cache(positions, x, table, is_neox=is_neox)
     assert got.dtype == dtype
     assert ((got.double() - want).abs() <= rel * want.abs() + 2.0 ** -21 * size).all()
-    flat = es.rotary_gptj_split_cache(positions, x[:, 1], table, is_neox=is_neox)
-    assert torch.equal(flat, got[:, 1])  # any leading dims
+    assert torch.equal(es.rotary_gptj_split_cache(positions, x[:, 1], table, is_neox=is_neox),
+                       got[:, 1])  # any leading dims
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
@@ -58,17 +65,14 @@ def test_concat_and_cache_slots(slot_dtype):
 
 
 def test_fp8_saturates_scales_and_keeps_nan():
-    values = torch.tensor([1000.0, -1000.0, 100.0, 3.0, float("nan")], dtype=BF16)
     kv_c = torch.zeros(1, 512, dtype=BF16)
-    kv_c[0, :5] = values
+    kv_c[0, :5] = torch.tensor([1000.0, -1000.0, 100.0, 3.0, float("nan")])
     cache = torch.zeros(2, 4, 576, dtype=torch.uint8)  # vLLM keeps fp8 bytes
-    es.concat_and_cache_mla(kv_c, torch.zeros(1, 64, dtype=BF16), cache, torch.tensor([5]),
-                            "fp8", torch.tensor([1.0]))
-    row = cache.view(torch.float8_e4m3fn)[1, 1, :5].float()
-    assert row[:4].tolist() == [448.0, -448.0, 96.0, 3.0] and row[4].isnan()
-    es.concat_and_cache_mla(kv_c, torch.zeros(1, 64, dtype=BF16), cache, torch.tensor([5]),
-                            "fp8", torch.tensor([0.5]))
-    assert cache.view(torch.float8_e4m3fn)[1, 1, :4].float().tolist() == [448, -448, 192, 6]
+    for scale, want in ((1.0, [448, -448, 96, 3]), (0.5, [448, -448, 192, 6])):  # even ties
+        es.concat_and_cache_mla(kv_c, torch.zeros(1, 64, dtype=BF16), cache, torch.tensor([5]),
+                                "fp8", torch.tensor([scale]))
+        row = cache.view(torch.float8_e4m3fn)[1, 1, :5].float()
+        assert row[:4].tolist() == want and row[4].isnan()
     assert not cache[0].any() and not cache[1, [0, 2, 3]].any()
 
 
@@ -123,3 +127,14 @@ def test_sglang_sequence():
     rows = torch.cat((k_nope, k_pe), -1).to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(buffer[[3, 8, 1], 0], rows[:3])
     assert not buffer[[2, 4, 5, 6, 7]].any() and buffer[0].any()
+
+
+def test_drop_in_script_imports_and_parses():
+    spec = importlib.util.spec_from_file_location("bench_drop_in", SCRIPT)
+    script = sys.modules["bench_drop_in"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    quick = script.configs(script.parse_args(["--quick", "--check"]))
+    assert len(quick) == 12 and {c.phase for c in quick} == {"decode", "prefill"}
+    assert len(script.configs(script.parse_args([]))) == 44
+    with pytest.raises(SystemExit):
+        script.parse_args(["--cache", "fp16"])

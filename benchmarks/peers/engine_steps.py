@@ -38,8 +38,14 @@ SGLang (``DeepseekV2AttentionMLA``) differs:
 
 Both engines run the rotary on every row of q (``positions`` has q's rows); vLLM's
 ``concat_and_cache_mla`` writes only the first ``slot_mapping.size(0)`` tokens.
-The CUDA kernels may contract ``x0 c - x1 s`` into an FMA, torch eager does not: on a few
-elements the float32 results, rarely the rounded ones, differ in the last bit.
+
+Numerics: the CUDA kernels may contract ``x0 c - x1 s`` into an FMA and reduce the sum of
+squares in another order than torch, so a few rounded values (about 1 in 10^5 bf16 cache
+bytes on an H200) differ by one step between implementations of the same definition. vLLM's
+rotary kernel computes in float32 since it took the table's dtype as a template parameter of
+its own; older releases computed in the tensor dtype (a rounding per product). Under
+``torch.compile``, inductor drops the rounding of vLLM's RMSNorm before the weight unless
+``emulate_precision_casts`` is set (``compiled`` sets it).
 """
 
 from __future__ import annotations
