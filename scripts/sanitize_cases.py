@@ -2,18 +2,19 @@
 settings (no content validation on the GPU): no tokens, one token, far more tokens than one
 wave of blocks, page size 1, padding rows, in place, NeoX, schedules with shared-memory row
 reductions, odd strides, the write-through form into bf16 and fp8 caches (kv_input at odd
-columns too), and every index that points nowhere in each form (tests/cases.py). Run from
-the repository root."""
+columns too), engine addressing (positions and slots, split table, tokens without a slot)
+in every form, and every index that points nowhere in each form and addressing
+(tests/cases.py). Run from the repository root."""
 
 import sys
 
 import torch
 
-from tests.cases import BAD_INDICES, FORMS, MALFORMED, RAGGED, bad_index_inputs
+from tests.cases import BAD_INDICES, BAD_SLOTS, FORMS, MALFORMED, RAGGED, bad_index_inputs
 from tvm_fused import fused_rope_rmsnorm
 from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.testing.compare import run_and_check
-from tvm_fused.testing.inputs import make_inputs
+from tvm_fused.testing.inputs import engine_addressed, make_inputs, with_options
 
 CASES = [
     {"new": [0], "cached": [5]},
@@ -37,6 +38,11 @@ CASES = [
     {"new": [3000, 1, 7], "cached": [0, 9, 4000], "form": "fp8-e4m3"},
     {"new": RAGGED[0], "cached": RAGGED[1], "heads": 16, "page_size": 1,
      "kv_columns": (600, 16), "interleaved": False, "form": "fp8-e5m2-scaled"},
+    {"new": [3000, 0, 2000], "cached": [0, 9, 4000], "padding_rows": 5, "slots": True},
+    {"new": RAGGED[0], "cached": RAGGED[1], "heads": 16, "page_size": 1, "slots": True,
+     "interleaved": False, "form": "fp8-e4m3"},
+    {"new": RAGGED[0], "cached": RAGGED[1], "heads": 4, "page_size": 16, "slots": True,
+     "kv_columns": (577, 1), "form": "write-through", "in_place": True},
 ]
 
 failed = 0
@@ -48,6 +54,8 @@ for case in CASES:
                          dtype=case.get("dtype", torch.bfloat16),
                          kv_columns=case.get("kv_columns"), device="cuda",
                          **FORMS[case.get("form", "in-place")])
+    if case.get("slots"):
+        inputs = engine_addressed(with_options(inputs, freqs_layout="split"), unslotted=3)
     report = run_and_check(inputs, in_place=case.get("in_place", False),
                            interleaved=case.get("interleaved", True),
                            schedule=case.get("schedule"))
@@ -60,6 +68,13 @@ for form in ("in-place", "fp8-e5m2-scaled"):
         report = run_and_check(inputs)
         ok = report.ok and report.errors_expected == errors
         print(("ok  " if ok else "FAIL"), form, name, report.summary())
+        failed += not ok
+    for name, (corrupt, errors) in BAD_SLOTS.items():
+        inputs = engine_addressed(bad_index_inputs("cuda", form))
+        corrupt(inputs)
+        report = run_and_check(inputs)
+        ok = report.ok and report.errors_expected == errors
+        print(("ok  " if ok else "FAIL"), form, "slots:", name, report.summary())
         failed += not ok
     for name, corrupt in MALFORMED.items():  # no defined result: memcheck judges
         inputs = bad_index_inputs("cuda", form)

@@ -90,6 +90,35 @@ BAD_INDICES = {
 }
 
 
+def _slots_set(index, value):
+    def corrupt(inputs):
+        inputs.slot_mapping[index] = value(inputs) if callable(value) else value
+    return corrupt
+
+
+def _position_set(index, value):
+    def corrupt(inputs):
+        inputs.positions[index] = value(inputs) if callable(value) else value
+    return corrupt
+
+
+def _cache_rows(inputs) -> int:
+    return inputs.k_cache.shape[0] * inputs.k_cache.shape[1]
+
+
+# corruption of engine-addressed bad_index_inputs (16 tokens) -> the error tokens it makes
+# (each has a defined result)
+BAD_SLOTS = {
+    "no cache row (slot -1)": (_slots_set(4, -1), 0),
+    "no cache row (most negative slot)": (_slots_set(5, -2**63), 0),
+    "slot at the cache's end": (_slots_set(6, _cache_rows), 1),
+    "huge slot": (_slots_set(7, 2**63 - 1), 1),
+    "negative position": (_position_set(8, -3), 1),
+    "position at the table's length": (_position_set(9, lambda i: i.freqs_cis.shape[0]), 1),
+    "huge position": (_position_set(10, 2**62), 1),
+}
+
+
 def _offsets(values):
     def corrupt(inputs):
         inputs.input_row_offsets = torch.tensor(values, dtype=torch.int64).to(

@@ -12,7 +12,7 @@ from tvm_fused.testing.compare import agreement, located, run_and_check
 from tvm_fused.testing.inputs import engine_addressed, make_inputs, with_options
 from tvm_fused.testing.reference import reference_outputs
 
-from .cases import FORMS, RAGGED, bad_index_inputs, snapshot, unchanged
+from .cases import BAD_SLOTS, FORMS, RAGGED, bad_index_inputs, snapshot, unchanged
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 ADDRESSINGS = ("offsets", "slots")
@@ -72,34 +72,6 @@ def test_each_rounding_is_the_one_asked_for(device, dtype):
 def _reference_args(inputs) -> dict:
     return {"q_rope": inputs.q_rope, "freqs_cis": inputs.freqs_cis, "gamma": inputs.gamma,
             "k_cache": inputs.k_cache, "kv_input": inputs.kv_input}
-
-
-def _slots_set(index, value):
-    def corrupt(inputs):
-        inputs.slot_mapping[index] = value(inputs) if callable(value) else value
-    return corrupt
-
-
-def _position_set(index, value):
-    def corrupt(inputs):
-        inputs.positions[index] = value(inputs) if callable(value) else value
-    return corrupt
-
-
-def _cache_rows(inputs) -> int:
-    return inputs.k_cache.shape[0] * inputs.k_cache.shape[1]
-
-
-# corruption of engine-addressed bad_index_inputs (16 tokens) -> the error tokens it makes
-BAD_SLOTS = {
-    "no cache row (slot -1)": (_slots_set(4, -1), 0),
-    "no cache row (most negative slot)": (_slots_set(5, -2**63), 0),
-    "slot at the cache's end": (_slots_set(6, _cache_rows), 1),
-    "huge slot": (_slots_set(7, 2**63 - 1), 1),
-    "negative position": (_position_set(8, -3), 1),
-    "position at the table's length": (_position_set(9, lambda i: i.freqs_cis.shape[0]), 1),
-    "huge position": (_position_set(10, 2**62), 1),
-}
 
 
 @pytest.mark.parametrize("device", DEVICES)
