@@ -9,6 +9,11 @@ on its own copy of them:
   ``engine_steps.compiled``);
 - ``triton norm + torch``: Liger's Triton RMSNorm (HF/Llama rounding), then the torch rotary
   and the torch ``concat_and_cache_mla``;
+- ``vllm steps in triton``: vLLM's three kernels as three Triton launches, hand-written the
+  way a user would (``benchmarks/peers/engine_triton.py: vllm_mla_prologue_triton``): Liger's
+  RMSNorm (``"llama"`` casting: vLLM's rounding), a one-program-per-token rotary in place on
+  q's rope view and ``k_pe`` (vLLM's ``rotary_embedding``), a one-program-per-token
+  ``concat_and_cache_mla`` skipping negative slots in the kernel;
 - ``tvm-fused``: one call of ``tvm_fused.fused_rope_rmsnorm_slots`` (write-through from
   ``kv_lora``, vLLM's split cos/sin table, vLLM's RMSNorm rounding, in place on q's rope
   columns); at prefill it also writes ``kv_output`` (vLLM's prefill reads ``kv_c_normed`` and
@@ -19,7 +24,10 @@ randn(T, 1536 + 576)`` bf16 and ``kv_lora = fused_qkv[:, 1536:]``, ``cos_sin_cac
 [163840, 64]`` bf16 (theta 10000; DeepSeek-V3's max_position_embeddings), the
 ``kv_a_layernorm`` weight ``[512]`` bf16, ``kv_cache [T / 64 + 16 blocks, 64, 576]`` (block
 size 64, FlashMLA's) in bf16 (``auto``) or uint8 fp8 bytes (``fp8``, e4m3, ``k_scale``),
-``slot_mapping`` distinct random slots and ``positions`` random, int64 both.
+``slot_mapping`` and ``positions`` int64, as a serving step has them: at decode one token per
+request, each at a random position and a random distinct slot; at prefill requests of up to
+4096 new tokens, each at consecutive positions from a random start and in consecutive slots
+of shuffled blocks (``serving_indices``).
 
 Timing: decode sizes (one token per request): GPU time per call of ``--graph-calls`` calls
 captured back to back in ONE CUDA graph, after warm-up, the graph replayed on a cold L2
@@ -62,7 +70,8 @@ DECODE_MAX = 256  # token counts up to it are decode steps
 HEADS = (16, 128)
 CACHES = ("auto", "fp8")
 QUICK = {"tokens": (1, 64, 4096), "heads": (16, 128), "caches": CACHES}
-PROVIDERS = ("vllm eager", "vllm torch.compile", "triton norm + torch", "tvm-fused")
+PROVIDERS = ("vllm eager", "vllm torch.compile", "triton norm + torch", "vllm steps in triton",
+             "tvm-fused")
 BASELINE = "vllm eager"
 KV_OUTPUT = ("prefill", "always", "never")
 Q_A_RANK, KV_LORA, ROPE, NOPE = 1536, 512, 64, 128
@@ -171,6 +180,27 @@ class Inputs:
             if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
+PREFILL_REQUEST = 4096  # new tokens per request at prefill
+
+
+def serving_indices(config: Config, blocks: int, g: torch.Generator, device) -> dict:
+    """``positions`` and ``slot_mapping`` ``[T]`` int64 of a serving step: decode, one token
+    per request at a random position and a random distinct slot; prefill, requests of up to
+    ``PREFILL_REQUEST`` tokens at consecutive positions from a random start, written to
+    consecutive slots of blocks in a shuffled order."""
+    t = config.tokens
+    if config.phase == "decode":
+        return {"slot_mapping": torch.randperm(blocks * BLOCK_SIZE, device=device,
+                                               generator=g)[:t],
+                "positions": torch.randint(0, MAX_POSITION, (t,), device=device, generator=g)}
+    token = torch.arange(t, device=device)
+    starts = torch.randint(0, MAX_POSITION - PREFILL_REQUEST, (-(-t // PREFILL_REQUEST),),
+                           device=device, generator=g)
+    order = torch.randperm(blocks, device=device, generator=g)
+    return {"slot_mapping": order[token // BLOCK_SIZE] * BLOCK_SIZE + token % BLOCK_SIZE,
+            "positions": starts[token // PREFILL_REQUEST] + token % PREFILL_REQUEST}
+
+
 def make_inputs(config: Config, k_scale: float, seed: int, device="cuda") -> Inputs:
     g = torch.Generator(device=device).manual_seed(seed)
     t, bf16 = config.tokens, torch.bfloat16
@@ -184,8 +214,7 @@ def make_inputs(config: Config, k_scale: float, seed: int, device="cuda") -> Inp
         gamma=(1 + 0.25 * torch.randn(KV_LORA, device=device, generator=g)).to(bf16),
         kv_cache=torch.zeros(blocks, BLOCK_SIZE, KV_LORA + ROPE, device=device,
                              dtype=torch.uint8 if fp8 else bf16),
-        slot_mapping=torch.randperm(blocks * BLOCK_SIZE, device=device, generator=g)[:t],
-        positions=torch.randint(0, MAX_POSITION, (t,), device=device, generator=g),
+        **serving_indices(config, blocks, g, device),
         kv_cache_dtype=config.cache,
         k_scale=torch.tensor([k_scale], device=device) if fp8 else None)
 
@@ -215,6 +244,10 @@ def provider(name: str, x: Inputs, kv_output: torch.Tensor | None):
                                     x.kv_cache_dtype, x.k_scale)
 
         return liger_then_torch
+    if name == "vllm steps in triton":
+        from benchmarks.peers.engine_triton import vllm_mla_prologue_triton
+
+        return lambda: vllm_mla_prologue_triton(x.q, x.kv_lora, *steps)
     if name == "tvm-fused":
         import tvm_fused
 

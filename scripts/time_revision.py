@@ -18,8 +18,9 @@ as letters and values joined by ``-``: ``T`` block_threads, ``X`` norm_threads_p
 e.g. ``T256-R2`` (unnamed fields keep their defaults); ``--cases``: in-place (default),
 write-through, or an fp8 cache dtype with an optional ``@k_scale``, e.g.
 ``float8_e4m3fn@0.37``; the write-through cases need a revision that has the form;
-``--slots``: the engine addressing, positions and a slot mapping of the same tokens, with
-the split cos/sin table, for revisions that have ``fused_rope_rmsnorm_slots``)
+``--slots``: the engine addressing, positions and a slot mapping of the same tokens, for
+revisions that have ``fused_rope_rmsnorm_slots``; ``--split-table``: the cos/sin table split,
+cosines then sines, likewise)
 """
 
 import argparse
@@ -108,7 +109,8 @@ parser.add_argument("--cases", default="in-place",
                     help="comma-separated: in-place, write-through, an fp8 cache dtype[@k_scale]")
 parser.add_argument("--build", action="store_true", help="only build (and cache) the kernels")
 parser.add_argument("--slots", action="store_true",
-                    help="engine addressing (positions, slot mapping) and the split table")
+                    help="engine addressing (positions, slot mapping)")
+parser.add_argument("--split-table", action="store_true", help="the split cos/sin table")
 args = parser.parse_intermixed_args()
 SCHEDULE_FIELDS = {"T": "block_threads", "X": "norm_threads_per_row", "V": "vector_bytes",
                    "R": "rope_vectors_per_thread", "N": "norm_rows_per_thread", "U": "unroll"}
@@ -131,12 +133,17 @@ for tokens in args.tokens:
             inputs = case_inputs(tokens, heads, case)
             form = {} if case == "in-place" else inputs.form()
             entry = tvm_fused.fused_rope_rmsnorm
-            if args.slots:
-                from tvm_fused.testing.inputs import engine_addressed, with_options
+            if args.split_table:
+                from tvm_fused.testing.inputs import with_options
 
-                inputs = engine_addressed(with_options(inputs, freqs_layout="split"))
-                entry = tvm_fused.fused_rope_rmsnorm_slots
+                inputs = with_options(inputs, freqs_layout="split")
                 form = {**form, "freqs_layout": "split"}
+            if args.slots:
+                from tvm_fused.testing.inputs import engine_addressed
+
+                inputs = engine_addressed(inputs)
+                entry = tvm_fused.fused_rope_rmsnorm_slots
+                form = {**form, "freqs_layout": inputs.freqs_layout}
             out = torch.empty_like(inputs.q_rope)
             for spec, schedule in schedules.items():
 
@@ -146,7 +153,8 @@ for tokens in args.tokens:
                 if args.build:
                     call()
                     continue
-                row = {"label": args.label + (" slots" if args.slots else ""), "schedule": spec,
+                variant = " slots" * args.slots + " split" * args.split_table
+                row = {"label": args.label + variant, "schedule": spec,
                        "gpu": torch.cuda.get_device_name(), "heads": heads, "case": case,
                        "tokens": tokens, "cold_us": cold_us(call, 200 if tokens <= 4096 else 60)}
                 if tokens <= 256:
