@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import engine_steps as es  # noqa: E402
-from tvm_fused.timing import time_cuda  # noqa: E402
+from tvm_fused.timing import time_cuda, time_graph  # noqa: E402
 
 DECODE_TOKENS = (1, 8, 32, 64, 128, 256)
 PREFILL_TOKENS = (1024, 4096, 8192, 16384, 32768)
@@ -264,17 +264,7 @@ def provider(name: str, x: Inputs, kv_output: torch.Tensor | None):
 def graph_us(fn, calls: int, reps: int) -> float:
     """GPU µs per call of ``calls`` calls of ``fn`` captured back to back in one CUDA graph
     (warmed up first), the graph replayed on a cold L2."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return time_cuda(graph.replay, reps=reps).median_us / calls
+    return time_graph(fn, reps=reps, calls=calls).median_us / calls
 
 
 def written(x: Inputs) -> dict[str, torch.Tensor]:

@@ -49,17 +49,20 @@ def time_cuda(fn, reps: int = 50, warmup: int = 5, cold: bool = True) -> Timing:
     return Timing(statistics.median(times), quantiles[0], quantiles[3], reps)
 
 
-def time_graph(fn, reps: int = 50) -> Timing:
-    """Time replays of ``fn()`` captured in a CUDA graph (cold L2), as a serving engine runs
-    decode steps."""
+def time_graph(fn, reps: int = 50, calls: int = 1) -> Timing:
+    """Time replays of ``calls`` calls of ``fn()`` captured back to back in one CUDA graph
+    (cold L2), as a serving engine runs decode steps; per replay (divide by ``calls`` for
+    the steady-state time per call)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        fn()
+        for _ in range(3):
+            fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     return time_cuda(graph.replay, reps=reps)
 
 
