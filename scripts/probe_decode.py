@@ -14,7 +14,7 @@ from tvm.script import tirx as T
 from benchmarks.suite import host_us
 from tvm_fused import dispatch, fused_rope_rmsnorm
 from tvm_fused.api import _alignment
-from tvm_fused.arguments import check_arguments
+from tvm_fused.arguments import OFFSETS, check_arguments
 from tvm_fused.compiler.build import cuda_target
 from tvm_fused.compiler.config import OpConfig
 from tvm_fused.timing import time_cuda
@@ -51,8 +51,10 @@ def probe(tokens):
     args = x.args()
     q = x.q_rope
     alignment = _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache, None, None)
-    signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.input_row_offsets, x.k_cache,
-                                   True, False, False, alignment, None)
+    index = dict(zip(OFFSETS, (x.input_row_offsets, x.lookup_table, x.cache_lengths)))
+    signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.k_cache, tuple(index.values()),
+                                   ("offsets", True, "interleaved", "before_gamma"), False,
+                                   False, alignment, None)
     kernel = dispatch.kernel(signature, tokens)
 
     def call():
@@ -66,7 +68,7 @@ def probe(tokens):
     call()
     print(f"{tokens:3d} tok op              cold {time_cuda(call, reps=200).median_us:6.2f} us"
           f"   warm {time_cuda(call, reps=200, cold=False).median_us:6.2f} us")
-    checks = host_us(lambda: check_arguments(*args, out))
+    checks = host_us(lambda: check_arguments(q, x.freqs_cis, x.gamma, x.k_cache, index, out))
     alignment = host_us(lambda: _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache))
     print(f"{tokens:3d} tok host per call: full {host_us(call, calls=300):5.2f} us, kernel only "
           f"{host_us(raw, calls=300):5.2f} us, check_arguments {checks:5.2f} us, alignment "
