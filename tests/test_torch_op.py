@@ -157,6 +157,40 @@ def test_op_replays_from_a_cuda_graph(form):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["write-through", "fp8-e5m2-scaled"])
+def test_slots_op_replays_from_a_cuda_graph(form):
+    """vLLM's decode graph: the slots op captured once, replayed after the step's new q,
+    latent, positions and slot mapping (other pages) were copied into the captured tensors;
+    two padding tokens have no slot_mapping entry."""
+    def fresh(device, seed):
+        inputs = make_inputs(*RAGGED, num_q_heads=4, page_size=16, layers=3, device=device,
+                             seed=seed, **FORMS[form])
+        return engine_addressed(with_options(inputs, freqs_layout="split"), unslotted=2)
+
+    inputs = fresh("cuda", 0)
+    q, positions, slots, table, gamma, k_cache = inputs.args()
+
+    def call():
+        torch.ops.tvm_fused.fused_rope_rmsnorm_slots_(
+            q, positions, slots, table, gamma, k_cache, inputs.kv_input, inputs.k_scale, 1e-6,
+            True, "split", "before_gamma", None, None)
+
+    call()  # build first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    new = fresh("cpu", 1)
+    assert not torch.equal(new.slot_mapping, inputs.slot_mapping.cpu())
+    for name in ("q_storage", "kv_storage", "cache_storage", "positions", "slot_mapping"):
+        getattr(inputs, name).copy_(getattr(new, name))
+    before = inputs.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    report = check_run(before, inputs, q, in_place=True)
+    assert report.ok, report.summary()
+
+
+@pytest.mark.gpu
 def test_reduce_overhead_compile():
     compiled = torch.compile(_out_of_place, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):  # warm-up runs, then graph replays
