@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import tvm
+import tvm_ffi
 from tvm.script import tirx as T
 from tvm.support import nvcc
 
@@ -28,6 +29,9 @@ CONFIGS = {
                                        cache_dtype="float8_e4m3fn"),
     "write-through-fp8-e5m2-neox": OpConfig(num_q_heads=16, write_through=True,
                                             cache_dtype="float8_e5m2", interleaved=False),
+    "pdl": OpConfig(num_q_heads=128, pdl=True),
+    "slots-split-fp8-pdl": OpConfig(num_q_heads=16, addressing="slots", freqs_layout="split",
+                                    write_through=True, cache_dtype="float8_e4m3fn", pdl=True),
 }
 
 
@@ -45,13 +49,17 @@ def source(request):
     return request.param, cuda_source(CONFIGS[request.param])
 
 
-GROUP_TEST = "if (((int64_t)blockIdx.x) < "
+INDEX_BUFFERS = {f"{name}_ptr" for name in ("offsets", "lookup_table", "cache_lengths",
+                                             "positions", "slot_mapping")}
+# a group's first test (the slots locate's own tests compare blockIdx.x with m and s)
+BLOCK_GROUP = re.compile(r"if \(\(\(int64_t\)blockIdx\.x\) < (?![ms]\))")
+MEMORY_ACCESS = re.compile(r"\b(\w+_ptr)\[|\*\(\w+\*\)\((\w+_ptr)|atomic_add\(")
 
 
 def test_one_kernel_in_four_block_groups(source):
     _, src = source
     assert src.count("__global__ void") == 2  # declaration + definition: a single kernel
-    assert src.count(GROUP_TEST) == 4, "q rope, k rope, norm and error-count groups"
+    assert len(BLOCK_GROUP.findall(src)) == 4, "q rope, k rope, norm and error-count groups"
     assert "__launch_bounds__(128)" in src
 
 
@@ -60,7 +68,7 @@ def test_branches_stay_in_their_groups(source):
     group (last) adds to the error counter, atomically."""
     _, src = source
     kernel = src[src.rindex('extern "C" __global__'):]
-    groups = [i for i in range(len(kernel)) if kernel.startswith(GROUP_TEST, i)]
+    groups = [m.start() for m in BLOCK_GROUP.finditer(kernel)]
     first_q_access = min(i for i in (kernel.find("(q_pairs_ptr"), kernel.find("q_pairs_ptr["))
                          if i >= 0)
     assert groups[0] < first_q_access < groups[1]
@@ -201,9 +209,71 @@ def test_q_threads_load_all_their_heads_first(items, interleaved):
     op = OpConfig(num_q_heads=128, interleaved=interleaved)
     src = cuda_source(op, schedule=ScheduleConfig(rope_vectors_per_thread=items))
     kernel = src[src.rindex('extern "C" __global__'):]
-    q_group = kernel[:kernel.index(GROUP_TEST, kernel.index(GROUP_TEST) + 1)]
+    q_group = kernel[:[m.start() for m in BLOCK_GROUP.finditer(kernel)][1]]
     per_head = 8 if interleaved else 16  # a lane's vector, or one from each half (NeoX)
     assert f"nv_bfloat16 q_in_local_ptr[{items * per_head}];" in q_group
     first_rotation = q_group.index("q_out_local_ptr[0] =")
     loads = [m.start() for m in re.finditer(r"= \*\(uint4\*\)\(q_pairs_ptr", q_group)]
     assert loads and max(loads) < first_rotation
+
+
+WAIT, LAUNCH_DEPENDENTS = ("tvm_builtin_ptx_griddepcontrol_wait();",
+                           "tvm_builtin_ptx_griddepcontrol_launch_dependents();")
+
+
+def test_pdl_waits_after_the_index_reads_and_before_any_other_access(source):
+    """With PDL each block group reads its index tensors, then waits for the kernel before
+    (``griddepcontrol.wait``), then touches q, the latent, the table, the cache or the error
+    counter; the launch lets the next kernel start at once. Without PDL: no griddepcontrol."""
+    name, src = source
+    kernel = src[src.rindex('extern "C" __global__'):]
+    if not CONFIGS[name].pdl:
+        assert "griddepcontrol" not in kernel
+        return
+    groups = [m.start() for m in BLOCK_GROUP.finditer(kernel)]
+    assert len(groups) == 4
+    assert kernel.count(LAUNCH_DEPENDENTS) == 1 and kernel.index(LAUNCH_DEPENDENTS) < groups[0]
+    registers = set(re.findall(r"alignas\(\d+\) [\w ]+? (\w+_ptr)\[", kernel))
+    for start, end in zip(groups, [*groups[1:], len(kernel)]):
+        group = kernel[start:end]
+        accesses = [(m.start(), m.group(1) or m.group(2) or "atomic")
+                    for m in MEMORY_ACCESS.finditer(group)]
+        data = [i for i, buffer in accesses if buffer not in registers | INDEX_BUFFERS]
+        index = [i for i, buffer in accesses if buffer in INDEX_BUFFERS]
+        wait = group.find(WAIT)
+        assert index and data and 0 < min(index) < wait < min(data), group[:wait + 200]
+
+
+def test_pdl_kernels_are_tagged_for_a_dependent_launch():
+    """TVM's CUDA runtime launches a kernel with programmatic stream serialization when its
+    launch parameters carry ``tirx.use_programtic_dependent_launch`` (TVM's spelling): the
+    pipeline tags exactly the kernels that wait."""
+    from tvm_fused.compiler.build import scheduled_module
+    from tvm_fused.compiler.grid_dependency import LAUNCH_PARAMS, PDL_LAUNCH_TAG
+
+    tags = []
+
+    @tvm.instrument.pass_instrument
+    class LaunchParams:
+        def run_after_pass(self, mod, info):
+            if info.name == "tvm_fused.LaunchWithGridDependency":
+                tags.extend([str(p) for p in f.attrs[LAUNCH_PARAMS]]
+                            for f in mod.functions.values()
+                            if f.attrs is not None and LAUNCH_PARAMS in f.attrs)
+
+    target = cuda_target("sm_90a")
+    for pdl in (True, False):
+        mod = scheduled_module(OpConfig(num_q_heads=16, pdl=pdl), target)
+        with target, ieee_float32(), tvm.transform.PassContext(instruments=[LaunchParams()]):
+            tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
+    assert tags == [[PDL_LAUNCH_TAG, "blockIdx.x", "threadIdx.x"], ["blockIdx.x", "threadIdx.x"]]
+
+
+def test_the_cpu_build_ignores_pdl():
+    """PDL is a property of a GPU launch: the llvm build of a PDL op is the plain one."""
+    from tvm_fused.compiler.build import CPU_TARGET, as_target, scheduled_module
+
+    target = as_target(CPU_TARGET)
+    plain, pdl = (scheduled_module(OpConfig(num_q_heads=2, pdl=flag), target)
+                  for flag in (False, True))
+    assert tvm_ffi.structural_equal(plain, pdl)

@@ -8,6 +8,7 @@ the ``llvm`` path applies the CPU schedule of the same PrimFunc.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 
@@ -99,9 +100,11 @@ def scheduled_module(op: OpConfig, target: tvm.target.Target,
         return schedule_fused_rope_rmsnorm(op, schedule or default_schedule_config(target, op))
     if target.kind.name != "llvm":
         raise ValueError(f"unsupported target kind {target.kind.name!r}: use cuda or llvm")
-    sch = tvm.s_tir.Schedule(tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(op)}))
+    # a programmatic dependent launch is a GPU launch's property: the CPU runs one body
+    cpu_op = dataclasses.replace(op, pdl=False)
+    sch = tvm.s_tir.Schedule(tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(cpu_op)}))
     sch.work_on(OP_NAME)
-    apply_cpu_schedule(sch, op, schedule or CpuScheduleConfig())
+    apply_cpu_schedule(sch, cpu_op, schedule or CpuScheduleConfig())
     return sch.mod
 
 

@@ -63,6 +63,11 @@ class OpConfig:
         kv_norm_dim + rope_dim]``, q's dtype).
     cache_dtype : dtype of ``k_cache`` if not ``dtype``: an fp8 type (write-through only),
         each value computed in ``dtype`` and stored as ``fp8(saturate(value / k_scale))``.
+    pdl : programmatic dependent launch: the kernel may start while the kernel before it in
+        the stream still runs; it reads only its index tensors (``input_row_offsets``,
+        ``cache_lengths``, ``lookup_table``, or ``positions`` and ``slot_mapping``) before
+        waiting for that kernel to complete, so the kernel right before must not write
+        them (``compiler/grid_dependency.py``). Needs sm_90 or newer.
     alignment : bytes that every tensor's data pointer and row strides are multiples of
         (16 lets the GPU kernel use 16-byte vector accesses; the element size of ``dtype``
         assumes nothing). The kernel relies on it: callers check it per call.
@@ -85,6 +90,7 @@ class OpConfig:
     write_through: bool = False
     kv_output: bool = False
     cache_dtype: str | None = None
+    pdl: bool = False
     alignment: int = 16
 
     def __post_init__(self) -> None:

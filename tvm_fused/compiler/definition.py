@@ -65,6 +65,7 @@ from .block_groups import BLOCK_GROUPS
 from .config import ITEMSIZE, OpConfig
 from .exact_math import div_rn, round_to
 from .fp8 import saturating_fp8
+from .grid_dependency import GRID_DEPENDENCY
 
 OP_NAME = "fused_rope_rmsnorm"
 # token states written by ``locate``
@@ -164,6 +165,10 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     WRITE_THROUGH, KV_OUTPUT = config.write_through, config.kv_output
     FP8 = config.cache_dtype is not None
     SLOTS, ROUND_ONCE = config.addressing == "slots", config.norm_rounding == "once"
+    # with PDL, the index tensors are read before the wait for the kernel before
+    EARLY_READS = {GRID_DEPENDENCY: ["positions", "slot_mapping"] if SLOTS else [
+        "offsets", "lookup_table", "cache_lengths"]} if config.pdl else {}
+    FUNC_ATTRS = {"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched", **EARLY_READS}
     ZERO, TWO, NONE = T.int64(0), T.int64(2), T.int64(-1)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
     # the cos/sin table's pair view [max_seq_len, R/2, 2]: (cos, sin) adjacent, or R/2 apart
@@ -508,7 +513,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     ):
         # the branches become one launch (MergeBlockGroups): they write disjoint memory, which
         # the pass cannot see, as the k and norm branches write other columns of the same rows
-        T.func_attr({"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched"})
+        T.func_attr(FUNC_ATTRS)
         # 64-bit sizes and strides: a layer view of a multi-layer cache spans > 2^31 elements
         n, batch, max_seq_len, num_pages, max_pages, m, s = (
             T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64())

@@ -4,7 +4,10 @@ spliced in.
 - ``LowerAtomicAdd`` (``atomic_add.py``) and ``MergeBlockGroups`` (``block_groups.py``) run
   right before ``SplitHostDevice``, after the thread-level lowering (cross-thread reductions,
   barriers): accumulations a schedule marks become atomic, and the separately scheduled
-  branches of a PrimFunc that asks for it become one kernel launch;
+  branches of a PrimFunc that asks for it become one kernel launch, and
+  ``InsertGridDependency`` (``grid_dependency.py``) puts the programmatic-dependent-launch
+  waits into it; ``LaunchWithGridDependency`` right after ``SplitHostDevice`` tags such a
+  kernel's launch;
 - ``CheckDataAlignment`` (``alignment_check.py``) runs right after ``MakePackedAPI``: the
   entry asserts the data alignment each buffer argument declares.
 
@@ -27,11 +30,13 @@ from tvm.tirx import compilation_pipeline
 from .alignment_check import CheckDataAlignment
 from .atomic_add import LowerAtomicAdd
 from .block_groups import MergeBlockGroups
+from .grid_dependency import InsertGridDependency, LaunchWithGridDependency
 
 PIPELINE_NAME = "tvm_fused"
 # TVM pass constructor (in tvm.tirx.transform) -> (our passes before it, our passes after it)
 SPLICES = {
-    "SplitHostDevice": ((LowerAtomicAdd, MergeBlockGroups), ()),
+    "SplitHostDevice": ((LowerAtomicAdd, MergeBlockGroups, InsertGridDependency),
+                        (LaunchWithGridDependency,)),
     "MakePackedAPI": ((), (CheckDataAlignment,)),
 }
 _splicing = threading.Lock()
