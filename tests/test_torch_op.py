@@ -141,18 +141,23 @@ def test_op_replays_from_a_cuda_graph(form):
             torch.ops.tvm_fused.fused_rope_rmsnorm_write_through_(
                 q, inputs.kv_input, *rest, inputs.k_scale, 1e-6, True, None, None)
 
+    _check_graph_replay(call, inputs, fresh("cpu"), ("q_storage", "kv_storage", "cache_storage"))
+
+
+def _check_graph_replay(call, inputs, new, names):
+    """Capture ``call`` (rotating ``inputs.q_rope`` in place) in a CUDA graph, copy the
+    tensors ``names`` of ``new`` into the captured ones, replay, check the result."""
     call()  # build first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    new = fresh("cpu")
-    for storage in ("q_storage", "kv_storage", "cache_storage"):
-        if getattr(inputs, storage) is not None:
-            getattr(inputs, storage).copy_(getattr(new, storage))
+    for name in names:
+        if getattr(inputs, name) is not None:
+            getattr(inputs, name).copy_(getattr(new, name))
     before = inputs.clone()
     graph.replay()
     torch.cuda.synchronize()
-    report = check_run(before, inputs, q, in_place=True)
+    report = check_run(before, inputs, inputs.q_rope, in_place=True)
     assert report.ok, report.summary()
 
 
@@ -175,19 +180,10 @@ def test_slots_op_replays_from_a_cuda_graph(form):
             q, positions, slots, table, gamma, k_cache, inputs.kv_input, inputs.k_scale, 1e-6,
             True, "split", "before_gamma", None, None)
 
-    call()  # build first
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
     new = fresh("cpu", 1)
     assert not torch.equal(new.slot_mapping, inputs.slot_mapping.cpu())
-    for name in ("q_storage", "kv_storage", "cache_storage", "positions", "slot_mapping"):
-        getattr(inputs, name).copy_(getattr(new, name))
-    before = inputs.clone()
-    graph.replay()
-    torch.cuda.synchronize()
-    report = check_run(before, inputs, q, in_place=True)
-    assert report.ok, report.summary()
+    _check_graph_replay(call, inputs, new, ("q_storage", "kv_storage", "cache_storage",
+                                            "positions", "slot_mapping"))
 
 
 @pytest.mark.gpu
