@@ -53,7 +53,7 @@ def probe(tokens):
     alignment = _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache, None, None)
     index = dict(zip(OFFSETS, (x.input_row_offsets, x.lookup_table, x.cache_lengths)))
     signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.k_cache, tuple(index.values()),
-                                   ("offsets", True, "interleaved", "before_gamma"), False,
+                                   ("offsets", True, "interleaved", "before_gamma", False), False,
                                    False, alignment, None)
     kernel = dispatch.kernel(signature, tokens)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tvm_fused import fused_rope_rmsnorm_slots
-from tvm_fused.testing.compare import agreement, located, run_and_check
+from tvm_fused.testing.compare import agreement, check_run, located, run_and_check
 from tvm_fused.testing.inputs import engine_addressed, make_inputs, with_options
 from tvm_fused.testing.reference import reference_outputs
 
@@ -120,3 +120,13 @@ def test_malformed_engine_arguments_are_refused(change, error, match):
     with pytest.raises(error, match=match):
         fused_rope_rmsnorm_slots(**call, kv_input=inputs.kv_input, freqs_layout="interleaved")
     assert unchanged(inputs, before)
+
+
+@pytest.mark.parametrize("addressing", ADDRESSINGS)
+def test_pdl_is_ignored_on_the_cpu(addressing):
+    """``pdl=True`` is a GPU launch's property: on the CPU the op computes the same."""
+    inputs = _inputs(ADDRESSINGS.index(addressing) * len(LAYOUTS) * len(FORMS) + 1, "cpu")
+    before = inputs.clone()
+    out = inputs.call(pdl=True)
+    report = check_run(before, inputs, out)
+    assert report.ok, report.summary()

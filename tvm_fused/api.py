@@ -64,6 +64,7 @@ def fused_rope_rmsnorm(
     interleaved: bool = True,
     freqs_layout: str = "interleaved",
     norm_rounding: str = "before_gamma",
+    pdl: bool = False,
     validate: bool | None = None,
     schedule: ScheduleConfig | None = None,
 ) -> torch.Tensor:
@@ -130,6 +131,12 @@ def fused_rope_rmsnorm(
     norm_rounding : ``"before_gamma"`` (the spec's, HF's and vLLM's: ``x * rsqrt`` rounded to
         gamma's dtype before the gamma product) or ``"once"`` (SGLang's and FlashInfer's:
         ``x * rsqrt * gamma`` in float32, rounded once).
+    pdl : programmatic dependent launch (sm_90 and newer; experimental: not yet run on a
+        GPU): the kernel may start while the kernel before it in the stream still runs,
+        reads only ``input_row_offsets``, ``cache_lengths`` and ``lookup_table`` (slots:
+        ``positions`` and ``slot_mapping``) before waiting for that kernel to complete, and
+        lets the next kernel launch at once. The kernel right before must not write those
+        index tensors. Ignored on the CPU.
     validate : True: check every argument's metadata and prove every position, page and
         offset in range and every written cache row distinct before launching (a device
         sync). None (default): the metadata checks (dtypes, shapes, devices, strides,
@@ -166,7 +173,7 @@ def fused_rope_rmsnorm(
     index = dict(zip(OFFSETS, (input_row_offsets, lookup_table, cache_lengths)))
     return _checked_launch(
         q_rope, freqs_cis, gamma, k_cache, index, out, kv_input, kv_output, k_scale, errors,
-        epsilon, ("offsets", interleaved, freqs_layout, norm_rounding), validate, schedule,
+        epsilon, ("offsets", interleaved, freqs_layout, norm_rounding, pdl), validate, schedule,
         "freqs_cis")
 
 
@@ -187,6 +194,7 @@ def fused_rope_rmsnorm_slots(
     interleaved: bool = True,
     freqs_layout: str = "split",
     norm_rounding: str = "before_gamma",
+    pdl: bool = False,
     validate: bool | None = None,
     schedule: ScheduleConfig | None = None,
 ) -> torch.Tensor:
@@ -245,14 +253,14 @@ def fused_rope_rmsnorm_slots(
     index = dict(zip(SLOTS, (positions, slot_mapping)))
     return _checked_launch(
         q_rope, cos_sin_cache, gamma, k_cache, index, out, kv_input, kv_output, k_scale,
-        errors, epsilon, ("slots", interleaved, freqs_layout, norm_rounding), validate,
+        errors, epsilon, ("slots", interleaved, freqs_layout, norm_rounding, pdl), validate,
         schedule, "cos_sin_cache")
 
 
 def _checked_launch(q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale,
                     errors, epsilon, options, validate, schedule, freqs_name):
     """Check the arguments as ``validate`` asks, then launch (``options``: addressing,
-    interleaved, freqs_layout, norm_rounding)."""
+    interleaved, freqs_layout, norm_rounding, pdl)."""
     tensors = (q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale, errors,
                epsilon)
 
