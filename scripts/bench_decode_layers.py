@@ -1,0 +1,208 @@
+"""What the op costs an engine per layer of a decode step, with and without PDL (GPU).
+
+A DeepSeek-V3 decode step runs the MLA prologue in each of its 61 layers, right after the
+projections that produce that layer's q and latent. This script captures such a step in one
+CUDA graph: per layer, ``fused_qkv = hidden @ W_a`` (``[T, 7168] x [7168, 1536 + 576]``),
+``q = fused_qkv[:, :1536] @ W_b`` (``[1536, H * 192]``), then the provider's prologue on the
+layer's own cache ``[blocks, 64, 576]``; each layer has its own weights and cache. The op's
+cost per layer is (the graph's time with the prologue - without it) / layers, both graphs
+timed in the same run (replays on a cold L2, medians).
+
+Providers: ``tvm-fused`` (``fused_rope_rmsnorm_slots``), ``tvm-fused pdl`` (the same with
+``pdl=True``: its launch and index reads overlap the GEMM before it) and, for the
+write-through form, ``vllm steps in triton`` (three Triton launches:
+``benchmarks/peers/engine_triton.py``). Forms: ``write-through`` (the latent read from
+``fused_qkv``, vLLM's), ``in-place`` (the caller first copies the latent rows into the cache,
+an ``index_copy_`` that the baseline graph runs too). Caches: bf16, fp8 e4m3 (``k_scale``).
+
+Output: a JSON line per configuration and provider (``--out``) and a table with the GPU's
+name. Usage: python scripts/bench_decode_layers.py --out OUT/layers.jsonl [--quick]
+(``--device cpu --layers 2`` runs each step once, untimed: a smoke test of the shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import tvm_fused  # noqa: E402
+from benchmarks.peers import engine_steps as es  # noqa: E402
+from tvm_fused.timing import time_graph  # noqa: E402
+
+HIDDEN, Q_A_RANK, KV_LORA, ROPE, NOPE = 7168, 1536, 512, 64, 128
+BLOCK_SIZE, MAX_POSITION = 64, 163840
+TOKENS, HEADS, CACHES, FORMS = (1, 8, 64, 256), (16, 128), ("auto", "fp8"), (
+    "write-through", "in-place")
+PROVIDERS = ("tvm-fused", "tvm-fused pdl", "vllm steps in triton")
+QUICK = {"tokens": (1, 64), "heads": (16, 128), "caches": ("auto",)}
+EPS, K_SCALE = 1e-6, 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    tokens: int
+    heads: int
+    cache: str  # "auto" (bf16) or "fp8"
+    form: str
+
+
+@dataclasses.dataclass
+class Layer:
+    """One layer's weights, cache and outputs: ``w_a [7168, 2112]``, ``w_b [1536, H * 192]``
+    bf16, ``kv_cache [blocks, 64, 576]`` (bf16 or uint8 fp8 bytes), ``fused_qkv [T, 2112]``
+    and ``q [T, H, 192]`` (written by the GEMMs, so that a capture holds them)."""
+
+    w_a: torch.Tensor
+    w_b: torch.Tensor
+    kv_cache: torch.Tensor
+    fused_qkv: torch.Tensor
+    q: torch.Tensor
+
+
+def make_step(config: Config, layers: int, device, seed: int = 0):
+    """``(hidden [T, 7168], positions [T], slot_mapping [T], cos_sin_cache, gamma, k_scale,
+    layers)``: one decode token per request, at random positions and distinct slots."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    t, bf16 = config.tokens, torch.bfloat16
+    blocks = -(-t // BLOCK_SIZE) + 8
+    fp8 = config.cache == "fp8"
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=g) * scale).to(bf16)
+
+    stack = [Layer(randn(HIDDEN, Q_A_RANK + KV_LORA + ROPE, scale=HIDDEN ** -0.5),
+                   randn(Q_A_RANK, config.heads * (NOPE + ROPE), scale=Q_A_RANK ** -0.5),
+                   torch.zeros(blocks, BLOCK_SIZE, KV_LORA + ROPE, device=device,
+                               dtype=torch.uint8 if fp8 else bf16),
+                   torch.empty(t, Q_A_RANK + KV_LORA + ROPE, dtype=bf16, device=device),
+                   torch.empty(t, config.heads, NOPE + ROPE, dtype=bf16, device=device))
+             for _ in range(layers)]
+    return (randn(t, HIDDEN),
+            torch.randint(0, MAX_POSITION, (t,), device=device, generator=g),
+            torch.randperm(blocks * BLOCK_SIZE, device=device, generator=g)[:t],
+            es.cos_sin_cache(MAX_POSITION, ROPE, dtype=bf16, device=device),
+            (1 + 0.25 * torch.randn(KV_LORA, device=device, generator=g)).to(bf16),
+            torch.tensor([K_SCALE], device=device) if fp8 else None, stack)
+
+
+def prologue(provider: str | None, config: Config, step):
+    """The step's function: every layer's GEMMs and then ``provider``'s prologue (None: no
+    prologue; in place, the caller's copy of the latent into the cache stays)."""
+    hidden, positions, slots, table, gamma, k_scale, stack = step
+    fp8 = config.cache == "fp8"
+
+    def run():
+        for layer in stack:
+            torch.mm(hidden, layer.w_a, out=layer.fused_qkv)
+            torch.mm(layer.fused_qkv[:, :Q_A_RANK], layer.w_b, out=layer.q.view(
+                config.tokens, -1))
+            kv_lora = layer.fused_qkv[:, Q_A_RANK:]
+            cache = layer.kv_cache.view(torch.float8_e4m3fn) if fp8 else layer.kv_cache
+            if config.form == "in-place":
+                cache.view(-1, KV_LORA + ROPE).index_copy_(0, slots, kv_lora)
+            if provider is None:
+                continue
+            if provider == "vllm steps in triton":
+                from benchmarks.peers.engine_triton import vllm_mla_prologue_triton
+
+                vllm_mla_prologue_triton(layer.q, kv_lora, table, gamma, layer.kv_cache, slots,
+                                         positions, config.cache, k_scale, EPS)
+                continue
+            q_rope = layer.q[..., NOPE:]
+            tvm_fused.fused_rope_rmsnorm_slots(
+                q_rope, positions, slots, table, gamma, cache, out=q_rope, epsilon=EPS,
+                kv_input=kv_lora if config.form == "write-through" else None,
+                k_scale=k_scale if config.form == "write-through" else None,
+                pdl=provider == "tvm-fused pdl", validate=False)
+
+    return run
+
+
+def configs(args) -> list[Config]:
+    return [Config(*c) for c in itertools.product(args.tokens, args.heads, args.cache,
+                                                  args.forms)
+            if not (c[2] == "fp8" and c[3] == "in-place")]  # fp8 caches: write-through only
+
+
+def measure(config: Config, args) -> list[dict]:
+    step = make_step(config, args.layers, args.device, args.seed)
+    providers = [p for p in args.providers
+                 if not (p == "vllm steps in triton" and config.form == "in-place")]
+    if args.device == "cpu":  # one untimed run of each, for the shapes
+        for provider in (None, *[p for p in providers if "triton" not in p]):
+            prologue(provider, config, step)()
+        return []
+    base = time_graph(prologue(None, config, step), reps=args.reps).median_us
+    rows = []
+    for provider in providers:
+        total = time_graph(prologue(provider, config, step), reps=args.reps).median_us
+        rows.append({"gpu": torch.cuda.get_device_name(), **dataclasses.asdict(config),
+                     "provider": provider, "layers": args.layers, "step_us": total,
+                     "baseline_step_us": base, "op_us_per_layer": (total - base) / args.layers})
+    return rows
+
+
+def parser() -> argparse.ArgumentParser:
+    def csv(kind):
+        return lambda text: tuple(kind(x) for x in text.split(",") if x)
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tokens", type=csv(int))
+    p.add_argument("--heads", type=csv(int))
+    p.add_argument("--cache", type=csv(str))
+    p.add_argument("--forms", type=csv(str), default=FORMS)
+    p.add_argument("--providers", type=csv(str), default=PROVIDERS)
+    p.add_argument("--layers", type=int, default=61)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    subset = QUICK if args.quick else {"tokens": TOKENS, "heads": HEADS, "caches": CACHES}
+    args.tokens = args.tokens or subset["tokens"]
+    args.heads = args.heads or subset["heads"]
+    args.cache = args.cache or subset["caches"]
+    for name, given, allowed in (("--cache", args.cache, CACHES), ("--forms", args.forms, FORMS),
+                                 ("--providers", args.providers, PROVIDERS)):
+        if unknown := [x for x in given if x not in allowed]:
+            p.error(f"{name}: unknown {unknown}, expected some of {allowed}")
+    if args.layers < 1 or args.reps < 1:
+        p.error("--layers and --reps must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
+              f"{args.layers} layers per graph, cold L2, medians of {args.reps} replays")
+    for config in configs(args):
+        for row in measure(config, args):
+            print(f"{config.tokens:4d} tok {config.heads:3d} heads {config.cache:4s} "
+                  f"{config.form:13s} | {row['provider']:22s} {row['op_us_per_layer']:7.2f} "
+                  f"us/layer (step {row['step_us']:8.1f} us, without "
+                  f"{row['baseline_step_us']:8.1f})", flush=True)
+            if args.out:
+                with args.out.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
