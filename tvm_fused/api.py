@@ -170,10 +170,10 @@ def fused_rope_rmsnorm(
     >>> q_out.shape, k_cache[2, 5:8].float().abs().sum(-1).gt(0).tolist()
     (torch.Size([3, 16, 64]), [True, True, True])
     """
-    index = dict(zip(OFFSETS, (input_row_offsets, lookup_table, cache_lengths)))
     return _checked_launch(
-        q_rope, freqs_cis, gamma, k_cache, index, out, kv_input, kv_output, k_scale, errors,
-        epsilon, ("offsets", interleaved, freqs_layout, norm_rounding, pdl), validate, schedule,
+        q_rope, freqs_cis, gamma, k_cache, (input_row_offsets, lookup_table, cache_lengths),
+        out, kv_input, kv_output, k_scale, errors, epsilon,
+        ("offsets", interleaved, freqs_layout, norm_rounding, pdl), validate, schedule,
         "freqs_cis")
 
 
@@ -250,45 +250,51 @@ def fused_rope_rmsnorm_slots(
     >>> kv_cache[2, 7].ne(0).any().item(), kv_cache[0, 6].ne(0).any().item()
     (True, True)
     """
-    index = dict(zip(SLOTS, (positions, slot_mapping)))
     return _checked_launch(
-        q_rope, cos_sin_cache, gamma, k_cache, index, out, kv_input, kv_output, k_scale,
-        errors, epsilon, ("slots", interleaved, freqs_layout, norm_rounding, pdl), validate,
-        schedule, "cos_sin_cache")
+        q_rope, cos_sin_cache, gamma, k_cache, (positions, slot_mapping), out, kv_input,
+        kv_output, k_scale, errors, epsilon,
+        ("slots", interleaved, freqs_layout, norm_rounding, pdl), validate, schedule,
+        "cos_sin_cache")
 
 
-def _checked_launch(q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale,
+def _checked_launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
                     errors, epsilon, options, validate, schedule, freqs_name):
-    """Check the arguments as ``validate`` asks, then launch (``options``: addressing,
-    interleaved, freqs_layout, norm_rounding, pdl)."""
-    tensors = (q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale, errors,
+    """Check the arguments as ``validate`` asks, then launch (``indices``: the addressing's
+    index tensors in ``OFFSETS`` or ``SLOTS`` order; ``options``: addressing, interleaved,
+    freqs_layout, norm_rounding, pdl)."""
+    tensors = (q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
                epsilon)
-
-    def check():
-        check_arguments(*tensors, freqs_name=freqs_name)
-
     if validate is False:
         if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-            check()  # an alias of q_rope needs its strides (TVM can't tell)
+            _check(*tensors, options[0], freqs_name)  # an alias of q_rope needs its strides
+            # (TVM can't tell)
         try:
             return _launch(*tensors, options, schedule)
         except Exception:
-            check()  # names the bad argument
+            _check(*tensors, options[0], freqs_name)  # names the bad argument
             raise
-    check()
+    _check(*tensors, options[0], freqs_name)
     if validate is None:
         validate = q_rope.device.type == "cpu"
     if validate:
         if options[0] == "slots":
-            check_slot_contents(*index.values(), freqs, k_cache)
+            check_slot_contents(*indices, freqs, k_cache)
         else:
-            check_contents(q_rope, index["input_row_offsets"], freqs, k_cache,
-                           index["lookup_table"], index["cache_lengths"])
+            offsets, table, lengths = indices
+            check_contents(q_rope, offsets, freqs, k_cache, table, lengths)
     return _launch(*tensors, options, schedule)
 
 
-def _launch(q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale, errors,
-            epsilon, options, schedule):
+def _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
+           epsilon, addressing, freqs_name) -> None:
+    """``check_arguments`` of a call, its index tensors named by ``addressing``."""
+    index = dict(zip(SLOTS if addressing == "slots" else OFFSETS, indices))
+    check_arguments(q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale,
+                    errors, epsilon, freqs_name=freqs_name)
+
+
+def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
+            errors, epsilon, options, schedule):
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
     Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
     alignment, devices, epsilon) raise before the launch, and so do tensors the form has no
@@ -300,7 +306,6 @@ def _launch(q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_sc
     if tokens == 0:
         return out
     alignment = _alignment(q_rope, out, freqs, gamma, k_cache, kv_input, kv_output)
-    indices = tuple(index.values())
     signature = dispatch.signature(q_rope, freqs, gamma, k_cache, indices, options,
                                    kv_input is not None, kv_output is not None, alignment,
                                    schedule)

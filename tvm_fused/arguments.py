@@ -266,9 +266,9 @@ def check_slot_contents(positions, slot_mapping, freqs_cis, k_cache) -> None:
     row", is in range)."""
     pos = positions.to(torch.int64).cpu()
     slots = slot_mapping.to(torch.int64).cpu()
-    if pos.numel() and not bool(((pos >= 0) & (pos < freqs_cis.shape[0])).all()):
-        bad = pos[(pos < 0) | (pos >= freqs_cis.shape[0])][0]
-        raise ValueError(f"position {int(bad)} has no row in the cos/sin table's "
+    unlisted = pos[(pos < 0) | (pos >= freqs_cis.shape[0])]
+    if unlisted.numel():
+        raise ValueError(f"position {int(unlisted[0])} has no row in the cos/sin table's "
                          f"{freqs_cis.shape[0]} rows")
     rows = k_cache.shape[0] * k_cache.shape[1]
     if slots.numel() and int(slots.max()) >= rows:

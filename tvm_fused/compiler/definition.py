@@ -4,7 +4,7 @@
 SPEC.md. The PrimFunc declares its tensors, asserts its entry contract, makes the views the
 branches address, and calls the four branches, each a macro, each locating its own token
 (``locate``) because on the GPU they run in different thread blocks; ``row(t)`` is cache row
-``k_cache[page[t], pos[t] % page_size]``:
+``k_cache[slot[t] // page_size, slot[t] % page_size]``:
 
     q branch     q_locate  t           q_pos[t]: position of token t if it has a freqs row,
                                        else -1; q_state[t]: PADDING, OK or ERROR
@@ -18,6 +18,8 @@ branches address, and calls the four branches, each a macro, each locating its o
                  norm_scale  t                 scale[t] = rsqrt(sumsq[t] / kv_norm_dim + eps)
                  norm_apply  t, c              y[t, c] = dtype(gamma_dtype(gamma_dtype(x * scale[t])
                                                                     * gamma[c]))
+                                               (``norm_rounding="once"``: dtype(x * scale[t]
+                                               * gamma[c]), one rounding)
                  norm_store  t, c              row(t)[c] = y[t, c]
     count branch count_locate, count_errors  t errors[0] += 1 if token t is an ERROR
 
@@ -28,13 +30,25 @@ output) instead, never read the cache, and (``config.kv_output``) their stores a
 ``k_quant`` and ``norm_quant`` (``t, ...``: ``fp8(saturate(out / k_scale))``), between the
 last compute stage and the store: the value is first rounded to ``dtype``, as SPEC.md asks.
 
+Two addressings (``config.addressing``), one body: each locate stage is either
+``locate_by_offsets`` (the request found from ``input_row_offsets``, the position from
+``cache_lengths``, the page from ``lookup_table``) or ``locate_by_slots`` (``positions[t]``
+and ``slot_mapping[t]``, read directly), and both give every branch the same per-token
+values: the position and one slot, ``page * page_size + row``. The cos/sin table's layout
+(``config.freqs_layout``) is a stride of its pair view: ``(2, 1)`` for interleaved pairs,
+``(1, rope_dim / 2)`` for cosines then sines. With ``config.pdl`` the PrimFunc names the
+index tensors that may be read before the wait for the kernel before
+(``grid_dependency.py``).
+
 Indices that point nowhere (SPEC.md): ``locate`` checks every index it follows, so no input
 makes the kernel read or write outside its tensors. A token whose position has no freqs
-row, whose logical page is past the lookup table's width or whose physical page is
-``>= num_pages``, or that no request claims (offsets not ascending from 0), is an ERROR: none
-of its rows is written, and ``count_errors`` counts it. A negative physical page means "no
-cache row" (vLLM's padding slot): the q row is still roped. Rows of ``q_rope`` past
-``offsets[batch]`` are PADDING: never read or written.
+row, whose logical page is past the lookup table's width, whose physical page is ``>=
+num_pages`` or whose slot is ``>= num_pages * page_size``, or that no request claims
+(offsets not ascending from 0), is an ERROR: none of its rows is written, and
+``count_errors`` counts it. A negative physical page or slot, or a token past
+``slot_mapping``, means "no cache row" (vLLM's padding slot): the q row is still roped. Rows
+of ``q_rope`` past ``offsets[batch]`` (past ``positions``) are PADDING: never read or
+written.
 
 Loads and stores are stages of their own, guarded, so that a schedule can stage rows through
 registers with wide vector accesses and untouched rows are never accessed. Rope pairs are

@@ -27,6 +27,8 @@ import tvm_ffi
 from tvm.ir import Op
 from tvm.tirx import stmt as S
 
+from .block_groups import _launch_tag
+
 GRID_DEPENDENCY = "tvm_fused.grid_dependency"
 PDL_LAUNCH_TAG = "tirx.use_programtic_dependent_launch"
 LAUNCH_PARAMS = "tirx.kernel_launch_params"
@@ -89,8 +91,7 @@ def InsertGridDependency(func, _mod, _ctx):
     early = {str(n) for n in names}
     stmts = list(func.body.seq) if isinstance(func.body, S.SeqStmt) else [func.body]
     launch = stmts[-1]
-    if not (isinstance(launch, S.AttrStmt) and launch.attr_key == "thread_extent"
-            and isinstance(launch.body, S.AttrStmt)):
+    if _launch_tag(launch) != "blockIdx.x" or _launch_tag(launch.body) != "threadIdx.x":
         raise ValueError("InsertGridDependency: expected one merged launch at the end of the "
                          "function (MergeBlockGroups)")
     threads = launch.body

@@ -7,8 +7,9 @@ gamma product, then to q's dtype, for RMSNorm (or once, ``norm_rounding="once"``
 cache then stores ``fp8(saturate(value / k_scale))`` (torch's cast: nearest even). Both
 forms: in place (the new rows are read from the cache) and write-through (from
 ``kv_input``); both addressings: request offsets, cache lengths and a page table
-(``fused_rope_rmsnorm_reference``), or positions and a slot mapping
-(``fused_rope_rmsnorm_slots_reference``); both table layouts. Indices that point nowhere
+(``locate_tokens``; ``fused_rope_rmsnorm_reference`` takes that call's arguments), or
+positions and a slot mapping (``locate_slots``), either feeding ``reference_outputs``; both
+table layouts. Indices that point nowhere
 follow SPEC.md: a negative page or slot writes no cache row; a position with no freqs row, a
 logical page past the lookup table or a physical page ``>= num_pages`` (a slot ``>= num_pages
 * page_size``) makes the token an error, which writes nothing. ``input_row_offsets`` must
@@ -157,24 +158,6 @@ def fused_rope_rmsnorm_reference(
     tokens = locate_tokens(input_row_offsets, cache_lengths, lookup_table, freqs_cis.shape[0],
                            k_cache.shape[0], k_cache.shape[1])
     return reference_outputs(tokens, q_rope, freqs_cis, gamma, k_cache, **options)
-
-
-def fused_rope_rmsnorm_slots_reference(
-    q_rope: torch.Tensor,
-    positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    gamma: torch.Tensor,
-    k_cache: torch.Tensor,
-    **options,
-) -> ReferenceOutputs:
-    """The op addressed by positions and a slot mapping (``tvm_fused.fused_rope_rmsnorm_slots``
-    and its parameters), out of place, on the CPU; the table is split unless ``options``
-    say otherwise."""
-    tokens = locate_slots(positions, slot_mapping, cos_sin_cache.shape[0], k_cache.shape[0],
-                          k_cache.shape[1])
-    return reference_outputs(tokens, q_rope, cos_sin_cache, gamma, k_cache,
-                             **{"freqs_layout": "split", **options})
 
 
 def reference_outputs(
