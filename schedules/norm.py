@@ -61,10 +61,6 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
         sch.compute_at(stage, it)
         if config.unroll:
             sch.unroll(sch.get_loops(stage)[-1])
-    gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])
-    sch.compute_at(gamma, it)
-    gamma_vector = config.vector_elems(op, op.gamma_dtype, vector)
-    sch.vectorize(sch.split(sch.get_loops(gamma)[-1], [None, gamma_vector])[-1])
     # rsqrt of the row's sum of squares, per element: a block of its own at threadIdx.x
     # would store it over the reduction result, which a multi-warp row keeps in shared
     # memory, while other warps still read the sum (a race)
@@ -74,10 +70,18 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
     split_row(sch.get_loops(sumsq)[-1])
     sch.compute_at(load, row)
     sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
-    sch.compute_at(locate, row)
+    sch.compute_at(locate, row, index=0 if op.pdl else -1)  # with PDL, before the wait
+    # gamma's vectors are loaded right after the locate, with the row's: independent of the
+    # token, they need not wait for its sum of squares (one load round less per row)
+    gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])
+    sch.compute_at(gamma, row, index=1)
+    gamma_vector = config.vector_elems(op, op.gamma_dtype, vector)
+    sch.vectorize(sch.split(split_row(sch.get_loops(gamma)[-1])[-1], [None, gamma_vector])[-1])
     set_local(sch, locate, load, sumsq, *computed)
-    # the row staged by `load` is read back in another threadIdx.x loop, so buffer compaction
-    # would size it for the whole row: index it per thread (vector i, lane v), which is exact
-    # in registers, where each thread has its own copy
+    # the row staged by `load` (and gamma) is read back in another threadIdx.x loop, so
+    # buffer compaction would size it for the whole row: index it per thread (vector i, lane
+    # v), which is exact in registers, where each thread has its own copy
     sch.transform_layout(load, ("write", 0), lambda t, c: (t, c // span, c % vector),
+                         assume_injective_transform=True)
+    sch.transform_layout(gamma, ("write", 0), lambda c: (c // span, c % vector),
                          assume_injective_transform=True)

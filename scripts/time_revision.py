@@ -15,8 +15,9 @@ Usage: python scripts/time_revision.py LABEL [--schedules S[,S...]] [--heads H[,
 (``--schedules``: ``default`` (the schedule decided per bucket) or ``ScheduleConfig`` fields
 as letters and values joined by ``-``: ``T`` block_threads, ``X`` norm_threads_per_row,
 ``V`` vector_bytes, ``R`` rope_vectors_per_thread, ``N`` norm_rows_per_thread, ``U`` unroll,
-e.g. ``T256-R2`` (unnamed fields keep their defaults); ``--cases``: in-place (default),
-write-through, or an fp8 cache dtype with an optional ``@k_scale``, e.g.
+e.g. ``T256-R2`` (unnamed fields keep their defaults), with ``P1`` for ``pdl=True``
+(``default-P1``), or ``triton``, the Triton fused peer (offsets addressing); ``--cases``:
+in-place (default), write-through, or an fp8 cache dtype with an optional ``@k_scale``, e.g.
 ``float8_e4m3fn@0.37``; the write-through cases need a revision that has the form;
 ``--slots``: the engine addressing, positions and a slot mapping of the same tokens, for
 revisions that have ``fused_rope_rmsnorm_slots``; ``--split-table``: the cos/sin table split,
@@ -117,16 +118,34 @@ SCHEDULE_FIELDS = {"T": "block_threads", "X": "norm_threads_per_row", "V": "vect
 
 
 def schedule_option(spec: str) -> dict:
-    """The ``schedule=`` keyword of a ``--schedules`` entry (none for ``default``)."""
-    if spec == "default":
-        return {}
+    """The keywords of a ``--schedules`` entry: ``schedule=`` (none for ``default``), and
+    ``pdl=True`` for a ``P1`` part."""
+    parts = [part for part in spec.split("-") if part not in ("default", "P1")]
+    options = {"pdl": True} if "P1" in spec.split("-") else {}
+    if not parts:
+        return options
     from tvm_fused.schedules import ScheduleConfig
 
-    fields = {SCHEDULE_FIELDS[part[0]]: int(part[1:]) for part in spec.split("-")}
-    return {"schedule": ScheduleConfig(**fields)}
+    fields = {SCHEDULE_FIELDS[part[0]]: int(part[1:]) for part in parts}
+    return {**options, "schedule": ScheduleConfig(**fields)}
 
 
-schedules = {spec: schedule_option(spec) for spec in args.schedules.split(",")}
+def entry_for(spec: str, entry):
+    """The function a ``--schedules`` entry calls: ``entry``, or for ``triton`` the Triton
+    fused peer (offsets addressing; run from the checkout's root)."""
+    if spec != "triton":
+        return entry
+    from benchmarks.peers.triton_fused import triton_fused_rope_rmsnorm
+
+    def call(*args, out, validate, **form):
+        triton_fused_rope_rmsnorm(*args, out=out, **{k: v for k, v in form.items()
+                                                     if k in ("kv_input", "k_scale")})
+
+    return call
+
+
+schedules = {spec: {} if spec == "triton" else schedule_option(spec)
+             for spec in args.schedules.split(",")}
 for tokens in args.tokens:
     for heads in map(int, args.heads.split(",")):
         for case in args.cases.split(","):
@@ -147,7 +166,8 @@ for tokens in args.tokens:
             out = torch.empty_like(inputs.q_rope)
             for spec, schedule in schedules.items():
 
-                def call(inputs=inputs, out=out, schedule=schedule, form=form, entry=entry):
+                def call(inputs=inputs, out=out, schedule=schedule, form=form,
+                         entry=entry_for(spec, entry)):
                     entry(*inputs.args(), out=out, validate=False, **form, **schedule)
 
                 if args.build:

@@ -132,6 +132,15 @@ class _Index:
     max_seq_len: tvm.tirx.PrimExpr
     end: tvm.tirx.PrimExpr
 
+    def readable(self, vt, pos: tvm.tirx.Buffer) -> tvm.tirx.PrimExpr:
+        """Whether token ``vt``'s rows of q and ``kv_input`` may be read: it is real. Located
+        by slots, that is ``vt < len(positions)``, known before any index is loaded, so the
+        row loads need not wait for the locate's; by offsets, it has a position (``pos[vt]
+        >= 0``; the offsets it takes are loaded anyway)."""
+        if self.positions is not None:
+            return vt < self.positions.shape[0]
+        return pos[vt] >= 0
+
     def regions(self) -> list:
         """The whole of each buffer (what a locate stage may read)."""
         buffers = (self.offsets, self.cache_lengths, self.table, self.positions, self.slots)
@@ -367,7 +376,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_load"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                if q_pos[vt] >= ZERO:
+                if index.readable(vt, q_pos):
                     q_in[vt, vh, vj, vp] = q_pairs[vt, vh, vj, vp]
                 else:
                     q_in[vt, vh, vj, vp] = T.Cast(dtype, 0)
@@ -401,7 +410,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             with T.sblock("k_load"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 if WRITE_THROUGH:
-                    if k_pos[vt] >= ZERO:
+                    if index.readable(vt, k_pos):
                         k_in[vt, vj, vp] = k_source[vt, vj, vp]
                     else:
                         k_in[vt, vj, vp] = T.Cast(dtype, 0)
@@ -453,7 +462,7 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             with T.sblock("norm_load"):
                 vt, vc = T.axis.remap("SS", [t, c])
                 if WRITE_THROUGH:
-                    if norm_pos[vt] >= ZERO:
+                    if index.readable(vt, norm_pos):
                         norm_in[vt, vc] = norm_source[vt, vc]
                     else:
                         norm_in[vt, vc] = T.Cast(dtype, 0)
