@@ -59,18 +59,30 @@ def series(rows: list[dict], heads: int, pairing: str,
     return found
 
 
-def _cell(other: dict | None, ours_us: float) -> str:
-    """``other``'s time and its ratio to ours (``other / ours``), or empty."""
+def _steady(row: dict) -> float:
+    """A row's steady-state GPU time per call in a graph (NaN: not measured, or a CSV from
+    before the figure)."""
+    return float(row.get("steady_us") or "nan")
+
+
+def _cell(other: dict | None, ours: dict) -> str:
+    """``other``'s time and its ratio to ours (``other / ours``), then its steady-state time
+    per call and ratio where both were measured; or empty."""
     if other is None:
         return ""
-    other_us = float(other["median_us"])
-    return f"{other_us:.1f} ({other_us / ours_us:.2f}x)"
+    other_us, ours_us = float(other["median_us"]), float(ours["median_us"])
+    cell = f"{other_us:.1f} ({other_us / ours_us:.2f}x)"
+    steady, ours_steady = _steady(other), _steady(ours)
+    if not (math.isnan(steady) or math.isnan(ours_steady)):
+        cell += f"; steady {steady:.2f} ({steady / ours_steady:.2f}x)"
+    return cell
 
 
 def markdown_table(rows: list[dict], heads: int = 128, pairing: str = "gptj",
                    group: Group = Group(), ours: str = OURS) -> str:
-    """Per token count, for ``group``: our time (from Python, replayed in a CUDA graph, host
-    time of the call), bandwidth, fraction of the large-copy bandwidth, the time of a device
+    """Per token count, for ``group``: our time (from Python, replayed in a CUDA graph one
+    call per graph, per call of many back to back in one graph, host time of the call),
+    bandwidth, fraction of the large-copy bandwidth, the time of a device
     copy of as many bytes, every peer's time, and our time in each other group of ``rows``
     (same heads and pairing), each with its ratio to ours (``other / ours``: above 1, ours
     is faster); empty without rows of ``ours``."""
@@ -82,8 +94,8 @@ def markdown_table(rows: list[dict], heads: int = 128, pairing: str = "gptj",
     others = [(g, points) for g, points in others if points]
     first = next(iter(found[ours].values()))
     dtype = first["dtype"]
-    header = ["tokens", f"{ours} µs", "graph µs", "host µs", "TB/s", "% of copy",
-              "same-bytes copy µs (x)"]
+    header = ["tokens", f"{ours} µs", "graph µs", "steady µs", "host µs", "TB/s",
+              "% of copy", "same-bytes copy µs (x)"]
     header += [f"{name} µs (x)" for name in found if name != ours]
     header += [f"{ours}, {g.label(dtype)} µs (x)" for g, _ in others]
     lines = [f"{first['gpu']}, {heads} heads, {pairing}, {dtype}, {group.label(dtype)}, "
@@ -93,12 +105,14 @@ def markdown_table(rows: list[dict], heads: int = 128, pairing: str = "gptj",
         ours_us = float(row["median_us"])
         graph, host = float(row["graph_us"]), float(row["host_us"])
         copy = float(row["same_bytes_copy_us"])
+        steady = _steady(row)
         cells = [str(tokens), f"{ours_us:.2f}", "" if math.isnan(graph) else f"{graph:.2f}",
+                 "" if math.isnan(steady) else f"{steady:.2f}",
                  "" if math.isnan(host) else f"{host:.1f}", f"{float(row['tb_per_s']):.2f}",
                  f"{100 * float(row['copy_fraction']):.0f}",
                  f"{copy:.2f} ({copy / ours_us:.2f}x)"]
-        cells += [_cell(points.get(tokens), ours_us) for points in peers]
-        cells += [_cell(points.get(tokens), ours_us) for _, points in others]
+        cells += [_cell(points.get(tokens), row) for points in peers]
+        cells += [_cell(points.get(tokens), row) for _, points in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -5,8 +5,10 @@ A provider is a function ``(call: Call) -> None`` doing the whole op in one form
 column slice of the projection output, into a cache of q's dtype or fp8, and to
 ``kv_output`` if asked). Each is first run on a scratch copy of the inputs (compiles,
 autotunes), then checked against the float64 reference on a fresh copy, then timed with
-CUDA events on a cold L2 (``timing.time_cuda``): as issued from Python, and replayed from a
-captured CUDA graph (decode sizes); the host time of one Python call is measured too. Rows
+CUDA events on a cold L2 (``timing.time_cuda``): as issued from Python, and at decode sizes
+replayed from a captured CUDA graph, both one call per graph (cold) and ``STEADY_CALLS`` calls
+back to back (the steady state of an engine's decode graph, GPU time per call); the host time
+of one Python call is measured too. Rows
 carry the GPU name and library versions, and the device-to-device copy bandwidth measured
 in the same run, so each row states its fraction of what the memory system delivers.
 """
@@ -48,6 +50,7 @@ DECODE_MAX = 256
 CHECK_MAX_TOKENS = 4096  # the float64 reference runs on the CPU: larger checks take minutes
 PREFIX_POOL_PAGES = 64  # decode contexts share cached pages: 256 long requests fit in memory
 COPY_BYTES = 1 << 30
+STEADY_CALLS = 50  # calls per graph of the steady-state figure: a decode step's layers
 FP8_K_SCALE = 0.5  # k_scale of fp8 caches (its value does not change the time)
 
 FORMS = ("in-place", "write-through")
@@ -232,7 +235,8 @@ class Row:
     median_us: float
     p20_us: float
     p80_us: float
-    graph_us: float
+    graph_us: float  # one call replayed from a graph, cold L2 (decode sizes)
+    steady_us: float  # per call of STEADY_CALLS captured back to back in one graph (decode)
     host_us: float
     tb_per_s: float
     copy_fraction: float
@@ -295,10 +299,11 @@ def check_provider(name: str, provider: Provider, base: OpInputs, kv_output: boo
     return call, report
 
 
-def _graph_us(call, reps: int, log) -> float:
-    """Median replay time of ``call`` captured in a CUDA graph; NaN if it cannot be captured."""
+def _graph_us(call, reps: int, log, calls: int = 1) -> float:
+    """Median replay time of ``calls`` calls of ``call`` captured back to back in a CUDA
+    graph, per call; NaN if it cannot be captured."""
     try:
-        return time_graph(call, reps=reps).median_us
+        return time_graph(call, reps=reps, calls=calls).median_us / calls
     except Exception as error:
         log(f"  CUDA graph capture failed: {error!r}"[:500])
         return math.nan
@@ -342,17 +347,20 @@ def measure(op: OpConfig, tokens: int, provider_map: dict[str, Provider], copy_t
 
         timing = time_cuda(run, reps=reps)
         graph_us = _graph_us(run, reps, log) if decode else math.nan
+        steady_us = _graph_us(run, reps, log, STEADY_CALLS) if decode else math.nan
         host = host_us(run) if decode else math.nan
         tb_s = moved / timing.median_us / 1e6
         row = Row(gpu, name, pairing, op.num_q_heads, tokens,
                   "decode" if decode else "prefill", op.dtype, form_name(op),
                   op.cache_element, kv_output, timing.median_us, timing.p20_us,
-                  timing.p80_us, graph_us, host, tb_s, tb_s / copy_tb_s, same_bytes_copy,
+                  timing.p80_us, graph_us, steady_us, host, tb_s, tb_s / copy_tb_s,
+                  same_bytes_copy,
                   report is not None, report.q_error if report else math.nan,
                   report.k_norm_error if report else math.nan,
                   datetime.date.today().isoformat(), versions)
         log(f"{what} | {name:<25} {row.median_us:9.2f} us (p20 {row.p20_us:.2f}, p80 "
-            f"{row.p80_us:.2f}) graph {graph_us:7.2f} us host {host:6.2f} us {tb_s:6.3f} TB/s "
+            f"{row.p80_us:.2f}) graph {graph_us:7.2f} us steady {steady_us:6.2f} us host "
+            f"{host:6.2f} us {tb_s:6.3f} TB/s "
             f"({100 * row.copy_fraction:5.1f}% of copy, same-bytes copy "
             f"{same_bytes_copy:.2f} us) checked={row.checked}")
         rows.append(row)

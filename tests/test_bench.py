@@ -1,6 +1,8 @@
 """The benchmark suite: its inputs, providers, checks, bytes and command line (CPU), and one
 small suite run end to end (GPU)."""
 
+import math
+
 import pytest
 import torch
 
@@ -199,11 +201,14 @@ def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
         fn()
         return Timing(10.0, 9.0, 11.0, reps)
 
+    def graph_timed(fn, reps=50, calls=1):
+        return Timing(10.0 * calls, 9.0 * calls, 11.0 * calls, reps)
+
     sweep = suite.sweep_inputs
     monkeypatch.setattr(suite, "sweep_inputs", lambda op, tokens: sweep(op, tokens, "cpu"))
     monkeypatch.setattr(suite, "copy_us", lambda nbytes, reps: nbytes / 2e6)
     monkeypatch.setattr(suite, "time_cuda", timed)
-    monkeypatch.setattr(suite, "time_graph", timed)
+    monkeypatch.setattr(suite, "time_graph", graph_timed)
     monkeypatch.setattr(suite, "host_us", lambda fn: 5.0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "CPU")
     csv = tmp_path / "bench.csv"
@@ -217,6 +222,7 @@ def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
         ("write-through", "bfloat16", False, "neox", "decode"),
         ("write-through", "float8_e5m2", True, "gptj", "prefill")]
     assert all(r.provider == "torch eager" and r.checked and r.median_us == 10.0 for r in rows)
+    assert [r.steady_us for r in rows[:2]] == [10.0, 10.0] and math.isnan(rows[2].steady_us)
     bytes_per_op = [moved_bytes(part.op(OpConfig()), part.tokens[0], part.kv_output)
                     for part in parts]
     assert [r.same_bytes_copy_us for r in rows] == [b / 2e6 for b in bytes_per_op]

@@ -39,6 +39,11 @@ class _FormRow(_Row):
     kv_output: bool = False
 
 
+@dataclasses.dataclass
+class _SteadyRow(_FormRow):
+    steady_us: float = float("nan")
+
+
 def _write(path, rows):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[f.name for f in dataclasses.fields(rows[0])])
@@ -82,6 +87,20 @@ def test_table_gives_speedup_over_each_peer(bench_csv):
     assert "120.0 (30.00x)" in _line(table, 1) and "1000.0 (20.00x)" in _line(table, 4096)
     assert "Test GPU" in table and "| 9.00 |" not in table  # 16-head rows stay out
     assert "in-place, bfloat16 cache" in table
+
+
+def test_table_gives_the_steady_state_figure_of_each_provider(tmp_path):
+    """At decode sizes the steady-state time per call (many calls in one graph) stands next
+    to the cold one, ours in a column, each peer's in its cell with its ratio."""
+    path = tmp_path / "steady.csv"
+    _write(path, [_SteadyRow("tvm-fused default", 1, 4.0, steady_us=1.5),
+                  _SteadyRow("triton fused", 1, 6.0, steady_us=2.25),
+                  _SteadyRow("tvm-fused default", 4096, 50.0),
+                  _SteadyRow("triton fused", 4096, 80.0)])
+    table = markdown_table(read_rows(path), heads=128)
+    assert "steady µs" in table
+    assert "| 1.50 |" in _line(table, 1) and "6.0 (1.50x); steady 2.25 (1.50x)" in _line(table, 1)
+    assert "steady" not in _line(table, 4096) and "80.0 (1.60x) |" in _line(table, 4096)
 
 
 def test_rows_before_the_forms_are_in_place(bench_csv):

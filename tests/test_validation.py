@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tvm_fused import api
 from tvm_fused.testing.inputs import make_inputs
 
 from .cases import call_with as _call
@@ -66,12 +67,17 @@ BAD_ARGUMENTS = [
 ]
 
 
-# validate=False skips the Python checks: TVM's compiled entry checks refuse the call before
-# the launch, and the Python checks then run for the message
-VALIDATE = pytest.mark.parametrize("validate", [None, False], ids=["checked", "unchecked"])
+@pytest.fixture(params=["checked", "sync-free", "unchecked"])
+def validate(request, monkeypatch):
+    """The ``validate=`` of a call: None, on the CPU (every check, contents too); None, as on
+    a GPU (the overlap check, then TVM's compiled entry checks refuse the call before the
+    launch and the Python checks run for the message); False (the entry's checks alone)."""
+    if request.param == "sync-free":
+        monkeypatch.setattr(api, "_default_proves_contents", lambda q_rope: False)
+    return False if request.param == "unchecked" else None
 
 
-@VALIDATE
+
 @pytest.mark.parametrize("name, make, error, match", BAD_ARGUMENTS)
 def test_bad_argument_raises_and_writes_nothing(name, make, error, match, validate):
     inputs = _inputs()
@@ -81,7 +87,6 @@ def test_bad_argument_raises_and_writes_nothing(name, make, error, match, valida
     assert unchanged(inputs, before)
 
 
-@VALIDATE
 def test_out_with_wrong_shape_dtype_or_strides(validate):
     inputs = _inputs()
     before = snapshot(inputs)
@@ -117,11 +122,15 @@ OVERLAPS = {
 }
 
 
-@pytest.mark.parametrize("validate", [None, True], ids=["checked", "validate"])
+@pytest.mark.parametrize("mode", ["checked", "sync-free", "validate"])
 @pytest.mark.parametrize("case", OVERLAPS)
-def test_overlapping_written_tensors_are_refused(case, validate):
+def test_overlapping_written_tensors_are_refused(case, mode, monkeypatch):
     """A tensor the op writes (out, k_cache, errors) may not share memory with another
-    argument: the op would read what it has already written."""
+    argument: the op would read what it has already written (refused by every checked
+    call: validate=None on the CPU and as on a GPU, validate=True)."""
+    if mode == "sync-free":
+        monkeypatch.setattr(api, "_default_proves_contents", lambda q_rope: False)
+    validate = True if mode == "validate" else None
     inputs = _inputs()
     replace, message = OVERLAPS[case]
     before = snapshot(inputs)
@@ -130,7 +139,6 @@ def test_overlapping_written_tensors_are_refused(case, validate):
     assert unchanged(inputs, before)
 
 
-@VALIDATE
 @pytest.mark.parametrize("epsilon", [-1e-6, float("nan"), float("inf"), 1e39])
 def test_bad_epsilon_is_refused(epsilon, validate):
     """A negative, NaN or infinite epsilon (or one float32 cannot hold) would write NaN into
@@ -142,7 +150,6 @@ def test_bad_epsilon_is_refused(epsilon, validate):
     assert unchanged(inputs, before)
 
 
-@VALIDATE
 def test_bad_errors_counter_is_refused(validate):
     inputs = _inputs()
     for errors, error, message in ((torch.zeros(2, dtype=torch.int32), ValueError,

@@ -10,7 +10,14 @@ import functools
 import torch
 
 from . import dispatch
-from .arguments import OFFSETS, SLOTS, check_arguments, check_contents, check_slot_contents
+from .arguments import (
+    OFFSETS,
+    SLOTS,
+    check_arguments,
+    check_contents,
+    check_no_overlap,
+    check_slot_contents,
+)
 from .schedules import ScheduleConfig
 
 _VECTOR_BYTES = 16  # the widest access the schedules use
@@ -257,40 +264,66 @@ def fused_rope_rmsnorm_slots(
         "cos_sin_cache")
 
 
+def _default_proves_contents(q_rope) -> bool:
+    """Whether ``validate=None`` proves the index contents too: everywhere but on a GPU (the
+    GPU default stays sync-free and CUDA-graph capturable)."""
+    return not (isinstance(q_rope, torch.Tensor) and q_rope.is_cuda)
+
+
 def _checked_launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
                     errors, epsilon, options, validate, schedule, freqs_name):
     """Check the arguments as ``validate`` asks, then launch (``indices``: the addressing's
     index tensors in ``OFFSETS`` or ``SLOTS`` order; ``options``: addressing, interleaved,
-    freqs_layout, norm_rounding, pdl)."""
+    freqs_layout, norm_rounding, pdl).
+
+    The metadata checks are split between two places: the kernel's compiled entry checks
+    dtypes, ranks, shapes, strides, devices, alignment and epsilon before it launches,
+    and Python checks what the entry cannot see, that no written tensor overlaps another
+    argument. When the entry refuses a call, ``check_arguments`` runs to name the problem.
+    """
     tensors = (q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
                epsilon)
-    if validate is False:
-        if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-            _check(*tensors, options[0], freqs_name)  # an alias of q_rope needs its strides
-            # (TVM can't tell)
-        try:
-            return _launch(*tensors, options, schedule)
-        except Exception:
-            _check(*tensors, options[0], freqs_name)  # names the bad argument
-            raise
-    _check(*tensors, options[0], freqs_name)
+    names = SLOTS if options[0] == "slots" else OFFSETS
     if validate is None:
-        validate = q_rope.device.type == "cpu"
-    if validate:
-        if options[0] == "slots":
-            check_slot_contents(*indices, freqs, k_cache)
-        else:
-            offsets, table, lengths = indices
-            check_contents(q_rope, offsets, freqs, k_cache, table, lengths)
+        if not _default_proves_contents(q_rope):
+            try:
+                check_no_overlap(q_rope, freqs, gamma, k_cache, zip(names, indices), out,
+                                 kv_input, kv_output, k_scale, errors, freqs_name)
+            except AttributeError:  # not a tensor
+                _check(*tensors, names, freqs_name)
+                raise
+            return _launch_or_name(tensors, options, schedule, names, freqs_name)
+        validate = True
+    if validate is False:
+        return _launch_or_name(tensors, options, schedule, names, freqs_name)
+    _check(*tensors, names, freqs_name)
+    if options[0] == "slots":
+        check_slot_contents(*indices, freqs, k_cache)
+    else:
+        offsets, table, lengths = indices
+        check_contents(q_rope, offsets, freqs, k_cache, table, lengths)
     return _launch(*tensors, options, schedule)
 
 
+def _launch_or_name(tensors, options, schedule, names, freqs_name):
+    """Launch; if the kernel's entry (or its build) refuses the tensors, name the bad
+    argument with ``check_arguments`` (or re-raise the entry's error)."""
+    q_rope, out = tensors[0], tensors[5]
+    if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
+        _check(*tensors, names, freqs_name)  # an alias of q_rope needs its strides (TVM
+        # can't tell)
+    try:
+        return _launch(*tensors, options, schedule)
+    except Exception:
+        _check(*tensors, names, freqs_name)
+        raise
+
+
 def _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
-           epsilon, addressing, freqs_name) -> None:
-    """``check_arguments`` of a call, its index tensors named by ``addressing``."""
-    index = dict(zip(SLOTS if addressing == "slots" else OFFSETS, indices))
-    check_arguments(q_rope, freqs, gamma, k_cache, index, out, kv_input, kv_output, k_scale,
-                    errors, epsilon, freqs_name=freqs_name)
+           epsilon, names, freqs_name) -> None:
+    """``check_arguments`` of a call, its index tensors named ``names``."""
+    check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(names, indices)), out, kv_input,
+                    kv_output, k_scale, errors, epsilon, freqs_name=freqs_name)
 
 
 def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
@@ -298,24 +331,43 @@ def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
     Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
     alignment, devices, epsilon) raise before the launch, and so do tensors the form has no
-    place for (a kernel without them takes fewer arguments, or its config refuses them)."""
+    place for (a kernel without them takes fewer arguments, or its config refuses them).
+
+    The kernel for 16-byte aligned tensors is tried first: finding the alignment costs more
+    host time than the call, and nearly every call has it. If its entry refuses the
+    tensors, the kernel built for their alignment (if lower) is used."""
     tokens, heads, rope_dim = q_rope.shape
     device = q_rope.device
     if out is None:
         out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=device)
     if tokens == 0:
         return out
-    alignment = _alignment(q_rope, out, freqs, gamma, k_cache, kv_input, kv_output)
-    signature = dispatch.signature(q_rope, freqs, gamma, k_cache, indices, options,
-                                   kv_input is not None, kv_output is not None, alignment,
-                                   schedule)
+    write_through, has_output = kv_input is not None, kv_output is not None
     errors = _scratch_errors(device) if errors is None else errors.reshape(1)
-    rows = tuple(t for t in (kv_input, kv_output) if t is not None)
-    scale = () if k_cache.dtype == q_rope.dtype and k_scale is None else (
-        _unit_scale(device) if k_scale is None else k_scale.reshape(1),)
+    if k_scale is not None:
+        scale = (k_scale.reshape(1),)
+    elif k_cache.dtype != q_rope.dtype:
+        scale = (_unit_scale(device),)
+    else:
+        scale = ()
     # the kernel's parameters: offsets before the table, the page table and lengths (or the
     # positions and slots) after the cache's scale
-    before, after = (indices[:1], indices[1:]) if options[0] == "offsets" else ((), indices)
-    dispatch.kernel(signature, tokens)(q_rope, out, *rows, *before, freqs, gamma, k_cache,
-                                       *scale, *after, errors, float(epsilon))
+    if options[0] == "offsets":
+        before, after = indices[:1], indices[1:]
+    else:
+        before, after = (), indices
+    rows = (kv_input, kv_output) if has_output else (kv_input,) if write_through else ()
+    args = (q_rope, out, *rows, *before, freqs, gamma, k_cache, *scale, *after, errors,
+            float(epsilon))
+    key = dispatch.signature(q_rope, freqs, gamma, k_cache, indices, options, write_through,
+                             has_output, _VECTOR_BYTES, schedule)
+    try:
+        dispatch.kernel(key, tokens)(*args)
+    except Exception:
+        alignment = _alignment(q_rope, out, freqs, gamma, k_cache, kv_input, kv_output)
+        if alignment == _VECTOR_BYTES:
+            raise
+        key = dispatch.signature(q_rope, freqs, gamma, k_cache, indices, options,
+                                 write_through, has_output, alignment, schedule)
+        dispatch.kernel(key, tokens)(*args)
     return out

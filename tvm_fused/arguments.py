@@ -57,28 +57,57 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     """``[first, last + 1)`` byte addresses of a tensor's elements (empty: ``(0, 0)``)."""
-    if tensor.numel() == 0:
-        return 0, 0
-    start = tensor.data_ptr()
-    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    return start, start + (last + 1) * tensor.element_size()
+    start, last = tensor.data_ptr(), 1
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        if not size:
+            return 0, 0
+        last += (size - 1) * stride
+    return start, start + last * tensor.itemsize
 
 
-def _check_no_overlap(named: list, written: tuple) -> None:
-    """No tensor named in ``written`` may share memory with another of ``named`` (``(name,
-    tensor)`` pairs), but ``out`` may be ``q_rope`` itself."""
-    spans = {name: _span(tensor) for name, tensor in named if tensor is not None}
-    for name in written:
-        if name not in spans:
+WRITTEN = ("out", "k_cache", "kv_output", "errors")  # the tensors the op writes
+
+
+def _check_no_overlap(spans: list) -> None:
+    """No tensor named in ``WRITTEN`` may share memory with another of ``spans`` (``(name,
+    start, end)``, q_rope first), but ``out`` may be ``q_rope`` itself."""
+    q_start = spans[0][1]
+    written = [span for name in WRITTEN for span in spans if span[0] == name]
+    for name, start, end in written:
+        if start == end:
             continue
-        start, end = spans[name]
-        for other, (other_start, other_end) in spans.items():
-            if other == name or (name == "out" and other == "q_rope"
-                                 and start == other_start):
-                continue
-            if start < other_end and other_start < end:
+        for other, other_start, other_end in spans:
+            if (start < other_end and other_start < end and other != name
+                    and not (name == "out" and other == "q_rope" and start == q_start)):
                 raise ValueError(f"{name} overlaps {other} in memory: the op writes {name} "
                                  f"while it reads {other}; give {name} memory of its own")
+
+
+def _named(q_rope, freqs_cis, gamma, k_cache, index_items, out, kv_input, kv_output, k_scale,
+           errors, freqs_name: str) -> tuple:
+    """``(name, tensor)`` of every tensor argument (None if not given), q_rope first."""
+    return (("q_rope", q_rope), (freqs_name, freqs_cis), ("gamma", gamma), ("k_cache", k_cache),
+            *index_items, ("out", out), ("kv_input", kv_input), ("kv_output", kv_output),
+            ("k_scale", k_scale), ("errors", errors))
+
+
+def check_no_overlap(q_rope, freqs_cis, gamma, k_cache, index_items, out, kv_input, kv_output,
+                     k_scale, errors, freqs_name: str = "freqs_cis") -> None:
+    """Raise ValueError if a tensor the op writes (``WRITTEN``) shares memory with another
+    argument (``index_items``: ``(name, tensor)`` of the index tensors); ``out`` may be
+    ``q_rope`` itself. The one metadata check a kernel's entry cannot make, so it is as cheap
+    as it can be: the tensors the entry requires compact span ``nbytes`` from their start
+    (one the entry would refuse is never written to, whatever its span)."""
+    spans = [("q_rope", *_span(q_rope)), ("k_cache", *_span(k_cache))]
+    for name, tensor in (("out", out), ("kv_input", kv_input), ("kv_output", kv_output)):
+        if tensor is not None:
+            spans.append((name, *_span(tensor)))
+    for name, tensor in ((freqs_name, freqs_cis), ("gamma", gamma), *index_items,
+                         ("k_scale", k_scale), ("errors", errors)):
+        if tensor is not None:
+            start = tensor.data_ptr()
+            spans.append((name, start, start + tensor.nbytes))
+    _check_no_overlap(spans)
 
 
 def _check_one_element(name: str, value, dtype: torch.dtype) -> None:
@@ -175,17 +204,16 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, out, kv_inpu
     if not on_cuda and not q_rope.is_cpu:
         raise ValueError(f"q_rope must be on a CUDA device or the CPU, got {q_rope.device}")
     device = q_rope.get_device()  # an int: cheaper than comparing torch.device objects
-    named = ((freqs_name, freqs_cis), ("gamma", gamma), ("k_cache", k_cache),
-             *index.items(), ("out", out), ("kv_input", kv_input), ("kv_output", kv_output),
-             ("k_scale", k_scale), ("errors", errors))
-    for name, tensor in named:
+    named = _named(q_rope, freqs_cis, gamma, k_cache, index.items(), out, kv_input, kv_output,
+                   k_scale, errors, freqs_name)
+    for name, tensor in named[1:]:
         if tensor is not None:
             same = tensor.is_cuda and tensor.get_device() == device if on_cuda else \
                 tensor.is_cpu
             if not same:
                 raise ValueError(f"{name} is on {tensor.device} but q_rope is on "
                                  f"{q_rope.device}: all tensors must be on one device")
-    _check_no_overlap([("q_rope", q_rope), *named], ("out", "k_cache", "kv_output", "errors"))
+    _check_no_overlap([(name, *_span(tensor)) for name, tensor in named if tensor is not None])
 
 
 def _check_offsets(input_row_offsets, lookup_table, cache_lengths) -> None:

@@ -60,8 +60,8 @@ after the stages before have read all of it.
 
 The entry asserts what the kernel was built for: row strides
 that are multiples of ``config.alignment`` bytes (buffers declare the same alignment for
-their data pointers, which ``alignment_check.CheckDataAlignment`` asserts) and a finite,
-non-negative epsilon.
+their data pointers, which ``alignment_check.CheckDataAlignment`` asserts), a finite,
+non-negative epsilon, and (slots) no more positions than q rows nor slots than positions.
 
 Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU thread blocks.
 """
@@ -583,6 +583,9 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
             assert multiples(dtype, vs0), refusal("kv_output", dtype)
         assert T.isfinite(epsilon) and epsilon >= T.float32(0), (
             "ValueError", ["epsilon must be finite and non-negative"])
+        if SLOTS:
+            assert m <= n, ("ValueError", ["positions has more entries than q_rope's rows"])
+            assert s <= m, ("ValueError", ["slot_mapping has more entries than positions"])
 
         index = T.meta_var(_Index(offsets, cache_lengths, lookup_table, positions,
                                   slot_mapping, max_seq_len, num_pages * PS))
