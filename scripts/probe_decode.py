@@ -13,8 +13,7 @@ from tvm.script import tirx as T
 
 from benchmarks.suite import host_us
 from tvm_fused import dispatch, fused_rope_rmsnorm
-from tvm_fused.api import _alignment
-from tvm_fused.arguments import OFFSETS, check_arguments
+from tvm_fused.arguments import OFFSETS, check_arguments, check_no_overlap
 from tvm_fused.compiler.build import cuda_target
 from tvm_fused.compiler.config import OpConfig
 from tvm_fused.timing import time_cuda
@@ -50,15 +49,17 @@ def probe(tokens):
     out = torch.empty_like(x.q_rope)
     args = x.args()
     q = x.q_rope
-    alignment = _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache, None, None)
-    index = dict(zip(OFFSETS, (x.input_row_offsets, x.lookup_table, x.cache_lengths)))
-    signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.k_cache, tuple(index.values()),
+    indices = (x.input_row_offsets, x.lookup_table, x.cache_lengths)
+    signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.k_cache, indices,
                                    ("offsets", True, "interleaved", "before_gamma", False), False,
-                                   False, alignment, None)
+                                   False, 16, None)
     kernel = dispatch.kernel(signature, tokens)
 
     def call():
         fused_rope_rmsnorm(*args, out=out, validate=False)
+
+    def checked():
+        fused_rope_rmsnorm(*args, out=out)
 
     errors = torch.zeros(1, dtype=torch.int32, device="cuda")
 
@@ -68,11 +69,15 @@ def probe(tokens):
     call()
     print(f"{tokens:3d} tok op              cold {time_cuda(call, reps=200).median_us:6.2f} us"
           f"   warm {time_cuda(call, reps=200, cold=False).median_us:6.2f} us")
-    checks = host_us(lambda: check_arguments(q, x.freqs_cis, x.gamma, x.k_cache, index, out))
-    alignment = host_us(lambda: _alignment(q, out, x.freqs_cis, x.gamma, x.k_cache))
-    print(f"{tokens:3d} tok host per call: full {host_us(call, calls=300):5.2f} us, kernel only "
-          f"{host_us(raw, calls=300):5.2f} us, check_arguments {checks:5.2f} us, alignment "
-          f"{alignment:5.2f} us, torch add_ {host_us(lambda: empty.add_(1)):5.2f} us")
+    overlap = host_us(lambda: check_no_overlap(q, x.freqs_cis, x.gamma, x.k_cache,
+                                               zip(OFFSETS, indices), out, None, None, None,
+                                               None))
+    checks = host_us(lambda: check_arguments(q, x.freqs_cis, x.gamma, x.k_cache,
+                                             dict(zip(OFFSETS, indices)), out))
+    print(f"{tokens:3d} tok host per call: validate=False {host_us(call, calls=300):5.2f} us, "
+          f"default checks {host_us(checked, calls=300):5.2f} us, kernel only "
+          f"{host_us(raw, calls=300):5.2f} us, check_no_overlap {overlap:5.2f} us, "
+          f"check_arguments {checks:5.2f} us, torch add_ {host_us(lambda: empty.add_(1)):5.2f} us")
 
 
 for tokens in (1, 64):
