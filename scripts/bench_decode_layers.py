@@ -9,11 +9,13 @@ cost per layer is (the graph's time with the prologue - without it) / layers, bo
 timed in the same run (replays on a cold L2, medians).
 
 Providers: ``tvm-fused`` (``fused_rope_rmsnorm_slots``), ``tvm-fused pdl`` (the same with
-``pdl=True``: its launch and index reads overlap the GEMM before it) and, for the
-write-through form, ``vllm steps in triton`` (three Triton launches:
-``benchmarks/peers/engine_triton.py``). Forms: ``write-through`` (the latent read from
-``fused_qkv``, vLLM's), ``in-place`` (the caller first copies the latent rows into the cache,
-an ``index_copy_`` that the baseline graph runs too). Caches: bf16, fp8 e4m3 (``k_scale``).
+``pdl=True``: its launch overlaps the GEMM before it), ``triton fused`` (the Triton peer of
+the same fused op, ``benchmarks/peers/triton_fused.py``, addressed by offsets and a page
+table of the same tokens) and, for the write-through form, ``vllm steps in triton`` (three
+Triton launches: ``benchmarks/peers/engine_triton.py``). Forms: ``write-through`` (the
+latent read from ``fused_qkv``, vLLM's), ``in-place`` (the caller first copies the latent
+rows into the cache, an ``index_copy_`` that the baseline graph runs too). Caches: bf16,
+fp8 e4m3 (``k_scale``).
 
 Output: a JSON line per configuration and provider (``--out``) and a table with the GPU's
 name. Usage: python scripts/bench_decode_layers.py --out OUT/layers.jsonl [--quick]
@@ -43,7 +45,7 @@ HIDDEN, Q_A_RANK, KV_LORA, ROPE, NOPE = 7168, 1536, 512, 64, 128
 BLOCK_SIZE, MAX_POSITION = 64, 163840
 TOKENS, HEADS, CACHES, FORMS = (1, 8, 64, 256), (16, 128), ("auto", "fp8"), (
     "write-through", "in-place")
-PROVIDERS = ("tvm-fused", "tvm-fused pdl", "vllm steps in triton")
+PROVIDERS = ("tvm-fused", "tvm-fused pdl", "triton fused", "vllm steps in triton")
 QUICK = {"tokens": (1, 64), "heads": (16, 128), "caches": ("auto",)}
 EPS, K_SCALE = 1e-6, 0.5
 
@@ -69,12 +71,33 @@ class Layer:
     q: torch.Tensor
 
 
-def make_step(config: Config, layers: int, device, seed: int = 0):
-    """``(hidden [T, 7168], positions [T], slot_mapping [T], cos_sin_cache, gamma, k_scale,
-    layers)``: one decode token per request, at random positions and distinct slots."""
+@dataclasses.dataclass
+class Step:
+    """A decode step's inputs: ``hidden [T, 7168]``, each request's one token at
+    ``positions [T]`` in its own cache page, ``slot_mapping [T]`` (page * 64 + position %
+    64), the same tokens as ``input_row_offsets [T + 1]``, ``lookup_table [T, pages]`` and
+    ``cache_lengths [T]`` (the Triton fused peer's addressing), the cos/sin table split
+    (vLLM's) and ``freqs_cis`` interleaved (the same values, MAX's layout), gamma, the fp8
+    cache's ``k_scale``, and the layers."""
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    input_row_offsets: torch.Tensor
+    lookup_table: torch.Tensor
+    cache_lengths: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    freqs_cis: torch.Tensor
+    gamma: torch.Tensor
+    k_scale: torch.Tensor | None
+    layers: list
+
+
+def make_step(config: Config, layers: int, device, seed: int = 0) -> Step:
+    """One decode token per request, at random positions, each in a page of its own."""
     g = torch.Generator(device=device).manual_seed(seed)
     t, bf16 = config.tokens, torch.bfloat16
-    blocks = -(-t // BLOCK_SIZE) + 8
+    blocks = t + 8
     fp8 = config.cache == "fp8"
 
     def randn(*shape, scale=1.0):
@@ -87,43 +110,56 @@ def make_step(config: Config, layers: int, device, seed: int = 0):
                    torch.empty(t, Q_A_RANK + KV_LORA + ROPE, dtype=bf16, device=device),
                    torch.empty(t, config.heads, NOPE + ROPE, dtype=bf16, device=device))
              for _ in range(layers)]
-    return (randn(t, HIDDEN),
-            torch.randint(0, MAX_POSITION, (t,), device=device, generator=g),
-            torch.randperm(blocks * BLOCK_SIZE, device=device, generator=g)[:t],
-            es.cos_sin_cache(MAX_POSITION, ROPE, dtype=bf16, device=device),
-            (1 + 0.25 * torch.randn(KV_LORA, device=device, generator=g)).to(bf16),
-            torch.tensor([K_SCALE], device=device) if fp8 else None, stack)
+    positions = torch.randint(0, MAX_POSITION, (t,), device=device, generator=g)
+    pages = torch.randperm(blocks, device=device, generator=g)[:t]
+    table = torch.full((t, MAX_POSITION // BLOCK_SIZE), -1, dtype=torch.int32, device=device)
+    table[torch.arange(t, device=device), positions // BLOCK_SIZE] = pages.to(torch.int32)
+    cos_sin = es.cos_sin_cache(MAX_POSITION, ROPE, dtype=bf16, device=device)
+    half = ROPE // 2
+    interleaved = torch.stack((cos_sin[:, :half], cos_sin[:, half:]), -1).flatten(1)
+    return Step(randn(t, HIDDEN), positions, pages * BLOCK_SIZE + positions % BLOCK_SIZE,
+                torch.arange(t + 1, dtype=torch.int32, device=device), table,
+                positions.to(torch.int32), cos_sin, interleaved.contiguous(),
+                (1 + 0.25 * torch.randn(KV_LORA, device=device, generator=g)).to(bf16),
+                torch.tensor([K_SCALE], device=device) if fp8 else None, stack)
 
 
-def prologue(provider: str | None, config: Config, step):
+def prologue(provider: str | None, config: Config, step: Step):
     """The step's function: every layer's GEMMs and then ``provider``'s prologue (None: no
     prologue; in place, the caller's copy of the latent into the cache stays)."""
-    hidden, positions, slots, table, gamma, k_scale, stack = step
     fp8 = config.cache == "fp8"
+    write_through = config.form == "write-through"
 
     def run():
-        for layer in stack:
-            torch.mm(hidden, layer.w_a, out=layer.fused_qkv)
+        for layer in step.layers:
+            torch.mm(step.hidden, layer.w_a, out=layer.fused_qkv)
             torch.mm(layer.fused_qkv[:, :Q_A_RANK], layer.w_b, out=layer.q.view(
                 config.tokens, -1))
             kv_lora = layer.fused_qkv[:, Q_A_RANK:]
             cache = layer.kv_cache.view(torch.float8_e4m3fn) if fp8 else layer.kv_cache
-            if config.form == "in-place":
-                cache.view(-1, KV_LORA + ROPE).index_copy_(0, slots, kv_lora)
+            if not write_through:
+                cache.view(-1, KV_LORA + ROPE).index_copy_(0, step.slot_mapping, kv_lora)
             if provider is None:
                 continue
+            q_rope = layer.q[..., NOPE:]
+            form = {"kv_input": kv_lora, "k_scale": step.k_scale} if write_through else {}
             if provider == "vllm steps in triton":
                 from benchmarks.peers.engine_triton import vllm_mla_prologue_triton
 
-                vllm_mla_prologue_triton(layer.q, kv_lora, table, gamma, layer.kv_cache, slots,
-                                         positions, config.cache, k_scale, EPS)
-                continue
-            q_rope = layer.q[..., NOPE:]
-            tvm_fused.fused_rope_rmsnorm_slots(
-                q_rope, positions, slots, table, gamma, cache, out=q_rope, epsilon=EPS,
-                kv_input=kv_lora if config.form == "write-through" else None,
-                k_scale=k_scale if config.form == "write-through" else None,
-                pdl=provider == "tvm-fused pdl", validate=False)
+                vllm_mla_prologue_triton(layer.q, kv_lora, step.cos_sin_cache, step.gamma,
+                                         layer.kv_cache, step.slot_mapping, step.positions,
+                                         config.cache, step.k_scale, EPS)
+            elif provider == "triton fused":
+                from benchmarks.peers.triton_fused import triton_fused_rope_rmsnorm
+
+                triton_fused_rope_rmsnorm(q_rope, step.input_row_offsets, step.freqs_cis,
+                                          step.gamma, cache, step.lookup_table,
+                                          step.cache_lengths, out=q_rope, epsilon=EPS, **form)
+            else:
+                tvm_fused.fused_rope_rmsnorm_slots(
+                    q_rope, step.positions, step.slot_mapping, step.cos_sin_cache, step.gamma,
+                    cache, out=q_rope, epsilon=EPS, pdl=provider == "tvm-fused pdl",
+                    validate=False, **form)
 
     return run
 
