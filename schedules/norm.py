@@ -70,7 +70,8 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
     split_row(sch.get_loops(sumsq)[-1])
     sch.compute_at(load, row)
     sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
-    sch.compute_at(locate, row, index=0 if op.pdl else -1)  # with PDL, before the wait
+    # with the index reads before PDL's wait, the locate comes first
+    sch.compute_at(locate, row, index=0 if op.pdl_early_indices else -1)
     # gamma's vectors are loaded right after the locate, with the row's: independent of the
     # token, they need not wait for its sum of squares (one load round less per row)
     gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])

@@ -98,9 +98,9 @@ def schedule_rope_branch(
     sch.compute_at(load, per_token)
     sch.compute_at(freqs, per_token)
     # each stage goes right before its first consumer, so a load that needs no index value
-    # (slots addressing: t < len(positions) is known) is issued before the locate; with PDL
-    # the locate, whose index reads precede the grid-dependency wait, comes first
-    sch.compute_at(locate, per_token, index=0 if op.pdl else -1)
+    # (slots addressing: t < len(positions) is known) is issued before the locate; with the
+    # index reads before PDL's wait, the locate comes first
+    sch.compute_at(locate, per_token, index=0 if op.pdl_early_indices else -1)
     if config.unroll:
         for stage in computed:
             for loop in loops_under(sch, stage, item):

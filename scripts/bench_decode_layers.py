@@ -9,7 +9,8 @@ cost per layer is (the graph's time with the prologue - without it) / layers, bo
 timed in the same run (replays on a cold L2, medians).
 
 Providers: ``tvm-fused`` (``fused_rope_rmsnorm_slots``), ``tvm-fused pdl`` (the same with
-``pdl=True``: its launch overlaps the GEMM before it), ``triton fused`` (the Triton peer of
+``pdl=True``: its launch overlaps the GEMM before it), ``tvm-fused pdl early-indices``
+(``pdl="early-indices"``: its index reads too), ``triton fused`` (the Triton peer of
 the same fused op, ``benchmarks/peers/triton_fused.py``, addressed by offsets and a page
 table of the same tokens) and, for the write-through form, ``vllm steps in triton`` (three
 Triton launches: ``benchmarks/peers/engine_triton.py``). Forms: ``write-through`` (the
@@ -45,7 +46,8 @@ HIDDEN, Q_A_RANK, KV_LORA, ROPE, NOPE = 7168, 1536, 512, 64, 128
 BLOCK_SIZE, MAX_POSITION = 64, 163840
 TOKENS, HEADS, CACHES, FORMS = (1, 8, 64, 256), (16, 128), ("auto", "fp8"), (
     "write-through", "in-place")
-PROVIDERS = ("tvm-fused", "tvm-fused pdl", "triton fused", "vllm steps in triton")
+PDL = {"tvm-fused": False, "tvm-fused pdl": True, "tvm-fused pdl early-indices": "early-indices"}
+PROVIDERS = (*PDL, "triton fused", "vllm steps in triton")
 QUICK = {"tokens": (1, 64), "heads": (16, 128), "caches": ("auto",)}
 EPS, K_SCALE = 1e-6, 0.5
 
@@ -158,8 +160,8 @@ def prologue(provider: str | None, config: Config, step: Step):
             else:
                 tvm_fused.fused_rope_rmsnorm_slots(
                     q_rope, step.positions, step.slot_mapping, step.cos_sin_cache, step.gamma,
-                    cache, out=q_rope, epsilon=EPS, pdl=provider == "tvm-fused pdl",
-                    validate=False, **form)
+                    cache, out=q_rope, epsilon=EPS, pdl=PDL[provider], validate=False,
+                    **form)
 
     return run
 

@@ -16,9 +16,10 @@ Usage: python scripts/time_revision.py LABEL [--schedules S[,S...]] [--heads H[,
 as letters and values joined by ``-``: ``T`` block_threads, ``X`` norm_threads_per_row,
 ``V`` vector_bytes, ``R`` rope_vectors_per_thread, ``N`` norm_rows_per_thread, ``U`` unroll,
 e.g. ``T256-R2`` (unnamed fields keep their defaults), with ``P1`` for ``pdl=True``
-(``default-P1``), or ``triton``, the Triton fused peer (offsets addressing); ``--cases``:
-in-place (default), write-through, or an fp8 cache dtype with an optional ``@k_scale``, e.g.
-``float8_e4m3fn@0.37``; the write-through cases need a revision that has the form;
+(``default-P1``) and ``P2`` for ``pdl="early-indices"``, or ``triton``, the Triton fused
+peer (offsets addressing); ``--cases``: in-place (default), write-through, or an fp8
+cache dtype with an optional ``@k_scale``, e.g. ``float8_e4m3fn@0.37``; the write-through
+cases need a revision that has the form;
 ``--slots``: the engine addressing, positions and a slot mapping of the same tokens, for
 revisions that have ``fused_rope_rmsnorm_slots``; ``--split-table``: the cos/sin table split,
 cosines then sines, likewise)
@@ -118,10 +119,11 @@ SCHEDULE_FIELDS = {"T": "block_threads", "X": "norm_threads_per_row", "V": "vect
 
 
 def schedule_option(spec: str) -> dict:
-    """The keywords of a ``--schedules`` entry: ``schedule=`` (none for ``default``), and
-    ``pdl=True`` for a ``P1`` part."""
-    parts = [part for part in spec.split("-") if part not in ("default", "P1")]
-    options = {"pdl": True} if "P1" in spec.split("-") else {}
+    """The keywords of a ``--schedules`` entry: ``schedule=`` (none for ``default``),
+    ``pdl=True`` for a ``P1`` part, ``pdl="early-indices"`` for ``P2``."""
+    pdl = {"P1": True, "P2": "early-indices"}
+    parts = [part for part in spec.split("-") if part != "default" and part not in pdl]
+    options = {"pdl": pdl[part] for part in spec.split("-") if part in pdl}
     if not parts:
         return options
     from tvm_fused.schedules import ScheduleConfig

@@ -122,11 +122,21 @@ def test_malformed_engine_arguments_are_refused(change, error, match):
     assert unchanged(inputs, before)
 
 
+def test_an_unknown_pdl_mode_is_refused():
+    inputs = _inputs(0, "cpu")
+    before = snapshot(inputs)
+    with pytest.raises(ValueError, match="pdl must be False, True or 'early-indices'"):
+        inputs.call(pdl="early")
+    assert unchanged(inputs, before)
+
+
 @pytest.mark.parametrize("addressing", ADDRESSINGS)
 def test_pdl_is_ignored_on_the_cpu(addressing):
     """``pdl=True`` is a GPU launch's property: on the CPU the op computes the same."""
     inputs = _inputs(ADDRESSINGS.index(addressing) * len(LAYOUTS) * len(FORMS) + 1, "cpu")
     before = inputs.clone()
-    out = inputs.call(pdl=True)
-    report = check_run(before, inputs, out)
-    assert report.ok, report.summary()
+    for pdl in (True, "early-indices"):
+        after = before.clone()
+        out = after.call(pdl=pdl)
+        report = check_run(before, after, out)
+        assert report.ok, report.summary()

@@ -24,6 +24,7 @@ from tvm_fused.testing.inputs import (
 pytestmark = pytest.mark.gpu
 
 HEADS, TOKENS, CACHED, K = 16, 64, 0, 8192  # one request's 64 new rows: one page's run
+MODES = pytest.mark.parametrize("pdl", [True, "early-indices"])
 ADDRESSINGS = ("offsets", "slots")
 FORMS = {"in-place": {}, "write-through": {"write_through": True},
          "fp8": {"write_through": True, "cache_dtype": torch.float8_e4m3fn, "k_scale": 0.5}}
@@ -47,7 +48,8 @@ class Step:
     alone and returns the op's inputs as they make them, for the reference.
     """
 
-    def __init__(self, addressing: str, form: str, seed: int = 0):
+    def __init__(self, addressing: str, form: str, pdl, seed: int = 0):
+        self.pdl = pdl
         inputs = make_inputs([TOKENS], [CACHED], num_q_heads=HEADS, page_size=128,
                              device="cuda", seed=seed, **FORMS[form])
         if addressing == "slots":
@@ -78,7 +80,7 @@ class Step:
     def run(self) -> None:
         for a, b, out in self.gemms:
             torch.mm(a, b, out=out)
-        self.inputs.call(out=self.out, pdl=True, validate=False)
+        self.inputs.call(out=self.out, pdl=self.pdl, validate=False)
 
     def expected(self) -> OpInputs:
         """The op's inputs as the GEMMs write them."""
@@ -94,10 +96,11 @@ def _check(step: Step, before: OpInputs) -> None:
     assert report.ok, report.summary()
 
 
+@MODES
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("addressing", ADDRESSINGS)
-def test_pdl_reads_what_the_kernel_before_wrote(addressing, form):
-    step = Step(addressing, form)
+def test_pdl_reads_what_the_kernel_before_wrote(addressing, form, pdl):
+    step = Step(addressing, form, pdl)
     step.run()  # builds the kernel
     for _ in range(3):
         before = step.expected()
@@ -106,11 +109,12 @@ def test_pdl_reads_what_the_kernel_before_wrote(addressing, form):
         _check(step, before)
 
 
+@MODES
 @pytest.mark.parametrize("form", ["in-place", "fp8"])
 @pytest.mark.parametrize("addressing", ADDRESSINGS)
-def test_pdl_replays_from_a_cuda_graph(addressing, form):
+def test_pdl_replays_from_a_cuda_graph(addressing, form, pdl):
     """A captured step (GEMMs, then the op) replayed on a new activation: the op sees it."""
-    step = Step(addressing, form)
+    step = Step(addressing, form, pdl)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -128,20 +132,21 @@ def test_pdl_replays_from_a_cuda_graph(addressing, form):
         _check(step, before)
 
 
+@MODES
 @pytest.mark.parametrize("addressing", ADDRESSINGS)
-def test_pdl_after_itself_matches_the_plain_launch(addressing):
+def test_pdl_after_itself_matches_the_plain_launch(addressing, pdl):
     """Ten calls in place back to back, each reading the q the one before wrote: PDL and the
     plain launch leave the same bits, and the last call is right for the state before it."""
     results = []
-    for pdl in (False, True):
+    for mode in (False, pdl):
         inputs = make_inputs([1] * 8, [0, 15, 16, 127, 128, 300, 5, 9], num_q_heads=128,
                              write_through=True, device="cuda")
         inputs = engine_addressed(inputs) if addressing == "slots" else inputs
-        inputs.call(out=inputs.q_rope, pdl=pdl)  # builds
+        inputs.call(out=inputs.q_rope, pdl=mode)  # builds
         for _ in range(9):
-            inputs.call(out=inputs.q_rope, pdl=pdl, validate=False)
+            inputs.call(out=inputs.q_rope, pdl=mode, validate=False)
         before = inputs.clone()
-        inputs.call(out=inputs.q_rope, pdl=pdl, validate=False)
+        inputs.call(out=inputs.q_rope, pdl=mode, validate=False)
         torch.cuda.synchronize()
         report = check_run(before, inputs, inputs.q_rope, in_place=True)
         assert report.ok, report.summary()

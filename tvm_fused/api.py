@@ -71,7 +71,7 @@ def fused_rope_rmsnorm(
     interleaved: bool = True,
     freqs_layout: str = "interleaved",
     norm_rounding: str = "before_gamma",
-    pdl: bool = False,
+    pdl: bool | str = False,
     validate: bool | None = None,
     schedule: ScheduleConfig | None = None,
 ) -> torch.Tensor:
@@ -138,12 +138,16 @@ def fused_rope_rmsnorm(
     norm_rounding : ``"before_gamma"`` (the spec's, HF's and vLLM's: ``x * rsqrt`` rounded to
         gamma's dtype before the gamma product) or ``"once"`` (SGLang's and FlashInfer's:
         ``x * rsqrt * gamma`` in float32, rounded once).
-    pdl : programmatic dependent launch (sm_90 and newer; experimental: not yet run on a
-        GPU): the kernel may start while the kernel before it in the stream still runs,
-        reads only ``input_row_offsets``, ``cache_lengths`` and ``lookup_table`` (slots:
-        ``positions`` and ``slot_mapping``) before waiting for that kernel to complete, and
-        lets the next kernel launch at once. The kernel right before must not write those
-        index tensors. Ignored on the CPU.
+    pdl : programmatic dependent launch (sm_90 and newer; ignored on the CPU): the kernel
+        is launched while the kernel before it in the stream still runs, and lets the next
+        kernel launch at once. ``True``: it waits for the kernel before to complete before
+        any memory access, so it is right whatever that kernel writes (the launch and the
+        address arithmetic overlap it). ``"early-indices"``: it also reads
+        ``input_row_offsets``, ``cache_lengths`` and ``lookup_table`` (slots: ``positions``
+        and ``slot_mapping``) before the wait, which saves one more memory round at decode;
+        the kernel right before must then not write those index tensors (in a decode step
+        it is the projection GEMM; the indices were written at the step's start).
+        ``False``: a plain launch.
     validate : True: check every argument's metadata and prove every position, page and
         offset in range and every written cache row distinct before launching (a device
         sync). None (default): the metadata checks (dtypes, shapes, devices, strides,
@@ -201,7 +205,7 @@ def fused_rope_rmsnorm_slots(
     interleaved: bool = True,
     freqs_layout: str = "split",
     norm_rounding: str = "before_gamma",
-    pdl: bool = False,
+    pdl: bool | str = False,
     validate: bool | None = None,
     schedule: ScheduleConfig | None = None,
 ) -> torch.Tensor:

@@ -25,6 +25,8 @@ from .tuning import decisions
 from .tuning.buckets import BUCKETS, thresholds
 from .tuning.layout import default_logs_dir
 
+EARLY_INDICES = "early-indices"  # pdl=: the index tensors are read before PDL's wait
+
 
 def signature(q_rope: torch.Tensor, freqs: torch.Tensor, gamma: torch.Tensor,
               k_cache: torch.Tensor, indices: tuple, options: tuple, write_through: bool,
@@ -43,6 +45,8 @@ def _op(signature: tuple) -> OpConfig:
     (device, dtype, freqs_dtype, gamma_dtype, cache_dtype, heads, rope_dim, kv_norm_dim,
      page_size, index_dtypes, addressing, interleaved, freqs_layout, norm_rounding, pdl,
      write_through, kv_output, alignment, _) = signature
+    if pdl not in (False, True, EARLY_INDICES):
+        raise ValueError(f"pdl must be False, True or {EARLY_INDICES!r}, got {pdl!r}")
     names = [dtype_name(d) for d in index_dtypes]
     index = ({"positions_dtype": names[0], "slots_dtype": names[1]} if addressing == "slots"
              else {"offsets_dtype": names[0]})
@@ -50,7 +54,8 @@ def _op(signature: tuple) -> OpConfig:
                     page_size=page_size, dtype=dtype_name(dtype),
                     freqs_dtype=dtype_name(freqs_dtype), gamma_dtype=dtype_name(gamma_dtype),
                     addressing=addressing, interleaved=interleaved, freqs_layout=freqs_layout,
-                    norm_rounding=norm_rounding, pdl=pdl and device.type == "cuda",
+                    norm_rounding=norm_rounding, pdl=bool(pdl) and device.type == "cuda",
+                    pdl_early_indices=pdl == EARLY_INDICES and device.type == "cuda",
                     write_through=write_through, kv_output=kv_output,
                     cache_dtype=None if cache_dtype == dtype else dtype_name(cache_dtype),
                     alignment=alignment, **index)
@@ -71,7 +76,7 @@ def _resolve(signature: tuple) -> _Kernels:
     device, schedule = signature[0], signature[-1]
     op, target = _op(signature), device_target(device)
     if op.pdl and torch.cuda.get_device_capability(device) < (9, 0):
-        raise ValueError(f"pdl=True needs a GPU of compute capability 9.0 or newer, got "
+        raise ValueError(f"pdl needs a GPU of compute capability 9.0 or newer, got "
                          f"{torch.cuda.get_device_name(device)}")
     configs = {}
     if schedule is None and device.type == "cuda":

@@ -101,7 +101,7 @@ def scheduled_module(op: OpConfig, target: tvm.target.Target,
     if target.kind.name != "llvm":
         raise ValueError(f"unsupported target kind {target.kind.name!r}: use cuda or llvm")
     # a programmatic dependent launch is a GPU launch's property: the CPU runs one body
-    cpu_op = dataclasses.replace(op, pdl=False)
+    cpu_op = dataclasses.replace(op, pdl=False, pdl_early_indices=False)
     sch = tvm.s_tir.Schedule(tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(cpu_op)}))
     sch.work_on(OP_NAME)
     apply_cpu_schedule(sch, cpu_op, schedule or CpuScheduleConfig())

@@ -63,11 +63,13 @@ class OpConfig:
         kv_norm_dim + rope_dim]``, q's dtype).
     cache_dtype : dtype of ``k_cache`` if not ``dtype``: an fp8 type (write-through only),
         each value computed in ``dtype`` and stored as ``fp8(saturate(value / k_scale))``.
-    pdl : programmatic dependent launch: the kernel may start while the kernel before it in
-        the stream still runs; it reads only its index tensors (``input_row_offsets``,
-        ``cache_lengths``, ``lookup_table``, or ``positions`` and ``slot_mapping``) before
-        waiting for that kernel to complete, so the kernel right before must not write
-        them (``compiler/grid_dependency.py``). Needs sm_90 or newer.
+    pdl : programmatic dependent launch (``compiler/grid_dependency.py``; sm_90 or newer):
+        the kernel may start while the kernel before it in the stream still runs, and waits
+        for it to complete before any memory access, so it is right whatever that kernel
+        writes; only the launch and the address arithmetic overlap it.
+    pdl_early_indices : with ``pdl``, the index tensors (``input_row_offsets``,
+        ``cache_lengths``, ``lookup_table``, or ``positions`` and ``slot_mapping``) are read
+        before the wait too: faster, but the kernel right before must not write them.
     alignment : bytes that every tensor's data pointer and row strides are multiples of
         (16 lets the GPU kernel use 16-byte vector accesses; the element size of ``dtype``
         assumes nothing). The kernel relies on it: callers check it per call.
@@ -91,6 +93,7 @@ class OpConfig:
     kv_output: bool = False
     cache_dtype: str | None = None
     pdl: bool = False
+    pdl_early_indices: bool = False
     alignment: int = 16
 
     def __post_init__(self) -> None:
@@ -117,6 +120,8 @@ class OpConfig:
             if not self.write_through:
                 raise ValueError("an fp8 cache needs the write-through form (normalizing a "
                                  "latent already quantized in the cache would be lossy)")
+        if self.pdl_early_indices and not self.pdl:
+            raise ValueError("pdl_early_indices needs pdl")
         if self.alignment not in (1, 2, 4, 8, 16):
             raise ValueError(f"alignment must be a power of two up to 16, got {self.alignment}")
 

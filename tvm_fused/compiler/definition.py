@@ -36,9 +36,9 @@ Two addressings (``config.addressing``), one body: each locate stage is either
 and ``slot_mapping[t]``, read directly), and both give every branch the same per-token
 values: the position and one slot, ``page * page_size + row``. The cos/sin table's layout
 (``config.freqs_layout``) is a stride of its pair view: ``(2, 1)`` for interleaved pairs,
-``(1, rope_dim / 2)`` for cosines then sines. With ``config.pdl`` the PrimFunc names the
-index tensors that may be read before the wait for the kernel before
-(``grid_dependency.py``).
+``(1, rope_dim / 2)`` for cosines then sines. With ``config.pdl`` the PrimFunc names what may be
+read before the wait for the kernel before (``grid_dependency.py``): nothing, or with
+``config.pdl_early_indices`` the index tensors.
 
 Indices that point nowhere (SPEC.md): ``locate`` checks every index it follows, so no input
 makes the kernel read or write outside its tensors. A token whose position has no freqs
@@ -188,9 +188,11 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
     WRITE_THROUGH, KV_OUTPUT = config.write_through, config.kv_output
     FP8 = config.cache_dtype is not None
     SLOTS, ROUND_ONCE = config.addressing == "slots", config.norm_rounding == "once"
-    # with PDL, the index tensors are read before the wait for the kernel before
-    EARLY_READS = {GRID_DEPENDENCY: ["positions", "slot_mapping"] if SLOTS else [
-        "offsets", "lookup_table", "cache_lengths"]} if config.pdl else {}
+    # with PDL, what is read before the wait for the kernel before: nothing, or the indices
+    INDEX_NAMES = ["positions", "slot_mapping"] if SLOTS else [
+        "offsets", "lookup_table", "cache_lengths"]
+    EARLY_READS = {GRID_DEPENDENCY: INDEX_NAMES if config.pdl_early_indices else []
+                   } if config.pdl else {}
     FUNC_ATTRS = {"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched", **EARLY_READS}
     ZERO, TWO, NONE = T.int64(0), T.int64(2), T.int64(-1)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
