@@ -27,7 +27,7 @@ from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, measure, records
 from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
-from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir
+from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, op_key
 from tvm_fused.tuning.tune import tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
@@ -211,6 +211,18 @@ def test_the_default_depends_on_the_bucket_and_the_heads():
         == {1: 2, 8: 2, 64: 1, 512: 1, 4096: 2, 32768: 2}
     assert vectors(num_q_heads=16) == vectors(num_q_heads=32, interleaved=False) \
         == {tokens: 1 for tokens in BUCKETS}
+    # with PDL, one vector at every decode size (what follows the wait is all that counts)
+    assert vectors(pdl=True) == vectors(pdl=True, pdl_early_indices=True) \
+        == {1: 1, 8: 1, 64: 1, 512: 1, 4096: 2, 32768: 2}
+
+
+def test_pdl_ops_have_decisions_of_their_own():
+    """A PDL launch's best schedule differs from a plain one's: its records and decisions
+    are filed apart (a GPU tuned for plain launches has none for PDL ones: the default)."""
+    keys = {op_key(OpConfig(pdl=pdl, pdl_early_indices=early))
+            for pdl, early in ((False, False), (True, False), (True, True))}
+    assert keys == {"bfloat16-h128-r64-d512-p128-gptj", "bfloat16-h128-r64-d512-p128-gptj-pdl",
+                    "bfloat16-h128-r64-d512-p128-gptj-pdl-early-indices"}
 
 
 def test_multi_warp_rows_are_one_per_thread():

@@ -24,14 +24,17 @@ def gpu_slug(name: str) -> str:
 
 
 def op_key(op: OpConfig) -> str:
-    """The folder of an op: the dims, dtypes and form the best knobs depend on (in place:
-    no suffix; write-through: ``-write-through``, then ``-kv-output`` if it writes one and
-    the cache dtype if fp8)."""
+    """The folder of an op: the dims, dtypes, form and launch the best knobs depend on (in
+    place: no suffix; write-through: ``-write-through``, then ``-kv-output`` if it writes
+    one and the cache dtype if fp8; then ``-pdl`` or ``-pdl-early-indices`` for a PDL launch,
+    whose best schedule differs: what follows the wait is all that counts)."""
     pairing = "gptj" if op.interleaved else "neox"
     form = ""
     if op.write_through:
         form = ("-write-through" + ("-kv-output" if op.kv_output else "")
                 + (f"-{op.cache_dtype}" if op.cache_dtype else ""))
+    if op.pdl:
+        form += "-pdl-early-indices" if op.pdl_early_indices else "-pdl"
     return (f"{op.dtype}-h{op.num_q_heads}-r{op.rope_dim}-d{op.kv_norm_dim}-p{op.page_size}-"
             f"{pairing}{form}")
 
