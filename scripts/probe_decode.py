@@ -50,7 +50,7 @@ def probe(tokens):
     args = x.args()
     q = x.q_rope
     indices = (x.input_row_offsets, x.lookup_table, x.cache_lengths)
-    signature = dispatch.signature(q, x.freqs_cis, x.gamma, x.k_cache, indices,
+    signature = dispatch.signature(q.device, q, x.freqs_cis, x.gamma, x.k_cache, indices,
                                    ("offsets", True, "interleaved", "before_gamma", False), False,
                                    False, 16, None)
     kernel = dispatch.kernel(signature, tokens)

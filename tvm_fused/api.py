@@ -363,15 +363,15 @@ def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_
     rows = (kv_input, kv_output) if has_output else (kv_input,) if write_through else ()
     args = (q_rope, out, *rows, *before, freqs, gamma, k_cache, *scale, *after, errors,
             float(epsilon))
-    key = dispatch.signature(q_rope, freqs, gamma, k_cache, indices, options, write_through,
-                             has_output, _VECTOR_BYTES, schedule)
+    key = dispatch.signature(device, q_rope, freqs, gamma, k_cache, indices, options,
+                             write_through, has_output, _VECTOR_BYTES, schedule)
     try:
         dispatch.kernel(key, tokens)(*args)
     except Exception:
         alignment = _alignment(q_rope, out, freqs, gamma, k_cache, kv_input, kv_output)
         if alignment == _VECTOR_BYTES:
             raise
-        key = dispatch.signature(q_rope, freqs, gamma, k_cache, indices, options,
+        key = dispatch.signature(device, q_rope, freqs, gamma, k_cache, indices, options,
                                  write_through, has_output, alignment, schedule)
         dispatch.kernel(key, tokens)(*args)
     return out

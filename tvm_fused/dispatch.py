@@ -28,15 +28,16 @@ from .tuning.layout import default_logs_dir
 EARLY_INDICES = "early-indices"  # pdl=: the index tensors are read before PDL's wait
 
 
-def signature(q_rope: torch.Tensor, freqs: torch.Tensor, gamma: torch.Tensor,
-              k_cache: torch.Tensor, indices: tuple, options: tuple, write_through: bool,
-              kv_output: bool, alignment: int, schedule) -> tuple:
-    """What shapes the kernel of a call, as a plain tuple (cheap to build and hash):
+def signature(device: torch.device, q_rope: torch.Tensor, freqs: torch.Tensor,
+              gamma: torch.Tensor, k_cache: torch.Tensor, indices: tuple, options: tuple,
+              write_through: bool, kv_output: bool, alignment: int, schedule) -> tuple:
+    """What shapes the kernel of a call on ``device``, as a plain tuple (cheap to build and
+    hash):
     ``indices`` are the addressing's index tensors (offsets first: the dtypes of the first
     two count; a page table of another dtype is refused by the kernel's entry), ``options``
     the addressing, pairing, table layout, norm rounding and PDL."""
     shape = q_rope.shape
-    return (q_rope.device, q_rope.dtype, freqs.dtype, gamma.dtype, k_cache.dtype, shape[1],
+    return (device, q_rope.dtype, freqs.dtype, gamma.dtype, k_cache.dtype, shape[1],
             shape[2], gamma.shape[0], k_cache.shape[1], (indices[0].dtype, indices[1].dtype),
             *options, write_through, kv_output, alignment, schedule)
 
