@@ -72,8 +72,8 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
     sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
     # with the index reads before PDL's wait, the locate comes first
     sch.compute_at(locate, row, index=0 if op.pdl_early_indices else -1)
-    # gamma's vectors are loaded right after the locate, with the row's: independent of the
-    # token, they need not wait for its sum of squares (one load round less per row)
+    # gamma's vectors are loaded second in the row's body, before its reduction: independent
+    # of the token, they need not wait for its sum of squares (one load round less per row)
     gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])
     sch.compute_at(gamma, row, index=1)
     gamma_vector = config.vector_elems(op, op.gamma_dtype, vector)

@@ -67,15 +67,20 @@ BAD_ARGUMENTS = [
 ]
 
 
+def _as_on_a_gpu(monkeypatch) -> None:
+    """``validate=None`` takes the GPU default's path on the CPU: the overlap check, then TVM's
+    compiled entry checks refuse the call before the launch and the Python checks run for
+    the message."""
+    monkeypatch.setattr(api, "_default_proves_contents", lambda q_rope: False)
+
+
 @pytest.fixture(params=["checked", "sync-free", "unchecked"])
 def validate(request, monkeypatch):
     """The ``validate=`` of a call: None, on the CPU (every check, contents too); None, as on
-    a GPU (the overlap check, then TVM's compiled entry checks refuse the call before the
-    launch and the Python checks run for the message); False (the entry's checks alone)."""
+    a GPU (``_as_on_a_gpu``); False (the entry's checks alone)."""
     if request.param == "sync-free":
-        monkeypatch.setattr(api, "_default_proves_contents", lambda q_rope: False)
+        _as_on_a_gpu(monkeypatch)
     return False if request.param == "unchecked" else None
-
 
 
 @pytest.mark.parametrize("name, make, error, match", BAD_ARGUMENTS)
@@ -129,7 +134,7 @@ def test_overlapping_written_tensors_are_refused(case, mode, monkeypatch):
     argument: the op would read what it has already written (refused by every checked
     call: validate=None on the CPU and as on a GPU, validate=True)."""
     if mode == "sync-free":
-        monkeypatch.setattr(api, "_default_proves_contents", lambda q_rope: False)
+        _as_on_a_gpu(monkeypatch)
     validate = True if mode == "validate" else None
     inputs = _inputs()
     replace, message = OVERLAPS[case]

@@ -287,20 +287,19 @@ def _checked_launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_ou
     """
     tensors = (q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
                epsilon)
-    names = SLOTS if options[0] == "slots" else OFFSETS
     if validate is None:
         if not _default_proves_contents(q_rope):
             try:
-                check_no_overlap(q_rope, freqs, gamma, k_cache, zip(names, indices), out,
-                                 kv_input, kv_output, k_scale, errors, freqs_name)
+                check_no_overlap(q_rope, freqs, gamma, k_cache, zip(_names(options), indices),
+                                 out, kv_input, kv_output, k_scale, errors, freqs_name)
             except AttributeError:  # not a tensor
-                _check(*tensors, names, freqs_name)
+                _check(*tensors, options, freqs_name)
                 raise
-            return _launch_or_name(tensors, options, schedule, names, freqs_name)
+            return _launch_or_name(tensors, options, schedule, freqs_name)
         validate = True
     if validate is False:
-        return _launch_or_name(tensors, options, schedule, names, freqs_name)
-    _check(*tensors, names, freqs_name)
+        return _launch_or_name(tensors, options, schedule, freqs_name)
+    _check(*tensors, options, freqs_name)
     if options[0] == "slots":
         check_slot_contents(*indices, freqs, k_cache)
     else:
@@ -309,25 +308,30 @@ def _checked_launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_ou
     return _launch(*tensors, options, schedule)
 
 
-def _launch_or_name(tensors, options, schedule, names, freqs_name):
+def _launch_or_name(tensors, options, schedule, freqs_name):
     """Launch; if the kernel's entry (or its build) refuses the tensors, name the bad
     argument with ``check_arguments`` (or re-raise the entry's error)."""
     q_rope, out = tensors[0], tensors[5]
     if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-        _check(*tensors, names, freqs_name)  # an alias of q_rope needs its strides (TVM
+        _check(*tensors, options, freqs_name)  # an alias of q_rope needs its strides (TVM
         # can't tell)
     try:
         return _launch(*tensors, options, schedule)
     except Exception:
-        _check(*tensors, names, freqs_name)
+        _check(*tensors, options, freqs_name)
         raise
 
 
+def _names(options) -> tuple[str, ...]:
+    """The names of the index tensors of a call with ``options`` (its addressing first)."""
+    return SLOTS if options[0] == "slots" else OFFSETS
+
+
 def _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
-           epsilon, names, freqs_name) -> None:
-    """``check_arguments`` of a call, its index tensors named ``names``."""
-    check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(names, indices)), out, kv_input,
-                    kv_output, k_scale, errors, epsilon, freqs_name=freqs_name)
+           epsilon, options, freqs_name) -> None:
+    """``check_arguments`` of a call, its index tensors named after its addressing."""
+    check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(_names(options), indices)), out,
+                    kv_input, kv_output, k_scale, errors, epsilon, freqs_name=freqs_name)
 
 
 def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
