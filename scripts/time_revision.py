@@ -22,7 +22,8 @@ cache dtype with an optional ``@k_scale``, e.g. ``float8_e4m3fn@0.37``; the writ
 cases need a revision that has the form;
 ``--slots``: the engine addressing, positions and a slot mapping of the same tokens, for
 revisions that have ``fused_rope_rmsnorm_slots``; ``--split-table``: the cos/sin table split,
-cosines then sines, likewise)
+cosines then sines, likewise; ``--profile``: no timing, each point's call launched once
+inside cudaProfilerStart/Stop for ``ncu --profile-from-start off``, labels printed in order)
 """
 
 import argparse
@@ -113,6 +114,9 @@ parser.add_argument("--build", action="store_true", help="only build (and cache)
 parser.add_argument("--slots", action="store_true",
                     help="engine addressing (positions, slot mapping)")
 parser.add_argument("--split-table", action="store_true", help="the split cos/sin table")
+parser.add_argument("--profile", action="store_true",
+                    help="launch each point's call once between cudaProfilerStart and Stop, "
+                         "in the order printed, for ncu --profile-from-start off")
 args = parser.parse_intermixed_args()
 SCHEDULE_FIELDS = {"T": "block_threads", "X": "norm_threads_per_row", "V": "vector_bytes",
                    "R": "rope_vectors_per_thread", "N": "norm_rows_per_thread", "U": "unroll"}
@@ -148,6 +152,7 @@ def entry_for(spec: str, entry):
 
 schedules = {spec: {} if spec == "triton" else schedule_option(spec)
              for spec in args.schedules.split(",")}
+profiled = []
 for tokens in args.tokens:
     for heads in map(int, args.heads.split(",")):
         for case in args.cases.split(","):
@@ -172,10 +177,11 @@ for tokens in args.tokens:
                          entry=entry_for(spec, entry)):
                     entry(*inputs.args(), out=out, validate=False, **form, **schedule)
 
-                if args.build:
-                    call()
-                    continue
                 variant = " slots" * args.slots + " split" * args.split_table
+                if args.build or args.profile:
+                    call()
+                    profiled.append((f"{spec} {heads}h {case}{variant} {tokens}", call))
+                    continue
                 row = {"label": args.label + variant, "schedule": spec,
                        "gpu": torch.cuda.get_device_name(), "heads": heads, "case": case,
                        "tokens": tokens, "cold_us": cold_us(call, 200 if tokens <= 4096 else 60)}
@@ -184,3 +190,11 @@ for tokens in args.tokens:
                 if tokens <= 64:
                     row["host_us"] = host_us(call)
                 print(json.dumps(row), flush=True)
+if args.profile:
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for label, call in profiled:
+        print("profiled:", label, flush=True)
+        call()
+        torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()

@@ -285,41 +285,26 @@ def _checked_launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_ou
     and Python checks what the entry cannot see, that no written tensor overlaps another
     argument. When the entry refuses a call, ``check_arguments`` runs to name the problem.
     """
-    tensors = (q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
-               epsilon)
     if validate is None:
-        if not _default_proves_contents(q_rope):
+        validate = _default_proves_contents(q_rope)
+        if not validate:
             try:
                 check_no_overlap(q_rope, freqs, gamma, k_cache, zip(_names(options), indices),
                                  out, kv_input, kv_output, k_scale, errors, freqs_name)
             except AttributeError:  # not a tensor
-                _check(*tensors, options, freqs_name)
+                _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output,
+                       k_scale, errors, epsilon, options, freqs_name)
                 raise
-            return _launch_or_name(tensors, options, schedule, freqs_name)
-        validate = True
-    if validate is False:
-        return _launch_or_name(tensors, options, schedule, freqs_name)
-    _check(*tensors, options, freqs_name)
-    if options[0] == "slots":
-        check_slot_contents(*indices, freqs, k_cache)
-    else:
-        offsets, table, lengths = indices
-        check_contents(q_rope, offsets, freqs, k_cache, table, lengths)
-    return _launch(*tensors, options, schedule)
-
-
-def _launch_or_name(tensors, options, schedule, freqs_name):
-    """Launch; if the kernel's entry (or its build) refuses the tensors, name the bad
-    argument with ``check_arguments`` (or re-raise the entry's error)."""
-    q_rope, out = tensors[0], tensors[5]
-    if out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr():
-        _check(*tensors, options, freqs_name)  # an alias of q_rope needs its strides (TVM
-        # can't tell)
-    try:
-        return _launch(*tensors, options, schedule)
-    except Exception:
-        _check(*tensors, options, freqs_name)
-        raise
+    if validate:
+        _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
+               errors, epsilon, options, freqs_name)
+        if options[0] == "slots":
+            check_slot_contents(*indices, freqs, k_cache)
+        else:
+            offsets, table, lengths = indices
+            check_contents(q_rope, offsets, freqs, k_cache, table, lengths)
+    return _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
+                   errors, epsilon, options, schedule, freqs_name)
 
 
 def _names(options) -> tuple[str, ...]:
@@ -335,25 +320,51 @@ def _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_s
 
 
 def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
-            errors, epsilon, options, schedule):
+            errors, epsilon, options, schedule, freqs_name):
+    """Launch (``_run``); returns out. If the kernel's entry (or its build) refuses the
+    tensors, ``check_arguments`` names the bad argument (or the entry's error is re-raised).
+    An ``out`` aliasing q_rope must have its strides, which TVM can't tell."""
+    if (out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr()
+            and out.stride() != q_rope.stride()):
+        _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
+               errors, epsilon, options, freqs_name)
+    try:
+        return _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
+                    errors, epsilon, options, schedule)
+    except Exception:
+        _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
+               errors, epsilon, options, freqs_name)
+        raise
+
+
+def _one_element(tensor: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor as the kernel's ``[1]`` buffer (a view only when it is not)."""
+    return tensor if tensor.dim() == 1 else tensor.reshape(1)
+
+
+def _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
+         epsilon, options, schedule):
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
     Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
     alignment, devices, epsilon) raise before the launch, and so do tensors the form has no
     place for (a kernel without them takes fewer arguments, or its config refuses them).
 
-    The kernel for 16-byte aligned tensors is tried first: finding the alignment costs more
-    host time than the call, and nearly every call has it. If its entry refuses the
-    tensors, the kernel built for their alignment (if lower) is used."""
-    tokens, heads, rope_dim = q_rope.shape
+    The kernel last used under the call's quick key (``dispatch.quick_key``) is tried first,
+    then the one of its full signature for 16-byte aligned tensors: building the signature,
+    and finding the alignment even more, costs more host time than the call, and nearly
+    every call has that alignment and the dtypes of the last call under its key. If the
+    entry refuses the tensors, the kernel built for their alignment (if lower) is used."""
+    shape = q_rope.shape
+    tokens = shape[0]
     device = q_rope.device
     if out is None:
-        out = torch.empty((tokens, heads, rope_dim), dtype=q_rope.dtype, device=device)
+        out = torch.empty(shape, dtype=q_rope.dtype, device=device)
     if tokens == 0:
         return out
     write_through, has_output = kv_input is not None, kv_output is not None
-    errors = _scratch_errors(device) if errors is None else errors.reshape(1)
+    errors = _scratch_errors(device) if errors is None else _one_element(errors)
     if k_scale is not None:
-        scale = (k_scale.reshape(1),)
+        scale = (_one_element(k_scale),)
     elif k_cache.dtype != q_rope.dtype:
         scale = (_unit_scale(device),)
     else:
@@ -367,10 +378,18 @@ def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_
     rows = (kv_input, kv_output) if has_output else (kv_input,) if write_through else ()
     args = (q_rope, out, *rows, *before, freqs, gamma, k_cache, *scale, *after, errors,
             float(epsilon))
+    quick = dispatch.quick_key(q_rope, k_cache, options, write_through, has_output, schedule)
+    recent = dispatch.recent_kernel(quick, tokens)
+    if recent is not None:
+        try:
+            recent(*args)
+            return out
+        except Exception:  # tensors of another signature: refused before the launch
+            pass
     key = dispatch.signature(device, q_rope, freqs, gamma, k_cache, indices, options,
                              write_through, has_output, _VECTOR_BYTES, schedule)
     try:
-        dispatch.kernel(key, tokens)(*args)
+        dispatch.kernel(key, tokens, quick)(*args)
     except Exception:
         alignment = _alignment(q_rope, out, freqs, gamma, k_cache, kv_input, kv_output)
         if alignment == _VECTOR_BYTES:

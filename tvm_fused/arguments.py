@@ -69,14 +69,14 @@ WRITTEN = ("out", "k_cache", "kv_output", "errors")  # the tensors the op writes
 
 
 def _check_no_overlap(spans: list) -> None:
-    """No tensor named in ``WRITTEN`` may share memory with another of ``spans`` (``(name,
-    start, end)``, q_rope first), but ``out`` may be ``q_rope`` itself."""
-    q_start = spans[0][1]
-    written = [span for name in WRITTEN for span in spans if span[0] == name]
-    for name, start, end in written:
+    """No tensor named in ``WRITTEN`` may share memory with another of ``spans`` (``(start,
+    end, name)``), but ``out`` may be ``q_rope`` itself."""
+    q_start = next(start for start, _, name in spans if name == "q_rope")
+    written = [span for name in WRITTEN for span in spans if span[2] == name]
+    for start, end, name in written:
         if start == end:
             continue
-        for other, other_start, other_end in spans:
+        for other_start, other_end, other in spans:
             if (start < other_end and other_start < end and other != name
                     and not (name == "out" and other == "q_rope" and start == q_start)):
                 raise ValueError(f"{name} overlaps {other} in memory: the op writes {name} "
@@ -97,17 +97,26 @@ def check_no_overlap(q_rope, freqs_cis, gamma, k_cache, index_items, out, kv_inp
     argument (``index_items``: ``(name, tensor)`` of the index tensors); ``out`` may be
     ``q_rope`` itself. The one metadata check a kernel's entry cannot make, so it is as cheap
     as it can be: the tensors the entry requires compact span ``nbytes`` from their start
-    (one the entry would refuse is never written to, whatever its span)."""
-    spans = [("q_rope", *_span(q_rope)), ("k_cache", *_span(k_cache))]
-    for name, tensor in (("out", out), ("kv_input", kv_input), ("kv_output", kv_output)):
+    (one the entry would refuse is never written to, whatever its span), and one sweep over
+    the spans in address order finds whether any two overlap at all; only then are the
+    pairs examined."""
+    spans = [(*_span(q_rope), "q_rope"), (*_span(k_cache), "k_cache")]
+    for name, tensor in (("out", None if out is q_rope else out), ("kv_input", kv_input),
+                         ("kv_output", kv_output)):
         if tensor is not None:
-            spans.append((name, *_span(tensor)))
+            spans.append((*_span(tensor), name))
     for name, tensor in ((freqs_name, freqs_cis), ("gamma", gamma), *index_items,
                          ("k_scale", k_scale), ("errors", errors)):
         if tensor is not None:
             start = tensor.data_ptr()
-            spans.append((name, start, start + tensor.nbytes))
-    _check_no_overlap(spans)
+            spans.append((start, start + tensor.nbytes, name))
+    spans.sort()
+    reach = 0
+    for start, end, _ in spans:
+        if start < reach:  # two spans overlap: find out which, and whether that is allowed
+            _check_no_overlap(spans)
+            return
+        reach = max(reach, end)
 
 
 def _check_one_element(name: str, value, dtype: torch.dtype) -> None:
@@ -213,7 +222,7 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, out, kv_inpu
             if not same:
                 raise ValueError(f"{name} is on {tensor.device} but q_rope is on "
                                  f"{q_rope.device}: all tensors must be on one device")
-    _check_no_overlap([(name, *_span(tensor)) for name, tensor in named if tensor is not None])
+    _check_no_overlap([(*_span(tensor), name) for name, tensor in named if tensor is not None])
 
 
 def _check_offsets(input_row_offsets, lookup_table, cache_lengths) -> None:

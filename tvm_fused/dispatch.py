@@ -7,6 +7,11 @@ of each token bucket (``tuning/decisions.py``; on a GPU without decisions, the h
 default of each bucket), each kernel built or loaded through the one
 kernel cache (``compiler/kernel_cache.py``), and the token counts where one bucket's kernel
 takes over from the next. Later calls cost one dict lookup and a bisect.
+
+Building the signature costs about as much host time as the launch itself, so a call first
+tries the kernels last resolved under its quick key (``quick_key``: what no compiled entry
+can check, plus q's heads and the cache dtype); the kernel's entry checks the rest (dtypes,
+static dims, alignment) and refuses, before launching, tensors it was not built for.
 """
 
 from __future__ import annotations
@@ -62,6 +67,16 @@ def _op(signature: tuple) -> OpConfig:
                     alignment=alignment, **index)
 
 
+def quick_key(q_rope: torch.Tensor, k_cache: torch.Tensor, options: tuple,
+              write_through: bool, kv_output: bool, schedule) -> tuple:
+    """What selects a call's kernel beyond what its compiled entry checks: the device index,
+    ``options`` (addressing, pairing, table layout, norm rounding, PDL), the form and the
+    schedule override; with q's heads and the cache dtype, so that calls alternating
+    between two head counts or caches each find theirs."""
+    return (q_rope.get_device(), q_rope.shape[1], k_cache.dtype, *options, write_through,
+            kv_output, schedule)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Kernels:
     """The kernel of each bucket, and the token counts from which the next one serves."""
@@ -71,6 +86,7 @@ class _Kernels:
 
 
 _ready: dict[tuple, _Kernels] = {}
+_recent: dict[tuple, _Kernels] = {}  # quick key -> the kernels last resolved under it
 
 
 def _resolve(signature: tuple) -> _Kernels:
@@ -91,9 +107,20 @@ def _resolve(signature: tuple) -> _Kernels:
                     tuple(get_kernel(op, target, configs[b]) for b in buckets))
 
 
-def kernel(signature: tuple, tokens: int) -> Callable:
-    """The kernel for a call of ``tokens`` tokens with this signature (built on first use)."""
+def kernel(signature: tuple, tokens: int, quick: tuple | None = None) -> Callable:
+    """The kernel for a call of ``tokens`` tokens with this signature (built on first use);
+    remembered under the ``quick`` key if given."""
     ready = _ready.get(signature)
     if ready is None:
         ready = _ready[signature] = _resolve(signature)
+    if quick is not None:
+        _recent[quick] = ready
     return ready.kernels[bisect.bisect_right(ready.thresholds, tokens)]
+
+
+def recent_kernel(quick: tuple, tokens: int) -> Callable | None:
+    """The kernel for ``tokens`` tokens of the signature last remembered under ``quick``, or
+    None. Its compiled entry refuses tensors of another signature before launching."""
+    ready = _recent.get(quick)
+    return None if ready is None else ready.kernels[bisect.bisect_right(ready.thresholds,
+                                                                        tokens)]
