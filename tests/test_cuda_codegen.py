@@ -8,13 +8,17 @@ import subprocess
 import pytest
 import tvm
 import tvm_ffi
+from tvm import s_tir
 from tvm.script import tirx as T
 from tvm.support import nvcc
 
 from tvm_fused import OpConfig, cuda_source
-from tvm_fused.compiler import pipeline
+from tvm_fused.compiler import pipeline, vector_stores
+from tvm_fused.compiler.block_groups import GROUP_ORDER
 from tvm_fused.compiler.build import cuda_target, ieee_float32
+from tvm_fused.compiler.definition import fused_rope_rmsnorm_func
 from tvm_fused.schedules import ScheduleConfig
+from tvm_fused.schedules.fused import apply_block_group_schedule
 
 CONFIGS = {
     "deepseek-v3": OpConfig(num_q_heads=128),
@@ -56,7 +60,8 @@ INDEX_BUFFERS = {f"{name}_ptr" for name in ("offsets", "lookup_table", "cache_le
                                              "positions", "slot_mapping")}
 # a group's first test (the slots locate's own tests compare blockIdx.x with m and s)
 BLOCK_GROUP = re.compile(r"if \(\(\(int64_t\)blockIdx\.x\) < (?![ms]\))")
-MEMORY_ACCESS = re.compile(r"\b(\w+_ptr)\[|\*\(\w+\*\)\((\w+_ptr)|atomic_add\(")
+MEMORY_ACCESS = re.compile(r"\b(\w+_ptr)\[|\*\(\w+\*\)\((\w+_ptr)|__stwb\(\(\w+\*\)\((\w+_ptr)"
+                           r"|atomic_add\(")
 
 
 def test_one_kernel_in_four_block_groups(source):
@@ -240,7 +245,7 @@ def test_pdl_waits_before_any_access_or_after_the_index_reads(source):
     registers = set(re.findall(r"alignas\(\d+\) [\w ]+? (\w+_ptr)\[", kernel))
     for start, end in zip(groups, [*groups[1:], len(kernel)]):
         group = kernel[start:end]
-        accesses = [(m.start(), m.group(1) or m.group(2) or "atomic")
+        accesses = [(m.start(), m.group(1) or m.group(2) or m.group(3) or "atomic")
                     for m in MEMORY_ACCESS.finditer(group)]
         data = [i for i, buffer in accesses if buffer not in registers | INDEX_BUFFERS]
         index = [i for i, buffer in accesses if buffer in INDEX_BUFFERS]
@@ -284,3 +289,83 @@ def test_the_cpu_build_ignores_pdl():
     plain, pdl = (scheduled_module(OpConfig(num_q_heads=2, pdl=flag), target)
                   for flag in (False, True))
     assert tvm_ffi.structural_equal(plain, pdl)
+
+
+def _store_widths(ptx: str) -> set[int]:
+    """Bytes per ``st.global`` of a PTX listing (vector lanes times element size)."""
+    widths = set()
+    for vector, kind in re.findall(r"st\.global(?:\.wb)?(?:\.v(\d))?\.[a-z](\d+)", ptx):
+        widths.add(int(vector or 1) * int(kind) // 8)
+    return widths
+
+
+@pytest.mark.parametrize("schedule", [None, ScheduleConfig(rope_vectors_per_thread=2),
+                                      ScheduleConfig(norm_first=True)],
+                         ids=["default", "two-vectors", "norm-first"])
+def test_16_byte_stores_stay_whole(source, schedule, tmp_path):
+    """NVVM splits some of TVM's ``*(uint4*)(p) = v`` stores into 4-byte pieces; through
+    ``__stwb`` every store of a 16-byte-aligned kernel keeps its vector's width: 16 bytes,
+    or 8 for an fp8 cache's half-width vectors."""
+    name, _ = source
+    op = CONFIGS[name]
+    if op.alignment < 16:
+        pytest.skip("narrower kernels use narrower accesses")
+    cu = tmp_path / "k.cu"
+    cu.write_text(cuda_source(op, schedule=schedule))
+    result = subprocess.run([_nvcc(), "-ptx", "-arch=sm_90a", "-o", str(tmp_path / "k.ptx"),
+                             str(cu)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    widths = _store_widths((tmp_path / "k.ptx").read_text())
+    assert widths == ({16, 8} if op.cache_dtype else {16}), widths
+
+
+def test_vector_store_rewrite_touches_only_global_stores():
+    code = ('extern "C" __global__ void __launch_bounds__(128) k(nv_bfloat16* __restrict__ '
+            'out_ptr, nv_bfloat16* __restrict__ in_ptr) {\n'
+            '  alignas(64) nv_bfloat16 x_local_ptr[8];\n'
+            '  *(uint4*)(x_local_ptr + 0) = *(uint4*)(in_ptr + (i * 8));\n'
+            '  *(uint4*)(out_ptr + ((i + 1) * 8)) = *(uint4*)(x_local_ptr + 0);\n'
+            '  *(uint2*)(out_ptr + 4) = v;\n}\n')
+    rewritten = vector_stores.rewrite_vector_stores(code)
+    assert rewritten == code.replace(
+        "*(uint4*)(out_ptr + ((i + 1) * 8)) = *(uint4*)(x_local_ptr + 0);",
+        "__stwb((uint4*)(out_ptr + ((i + 1) * 8)), *(uint4*)(x_local_ptr + 0));")
+
+
+def test_vector_store_hook_composes_and_is_restored():
+    hook = vector_stores.POSTPROC
+    previous = tvm_ffi.get_global_func(hook, allow_missing=True)
+    tvm_ffi.register_global_func(hook, lambda code, target: code + "// theirs\n",
+                                 override=True)
+    try:
+        with vector_stores.whole_vector_stores():
+            ours = tvm_ffi.get_global_func(hook)
+            assert ours("int x;\n", None) == "int x;\n// theirs\n"
+        assert tvm_ffi.get_global_func(hook)("", None) == "// theirs\n"
+    finally:
+        if previous is None:
+            tvm_ffi.remove_global_func(hook)
+        else:
+            tvm_ffi.register_global_func(hook, previous, override=True)
+
+
+def test_norm_first_orders_the_groups_norm_k_q_count():
+    """``norm_first``: the norm group (the one that reduces) opens the grid, the q rope group
+    (the one that reads q) is third, the error count still last."""
+    kernel = cuda_source(OpConfig(), schedule=ScheduleConfig(norm_first=True))
+    kernel = kernel[kernel.rindex('extern "C" __global__'):]
+    groups = [m.start() for m in BLOCK_GROUP.finditer(kernel)]
+    assert len(groups) == 4
+    assert groups[0] < kernel.index("__shfl_down_sync") < groups[1]
+    q_access = kernel.index("*(uint4*)(q_pairs_ptr")
+    assert groups[2] < q_access < groups[3] < kernel.index("atomic_add(")
+
+
+def test_group_order_marks_must_rank_every_launch():
+    op = OpConfig()
+    sch = s_tir.Schedule(fused_rope_rmsnorm_func(op))
+    apply_block_group_schedule(sch, op, ScheduleConfig())
+    sch.annotate(sch.get_sblock("norm_store"), GROUP_ORDER, 0)
+    with pytest.raises(ValueError, match="every launch its own rank"):
+        with cuda_target():
+            tvm.compile(sch.mod, target=cuda_target(), tir_pipeline=pipeline.PIPELINE_NAME)

@@ -19,6 +19,7 @@ from ..schedules.cpu import CpuScheduleConfig, apply_cpu_schedule
 from . import pipeline
 from .config import OpConfig
 from .definition import OP_NAME, fused_rope_rmsnorm_func
+from .vector_stores import whole_vector_stores
 
 CPU_TARGET = "llvm"
 DEFAULT_CUDA_TARGET = "nvidia/nvidia-h100"
@@ -119,10 +120,18 @@ def build(op: OpConfig, target: str | tvm.target.Target = CPU_TARGET,
     ``CpuScheduleConfig`` for ``llvm``).
     """
     target = as_target(target)
-    mod = scheduled_module(op, target, schedule)
-    if target.kind.name == "cuda":
-        _use_nvcc_without_nvrtc()
-    with target, ieee_float32():
+    return compile_module(scheduled_module(op, target, schedule), target)
+
+
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
+    """``tvm.compile`` of a scheduled module as every kernel of tvm-fused is compiled (the
+    runtime's and the tuner's): the ``tvm_fused`` pipeline, IEEE float32, and for CUDA whole
+    16-byte stores (``vector_stores``)."""
+    if target.kind.name != "cuda":
+        with target:
+            return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
+    _use_nvcc_without_nvrtc()
+    with target, ieee_float32(), whole_vector_stores():
         return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
 
 

@@ -1,6 +1,6 @@
 """Building and timing MetaSchedule candidates of the fused op.
 
-The builder compiles with the ``tvm_fused`` pipeline (the one the runtime build uses, with
+The builder compiles as the runtime build does (the ``tvm_fused`` pipeline, with
 the block-group merge). The runners feed every candidate the bucket's *valid* inputs (real
 offsets, page tables and positions: random integers would send it out of bounds), rebuilt
 in the runner process from the argument shapes. Locally on a GPU, a candidate is timed like
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import tvm
 
-from ..compiler import pipeline
+from ..compiler.build import compile_module
 from ..compiler.config import OpConfig, dtype_name
 from ..compiler.definition import OP_NAME
 from ..timing import time_cuda
@@ -24,10 +24,10 @@ _CUDA = 2  # DLPack device type
 
 
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
-    """MetaSchedule builder function: compile with the tvm_fused pipeline; return the runtime
-    module (an Executable would reach the exporter as a plain callable)."""
-    with target:
-        return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME).mod
+    """MetaSchedule builder function: compile as the runtime does (``compile_module``);
+    return the runtime module (an Executable would reach the exporter as a plain
+    callable)."""
+    return compile_module(mod, target).mod
 
 
 IN_PLACE_ARGS = 9  # q, out, offsets, freqs, gamma, k, table, lengths, errors
