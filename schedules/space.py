@@ -57,6 +57,7 @@ GPU_SPACE = DesignSpace(
         "rope_vectors_per_thread": (1, 2, 4),
         "norm_rows_per_thread": (1, 2, 4),
         "unroll": (1, 0),
+        "norm_first": (0, 1),  # last: records drawn before it decode without it
     },
     config_type=ScheduleConfig,
     apply=apply_block_group_schedule,
@@ -104,13 +105,15 @@ def config_from_trace(trace_json, space: DesignSpace):
     """The config of a trace in MetaSchedule's JSON form, ``[insts, decisions]``.
 
     Each instruction is ``[kind, inputs, attrs, outputs]``; a SampleCategorical's attrs are
-    ``[candidates, probabilities]`` and its decision is the index of the drawn candidate.
+    ``[candidates, probabilities]`` and its decision is the index of the drawn candidate. A
+    trace drawn before the space's last knobs were added decodes with those knobs at the
+    config's defaults.
     """
     insts, decisions = trace_json
     decided = {int(index): int(value) for index, value in decisions}
     values = [int(inst[2][0][decided[i]]) for i, inst in enumerate(insts)
               if inst[0] == SAMPLE_CATEGORICAL]
-    if len(values) != len(space.knobs):
-        raise ValueError(f"trace has {len(values)} knob decisions, expected "
+    if not 0 < len(values) <= len(space.knobs):
+        raise ValueError(f"trace has {len(values)} knob decisions, expected at most "
                          f"{len(space.knobs)}")
     return space.make_config(dict(zip(space.knobs, values)))

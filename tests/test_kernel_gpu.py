@@ -89,10 +89,12 @@ SCHEDULES = [
                    norm_rows_per_thread=2, unroll=False),
     ScheduleConfig(block_threads=512, norm_threads_per_row=128, vector_bytes=8,
                    rope_vectors_per_thread=4),
+    ScheduleConfig(rope_vectors_per_thread=2, norm_first=True),
 ]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=["narrow", "two-warp-rows", "wide"])
+@pytest.mark.parametrize("schedule", SCHEDULES,
+                         ids=["narrow", "two-warp-rows", "wide", "norm-first-two-vectors"])
 @pytest.mark.parametrize("heads, interleaved", [(128, True), (128, False), (1, False)],
                          ids=["v3", "v3-neox", "one-head-neox"])
 def test_schedule_variants(schedule, heads, interleaved):

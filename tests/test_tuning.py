@@ -15,7 +15,7 @@ from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func
 from tvm_fused.compiler import pipeline
 from tvm_fused.compiler.build import cuda_target
 from tvm_fused.schedules import ScheduleConfig
-from tvm_fused.schedules.config import DEFAULT_SCHEDULE
+from tvm_fused.schedules.config import DEFAULT_SCHEDULE, default_for_tokens
 from tvm_fused.schedules.cpu import CpuScheduleConfig
 from tvm_fused.schedules.space import (
     GPU_SPACE,
@@ -254,3 +254,14 @@ def test_records_of_rejected_configs_are_skipped():
         assert records.choose(ranked, GPU_SPACE, DEFAULT_SCHEDULE) == ScheduleConfig(
             block_threads=512)
 
+
+
+def test_default_opens_the_grid_with_the_norm_group_at_decode_buckets():
+    """Norm first up to 64 tokens, and up to the 512 bucket where a token's q rope spans
+    several blocks (128 heads, not 16); q first at prefill buckets and for no bucket."""
+    many, few = OpConfig(num_q_heads=128), OpConfig(num_q_heads=16)
+    assert [default_for_tokens(t, many).norm_first for t in BUCKETS] == [
+        True, True, True, True, False, False]
+    assert [default_for_tokens(t, few).norm_first for t in BUCKETS] == [
+        True, True, True, False, False, False]
+    assert not default_for_tokens(None, many).norm_first

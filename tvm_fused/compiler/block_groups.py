@@ -25,7 +25,11 @@ groups are the branches, in order:
       elif blockIdx.x < G0 + G1:     bx1 = blockIdx.x - G0; ...              body1
     } }
 
-Grid sizes stay symbolic; blocks of one group run only their own branch. Each branch keeps
+The groups follow the launches' order, or, when every launch holds a ``GROUP_ORDER`` mark (a
+schedule's ``sch.annotate(block, GROUP_ORDER, rank)`` on a block of each branch: a
+``pragma_`` attribute, inert in code generation), ascending rank: the GPU dispatches blocks in
+grid order, so the order decides which branch starts first. Grid sizes stay symbolic; blocks
+of one group run only their own branch. Each branch keeps
 its own thread shape, recovered from the linear thread index, so its warps hold the same
 threads as in its own launch (warp shuffles stay valid); a branch with fewer threads than
 the merged block runs on the first ones. A branch that synchronizes the block
@@ -43,6 +47,7 @@ from tvm.ir import Op, Range
 from tvm.tirx import stmt as S
 
 BLOCK_GROUPS = "tvm_fused.block_groups"
+GROUP_ORDER = "pragma_tvm_fused_group_order"
 _THREAD_TAGS = ("threadIdx.x", "threadIdx.y", "threadIdx.z")
 _BARRIER = Op.get("tirx.tvm_storage_sync")
 _ADDRESS_OF = Op.get("tirx.address_of")
@@ -82,6 +87,26 @@ def _walk(stmt):
     yield stmt
     for child in _children(stmt):
         yield from _walk(child)
+
+
+def _group_rank(launch) -> int | None:
+    """The ``GROUP_ORDER`` rank marked inside ``launch``, or None."""
+    ranks = {int(s.value) for s in _walk(launch)
+             if isinstance(s, S.AttrStmt) and s.attr_key == GROUP_ORDER}
+    if len(ranks) > 1:
+        raise ValueError(f"MergeBlockGroups: one launch holds the {GROUP_ORDER} ranks {ranks}")
+    return ranks.pop() if ranks else None
+
+
+def _in_group_order(launches: list) -> list:
+    """``launches`` by their ``GROUP_ORDER`` ranks if every one has a rank, else as given."""
+    ranks = [_group_rank(launch) for launch in launches]
+    if all(rank is None for rank in ranks):
+        return launches
+    if None in ranks or len(set(ranks)) < len(ranks):
+        raise ValueError(f"MergeBlockGroups: {GROUP_ORDER} must give every launch its own "
+                         f"rank, got {ranks}")
+    return [launch for _, launch in sorted(zip(ranks, launches), key=lambda item: item[0])]
 
 
 def _has_barrier(stmt) -> bool:
@@ -195,7 +220,7 @@ def merge_launches(stmts: list, check: bool = True) -> list:
     if not all(isinstance(s, (S.Bind, S.DeclBuffer)) for s in hoisted):
         raise ValueError("MergeBlockGroups: only let-bindings and buffer declarations may stand "
                          "between launches")
-    groups = [_parse_group(stmts[i]) for i in launch_ids]
+    groups = [_parse_group(launch) for launch in _in_group_order([stmts[i] for i in launch_ids])]
     num_threads = max(g.num_threads for g in groups)
 
     index_dtype = _dtype(groups[0].blocks)

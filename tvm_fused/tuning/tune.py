@@ -205,3 +205,24 @@ def _write_metadata(dest, op, target, device_name, workloads, trials, space, sec
     }
     (dest / records.METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
     return choices
+
+
+def redecide(path: Path, note: str) -> dict:
+    """Rewrite the decisions of a records folder (``tuning_logs/<gpu>/<op key>``) from its
+    records and the current hand-written defaults, after a change of those defaults: a bucket
+    whose records show nothing faster than the default gets the new default. ``note`` (what
+    changed) is kept in the metadata under ``redecided``. Returns bucket -> config."""
+    metadata = records.load_metadata(path)
+    op = OpConfig(**metadata["op"])
+    space = space_for(tvm.target.Target(json.loads(metadata["target"])))
+    best = records.best_records(path / records.RECORDS, path / (records.WORKLOADS + ".xz"))
+    chosen = {}
+    for tokens, bucket in metadata["buckets"].items():
+        default = space.default_for(int(tokens), op)
+        config = chosen[int(tokens)] = records.choose(best.get(bucket["workload"], []), space,
+                                                      default)
+        bucket["chosen"] = "default" if config == default else dataclasses.asdict(config)
+    metadata.setdefault("redecided", []).append(note)
+    (path / records.METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
+    decisions.write(path, metadata["gpu"], op, chosen)
+    return chosen
