@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tvm_fused import api
+from tvm_fused import OP_NAME, OpConfig, api, build
 from tvm_fused.testing.inputs import make_inputs
 
 from .cases import call_with as _call
@@ -68,9 +68,9 @@ BAD_ARGUMENTS = [
 
 
 def _as_on_a_gpu(monkeypatch) -> None:
-    """``validate=None`` takes the GPU default's path on the CPU: the overlap check, then TVM's
-    compiled entry checks refuse the call before the launch and the Python checks run for
-    the message."""
+    """``validate=None`` takes the GPU default's path on the CPU: TVM's compiled entry checks
+    (overlap too) refuse the call before the launch and the Python checks run for the
+    message."""
     monkeypatch.setattr(api, "_default_proves_contents", lambda q_rope: False)
 
 
@@ -127,15 +127,15 @@ OVERLAPS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["checked", "sync-free", "validate"])
+@pytest.mark.parametrize("mode", ["checked", "sync-free", "unchecked", "validate"])
 @pytest.mark.parametrize("case", OVERLAPS)
 def test_overlapping_written_tensors_are_refused(case, mode, monkeypatch):
     """A tensor the op writes (out, k_cache, errors) may not share memory with another
-    argument: the op would read what it has already written (refused by every checked
-    call: validate=None on the CPU and as on a GPU, validate=True)."""
+    argument: the op would read what it has already written (refused by every call: by the
+    Python checks, or by the compiled entry, with the Python checks naming it)."""
     if mode == "sync-free":
         _as_on_a_gpu(monkeypatch)
-    validate = True if mode == "validate" else None
+    validate = {"validate": True, "unchecked": False}.get(mode)
     inputs = _inputs()
     replace, message = OVERLAPS[case]
     before = snapshot(inputs)
@@ -202,3 +202,36 @@ def test_validate_rejects_out_of_range_contents(case):
     assert unchanged(inputs, before)
 
 
+
+
+@pytest.mark.parametrize("case", OVERLAPS)
+def test_the_compiled_entry_refuses_overlaps_by_itself(case):
+    """The kernel called directly, no Python check on the way: its entry asserts that the
+    written tensors' bytes are disjoint from every other argument's (CheckNoOverlap)."""
+    inputs = _inputs()
+    args = dict(zip(("q_rope", "input_row_offsets", "freqs_cis", "gamma", "k_cache",
+                     "lookup_table", "cache_lengths"), inputs.args()),
+                out=torch.empty_like(inputs.q_rope), errors=torch.zeros(1, dtype=torch.int32))
+    replace, _ = OVERLAPS[case]
+    args.update(replace(inputs))
+    kernel = build(OpConfig(num_q_heads=4, page_size=16))[OP_NAME]
+    before = snapshot(inputs)
+    with pytest.raises(ValueError, match=r"overlaps .* in memory"):
+        kernel(*(args[name] for name in ("q_rope", "out", "input_row_offsets", "freqs_cis",
+                                         "gamma", "k_cache", "lookup_table", "cache_lengths",
+                                         "errors")), 1e-6)
+    assert unchanged(inputs, before)
+
+
+def test_the_compiled_entry_takes_q_itself_as_out_and_empty_tensors_anywhere():
+    """``out`` may start where q_rope does with its strides (in place); an empty tensor
+    overlaps nothing."""
+    inputs = _inputs()
+    kernel = build(OpConfig(num_q_heads=4, page_size=16))[OP_NAME]
+    q, offsets, freqs, gamma, k_cache, table, lengths = inputs.args()
+    errors = torch.zeros(1, dtype=torch.int32)
+    kernel(q, q[:], offsets, freqs, gamma, k_cache, table, lengths, errors, 1e-6)
+    empty_q = k_cache.reshape(-1)[:0].view(0, *q.shape[1:])
+    no_requests = torch.zeros(1, dtype=offsets.dtype)
+    kernel(empty_q, empty_q, no_requests, freqs, gamma, k_cache, table[:0], lengths[:0], errors,
+           1e-6)

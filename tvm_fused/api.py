@@ -15,7 +15,6 @@ from .arguments import (
     SLOTS,
     check_arguments,
     check_contents,
-    check_no_overlap,
     check_slot_contents,
 )
 from .schedules import ScheduleConfig
@@ -148,15 +147,14 @@ def fused_rope_rmsnorm(
         the kernel right before must then not write those index tensors (in a decode step
         it is the projection GEMM; the indices were written at the step's start).
         ``False``: a plain launch.
-    validate : True: check every argument's metadata and prove every position, page and
-        offset in range and every written cache row distinct before launching (a device
-        sync). None (default): the metadata checks (dtypes, shapes, devices, strides,
-        alignment, epsilon, overlap of written tensors with other arguments), and the range
-        proof on CPU only (the GPU call stays sync-free and CUDA-graph capturable). False: no
-        checks in Python (less host time per call): the compiled entry still refuses
-        malformed tensors (dtype, rank, shape, strides, device, alignment) and a bad epsilon
-        before the launch, and the metadata checks then run to name the problem; overlapping
-        arguments are not detected.
+    validate : the kernel's compiled entry always refuses, before the launch, malformed
+        tensors (dtype, rank, shape, strides, device, alignment), a bad epsilon and a written
+        tensor that shares memory with another argument; Python's metadata checks then run
+        to name the problem. True: those checks in Python first, and the proof that every
+        position, page and offset is in range and every written cache row distinct (a device
+        sync). None (default): the same on the CPU; on a GPU the entry's checks alone (the
+        call stays sync-free and CUDA-graph capturable, at the host time of ``False``).
+        False: the entry's checks alone.
     schedule : a block-group schedule to use instead of the one decided for this token
         count's bucket on this GPU (``tuning_logs/``), or without decisions, the default.
 
@@ -280,21 +278,14 @@ def _checked_launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_ou
     index tensors in ``OFFSETS`` or ``SLOTS`` order; ``options``: addressing, interleaved,
     freqs_layout, norm_rounding, pdl).
 
-    The metadata checks are split between two places: the kernel's compiled entry checks
-    dtypes, ranks, shapes, strides, devices, alignment and epsilon before it launches,
-    and Python checks what the entry cannot see, that no written tensor overlaps another
-    argument. When the entry refuses a call, ``check_arguments`` runs to name the problem.
+    The metadata checks are the kernel's compiled entry's: dtypes, ranks, shapes, strides,
+    devices, alignment, epsilon, and that no written tensor shares memory with another
+    argument, before it launches. When the entry refuses a call, ``check_arguments`` runs to
+    name the problem. ``validate`` (True, or None off the GPU) adds them in Python first,
+    and the proof of the index contents.
     """
     if validate is None:
         validate = _default_proves_contents(q_rope)
-        if not validate:
-            try:
-                check_no_overlap(q_rope, freqs, gamma, k_cache, zip(_names(options), indices),
-                                 out, kv_input, kv_output, k_scale, errors, freqs_name)
-            except AttributeError:  # not a tensor
-                _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output,
-                       k_scale, errors, epsilon, options, freqs_name)
-                raise
     if validate:
         _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
                errors, epsilon, options, freqs_name)
@@ -322,12 +313,7 @@ def _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_s
 def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
             errors, epsilon, options, schedule, freqs_name):
     """Launch (``_run``); returns out. If the kernel's entry (or its build) refuses the
-    tensors, ``check_arguments`` names the bad argument (or the entry's error is re-raised).
-    An ``out`` aliasing q_rope must have its strides, which TVM can't tell."""
-    if (out is not None and out is not q_rope and out.data_ptr() == q_rope.data_ptr()
-            and out.stride() != q_rope.stride()):
-        _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
-               errors, epsilon, options, freqs_name)
+    tensors, ``check_arguments`` names the bad argument (or the entry's error is re-raised)."""
     try:
         return _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
                     errors, epsilon, options, schedule)

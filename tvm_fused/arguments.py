@@ -91,34 +91,6 @@ def _named(q_rope, freqs_cis, gamma, k_cache, index_items, out, kv_input, kv_out
             ("k_scale", k_scale), ("errors", errors))
 
 
-def check_no_overlap(q_rope, freqs_cis, gamma, k_cache, index_items, out, kv_input, kv_output,
-                     k_scale, errors, freqs_name: str = "freqs_cis") -> None:
-    """Raise ValueError if a tensor the op writes (``WRITTEN``) shares memory with another
-    argument (``index_items``: ``(name, tensor)`` of the index tensors); ``out`` may be
-    ``q_rope`` itself. The one metadata check a kernel's entry cannot make, so it is as cheap
-    as it can be: the tensors the entry requires compact span ``nbytes`` from their start
-    (one the entry would refuse is never written to, whatever its span), and one sweep over
-    the spans in address order finds whether any two overlap at all; only then are the
-    pairs examined."""
-    spans = [(*_span(q_rope), "q_rope"), (*_span(k_cache), "k_cache")]
-    for name, tensor in (("out", None if out is q_rope else out), ("kv_input", kv_input),
-                         ("kv_output", kv_output)):
-        if tensor is not None:
-            spans.append((*_span(tensor), name))
-    for name, tensor in ((freqs_name, freqs_cis), ("gamma", gamma), *index_items,
-                         ("k_scale", k_scale), ("errors", errors)):
-        if tensor is not None:
-            start = tensor.data_ptr()
-            spans.append((start, start + tensor.nbytes, name))
-    spans.sort()
-    reach = 0
-    for start, end, _ in spans:
-        if start < reach:  # two spans overlap: find out which, and whether that is allowed
-            _check_no_overlap(spans)
-            return
-        reach = max(reach, end)
-
-
 def _check_one_element(name: str, value, dtype: torch.dtype) -> None:
     if not isinstance(value, torch.Tensor) or value.dtype != dtype:
         dtype_name = config.dtype_name(dtype)

@@ -29,7 +29,7 @@ torch 2.11's custom ops fail on a mutable argument left to its default, and Indu
 declare what they mutate and have fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` traces through them; they never validate in Python (no
 host sync, no per-call checks: ``validate=False``): the compiled kernel's entry still refuses
-malformed tensors, and bad indices are skipped and counted in ``errors``.
+malformed and overlapping tensors, and bad indices are skipped and counted in ``errors``.
 """
 
 from __future__ import annotations

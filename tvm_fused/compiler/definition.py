@@ -80,6 +80,7 @@ from .config import ITEMSIZE, OpConfig
 from .exact_math import div_rn, round_to
 from .fp8 import saturating_fp8
 from .grid_dependency import GRID_DEPENDENCY
+from .overlap_check import ALIAS, WRITTEN
 
 OP_NAME = "fused_rope_rmsnorm"
 # token states written by ``locate``
@@ -193,7 +194,11 @@ def fused_rope_rmsnorm_func(config: OpConfig) -> tvm.tirx.PrimFunc:
         "offsets", "lookup_table", "cache_lengths"]
     EARLY_READS = {GRID_DEPENDENCY: INDEX_NAMES if config.pdl_early_indices else []
                    } if config.pdl else {}
-    FUNC_ATTRS = {"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched", **EARLY_READS}
+    # the entry refuses written tensors that share memory with another argument, but the
+    # output of q may be q itself (an in-place update with its strides)
+    CHECKS = {WRITTEN: ["q_rope_output", "k_cache", *(["kv_output"] if KV_OUTPUT else []),
+                        "errors"], ALIAS: ["q_rope_output", "q_rope"]}
+    FUNC_ATTRS = {"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched", **EARLY_READS, **CHECKS}
     ZERO, TWO, NONE = T.int64(0), T.int64(2), T.int64(-1)
     pj, pp = (TWO, ONE) if config.interleaved else (ONE, R2)  # pair-view strides of (j, p)
     # the cos/sin table's pair view [max_seq_len, R/2, 2]: (cos, sin) adjacent, or R/2 apart

@@ -8,8 +8,10 @@ spliced in.
   ``InsertGridDependency`` (``grid_dependency.py``) puts the programmatic-dependent-launch
   waits into it; ``LaunchWithGridDependency`` right after ``SplitHostDevice`` tags such a
   kernel's launch;
-- ``CheckDataAlignment`` (``alignment_check.py``) runs right after ``MakePackedAPI``: the
-  entry asserts the data alignment each buffer argument declares.
+- ``CheckDataAlignment`` (``alignment_check.py``) and ``CheckNoOverlap``
+  (``overlap_check.py``) run right after ``MakePackedAPI``: the entry asserts the data
+  alignment each buffer argument declares, and that no tensor the op writes shares memory
+  with another argument.
 
 TVM 0.27 builds its pass list inside ``default_s_tir_pipeline`` with no hook, so while our
 pipeline runs, ``SplitHostDevice`` and ``MakePackedAPI`` are looked up as ``Sequential``s
@@ -31,13 +33,14 @@ from .alignment_check import CheckDataAlignment
 from .atomic_add import LowerAtomicAdd
 from .block_groups import MergeBlockGroups
 from .grid_dependency import InsertGridDependency, LaunchWithGridDependency
+from .overlap_check import CheckNoOverlap
 
 PIPELINE_NAME = "tvm_fused"
 # TVM pass constructor (in tvm.tirx.transform) -> (our passes before it, our passes after it)
 SPLICES = {
     "SplitHostDevice": ((LowerAtomicAdd, MergeBlockGroups, InsertGridDependency),
                         (LaunchWithGridDependency,)),
-    "MakePackedAPI": ((), (CheckDataAlignment,)),
+    "MakePackedAPI": ((), (CheckDataAlignment, CheckNoOverlap)),
 }
 _splicing = threading.Lock()
 

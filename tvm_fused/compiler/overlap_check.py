@@ -1,0 +1,133 @@
+"""CheckNoOverlap: the compiled entry refuses a written tensor that shares memory with
+another argument.
+
+The op writes some of its tensors while it reads the others, in parallel: a written tensor
+overlapping any other argument gives a race, whatever the values. Python could check this
+before each launch, but at about as much host time as the launch itself; compiled into the
+entry, the check costs a few comparisons. This pass, run right after ``MakePackedAPI``, adds
+to the entry of a PrimFunc with a ``WRITTEN`` attribute (the names of the tensor arguments
+it writes), after the arguments are bound, for each written tensor ``w`` and every other
+tensor argument ``o``, an assertion that the byte ranges ``[start, start + extent)`` of the
+two (``extent``: ``(1 + sum((shape_i - 1) * stride_i)) * itemsize``, none when a dim is 0)
+are disjoint. ``ALIAS`` names one pair ``(w, o)`` that may start at the same address (an
+in-place update), when ``w`` then has ``o``'s strides too. A refused call raises
+``ValueError`` before the launch.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.ir import PointerType, PrimType
+from tvm.tirx import stmt as S
+
+WRITTEN = "tvm_fused.written"
+ALIAS = "tvm_fused.alias"
+_STRUCT_GET = tvm.ir.Op.get("tirx.tvm_struct_get")
+_DATA_FIELD = 1  # DLTensor field index of ``data`` in ``tvm_struct_get``
+_U64 = "uint64"
+
+
+def _argument_handle(decl: S.DeclBuffer):
+    """The DLTensor handle a buffer declaration takes its data from, or None (a view)."""
+    data = decl.data
+    while isinstance(data, tvm.ir.Call) and not data.op.same_as(_STRUCT_GET):
+        data = data.args[0]  # through reinterpret casts
+    if isinstance(data, tvm.ir.Call) and int(data.args[2]) == _DATA_FIELD:
+        return data.args[0]
+    return None
+
+
+def _u64(value) -> tvm.ir.PrimExpr:
+    return tvm.tirx.Cast(_U64, value)
+
+
+class _Span:
+    """A tensor argument's bytes: ``start``, ``end``, whether it has any (DeclBuffers
+    declaring its first word as a uint64, to read its data pointer)."""
+
+    def __init__(self, buffer, handle):
+        self.name = buffer.name
+        self.strides = list(buffer.strides)
+        header = tvm.tirx.decl_buffer((1,), _U64, name=f"{buffer.name}_start")
+        self.decl = S.DeclBuffer(header, data=tvm.tirx.reinterpret(
+            PointerType(PrimType(_U64)), handle))
+        self.start = tvm.tirx.BufferLoad(header, [0])
+        shape = list(buffer.shape)
+        if self.strides:
+            elements = 1 + sum((_u64(d) - 1) * _u64(s) for d, s in zip(shape, self.strides))
+        else:
+            elements = _u64(1)
+            for d in shape:
+                elements = elements * _u64(d)
+        self.end = self.start + _u64(elements) * (buffer.dtype.bits // 8)
+        self.filled = tvm.tirx.const(True, "bool")
+        for d in shape:
+            self.filled = tvm.tirx.And(self.filled, d > 0)
+
+
+def _checks(spans: dict, written: list, alias) -> list:
+    """Assertions that each written span is disjoint from every other."""
+    checks = []
+    for name in written:
+        w = spans[name]
+        for other, o in spans.items():
+            if other == name:
+                continue
+            overlap = tvm.tirx.And(tvm.tirx.And(w.filled, o.filled),
+                                   tvm.tirx.And(w.start < o.end, o.start < w.end))
+            message = (f"{name} overlaps {other} in memory: the op writes {name} while it "
+                       f"reads {other}")
+            if alias is not None and (name, other) == alias:
+                same = w.start == o.start
+                overlap = tvm.tirx.And(overlap, tvm.tirx.Not(same))
+                strides = tvm.tirx.const(True, "bool")
+                for ws, os in zip(w.strides, o.strides):
+                    strides = tvm.tirx.And(strides, ws == os)
+                checks.append(S.AssertStmt(
+                    tvm.tirx.Or(tvm.tirx.Not(tvm.tirx.And(w.filled, same)), strides),
+                    tvm.ir.StringImm("ValueError"),
+                    [tvm.ir.StringImm(f"{name} starts where {other} does but has other "
+                                      f"strides")]))
+            checks.append(S.AssertStmt(tvm.tirx.Not(overlap), tvm.ir.StringImm("ValueError"),
+                                       [tvm.ir.StringImm(message)]))
+    return checks
+
+
+def _with_checks(stmt, written: list, alias):
+    """``stmt`` with the checks after the last argument declaration; (stmt, done)."""
+    if isinstance(stmt, S.SeqStmt):
+        decls = [(i, s) for i, s in enumerate(stmt.seq)
+                 if isinstance(s, S.DeclBuffer) and _argument_handle(s) is not None]
+        if decls:
+            spans = {s.buffer.name: _Span(s.buffer, _argument_handle(s)) for _, s in decls}
+            missing = [name for name in written if name not in spans]
+            if missing:
+                raise ValueError(f"CheckNoOverlap: no tensor argument named {missing}")
+            last = decls[-1][0] + 1
+            inserted = [span.decl for span in spans.values()] + _checks(spans, written, alias)
+            return S.SeqStmt([*stmt.seq[:last], *inserted, *stmt.seq[last:]]), True
+        seq = list(stmt.seq)
+        for i, child in enumerate(seq):
+            seq[i], done = _with_checks(child, written, alias)
+            if done:
+                return S.SeqStmt(seq), True
+        return stmt, False
+    if isinstance(stmt, S.AttrStmt):
+        body, done = _with_checks(stmt.body, written, alias)
+        return S.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body), done
+    return stmt, False
+
+
+@tvm.tirx.transform.prim_func_pass(opt_level=0, name="tvm_fused.CheckNoOverlap")
+def CheckNoOverlap(func, _mod, _ctx):
+    """Assert at the entry of a packed ``func`` with ``WRITTEN`` that its written tensor
+    arguments share no memory with any other."""
+    written = func.attrs.get(WRITTEN) if func.attrs is not None else None
+    if written is None:
+        return func
+    alias = func.attrs.get(ALIAS)
+    alias = None if alias is None else tuple(str(name) for name in alias)
+    body, done = _with_checks(func.body, [str(name) for name in written], alias)
+    if not done:
+        raise ValueError("CheckNoOverlap: no tensor argument declarations found")
+    return func.with_body(body)
