@@ -67,3 +67,14 @@ def test_rmsnorm_rounds_to_a_bf16_gamma_dtype(dtype, form):
                          gamma_dtype=torch.bfloat16, **FORMS[form])
     report = run_and_check(inputs)
     assert report.ok, report.summary()
+
+
+def test_signatures_alternating_under_one_quick_key_each_get_their_kernel():
+    """Calls that differ only in what the kernel's entry checks (the table's and offsets'
+    dtypes) share a quick key: each is refused by the other's kernel and takes its own."""
+    cases = [dict(freqs_dtype=torch.bfloat16), dict(offsets_dtype=torch.int32),
+             dict(freqs_dtype=torch.bfloat16)]
+    for dtypes in cases:
+        inputs = make_inputs(*DECODE, num_q_heads=16, **dtypes)
+        report = run_and_check(inputs)
+        assert report.ok, (dtypes, report.summary())

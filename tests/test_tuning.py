@@ -2,6 +2,7 @@
 the staleness check of the committed records."""
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -265,3 +266,26 @@ def test_default_opens_the_grid_with_the_norm_group_at_decode_buckets():
     assert [default_for_tokens(t, few).norm_first for t in BUCKETS] == [
         True, True, True, False, False, False]
     assert not default_for_tokens(None, many).norm_first
+
+
+def test_redecide_rewrites_decisions_for_the_current_defaults(tmp_path):
+    """After a change of the hand-written defaults, a records folder's decisions are made again
+    from its records: a bucket whose records show nothing faster takes the new default; the
+    metadata keeps the reason."""
+    from tvm_fused.tuning.tune import redecide
+
+    source = COMMITTED[0].parent
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)
+    metadata = records.load_metadata(folder)
+    op = OpConfig(**metadata["op"])
+    stale = {int(tokens): ScheduleConfig(block_threads=256) for tokens in metadata["buckets"]}
+    decisions.write(folder, metadata["gpu"], op, stale)
+    chosen = redecide(folder, "a test's reason")
+    best = records.best_records(folder / records.RECORDS, folder / (records.WORKLOADS + ".xz"))
+    expected = {int(tokens): records.choose(best[entry["workload"]], GPU_SPACE,
+                                            GPU_SPACE.default_for(int(tokens), op))
+                for tokens, entry in metadata["buckets"].items()}
+    assert chosen == expected == decisions.read(folder)
+    assert chosen != stale
+    assert records.load_metadata(folder)["redecided"][-1] == "a test's reason"
