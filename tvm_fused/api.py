@@ -331,9 +331,10 @@ def _one_element(tensor: torch.Tensor) -> torch.Tensor:
 def _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale, errors,
          epsilon, options, schedule):
     """Pick (build on first use) the kernel for these tensors and launch it; returns out.
-    Malformed tensors make TVM's compiled entry checks (dtypes, ranks, shapes, strides,
-    alignment, devices, epsilon) raise before the launch, and so do tensors the form has no
-    place for (a kernel without them takes fewer arguments, or its config refuses them).
+    Malformed or overlapping tensors make the kernel's compiled entry checks (dtypes, ranks,
+    shapes, strides, alignment, devices, epsilon, overlap) raise before the launch, and so
+    do tensors the form has no place for (a kernel without them takes fewer arguments, or
+    its config refuses them).
 
     The kernel last used under the call's quick key (``dispatch.quick_key``) is tried first,
     then the one of its full signature for 16-byte aligned tensors: building the signature,
