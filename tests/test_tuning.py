@@ -28,7 +28,7 @@ from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, measure, records
 from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
-from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, op_key
+from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, op_key, records_dir
 from tvm_fused.tuning.tune import tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
@@ -131,12 +131,25 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
 
 
 def test_no_decisions_fall_back_with_one_warning(tmp_path):
-    op = OpConfig(num_q_heads=3)
-    with pytest.warns(UserWarning, match="no tuning decisions"):
+    """A GPU without any decisions: the default for every op, and one warning in all."""
+    op, other = OpConfig(num_q_heads=3), OpConfig(num_q_heads=5)
+    with pytest.warns(UserWarning, match="no tuning decisions for imaginary-gpu; every op"):
         assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", op) == {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", op) == {}
+        assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", other) == {}
+
+
+def test_an_op_without_decisions_on_a_tuned_gpu_is_named(tmp_path):
+    """A GPU with decisions for some ops: each op without any is named in its warning."""
+    tuned, untuned = OpConfig(num_q_heads=3), OpConfig(num_q_heads=5)
+    folder = records_dir(tmp_path, "Tuned GPU", tuned)
+    folder.mkdir(parents=True)
+    decisions.write(folder, "Tuned GPU", tuned, {1: DEFAULT_SCHEDULE})
+    assert decisions.for_gpu(str(tmp_path), "Tuned GPU", tuned) == {1: DEFAULT_SCHEDULE}
+    with pytest.warns(UserWarning, match=f"tuned-gpu/{op_key(untuned)}; using the default"):
+        assert decisions.for_gpu(str(tmp_path), "Tuned GPU", untuned) == {}
 
 
 def test_malformed_record_lines_are_skipped(tmp_path):

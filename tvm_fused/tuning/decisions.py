@@ -42,15 +42,26 @@ def read(path: Path, config_type: type = ScheduleConfig) -> dict:
     return {int(tokens): config_type(**fields) for tokens, fields in buckets.items()}
 
 
+_untuned_gpus: set[str] = set()  # folders of GPUs without any decisions, warned about once
+
+
 @functools.cache
 def for_gpu(logs_dir: str, gpu_name: str, op: OpConfig) -> dict[int, ScheduleConfig]:
-    """Bucket -> config decided for ``op`` on ``gpu_name``; empty (with one warning per op)
-    if there are none, or if ``op`` is for tensors narrower than the tuned alignment."""
+    """Bucket -> config decided for ``op`` on ``gpu_name``; empty if there are none (with one
+    warning for a GPU that has no decisions at all, else one per op), or if ``op`` is for
+    tensors narrower than the tuned alignment."""
     if op.alignment < TUNED_ALIGNMENT:
         return {}
     path = records_dir(Path(logs_dir), gpu_name, op)
-    if not (path / DECISIONS).is_file():
-        warnings.warn(f"tvm_fused: no tuning decisions for {path.parent.name}/{op_key(op)}; "
+    if (path / DECISIONS).is_file():
+        return read(path)
+    gpu = path.parent
+    if not gpu.is_dir():
+        if str(gpu) not in _untuned_gpus:
+            _untuned_gpus.add(str(gpu))
+            warnings.warn(f"tvm_fused: no tuning decisions for {gpu.name}; every op uses "
+                          "the default schedule", stacklevel=3)
+    else:
+        warnings.warn(f"tvm_fused: no tuning decisions for {gpu.name}/{op_key(op)}; "
                       "using the default schedule", stacklevel=3)
-        return {}
-    return read(path)
+    return {}
