@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Tuning on the GPU machine (see README): schedule-variant tests, a loopback RPC tuning demo,
+# Tuning on the GPU machine (see README): schedule-variant tests, an RPC tuning demo on every GPU
+# (scripts/tune_rpc.sh),
 # then the per-bucket tuning of the given head counts; records and work databases go to OUT.
 # Usage: scripts/gpu_tune.sh OUT "HEADS:TRIALS ..." [--rpc-demo]   (plan may be "")
 set -uo pipefail
@@ -10,16 +11,10 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log
 if [ "${1:-}" = "--rpc-demo" ]; then  # the tracker needs tornado: carry its wheel in .whl/
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/tornado-*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  python3 -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190 >"$out/rpc.log" 2>&1 &
-  sleep 3
-  python3 -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key h100 --no-fork \
-    >>"$out/rpc.log" 2>&1 &  # forked sessions cannot initialize CUDA
-  sleep 5
-  timeout 300 python3 -m tvm_fused tune --heads 16 --buckets 64 --trials 4 \
-    --rpc-tracker 127.0.0.1:9190 --rpc-key h100 --out /tmp/rpc_logs --work-dir /tmp/rpc_work \
-    2>&1 | grep -v "^\s*$" | tail -6 | tee "$out/rpc_tune.log"
+  timeout 300 scripts/tune_rpc.sh "$out/rpc" --heads 16 --buckets 64 --trials 4 \
+    --out /tmp/rpc_logs --work-dir /tmp/rpc_work | grep -v "^\s*$" | tail -6 \
+    | tee "$out/rpc_tune.log"
   cat /tmp/rpc_logs/*/*/metadata.json >>"$out/rpc_tune.log" 2>/dev/null
-  kill %1 %2 2>/dev/null
 fi
 for item in $plan; do
   heads=${item%%:*}; trials=${item##*:}

@@ -3,6 +3,10 @@ the staleness check of the committed records."""
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, measure, records
 from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
 from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, op_key, records_dir
-from tvm_fused.tuning.tune import tune
+from tvm_fused.tuning.tune import RpcTarget, tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
 SPACE_OPS = (OpConfig(num_q_heads=128), OpConfig(num_q_heads=1, dtype="float32",
@@ -302,3 +306,43 @@ def test_redecide_rewrites_decisions_for_the_current_defaults(tmp_path):
     assert chosen == expected == decisions.read(folder)
     assert chosen != stale
     assert records.load_metadata(folder)["redecided"][-1] == "a test's reason"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tuning_over_rpc_measures_on_the_tracker_servers(tmp_path):
+    """What scripts/tune_rpc.sh does per GPU, on the CPU: a tracker, two RPC servers under
+    one key, one tuning run with two measurements in flight; its records and decisions are
+    those of a local run."""
+    port = _free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+         str(port), "--port-end", str(port + 1)])]
+    try:
+        time.sleep(3)
+        for _ in range(2):
+            server_port = _free_port()
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+                 "--key", "cpu", "--no-fork", "--port", str(server_port), "--port-end",
+                 str(server_port + 10)]))
+        time.sleep(5)
+        op = OpConfig(num_q_heads=2, dtype="float32", gamma_dtype="float32")
+        lines = []
+        dest = tune(op, tvm.target.Target("llvm"), buckets=(1,), trials=3,
+                    logs_dir=tmp_path / "logs", work_dir=tmp_path / "work",
+                    device_name=CPU_DEVICE, cost_model="random", builder_workers=2,
+                    log=lines.append, rpc=RpcTarget("127.0.0.1", port, "cpu", workers=2))
+    finally:
+        for process in processes:
+            process.kill()
+    metadata = json.loads((dest / records.METADATA).read_text())
+    assert metadata["timing"] == "TVM time evaluator"
+    assert metadata["buckets"]["1"]["records"] == 3
+    assert any("default schedule" in line for line in lines)
+    assert set(decisions.read(dest, CpuScheduleConfig)) == {1}
