@@ -69,14 +69,14 @@ WRITTEN = ("out", "k_cache", "kv_output", "errors")  # the tensors the op writes
 
 
 def _check_no_overlap(spans: list) -> None:
-    """No tensor named in ``WRITTEN`` may share memory with another of ``spans`` (``(start,
-    end, name)``), but ``out`` may be ``q_rope`` itself."""
-    q_start = next(start for start, _, name in spans if name == "q_rope")
-    written = [span for name in WRITTEN for span in spans if span[2] == name]
-    for start, end, name in written:
+    """No tensor named in ``WRITTEN`` may share memory with another of ``spans`` (``(name,
+    start, end)``, q_rope first), but ``out`` may be ``q_rope`` itself."""
+    q_start = spans[0][1]
+    written = [span for name in WRITTEN for span in spans if span[0] == name]
+    for name, start, end in written:
         if start == end:
             continue
-        for other_start, other_end, other in spans:
+        for other, other_start, other_end in spans:
             if (start < other_end and other_start < end and other != name
                     and not (name == "out" and other == "q_rope" and start == q_start)):
                 raise ValueError(f"{name} overlaps {other} in memory: the op writes {name} "
@@ -194,7 +194,7 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, out, kv_inpu
             if not same:
                 raise ValueError(f"{name} is on {tensor.device} but q_rope is on "
                                  f"{q_rope.device}: all tensors must be on one device")
-    _check_no_overlap([(*_span(tensor), name) for name, tensor in named if tensor is not None])
+    _check_no_overlap([(name, *_span(tensor)) for name, tensor in named if tensor is not None])
 
 
 def _check_offsets(input_row_offsets, lookup_table, cache_lengths) -> None:

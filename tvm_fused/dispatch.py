@@ -84,6 +84,9 @@ class _Kernels:
     thresholds: tuple[int, ...]
     kernels: tuple[Callable, ...]
 
+    def for_tokens(self, tokens: int) -> Callable:
+        return self.kernels[bisect.bisect_right(self.thresholds, tokens)]
+
 
 _ready: dict[tuple, _Kernels] = {}
 _recent: dict[tuple, _Kernels] = {}  # quick key -> the kernels last resolved under it
@@ -115,12 +118,11 @@ def kernel(signature: tuple, tokens: int, quick: tuple | None = None) -> Callabl
         ready = _ready[signature] = _resolve(signature)
     if quick is not None:
         _recent[quick] = ready
-    return ready.kernels[bisect.bisect_right(ready.thresholds, tokens)]
+    return ready.for_tokens(tokens)
 
 
 def recent_kernel(quick: tuple, tokens: int) -> Callable | None:
     """The kernel for ``tokens`` tokens of the signature last remembered under ``quick``, or
     None. Its compiled entry refuses tensors of another signature before launching."""
     ready = _recent.get(quick)
-    return None if ready is None else ready.kernels[bisect.bisect_right(ready.thresholds,
-                                                                        tokens)]
+    return None if ready is None else ready.for_tokens(tokens)

@@ -12,22 +12,19 @@ that a misaligned tensor raises ``ValueError`` before the launch.
 from __future__ import annotations
 
 import tvm
-from tvm.ir import PointerType, PrimType
 from tvm.tirx import stmt as S
 
+from .dltensor import argument_handle, data_pointer
+
 _STORAGE_ALIGNMENT = "storage_alignment"
-_STRUCT_GET = tvm.ir.Op.get("tirx.tvm_struct_get")
-_DATA_FIELD = 1  # DLTensor field index of ``data`` in ``tvm_struct_get``
 
 
 def _dltensor_of(buffer, stmt) -> tvm.tirx.Var | None:
     """The DLTensor handle whose data field ``buffer`` is declared on, under ``stmt``."""
     if isinstance(stmt, S.DeclBuffer) and stmt.buffer.name == buffer.name:
-        data = stmt.data
-        while isinstance(data, tvm.ir.Call) and not data.op.same_as(_STRUCT_GET):
-            data = data.args[0]  # through reinterpret casts
-        if isinstance(data, tvm.ir.Call) and int(data.args[2]) == _DATA_FIELD:
-            return data.args[0]
+        handle = argument_handle(stmt)
+        if handle is not None:
+            return handle
     children = stmt.seq if isinstance(stmt, S.SeqStmt) else (
         [stmt.body] if isinstance(stmt, S.AttrStmt) else [])
     for child in children:
@@ -38,16 +35,13 @@ def _dltensor_of(buffer, stmt) -> tvm.tirx.Var | None:
 
 
 def _pointer_check(buffer, handle, alignment: int) -> list:
-    """Statements asserting that ``handle``'s data pointer is ``alignment``-byte aligned (the
-    pointer is read as an integer through a view of the DLTensor, whose first field it is)."""
-    header = tvm.tirx.decl_buffer((1,), "uint64", name=f"{buffer.name}_dltensor")
-    pointer = tvm.tirx.BufferLoad(header, [0])
+    """Statements asserting that ``handle``'s data pointer is ``alignment``-byte aligned."""
+    decl, pointer = data_pointer(handle, f"{buffer.name}_dltensor")
     aligned = tvm.tirx.FloorMod(pointer, tvm.tirx.const(alignment, "uint64")) == \
         tvm.tirx.const(0, "uint64")
     message = (f"{buffer.name}'s data pointer must be a multiple of {alignment} bytes, the "
                "alignment this kernel was built for")
-    return [S.DeclBuffer(header, data=tvm.tirx.reinterpret(PointerType(PrimType("uint64")),
-                                                            handle)),
+    return [decl,
             # (condition, kind, message): the FFI's order; the Python wrapper names them
             # (kind, condition, ...) but passes them through in the order given
             S.AssertStmt(aligned, tvm.ir.StringImm("ValueError"), [tvm.ir.StringImm(message)])]

@@ -17,24 +17,13 @@ in-place update), when ``w`` then has ``o``'s strides too. A refused call raises
 from __future__ import annotations
 
 import tvm
-from tvm.ir import PointerType, PrimType
 from tvm.tirx import stmt as S
+
+from .dltensor import argument_handle, data_pointer
 
 WRITTEN = "tvm_fused.written"
 ALIAS = "tvm_fused.alias"
-_STRUCT_GET = tvm.ir.Op.get("tirx.tvm_struct_get")
-_DATA_FIELD = 1  # DLTensor field index of ``data`` in ``tvm_struct_get``
 _U64 = "uint64"
-
-
-def _argument_handle(decl: S.DeclBuffer):
-    """The DLTensor handle a buffer declaration takes its data from, or None (a view)."""
-    data = decl.data
-    while isinstance(data, tvm.ir.Call) and not data.op.same_as(_STRUCT_GET):
-        data = data.args[0]  # through reinterpret casts
-    if isinstance(data, tvm.ir.Call) and int(data.args[2]) == _DATA_FIELD:
-        return data.args[0]
-    return None
 
 
 def _u64(value) -> tvm.ir.PrimExpr:
@@ -42,16 +31,13 @@ def _u64(value) -> tvm.ir.PrimExpr:
 
 
 class _Span:
-    """A tensor argument's bytes: ``start``, ``end``, whether it has any (DeclBuffers
-    declaring its first word as a uint64, to read its data pointer)."""
+    """A tensor argument's bytes: ``start``, ``end``, whether it has any (``decl`` declares
+    the view of its DLTensor that ``start`` reads)."""
 
     def __init__(self, buffer, handle):
         self.name = buffer.name
         self.strides = list(buffer.strides)
-        header = tvm.tirx.decl_buffer((1,), _U64, name=f"{buffer.name}_start")
-        self.decl = S.DeclBuffer(header, data=tvm.tirx.reinterpret(
-            PointerType(PrimType(_U64)), handle))
-        self.start = tvm.tirx.BufferLoad(header, [0])
+        self.decl, self.start = data_pointer(handle, f"{buffer.name}_start")
         shape = list(buffer.shape)
         if self.strides:
             elements = 1 + sum((_u64(d) - 1) * _u64(s) for d, s in zip(shape, self.strides))
@@ -97,9 +83,9 @@ def _with_checks(stmt, written: list, alias):
     """``stmt`` with the checks after the last argument declaration; (stmt, done)."""
     if isinstance(stmt, S.SeqStmt):
         decls = [(i, s) for i, s in enumerate(stmt.seq)
-                 if isinstance(s, S.DeclBuffer) and _argument_handle(s) is not None]
+                 if isinstance(s, S.DeclBuffer) and argument_handle(s) is not None]
         if decls:
-            spans = {s.buffer.name: _Span(s.buffer, _argument_handle(s)) for _, s in decls}
+            spans = {s.buffer.name: _Span(s.buffer, argument_handle(s)) for _, s in decls}
             missing = [name for name in written if name not in spans]
             if missing:
                 raise ValueError(f"CheckNoOverlap: no tensor argument named {missing}")
