@@ -20,6 +20,10 @@ fp8 e4m3 (``k_scale``).
 
 Output: a JSON line per configuration and provider (``--out``) and a table with the GPU's
 name. Usage: python scripts/bench_decode_layers.py --out OUT/layers.jsonl [--quick]
+``--timeline`` records one replay of each graph instead (CUPTI, ``benchmarks/timeline.py``):
+per kernel of a layer, its median duration and its gap after the kernel before it, which
+shows where a provider's time goes between the GEMMs (a PDL launch's overlap is a negative
+gap).
 (``--device cpu --layers 2`` runs each step once, untimed: a smoke test of the shapes).
 """
 
@@ -39,8 +43,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tvm_fused  # noqa: E402
+from benchmarks import timeline  # noqa: E402
 from benchmarks.peers import engine_steps as es  # noqa: E402
-from tvm_fused.timing import time_graph  # noqa: E402
+from tvm_fused.timing import capture_graph, time_graph  # noqa: E402
 
 HIDDEN, Q_A_RANK, KV_LORA, ROPE, NOPE = 7168, 1536, 512, 64, 128
 BLOCK_SIZE, MAX_POSITION = 64, 163840
@@ -190,6 +195,39 @@ def measure(config: Config, args) -> list[dict]:
     return rows
 
 
+def measure_timeline(config: Config, args) -> list[dict]:
+    """One row per provider (and ``None``, the GEMMs alone): the kernels of one layer from
+    one recorded replay of the step's graph (``timeline.per_position``)."""
+    step = make_step(config, args.layers, args.device, args.seed)
+    rows = []
+    for provider in (None, *args.providers):
+        if provider == "vllm steps in triton" and config.form == "in-place":
+            continue
+        kernels = timeline.replay_kernels(capture_graph(prologue(provider, config, step)))
+        rows.append({"gpu": torch.cuda.get_device_name(), **dataclasses.asdict(config),
+                     "provider": provider or "none", "layers": args.layers,
+                     "layer_us": timeline.layer_period_us(kernels, args.layers),
+                     "kernels": [dataclasses.asdict(p)
+                                 for p in timeline.per_position(kernels, args.layers)]})
+    return rows
+
+
+def print_cost(config: Config, row: dict) -> None:
+    print(f"{config.tokens:4d} tok {config.heads:3d} heads {config.cache:4s} "
+          f"{config.form:13s} | {row['provider']:22s} {row['op_us_per_layer']:7.2f} "
+          f"us/layer (step {row['step_us']:8.1f} us, without "
+          f"{row['baseline_step_us']:8.1f})", flush=True)
+
+
+def print_timeline(config: Config, row: dict) -> None:
+    print(f"{config.tokens:4d} tok {config.heads:3d} heads {config.cache:4s} "
+          f"{config.form:13s} | {row['provider']:27s} layer {row['layer_us']:6.2f} us:",
+          flush=True)
+    for kernel in row["kernels"]:
+        print(f"    gap {kernel['gap_us']:6.2f} us, ran {kernel['duration_us']:6.2f} us  "
+              f"{kernel['name'][:90]}", flush=True)
+
+
 def parser() -> argparse.ArgumentParser:
     def csv(kind):
         return lambda text: tuple(kind(x) for x in text.split(",") if x)
@@ -206,6 +244,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeline", action="store_true",
+                   help="per-kernel gaps and durations of one replay (CUPTI), not timings")
     return p
 
 
@@ -231,11 +271,9 @@ def main(argv=None) -> int:
         print(f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
               f"{args.layers} layers per graph, cold L2, medians of {args.reps} replays")
     for config in configs(args):
-        for row in measure(config, args):
-            print(f"{config.tokens:4d} tok {config.heads:3d} heads {config.cache:4s} "
-                  f"{config.form:13s} | {row['provider']:22s} {row['op_us_per_layer']:7.2f} "
-                  f"us/layer (step {row['step_us']:8.1f} us, without "
-                  f"{row['baseline_step_us']:8.1f})", flush=True)
+        rows = measure_timeline(config, args) if args.timeline else measure(config, args)
+        for row in rows:
+            (print_timeline if args.timeline else print_cost)(config, row)
             if args.out:
                 with args.out.open("a") as out:
                     out.write(json.dumps(row) + "\n")

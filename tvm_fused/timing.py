@@ -49,13 +49,12 @@ def time_cuda(fn, reps: int = 50, warmup: int = 5, cold: bool = True) -> Timing:
     return Timing(statistics.median(times), quantiles[0], quantiles[3], reps)
 
 
-def time_graph(fn, reps: int = 50, calls: int = 1) -> Timing:
-    """Time replays of ``calls`` calls of ``fn()`` captured back to back in one CUDA graph
-    (cold L2), as a serving engine runs decode steps; per replay (divide by ``calls`` for
-    the steady-state time per call)."""
+def capture_graph(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` calls of ``fn()`` back to back, after three warm-up calls
+    on a side stream (as capture requires)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+    with torch.cuda.stream(side):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
@@ -63,7 +62,14 @@ def time_graph(fn, reps: int = 50, calls: int = 1) -> Timing:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    return time_cuda(graph.replay, reps=reps)
+    return graph
+
+
+def time_graph(fn, reps: int = 50, calls: int = 1) -> Timing:
+    """Time replays of ``calls`` calls of ``fn()`` captured back to back in one CUDA graph
+    (cold L2), as a serving engine runs decode steps; per replay (divide by ``calls`` for
+    the steady-state time per call)."""
+    return time_cuda(capture_graph(fn, calls).replay, reps=reps)
 
 
 def op_bytes(num_tokens: int, num_q_heads: int, rope_dim: int, kv_norm_dim: int,
