@@ -199,8 +199,7 @@ def providers(op: OpConfig, tokens: int, names: tuple[str, ...],
     torch_op, wrap = ((torch_write_through, _with_slots) if op.write_through
                       else (torch_fused_rope_rmsnorm, _with_token_count))
     makers = {
-        "tvm-fused tuned": lambda: tvm_provider(
-            decided[nearest_bucket(tokens, tuple(decided))], interleaved),
+        "tvm-fused tuned": lambda: tvm_provider(None, interleaved),  # the runtime's choice
         "tvm-fused default": lambda: tvm_provider(default, interleaved),
         COPY_THEN_IN_PLACE: lambda: copy_then_in_place(default, interleaved),
         "triton fused": lambda: triton_provider(interleaved),

@@ -156,6 +156,20 @@ def test_an_op_without_decisions_on_a_tuned_gpu_is_named(tmp_path):
         assert decisions.for_gpu(str(tmp_path), "Tuned GPU", untuned) == {}
 
 
+def test_buckets_without_decisions_keep_their_default():
+    """A tuning of some buckets (here 1 and 4096, and 2048 outside ``BUCKETS``) leaves
+    every other bucket its hand-written default: 256 tokens still get bucket 512's."""
+    op = OpConfig(num_q_heads=128)
+    tuned = ScheduleConfig(block_threads=256, norm_threads_per_row=128, vector_bytes=8)
+    configs = decisions.with_defaults({1: tuned, 2048: tuned, 4096: tuned},
+                                      lambda tokens: default_for_tokens(tokens, op))
+    assert sorted(configs) == sorted({*BUCKETS, 2048})
+    assert configs[1] == configs[2048] == configs[4096] == tuned
+    for bucket in set(BUCKETS) - {1, 4096}:
+        assert configs[bucket] == default_for_tokens(bucket, op)
+    assert nearest_bucket(256, tuple(configs)) == 512
+
+
 def test_malformed_record_lines_are_skipped(tmp_path):
     path = tmp_path / records.RECORDS
     good = json.dumps([0, [[[], []], [1e-5, 2e-5], {}, []]])

@@ -2,9 +2,9 @@
 
 The signature is what shapes the kernel and is known on the host without a sync: device,
 dtypes, static dims, pairing, alignment class and the schedule override (None: the tuning
-decisions). Its first call resolves it once: the op config, the target, the decided config
-of each token bucket (``tuning/decisions.py``; on a GPU without decisions, the hand-written
-default of each bucket), each kernel built or loaded through the one
+decisions). Its first call resolves it once: the op config, the target, the config of
+each token bucket (``tuning/decisions.py``: the decided one, else the hand-written default,
+bucket by bucket), each kernel built or loaded through the one
 kernel cache (``compiler/kernel_cache.py``), and the token counts where one bucket's kernel
 takes over from the next. Later calls cost one dict lookup and a bisect.
 
@@ -27,7 +27,7 @@ from .compiler.config import OpConfig, dtype_name
 from .compiler.kernel_cache import get_kernel
 from .schedules import default_schedule_config
 from .tuning import decisions
-from .tuning.buckets import BUCKETS, thresholds
+from .tuning.buckets import thresholds
 from .tuning.layout import default_logs_dir
 
 EARLY_INDICES = "early-indices"  # pdl=: the index tensors are read before PDL's wait
@@ -98,13 +98,11 @@ def _resolve(signature: tuple) -> _Kernels:
     if op.pdl and torch.cuda.get_device_capability(device) < (9, 0):
         raise ValueError(f"pdl needs a GPU of compute capability 9.0 or newer, got "
                          f"{torch.cuda.get_device_name(device)}")
-    configs = {}
-    if schedule is None and device.type == "cuda":
-        configs = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(device),
-                                    op) or {tokens: default_schedule_config(target, op, tokens)
-                                            for tokens in BUCKETS}
-    if not configs:
+    if schedule is not None or device.type != "cuda":
         return _Kernels((), (get_kernel(op, target, schedule),))
+    configs = decisions.with_defaults(
+        decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(device), op),
+        lambda tokens: default_schedule_config(target, op, tokens))
     buckets = sorted(configs)
     return _Kernels(thresholds(buckets),
                     tuple(get_kernel(op, target, configs[b]) for b in buckets))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..compiler.config import OpConfig
 from ..schedules.config import ScheduleConfig
+from .buckets import BUCKETS
 from .layout import op_key, records_dir
 
 DECISIONS = "decisions.json"
@@ -65,3 +66,11 @@ def for_gpu(logs_dir: str, gpu_name: str, op: OpConfig) -> dict[int, ScheduleCon
         warnings.warn(f"tvm_fused: no tuning decisions for {gpu.name}/{op_key(op)}; "
                       "using the default schedule", stacklevel=3)
     return {}
+
+
+def with_defaults(decided: dict, default_for) -> dict:
+    """Bucket -> config for every bucket of ``BUCKETS`` and of ``decided``: the decided
+    config where there is one, else ``default_for(bucket)`` (the hand-written default), so
+    that a tuning of some buckets leaves the others as they were."""
+    return {tokens: decided[tokens] if tokens in decided else default_for(tokens)
+            for tokens in sorted({*BUCKETS, *decided})}
