@@ -40,16 +40,22 @@ def _alignment(q_rope, out, freqs_cis, gamma, k_cache, kv_input, kv_output) -> i
     return bits & -bits  # the lowest set bit
 
 
-@functools.cache
-def _scratch_errors(device: torch.device) -> torch.Tensor:
-    """The error counter of calls that pass none (its count is not read)."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
+def _device(index: int) -> torch.device:
+    """The device of ``Tensor.get_device()``'s ``index`` (-1: the CPU)."""
+    return torch.device("cpu") if index < 0 else torch.device("cuda", index)
 
 
 @functools.cache
-def _unit_scale(device: torch.device) -> torch.Tensor:
-    """``k_scale`` of fp8 calls that pass none: 1."""
-    return torch.ones(1, dtype=torch.float32, device=device)
+def _scratch_errors(index: int) -> torch.Tensor:
+    """The error counter of calls that pass none, on device ``index`` (``get_device()``;
+    its count is not read)."""
+    return torch.zeros(1, dtype=torch.int32, device=_device(index))
+
+
+@functools.cache
+def _unit_scale(index: int) -> torch.Tensor:
+    """``k_scale`` of fp8 calls that pass none, on device ``index``: 1."""
+    return torch.ones(1, dtype=torch.float32, device=_device(index))
 
 
 def fused_rope_rmsnorm(
@@ -294,8 +300,13 @@ def _checked_launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_ou
         else:
             offsets, table, lengths = indices
             check_contents(q_rope, offsets, freqs, k_cache, table, lengths)
-    return _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
-                   errors, epsilon, options, schedule, freqs_name)
+    try:
+        return _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
+                    errors, epsilon, options, schedule)
+    except Exception:  # the entry (or the build) refused the tensors: name the bad one
+        _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
+               errors, epsilon, options, freqs_name)
+        raise
 
 
 def _names(options) -> tuple[str, ...]:
@@ -308,19 +319,6 @@ def _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_s
     """``check_arguments`` of a call, its index tensors named after its addressing."""
     check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(_names(options), indices)), out,
                     kv_input, kv_output, k_scale, errors, epsilon, freqs_name=freqs_name)
-
-
-def _launch(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
-            errors, epsilon, options, schedule, freqs_name):
-    """Launch (``_run``); returns out. If the kernel's entry (or its build) refuses the
-    tensors, ``check_arguments`` names the bad argument (or the entry's error is re-raised)."""
-    try:
-        return _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
-                    errors, epsilon, options, schedule)
-    except Exception:
-        _check(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_scale,
-               errors, epsilon, options, freqs_name)
-        raise
 
 
 def _one_element(tensor: torch.Tensor) -> torch.Tensor:
@@ -336,24 +334,24 @@ def _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_sca
     do tensors the form has no place for (a kernel without them takes fewer arguments, or
     its config refuses them).
 
-    The kernel last used under the call's quick key (``dispatch.quick_key``) is tried first,
+    The kernel last used under the call's quick key (``dispatch.recent_kernel``) is tried first,
     then the one of its full signature for 16-byte aligned tensors: building the signature,
     and finding the alignment even more, costs more host time than the call, and nearly
     every call has that alignment and the dtypes of the last call under its key. If the
     entry refuses the tensors, the kernel built for their alignment (if lower) is used."""
     shape = q_rope.shape
-    tokens = shape[0]
-    device = q_rope.device
+    tokens, heads = shape[0], shape[1]
+    index = q_rope.get_device()
     if out is None:
-        out = torch.empty(shape, dtype=q_rope.dtype, device=device)
+        out = torch.empty(shape, dtype=q_rope.dtype, device=q_rope.device)
     if tokens == 0:
         return out
     write_through, has_output = kv_input is not None, kv_output is not None
-    errors = _scratch_errors(device) if errors is None else _one_element(errors)
+    errors = _scratch_errors(index) if errors is None else _one_element(errors)
     if k_scale is not None:
         scale = (_one_element(k_scale),)
     elif k_cache.dtype != q_rope.dtype:
-        scale = (_unit_scale(device),)
+        scale = (_unit_scale(index),)
     else:
         scale = ()
     # the kernel's parameters: offsets before the table, the page table and lengths (or the
@@ -365,7 +363,7 @@ def _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_sca
     rows = (kv_input, kv_output) if has_output else (kv_input,) if write_through else ()
     args = (q_rope, out, *rows, *before, freqs, gamma, k_cache, *scale, *after, errors,
             float(epsilon))
-    quick = dispatch.quick_key(q_rope, k_cache, options, write_through, has_output, schedule)
+    quick = (index, heads, k_cache.dtype, options, write_through, has_output, schedule)
     recent = dispatch.recent_kernel(quick, tokens)
     if recent is not None:
         try:
@@ -373,6 +371,7 @@ def _run(q_rope, freqs, gamma, k_cache, indices, out, kv_input, kv_output, k_sca
             return out
         except Exception:  # tensors of another signature: refused before the launch
             pass
+    device = q_rope.device
     key = dispatch.signature(device, q_rope, freqs, gamma, k_cache, indices, options,
                              write_through, has_output, _VECTOR_BYTES, schedule)
     try:

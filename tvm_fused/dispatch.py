@@ -9,7 +9,7 @@ kernel cache (``compiler/kernel_cache.py``), and the token counts where one buck
 takes over from the next. Later calls cost one dict lookup and a bisect.
 
 Building the signature costs about as much host time as the launch itself, so a call first
-tries the kernels last resolved under its quick key (``quick_key``: what no compiled entry
+tries the kernels last resolved under its quick key (``recent_kernel``: what no compiled entry
 can check, plus q's heads and the cache dtype); the kernel's entry checks the rest (dtypes,
 static dims, alignment) and refuses, before launching, tensors it was not built for.
 """
@@ -67,16 +67,6 @@ def _op(signature: tuple) -> OpConfig:
                     alignment=alignment, **index)
 
 
-def quick_key(q_rope: torch.Tensor, k_cache: torch.Tensor, options: tuple,
-              write_through: bool, kv_output: bool, schedule) -> tuple:
-    """What selects a call's kernel beyond what its compiled entry checks: the device index,
-    ``options`` (addressing, pairing, table layout, norm rounding, PDL), the form and the
-    schedule override; with q's heads and the cache dtype, so that calls alternating
-    between two head counts or caches each find theirs."""
-    return (q_rope.get_device(), q_rope.shape[1], k_cache.dtype, *options, write_through,
-            kv_output, schedule)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Kernels:
     """The kernel of each bucket, and the token counts from which the next one serves."""
@@ -120,7 +110,11 @@ def kernel(signature: tuple, tokens: int, quick: tuple | None = None) -> Callabl
 
 
 def recent_kernel(quick: tuple, tokens: int) -> Callable | None:
-    """The kernel for ``tokens`` tokens of the signature last remembered under ``quick``, or
-    None. Its compiled entry refuses tensors of another signature before launching."""
+    """The kernel for ``tokens`` tokens of the signature last remembered under the quick key
+    ``quick``, or None. The quick key selects what no compiled entry can check: ``(device
+    index, q heads, cache dtype, options, write_through, kv_output, schedule)``, ``options``
+    being the addressing, pairing, table layout, norm rounding and PDL (heads and the cache
+    dtype so that calls alternating between two head counts or caches each find theirs).
+    The kernel's compiled entry refuses tensors of another signature before launching."""
     ready = _recent.get(quick)
     return None if ready is None else ready.for_tokens(tokens)
