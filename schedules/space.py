@@ -91,6 +91,34 @@ def sample_config(sch: s_tir.Schedule, space: DesignSpace, fixed=None):
     return space.make_config(chosen)
 
 
+def single_changes(space: DesignSpace, config) -> list:
+    """The valid configs that differ from ``config`` in exactly one knob, in knob order
+    (each knob's other candidates in the space's order): what a tuning measures right after
+    the default, so that a few trials already try every one-knob change of it."""
+    base = {name: int(getattr(config, name)) for name in space.knobs}
+    changes = []
+    for name, values in space.knobs.items():
+        for value in values:
+            values_of = {**base, name: value}
+            if value != base[name] and _valid(space, values_of):
+                changes.append(space.make_config(values_of))
+    return changes
+
+
+def _valid(space: DesignSpace, values_of: dict) -> bool:
+    """Whether ``sample_config`` could draw these knob values (and they make a config)."""
+    chosen: dict = {}
+    for name, all_values in space.knobs.items():
+        if values_of[name] not in space.constrain(name, chosen, all_values):
+            return False
+        chosen[name] = values_of[name]
+    try:
+        space.make_config(chosen)
+    except ValueError:
+        return False
+    return True
+
+
 def schedule_fn(op: OpConfig, space: DesignSpace, fixed=None):
     """A ``ScheduleFn`` body: sample a config (or take ``fixed``) and apply it."""
 

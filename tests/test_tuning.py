@@ -27,6 +27,7 @@ from tvm_fused.schedules.space import (
     config_from_trace,
     sample_config,
     schedule_fn,
+    single_changes,
 )
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
@@ -67,6 +68,26 @@ def test_fixed_config_is_recorded_as_decisions(fixed):
     assert config_from_trace(sch.trace.as_json(), GPU_SPACE) == fixed
 
 
+def test_single_changes_of_the_default_are_valid_draws():
+    """The configs a tuning seeds after the default: each differs from it in one knob and is
+    a draw of the space (its trace decodes back to it); none breaks a constraint."""
+    base = ScheduleConfig(block_threads=128, norm_threads_per_row=128)
+    changes = single_changes(GPU_SPACE, base)
+    for config in changes:
+        differ = [name for name in GPU_SPACE.knobs
+                  if getattr(config, name) != getattr(base, name)]
+        assert len(differ) == 1
+        sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+        assert sample_config(sch, GPU_SPACE, config) == config
+        assert config_from_trace(sch.trace.as_json(), GPU_SPACE) == config
+    # 64-thread blocks cannot hold a 128-thread row; multi-warp rows take one row per thread
+    assert not any(c.block_threads == 64 for c in changes)
+    assert all(c.norm_rows_per_thread == 1 for c in changes)
+    assert ScheduleConfig(block_threads=256, norm_threads_per_row=128) in changes
+    assert ScheduleConfig(block_threads=128, norm_threads_per_row=32) in changes
+    assert len(changes) == 2 + 2 + 2 + 2 + 1 + 1  # blocks, rows, vectors, rope, unroll, order
+
+
 def test_nearest_bucket():
     assert [nearest_bucket(n) for n in (1, 2, 3, 5, 20, 64, 100, 1000, 3000, 10**6)] == \
         [1, 1, 8, 8, 8, 64, 64, 512, 4096, 32768]  # geometric midpoints: 2.8, 22.6, ...
@@ -95,13 +116,16 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
     op = OpConfig(num_q_heads=2, dtype="float32", gamma_dtype="float32")
     logs, work = tmp_path / "logs", tmp_path / "work"
     lines = []
-    dest = tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=3, logs_dir=logs,
+    dest = tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=5, logs_dir=logs,
                 work_dir=work, device_name=CPU_DEVICE, cost_model="random",
                 builder_workers=2, log=lines.append)
-    assert any("default schedule" in line for line in lines)
+    # the default and its 3 one-knob changes, then one random draw per bucket
+    assert sum("default schedule" in line and "3 one-knob changes" in line
+               for line in lines) == 2
+    assert sum("+1 measured" in line for line in lines) == 2
     metadata = json.loads((dest / records.METADATA).read_text())
     assert set(metadata["buckets"]) == {"1", "8"}
-    assert all(entry["records"] == 3 for entry in metadata["buckets"].values())
+    assert all(entry["records"] == 5 for entry in metadata["buckets"].values())
     configs = decisions.read(dest, CpuScheduleConfig)
     assert set(configs) == {1, 8} and all(isinstance(c, CpuScheduleConfig)
                                           for c in configs.values())
@@ -117,7 +141,7 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
     assert check_run(before, inputs, out, out_before, errors_counted=int(errors)).ok
 
     lines.clear()
-    tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=3, logs_dir=logs, work_dir=work,
+    tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=5, logs_dir=logs, work_dir=work,
          device_name=CPU_DEVICE, cost_model="random", builder_workers=2,
          log=lines.append)
     assert sum("already: skipped" in line for line in lines) == 2
@@ -127,11 +151,11 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
     table.write_text(table.read_text() + table.read_text().splitlines()[-1][:40])
     lines.clear()
     with pytest.warns(UserWarning, match="dropping malformed line"):
-        tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=4, logs_dir=logs,
+        tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=6, logs_dir=logs,
              work_dir=work, device_name=CPU_DEVICE, cost_model="random",
              builder_workers=2, log=lines.append)
     metadata = json.loads((dest / records.METADATA).read_text())
-    assert all(entry["records"] == 4 for entry in metadata["buckets"].values())
+    assert all(entry["records"] == 6 for entry in metadata["buckets"].values())
 
 
 def test_no_decisions_fall_back_with_one_warning(tmp_path):

@@ -1,10 +1,12 @@
 """The tuning driver: one MetaSchedule task per token-count bucket, records kept in the repo.
 
 For each bucket the hand-written default schedule is measured first (so the tuned choice is
-never worse than it), then ``ReplayFunc`` draws candidates from the design space until the
-bucket has ``trials`` measured records. The work directory's JSON database grows record by
-record, so a killed run loses at most the batch in flight and a re-run continues from it.
-At the end the database is compacted into ``tuning_logs/<gpu>/<op key>/`` with metadata.
+never worse than it), with every config one knob away from it (``single_changes``: a
+structural change the default misses is found in few trials), then ``ReplayFunc`` draws
+candidates from the design space until the bucket has ``trials`` measured records. The work
+directory's JSON database grows record by record, so a killed run loses at most the batch in
+flight and a re-run continues from it. At the end the database is compacted into
+``tuning_logs/<gpu>/<op key>/`` with metadata.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from ..compiler.config import OpConfig
 from ..compiler.definition import OP_NAME
-from ..schedules.space import schedule_fn, space_for
+from ..schedules.space import schedule_fn, single_changes, space_for
 from . import decisions, records
 from .buckets import BUCKETS
 from .layout import records_dir
@@ -95,22 +97,35 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
                  f"{self.count[name]} this run, best {best_us:.2f} us")
 
 
-def _measure_default(workload, op, target, space, default, builder, runner, database):
-    """Measure the hand-written default of one bucket and commit it as a record."""
-    sch = tvm.s_tir.Schedule(workload)
-    schedule_fn(op, space, fixed=default)(sch)
-    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
-    if built.error_msg:
-        raise RuntimeError(f"the default schedule failed to build: {built.error_msg}")
+def _measure_fixed(workload, op, target, space, configs, builder, runner, database, log):
+    """Measure ``configs`` of one bucket (the hand-written default first) as one batch and
+    commit each as a record; returns ``(config, seconds)`` of those that built and ran. The
+    default must: ``RuntimeError`` if it fails."""
+    schedules = []
+    for config in configs:
+        sch = tvm.s_tir.Schedule(workload)
+        schedule_fn(op, space, fixed=config)(sch)
+        schedules.append(sch)
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
     args_info = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
     device_type = "cuda" if target.kind.name == "cuda" else "cpu"
-    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device_type, args_info)])
-    result = future.result()
-    if result.error_msg:
-        raise RuntimeError(f"the default schedule failed to run: {result.error_msg}")
-    database.commit_tuning_record(ms.database.TuningRecord(
-        sch.trace, database.commit_workload(workload), result.run_secs, target, args_info))
-    return records.mean_seconds(result.run_secs)
+    runnable = [i for i, b in enumerate(built) if not b.error_msg]
+    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device_type, args_info)
+                          for i in runnable])
+    results = dict(zip(runnable, (future.result() for future in futures)))
+    measured = []
+    for i, config in enumerate(configs):
+        error = built[i].error_msg or results[i].error_msg
+        if error:
+            if i == 0:
+                raise RuntimeError(f"the default schedule failed: {error}")
+            log(f"  {config} failed: {error.splitlines()[0][:200]}")
+            continue
+        database.commit_tuning_record(ms.database.TuningRecord(
+            schedules[i].trace, database.commit_workload(workload), results[i].run_secs,
+            target, args_info))
+        measured.append((config, records.mean_seconds(results[i].run_secs)))
+    return measured
 
 
 def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: int = 32,
@@ -137,10 +152,15 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
         name = f"{OP_NAME}-{tokens}tok"
         done = len(database.get_top_k(database.commit_workload(workload), trials))
         if done == 0:
-            secs = _measure_default(workload, op, target, space, space.default_for(tokens, op),
-                                    builder, runner, database)
-            log(f"[{name}] default schedule: {secs * 1e6:.2f} us")
-            done = 1
+            default = space.default_for(tokens, op)
+            seeds = [default, *single_changes(space, default)][:trials]
+            measured = _measure_fixed(workload, op, target, space, seeds, builder, runner,
+                                      database, log)
+            best_config, best = min(measured, key=lambda pair: pair[1])
+            log(f"[{name}] default schedule: {measured[0][1] * 1e6:.2f} us; "
+                f"{len(seeds) - 1} one-knob changes of it, best {best * 1e6:.2f} us"
+                f"{'' if best_config == default else f' ({best_config})'}")
+            done = len(measured)
         if done >= trials:
             log(f"[{name}] {done} records already: skipped")
             continue
