@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Tuning on the GPU machine (see README): schedule-variant tests, an RPC tuning demo on every GPU
-# (scripts/tune_rpc.sh),
-# then the per-bucket tuning of the given head counts; records and work databases go to OUT.
-# Usage: scripts/gpu_tune.sh OUT "HEADS:TRIALS ..." [--rpc-demo]   (plan may be "")
+# Tuning on the GPU machine (see README): an RPC tuning demo on every GPU (scripts/tune_rpc.sh),
+# then the per-bucket tuning of each plan item; records and work databases go to OUT.
+# A plan item is HEADS:TRIALS[:FORM], FORM one of in-place (the default), write-through, fp8
+# (write-through into an fp8 e4m3 cache) and kv-output; BUCKETS (comma-separated) limits the
+# buckets, as --buckets does.
+# Usage: [BUCKETS=1,64] scripts/gpu_tune.sh OUT "HEADS:TRIALS[:FORM] ..." [--rpc-demo]
+#   (plan may be "")
 set -uo pipefail
 out=${1:?output directory}; plan=${2-}; shift 2
 mkdir -p "$out"
@@ -16,12 +19,24 @@ if [ "${1:-}" = "--rpc-demo" ]; then  # the tracker needs tornado: carry its whe
     | tee "$out/rpc_tune.log"
   cat /tmp/rpc_logs/*/*/metadata.json >>"$out/rpc_tune.log" 2>/dev/null
 fi
+form_flags() {
+  case "$1" in
+    in-place) ;;
+    write-through) echo "--write-through" ;;
+    fp8) echo "--write-through --cache-dtype float8_e4m3fn" ;;
+    kv-output) echo "--write-through --kv-output" ;;
+    *) echo "unknown form $1" >&2; return 1 ;;
+  esac
+}
 for item in $plan; do
-  heads=${item%%:*}; trials=${item##*:}
+  IFS=: read -r heads trials form <<<"$item"
+  flags=$(form_flags "${form:-in-place}") || exit 2
   start=$(date +%s)
-  python3 -m tvm_fused tune --heads "$heads" --trials "$trials" --work-dir /tmp/tuning_work \
-    2>&1 | grep -E "^\[|records:" | tee -a "$out/tune.log"
-  echo "heads $heads trials $trials: $(( $(date +%s) - start )) s wall" | tee -a "$out/tune.log"
+  # shellcheck disable=SC2086  # the form's flags are several words
+  python3 -m tvm_fused tune --heads "$heads" --trials "$trials" $flags \
+    ${BUCKETS:+--buckets "$BUCKETS"} --work-dir /tmp/tuning_work 2>&1 \
+    | grep -E "^\[|records:" | tee -a "$out/tune.log"
+  echo "heads $heads trials $trials ${form:-in-place}: $(( $(date +%s) - start )) s wall" \
+    | tee -a "$out/tune.log"
   tar czf "$out/tuning_logs.tgz" tuning_logs
-  tar czf "$out/tuning_work.tgz" -C /tmp tuning_work
 done
