@@ -109,6 +109,23 @@ def test_runner_recovers_the_op_from_the_workload(op):
     assert len(tensors) == len(args_info)
 
 
+def test_local_runner_reuses_a_buckets_inputs():
+    """The runner makes a bucket's inputs once (seconds at prefill buckets) and reuses them
+    for the bucket's next candidates; another bucket's replace them."""
+    device = tvm.runtime.device("cpu", 0)
+    op = OpConfig(num_q_heads=2)
+
+    def args_info(tokens):
+        return [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(
+            bucket_workload(op, tokens)["main"])]
+
+    first = measure.alloc_local(device, args_info(8), 1)
+    assert measure.alloc_local(device, args_info(8), 1) is first
+    other = measure.alloc_local(device, args_info(64), 1)
+    assert other is not first and other[0][0].shape[0] == 64
+    assert measure.alloc_local(device, args_info(8), 1) is not first  # made again
+
+
 @pytest.mark.slow
 def test_tiny_llvm_tuning_end_to_end(tmp_path):
     """Tune two buckets on the CPU, read the records back, build with them, check; a second
