@@ -1,6 +1,7 @@
 """MetaSchedule tuning on the CPU: the space, a tiny end-to-end run, record handling, and
 the staleness check of the committed records."""
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -17,6 +18,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func
+from tvm_fused.__main__ import main as cli_main
 from tvm_fused.compiler import pipeline
 from tvm_fused.compiler.build import cuda_target
 from tvm_fused.schedules import ScheduleConfig
@@ -31,7 +33,7 @@ from tvm_fused.schedules.space import (
 )
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
-from tvm_fused.tuning import decisions, measure, records
+from tvm_fused.tuning import decisions, measure, records, summary
 from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
 from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, op_key, records_dir
 from tvm_fused.tuning.tune import RpcTarget, tune
@@ -209,6 +211,38 @@ def test_buckets_without_decisions_keep_their_default():
     for bucket in set(BUCKETS) - {1, 4096}:
         assert configs[bucket] == default_for_tokens(bucket, op)
     assert nearest_bucket(256, tuple(configs)) == 512
+
+
+def test_records_summary_names_what_a_decision_changes(tmp_path, capsys):
+    """``python -m tvm_fused records``: per bucket the best and default times, their ratio,
+    and the knobs a decided config changes from the bucket's default."""
+    op = OpConfig(num_q_heads=16, write_through=True, cache_dtype="float8_e4m3fn")
+    folder = records_dir(tmp_path, "Some GPU", op)
+    folder.mkdir(parents=True)
+    tuned = dataclasses.replace(default_for_tokens(1, op), norm_threads_per_row=128,
+                                vector_bytes=8)
+    (folder / records.METADATA).write_text(json.dumps({
+        "gpu": "Some GPU", "op": dataclasses.asdict(op), "buckets": {
+            "64": {"best_us": 6.0, "default_us": 6.3, "chosen": "default"},
+            "1": {"best_us": 5.0, "default_us": 6.0, "chosen": dataclasses.asdict(tuned)},
+            "4096": {"best_us": 14.0, "default_us": None, "chosen": "default"}}}))
+    one, sixty_four, prefill = summary.bucket_results(tmp_path)
+    assert (one.tokens, one.changed, one.gain) == (
+        1, {"norm_threads_per_row": 128, "vector_bytes": 8}, 1.2)
+    assert (sixty_four.tokens, sixty_four.changed) == (64, {})
+    assert prefill.gain is None
+    assert cli_main(["records", "--dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("Some GPU\n")
+    assert f"| {op_key(op)} | 1 | 5.00 | 6.00 | 1.20x | norm_threads_per_row=128, " \
+           "vector_bytes=8 |" in table
+    assert f"| {op_key(op)} | 4096 | 14.00 |  |  | default |" in table
+
+
+def test_every_committed_bucket_is_summarized():
+    results = summary.bucket_results(default_logs_dir())
+    expected = sum(len(json.loads(path.read_text())["buckets"]) for path in COMMITTED)
+    assert len(results) == expected and {r.gpu for r in results} >= {"NVIDIA H200"}
 
 
 def test_malformed_record_lines_are_skipped(tmp_path):

@@ -3,6 +3,7 @@
   run     build the fused kernel, check it against the float64 reference and, on a GPU, time it
   source  print the generated CUDA source (no GPU needed)
   tune    tune the schedule with MetaSchedule, one task per token-count bucket
+  records what tuning found: per GPU, op and bucket, the best record against the default
   fuzz    random cases against the float64 reference, a repro line per failure
 
 The benchmark suite lives beside the package, in a checkout: python -m benchmarks --help.
@@ -187,6 +188,19 @@ def tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def records(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tuning.layout import default_logs_dir
+    from .tuning.summary import bucket_results, markdown
+
+    results = bucket_results(Path(args.dir) if args.dir else default_logs_dir())
+    if not results:
+        raise UsageError("no tuning records there")
+    print(markdown(results), end="")
+    return 0
+
+
 def fuzz(args: argparse.Namespace) -> int:
     from .testing.fuzz import fuzz as run_fuzz
 
@@ -241,6 +255,11 @@ def parser() -> argparse.ArgumentParser:
     tune_parser.add_argument("--rpc-workers", type=_positive, default=1,
                              help="measurements in flight over RPC (one per server)")
     tune_parser.set_defaults(func=tune)
+    records_parser = commands.add_parser(
+        "records", help="what tuning found: per GPU, op and bucket, best against default")
+    records_parser.add_argument("--dir", default=None,
+                                help="records folder (default: the package's tuning_logs/)")
+    records_parser.set_defaults(func=records)
     fuzz_parser = commands.add_parser(
         "fuzz", help="random cases against the float64 reference (a repro line per failure)")
     fuzz_parser.add_argument("--seed", type=int, default=0, help="seed of the first case")
