@@ -97,34 +97,40 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
                  f"{self.count[name]} this run, best {best_us:.2f} us")
 
 
-def _measure_fixed(workload, op, target, space, configs, builder, runner, database, log):
-    """Measure ``configs`` of one bucket (the hand-written default first) as one batch and
-    commit each as a record; returns ``(config, seconds)`` of those that built and ran. The
-    default must: ``RuntimeError`` if it fails."""
-    schedules = []
-    for config in configs:
-        sch = tvm.s_tir.Schedule(workload)
-        schedule_fn(op, space, fixed=config)(sch)
-        schedules.append(sch)
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
-    args_info = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+def _seed(workloads: dict, op, target, space, trials, builder, runner, database, log):
+    """For each bucket of ``workloads`` (tokens -> workload), measure the hand-written default
+    and every config one knob away from it (``single_changes``; ``trials`` configs at most),
+    every bucket's in one batch (one builder pool), and commit each as a record. Returns
+    tokens -> ``[(config, seconds)]`` of those that built and ran, the default first;
+    ``RuntimeError`` if a default fails."""
+    jobs = []  # (tokens, config, schedule)
+    for tokens, workload in workloads.items():
+        default = space.default_for(tokens, op)
+        for config in [default, *single_changes(space, default)][:trials]:
+            sch = tvm.s_tir.Schedule(workload)
+            schedule_fn(op, space, fixed=config)(sch)
+            jobs.append((tokens, config, sch))
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in jobs])
+    args_info = {tokens: ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+                 for tokens, workload in workloads.items()}
     device_type = "cuda" if target.kind.name == "cuda" else "cpu"
     runnable = [i for i, b in enumerate(built) if not b.error_msg]
-    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device_type, args_info)
-                          for i in runnable])
+    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device_type,
+                                                args_info[jobs[i][0]]) for i in runnable])
     results = dict(zip(runnable, (future.result() for future in futures)))
-    measured = []
-    for i, config in enumerate(configs):
+    measured = {tokens: [] for tokens in workloads}
+    for i, (tokens, config, sch) in enumerate(jobs):
         error = built[i].error_msg or results[i].error_msg
+        if error and not measured[tokens]:  # the bucket's first job is its default
+            raise RuntimeError(f"the default schedule of the {tokens}-token bucket failed: "
+                               f"{error}")
         if error:
-            if i == 0:
-                raise RuntimeError(f"the default schedule failed: {error}")
             log(f"  {config} failed: {error.splitlines()[0][:200]}")
             continue
         database.commit_tuning_record(ms.database.TuningRecord(
-            schedules[i].trace, database.commit_workload(workload), results[i].run_secs,
-            target, args_info))
-        measured.append((config, records.mean_seconds(results[i].run_secs)))
+            sch.trace, database.commit_workload(workloads[tokens]), results[i].run_secs,
+            target, args_info[tokens]))
+        measured[tokens].append((config, records.mean_seconds(results[i].run_secs)))
     return measured
 
 
@@ -147,33 +153,35 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
     started = time.time()
 
     workloads = {tokens: bucket_workload(op, tokens) for tokens in buckets}
-    tasks, names, remaining = [], [], []
-    for tokens, workload in workloads.items():
-        name = f"{OP_NAME}-{tokens}tok"
-        done = len(database.get_top_k(database.commit_workload(workload), trials))
-        if done == 0:
-            default = space.default_for(tokens, op)
-            seeds = [default, *single_changes(space, default)][:trials]
-            measured = _measure_fixed(workload, op, target, space, seeds, builder, runner,
-                                      database, log)
-            best_config, best = min(measured, key=lambda pair: pair[1])
-            log(f"[{name}] default schedule: {measured[0][1] * 1e6:.2f} us; "
-                f"{len(seeds) - 1} one-knob changes of it, best {best * 1e6:.2f} us"
+    names = {tokens: f"{OP_NAME}-{tokens}tok" for tokens in buckets}
+    done = {tokens: len(database.get_top_k(database.commit_workload(workload), trials))
+            for tokens, workload in workloads.items()}
+    fresh = {tokens: w for tokens, w in workloads.items() if done[tokens] == 0}
+    if fresh:
+        seeded = _seed(fresh, op, target, space, trials, builder, runner, database, log)
+        for tokens, measured in seeded.items():
+            (default, default_s), (best_config, best_s) = measured[0], min(
+                measured, key=lambda pair: pair[1])
+            log(f"[{names[tokens]}] default schedule: {default_s * 1e6:.2f} us; "
+                f"{len(measured) - 1} one-knob changes of it, best {best_s * 1e6:.2f} us"
                 f"{'' if best_config == default else f' ({best_config})'}")
-            done = len(measured)
-        if done >= trials:
-            log(f"[{name}] {done} records already: skipped")
+            done[tokens] = len(measured)
+    tasks, task_names, remaining = [], [], []
+    for tokens, workload in workloads.items():
+        if done[tokens] >= trials:
+            if tokens not in fresh:
+                log(f"[{names[tokens]}] {done[tokens]} records already: skipped")
             continue
         tasks.append(ms.TuneContext(
-            mod=workload, target=target, task_name=name, num_threads=workers,
+            mod=workload, target=target, task_name=names[tokens], num_threads=workers,
             space_generator=ms.space_generator.ScheduleFn(
                 schedule_fn(op, space), sch_rules=[], postprocs=[], mutator_probs={}),
             search_strategy=ms.search_strategy.ReplayFunc()))
-        names.append(name)
-        remaining.append(trials - done)
+        task_names.append(names[tokens])
+        remaining.append(trials - done[tokens])
     if tasks:
         callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
-                     _Progress(names, log)]
+                     _Progress(task_names, log)]
         ms.tune.tune_tasks(
             tasks=tasks, task_weights=[1.0] * len(tasks), work_dir=str(work_dir),
             max_trials_global=sum(remaining), max_trials_per_task=max(remaining),
