@@ -62,7 +62,17 @@ def _bucket_tensors(args_info, device) -> list[torch.Tensor]:
     return tensors
 
 
-_last_inputs: dict = {}  # the runner process's inputs of the bucket it measured last
+_last_bucket: dict = {}  # this worker process's inputs of the bucket it measured last
+
+
+def _for_bucket(key, make):
+    """``make()`` for the bucket ``key`` names, made once and kept for the process's next
+    calls with that key (the previous bucket's value freed first)."""
+    if _last_bucket.get("key") != key:
+        _last_bucket.clear()
+        _last_bucket["value"] = make()
+        _last_bucket["key"] = key
+    return _last_bucket["value"]
 
 
 def alloc_local(device: tvm.runtime.Device, args_info, alloc_repeat: int) -> list:
@@ -70,15 +80,10 @@ def alloc_local(device: tvm.runtime.Device, args_info, alloc_repeat: int) -> lis
     per bucket in the runner's process and kept for its next candidates (making them takes
     up to seconds at prefill buckets, about what measuring a candidate takes). A candidate
     leaves valid inputs (it writes its roped q and normalized cache rows, as each of its own
-    timing runs does before the next); the previous bucket's are freed first."""
+    timing runs does before the next)."""
     torch_device = "cuda" if device.dlpack_device_type() == _CUDA else "cpu"
-    key = (torch_device, str(args_info), alloc_repeat)
-    if _last_inputs.get("key") != key:
-        _last_inputs.clear()
-        _last_inputs["repeated"] = [_bucket_tensors(args_info, torch_device)
-                                    for _ in range(alloc_repeat)]
-        _last_inputs["key"] = key
-    return _last_inputs["repeated"]
+    return _for_bucket((torch_device, str(args_info), alloc_repeat), lambda: [
+        _bucket_tensors(args_info, torch_device) for _ in range(alloc_repeat)])
 
 
 def run_local(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
@@ -107,16 +112,9 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().numpy()
 
 
-_last_arrays: dict = {}  # the RPC worker's host copies of the bucket it measured last
-
-
 def alloc_rpc(session, device, args_info, alloc_repeat: int) -> list:
     """RPCRunner allocation: the bucket's inputs, made here (once per bucket in this worker
     process) and copied to the remote for each candidate."""
-    key = str(args_info)
-    if _last_arrays.get("key") != key:
-        _last_arrays.clear()
-        _last_arrays["arrays"] = [_to_numpy(t) for t in _bucket_tensors(args_info, "cpu")]
-        _last_arrays["key"] = key
-    return [[tvm.runtime.tensor(a, device) for a in _last_arrays["arrays"]]
-            for _ in range(alloc_repeat)]
+    arrays = _for_bucket(("host", str(args_info)), lambda: [
+        _to_numpy(t) for t in _bucket_tensors(args_info, "cpu")])
+    return [[tvm.runtime.tensor(a, device) for a in arrays] for _ in range(alloc_repeat)]
