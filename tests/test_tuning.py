@@ -25,6 +25,7 @@ from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.schedules.config import DEFAULT_SCHEDULE, default_for_tokens
 from tvm_fused.schedules.cpu import CpuScheduleConfig
 from tvm_fused.schedules.space import (
+    CPU_SPACE,
     GPU_SPACE,
     config_from_trace,
     sample_config,
@@ -245,6 +246,28 @@ def test_every_committed_bucket_is_summarized():
     assert len(results) == expected and {r.gpu for r in results} >= {"NVIDIA H200"}
 
 
+def test_compaction_keeps_only_the_ops_workloads(tmp_path):
+    """Two ops tuned in one work directory: each records folder gets its own buckets'
+    workloads and records only, renumbered, both tables xz-compressed."""
+    op = OpConfig(num_q_heads=2, dtype="float32", gamma_dtype="float32")
+    sch = s_tir.Schedule(bucket_workload(op, 1))
+    schedule_fn(op, CPU_SPACE, fixed=CpuScheduleConfig())(sch)
+    trace = json.loads(json.dumps(sch.trace.as_json(), default=lambda o: o.value if hasattr(
+        o, "value") else list(o)))  # plain JSON, as the database stores it
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / records.WORKLOADS).write_text("".join(
+        json.dumps([h, {"mod": h}]) + "\n" for h in ("other-op", "ours")))
+    (work / records.RECORDS).write_text("".join(
+        json.dumps([index, [trace, [secs]]]) + "\n"
+        for index, secs in ((0, 1e-6), (1, 2e-6), (0, 3e-6), (1, 4e-6))))
+    dest = tmp_path / "folder"
+    records.compact(work, dest, CPU_SPACE, {"ours": CpuScheduleConfig()})
+    assert records.workload_hashes(dest / records.FOLDER_WORKLOADS) == ["ours"]
+    best = records.folder_best_records(dest)
+    assert list(best) == ["ours"] and [r[0] for r in best["ours"]] == [2e-6, 4e-6]
+
+
 def test_malformed_record_lines_are_skipped(tmp_path):
     path = tmp_path / records.RECORDS
     good = json.dumps([0, [[[], []], [1e-5, 2e-5], {}, []]])
@@ -267,14 +290,14 @@ def test_committed_records_match_the_current_definition(metadata_path: Path):
     TensorIR definition that orphans the committed records fails here (re-tune)."""
     metadata = json.loads(metadata_path.read_text())
     op = OpConfig(**metadata["op"])
-    stored = set(records.workload_hashes(metadata_path.parent / (records.WORKLOADS + ".xz")))
+    stored = records.workload_hashes(metadata_path.parent / records.FOLDER_WORKLOADS)
+    # the folder holds its op's buckets, each once, and no other op's
+    assert sorted(stored) == sorted(entry["workload"] for entry in metadata["buckets"].values())
     for tokens, entry in metadata["buckets"].items():
         current = workload_hash(bucket_workload(op, int(tokens)))
         assert current == entry["workload"], f"bucket {tokens}: the definition changed"
-        assert current in stored
     # the decisions the runtime reads are the records' choices
-    best = records.best_records(metadata_path.parent / records.RECORDS,
-                                metadata_path.parent / (records.WORKLOADS + ".xz"))
+    best = records.folder_best_records(metadata_path.parent)
     decided = decisions.read(metadata_path.parent)
     assert decided == {int(tokens): records.choose(best[entry["workload"]], GPU_SPACE,
                                                    GPU_SPACE.default_for(int(tokens), op))
@@ -388,7 +411,7 @@ def test_redecide_rewrites_decisions_for_the_current_defaults(tmp_path):
     stale = {int(tokens): ScheduleConfig(block_threads=256) for tokens in metadata["buckets"]}
     decisions.write(folder, metadata["gpu"], op, stale)
     chosen = redecide(folder, "a test's reason")
-    best = records.best_records(folder / records.RECORDS, folder / (records.WORKLOADS + ".xz"))
+    best = records.folder_best_records(folder)
     expected = {int(tokens): records.choose(best[entry["workload"]], GPU_SPACE,
                                             GPU_SPACE.default_for(int(tokens), op))
                 for tokens, entry in metadata["buckets"].items()}

@@ -2,7 +2,8 @@
 
 ``tuning_logs/<gpu>/<op key>/`` holds, per tuned op configuration:
 
-- ``database_tuning_record.json``: MetaSchedule's record table, the best few per workload;
+- ``database_tuning_record.json.xz``: MetaSchedule's record table, the best few per workload
+  of the op's buckets, xz-compressed (each trace is kilobytes of JSON);
 - ``database_workload.json.xz``: its workload table, xz-compressed (the PrimFuncs are large);
 - ``metadata.json``: GPU, versions, date, trials, and per bucket the workload's structural
   hash, the best and the default time;
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,8 +22,9 @@ from pathlib import Path
 from ..compiler.config import OpConfig
 from ..schedules.space import config_from_trace
 
-RECORDS = "database_tuning_record.json"
+RECORDS = "database_tuning_record.json"  # MetaSchedule's tables in a work directory
 WORKLOADS = "database_workload.json"
+FOLDER_RECORDS, FOLDER_WORKLOADS = RECORDS + ".xz", WORKLOADS + ".xz"  # in a records folder
 METADATA = "metadata.json"
 KEEP_PER_WORKLOAD = 3
 # A tuned config replaces the default only if this much faster. On the H100 the same kernel
@@ -50,7 +51,9 @@ def read_records(path: Path) -> list[tuple[int, list, list[float], str]]:
     """``(workload index, trace json, run seconds, line)`` of each measured record; malformed
     lines are skipped with a warning, failed runs silently."""
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    with _open_text(path) as table:
+        lines = table.read().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -88,15 +91,20 @@ def drop_malformed_lines(path: Path) -> int:
     return dropped
 
 
+def _open_text(path: Path):
+    """A table (plain or ``.xz``) opened for reading text."""
+    return (lzma.open if str(path).endswith(".xz") else open)(path, "rt")
+
+
 def workload_hashes(path: Path) -> list[str]:
     """Structural hashes of a workload table (plain or ``.xz``), in line order."""
-    opener = lzma.open if str(path).endswith(".xz") else open
-    with opener(path, "rt") as lines:
+    with _open_text(path) as lines:
         return [json.loads(line)[0] for line in lines if line.strip()]
 
 
 def best_records(path: Path, workloads: Path) -> dict[str, list]:
-    """Workload hash -> its records ``(mean seconds, trace, line)``, fastest first."""
+    """Workload hash -> its records ``(mean seconds, trace, line)``, fastest first (tables
+    plain or ``.xz``)."""
     hashes = workload_hashes(workloads)
     by_hash: dict[str, list] = {}
     for index, trace, run_secs, line in read_records(path):
@@ -104,23 +112,28 @@ def best_records(path: Path, workloads: Path) -> dict[str, list]:
     return {h: sorted(rs, key=lambda r: r[0]) for h, rs in by_hash.items()}
 
 
+def folder_best_records(path: Path) -> dict[str, list]:
+    """``best_records`` of the records folder ``path``."""
+    return best_records(Path(path) / FOLDER_RECORDS, Path(path) / FOLDER_WORKLOADS)
+
+
 def compact(work_dir: Path, dest: Path, space, defaults: dict,
             keep: int = KEEP_PER_WORKLOAD) -> None:
-    """Write ``dest``: the ``keep`` best records per workload of the database in
-    ``work_dir`` and the best record of its default config (``defaults``: workload hash ->
-    the hand-written default of its bucket), and those workloads, renumbered and
-    xz-compressed."""
+    """Write ``dest``: for each workload of ``defaults`` (workload hash -> the hand-written
+    default of its bucket: the op's buckets, whatever else the database in ``work_dir``
+    holds) its ``keep`` best records and the best record of its default config, and those
+    workloads, renumbered; both tables xz-compressed."""
     dest.mkdir(parents=True, exist_ok=True)
     workloads = Path(work_dir) / WORKLOADS
     best = best_records(Path(work_dir) / RECORDS, workloads)
-    kept = sorted(best)
+    kept = sorted(h for h in best if h in defaults)
     lines = {json.loads(line)[0]: line for line in workloads.read_text().splitlines()
              if line.strip()}
-    with lzma.open(dest / (WORKLOADS + ".xz"), "wt", preset=9) as out:
+    with lzma.open(dest / FOLDER_WORKLOADS, "wt", preset=9) as out:
         out.writelines(lines[h] + "\n" for h in kept)
-    with open(dest / RECORDS, "w") as out:
+    with lzma.open(dest / FOLDER_RECORDS, "wt", preset=9) as out:
         for new_index, h in enumerate(kept):
-            default = default_records(best[h], space, defaults.get(h))
+            default = default_records(best[h], space, defaults[h])
             chosen = best[h][:keep] + [r for r in default[:1] if r not in best[h][:keep]]
             for _, _, line in chosen:
                 record = json.loads(line)
@@ -134,9 +147,9 @@ def open_database(records_path: Path):
     from tvm.s_tir import meta_schedule as ms
 
     tmp = Path(tempfile.mkdtemp(prefix="tvm_fused_db_"))
-    with lzma.open(records_path / (WORKLOADS + ".xz"), "rt") as src:
-        (tmp / WORKLOADS).write_text(src.read())
-    shutil.copy(records_path / RECORDS, tmp / RECORDS)
+    for folder_name, name in ((FOLDER_WORKLOADS, WORKLOADS), (FOLDER_RECORDS, RECORDS)):
+        with lzma.open(records_path / folder_name, "rt") as src:
+            (tmp / name).write_text(src.read())
     return ms.database.JSONDatabase(work_dir=str(tmp), allow_missing=False)
 
 
@@ -153,7 +166,7 @@ def rekey(path: Path, note: str) -> None:
 
     metadata = load_metadata(path)
     op = OpConfig(**metadata["op"])
-    table = path / (WORKLOADS + ".xz")
+    table = path / FOLDER_WORKLOADS
     with lzma.open(table, "rt") as lines:
         entries = [line.rstrip("\n") for line in lines if line.strip()]
     hashes = [json.loads(line)[0] for line in entries]

@@ -243,7 +243,7 @@ def redecide(path: Path, note: str) -> dict:
     metadata = records.load_metadata(path)
     op = OpConfig(**metadata["op"])
     space = space_for(tvm.target.Target(json.loads(metadata["target"])))
-    best = records.best_records(path / records.RECORDS, path / (records.WORKLOADS + ".xz"))
+    best = records.folder_best_records(path)
     chosen = {}
     for tokens, bucket in metadata["buckets"].items():
         default = space.default_for(int(tokens), op)
