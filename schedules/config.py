@@ -36,6 +36,11 @@ class ScheduleConfig:
         (else q rope, k rope, norm, count). The GPU dispatches blocks in grid order, so the
         norm group's blocks, whose chain of dependent steps is the longest (locate, row
         load, reduction, store), start first instead of last.
+    grid_blocks : 0, one thread block per chunk of work (a grid that grows with the tokens);
+        else a persistent grid: each of the q rope, k rope and norm groups has exactly
+        ``grid_blocks`` blocks, and block ``b`` works through chunks ``b, b + grid_blocks,
+        ...`` (MAX's ``num_workers``): fewer, longer-lived blocks at prefill, at the cost of
+        idle blocks when there are fewer chunks than blocks. Needs one warp per norm row.
     """
 
     block_threads: int = 128
@@ -45,6 +50,7 @@ class ScheduleConfig:
     norm_rows_per_thread: int = 1
     unroll: bool = True
     norm_first: bool = False
+    grid_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.block_threads % self.norm_threads_per_row:
@@ -56,12 +62,15 @@ class ScheduleConfig:
             raise ValueError(f"vector_bytes must be 4, 8 or 16, got {self.vector_bytes}")
         if self.rope_vectors_per_thread < 1 or self.norm_rows_per_thread < 1:
             raise ValueError("rope_vectors_per_thread and norm_rows_per_thread must be positive")
-        if self.norm_threads_per_row > 32 and self.norm_rows_per_thread > 1:
+        if self.grid_blocks < 0:
+            raise ValueError(f"grid_blocks must be 0 or positive, got {self.grid_blocks}")
+        if self.norm_threads_per_row > 32 and (self.norm_rows_per_thread > 1
+                                               or self.grid_blocks):
             # TVM's cross-warp allreduce has no barrier after its shared-memory read, so a
             # thread group repeating it for a second row could overwrite the first row's
             # partial sums while slower warps still read them
-            raise ValueError("norm_rows_per_thread > 1 needs norm_threads_per_row == 32 "
-                             "(one warp per row)")
+            raise ValueError("norm_rows_per_thread > 1 and grid_blocks need "
+                             "norm_threads_per_row == 32 (one warp per row)")
 
     @property
     def norm_rows_per_block(self) -> int:

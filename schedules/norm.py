@@ -3,7 +3,8 @@
 The store stage is the anchor. ``X`` threads per row, ``Y`` rows per block, ``V`` elements per
 vector, ``I = kv_norm_dim / (X * V)`` vectors per thread:
 
-    for blk  in blockIdx.x  (ceil(n / (Y * rows)))
+    for blk  in blockIdx.x  (ceil(n / (Y * rows)); a persistent grid: grid_blocks, and a
+                             serial loop over the block's chunks right inside ty)
      for ty  in threadIdx.y (Y)
       for row in range(rows)                            one cache row at a time
        locate token t and its page                      (registers)
@@ -22,7 +23,7 @@ from tvm import s_tir
 from tvm_fused.compiler.config import OpConfig
 
 from .config import ScheduleConfig
-from .util import set_local
+from .util import bind_grid, set_local
 
 
 def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConfig) -> None:
@@ -49,9 +50,10 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
         sch.reorder(ty, row)
     else:
         blk, ty = sch.split(t, [None, y])
-        row = ty
-    sch.bind(blk, "blockIdx.x")
+        row = None
+    strides = bind_grid(sch, blk, config.grid_blocks, [ty])
     sch.bind(ty, "threadIdx.y")
+    row = row or strides or ty  # the loop of one cache row (per thread group)
     _, it, vec = split_row(c)
     sch.vectorize(vec)
     computed = [apply]

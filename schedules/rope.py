@@ -5,7 +5,9 @@ The store stage is the anchor; every other stage is computed at its per-vector l
 interleaved; two for NeoX, whose pairs sit ``R / 2`` apart). A block's ``Y * X`` threads cover
 ``Y * X / L`` heads of one token (many heads: q), or whole tokens (few: k, or q with few heads):
 
-    for blk   in blockIdx.x  (n * ceil(H / heads per block), or ceil(n / tokens per block))
+    for blk   in blockIdx.x  (n * ceil(H / heads per block), or ceil(n / tokens per block);
+                              a persistent grid: grid_blocks, and a serial loop over the
+                              block's chunks right inside tx)
      for ty   in threadIdx.y (Y)
       for tx  in threadIdx.x (X)                      thread -> (token, head, lane)
        locate token t, freqs[pos, lane*E : +E],      once per thread when its items are
@@ -27,7 +29,7 @@ from tvm import s_tir
 from tvm_fused.compiler.config import OpConfig
 
 from .config import ScheduleConfig
-from .util import loops_under, set_local, vectorize_tail
+from .util import bind_grid, loops_under, set_local, vectorize_tail
 
 
 def schedule_rope_branch(
@@ -76,7 +78,7 @@ def schedule_rope_branch(
         thread = sch.fuse(tok_part, *head, j_lane)
     ty, tx = sch.split(thread, [None, config.norm_threads_per_row])
     sch.reorder(blk, ty, tx, item, elem)
-    sch.bind(blk, "blockIdx.x")
+    strides = bind_grid(sch, blk, config.grid_blocks, [ty, tx])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     if op.interleaved:
@@ -91,8 +93,8 @@ def schedule_rope_branch(
     # a thread's items are heads of one token (one locate and freqs row for all, and every
     # head's loads before the first rotation: that many vectors in flight) or tokens (each
     # with its own locate, at the item loop); with one item, everything stays at the item
-    # loop, where the q loads come first
-    per_token = tx if tiles_heads and items > 1 else item
+    # loop, where the q loads come first (in a persistent grid, at each chunk's iteration)
+    per_token = (strides or tx) if tiles_heads and items > 1 else item
     for stage in computed:
         sch.compute_at(stage, item)
     sch.compute_at(load, per_token)

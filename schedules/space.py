@@ -44,8 +44,8 @@ class DesignSpace:
 def _gpu_constraint(name: str, chosen: dict, values: tuple) -> tuple:
     if name == "norm_threads_per_row":  # a row's threads must fit (and tile) the block
         return tuple(v for v in values if chosen["block_threads"] % v == 0)
-    if name == "norm_rows_per_thread" and chosen["norm_threads_per_row"] > 32:
-        return (1,)  # see ScheduleConfig: a cross-warp reduction runs once per thread
+    if name in ("norm_rows_per_thread", "grid_blocks") and chosen["norm_threads_per_row"] > 32:
+        return values[:1]  # see ScheduleConfig: a cross-warp reduction runs once per thread
     return values
 
 
@@ -57,7 +57,8 @@ GPU_SPACE = DesignSpace(
         "rope_vectors_per_thread": (1, 2, 4),
         "norm_rows_per_thread": (1, 2, 4),
         "unroll": (1, 0),
-        "norm_first": (0, 1),  # last: records drawn before it decode without it
+        "norm_first": (0, 1),
+        "grid_blocks": (0, 1024, 2048, 4096),  # last: records drawn before it decode without it
     },
     config_type=ScheduleConfig,
     apply=apply_block_group_schedule,

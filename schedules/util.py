@@ -33,6 +33,21 @@ def vectorize_tail(sch: s_tir.Schedule, block: s_tir.SBlockRV, at: s_tir.LoopRV,
     sch.vectorize(inner)
 
 
+def bind_grid(sch: s_tir.Schedule, blk: s_tir.LoopRV, grid_blocks: int,
+              thread_loops: list) -> s_tir.LoopRV | None:
+    """Bind a branch's chunk loop ``blk`` to ``blockIdx.x``: one block per chunk
+    (``grid_blocks`` 0), or ``grid_blocks`` blocks, block ``b`` taking chunks ``b, b +
+    grid_blocks, ...`` in a serial loop placed right inside ``thread_loops`` (the loops that
+    follow ``blk``, to be bound to threads). Returns that serial loop (None without it)."""
+    if not grid_blocks:
+        sch.bind(blk, "blockIdx.x")
+        return None
+    strides, block = sch.split(blk, [None, grid_blocks])
+    sch.reorder(block, *thread_loops, strides)
+    sch.bind(block, "blockIdx.x")
+    return strides
+
+
 def set_local(sch: s_tir.Schedule, *blocks: s_tir.SBlockRV) -> None:
     """Keep every buffer the given blocks write in registers."""
     for block in blocks:

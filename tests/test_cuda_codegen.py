@@ -300,8 +300,9 @@ def _store_widths(ptx: str) -> set[int]:
 
 
 @pytest.mark.parametrize("schedule", [None, ScheduleConfig(rope_vectors_per_thread=2),
-                                      ScheduleConfig(norm_first=True)],
-                         ids=["default", "two-vectors", "norm-first"])
+                                      ScheduleConfig(norm_first=True),
+                                      ScheduleConfig(grid_blocks=1024)],
+                         ids=["default", "two-vectors", "norm-first", "persistent"])
 def test_16_byte_stores_stay_whole(source, schedule, tmp_path):
     """NVVM splits some of TVM's ``*(uint4*)(p) = v`` stores into 4-byte pieces; through
     ``__stwb`` every store of a 16-byte-aligned kernel keeps its vector's width: 16 bytes,
@@ -369,3 +370,12 @@ def test_group_order_marks_must_rank_every_launch():
     with pytest.raises(ValueError, match="every launch its own rank"):
         with cuda_target():
             tvm.compile(sch.mod, target=cuda_target(), tir_pipeline=pipeline.PIPELINE_NAME)
+
+
+def test_persistent_grid_gives_each_group_grid_blocks_blocks():
+    """``grid_blocks``: the q rope, k rope and norm groups each span exactly that many
+    blocks (constant group bounds), whatever the token count; the count group follows."""
+    kernel = cuda_source(OpConfig(), schedule=ScheduleConfig(grid_blocks=1024))
+    kernel = kernel[kernel.rindex('extern "C" __global__'):]
+    bounds = re.findall(r"if \(\(\(int64_t\)blockIdx\.x\) < \(int64_t\)(\d+)\)", kernel)
+    assert bounds == ["1024", "2048", "3072"], bounds

@@ -90,11 +90,17 @@ SCHEDULES = [
     ScheduleConfig(block_threads=512, norm_threads_per_row=128, vector_bytes=8,
                    rope_vectors_per_thread=4),
     ScheduleConfig(rope_vectors_per_thread=2, norm_first=True),
+    # persistent grids small enough that every block strides over several chunks, and
+    # blocks of different groups end their strides on different tails
+    ScheduleConfig(grid_blocks=3),
+    ScheduleConfig(block_threads=256, rope_vectors_per_thread=2, norm_rows_per_thread=2,
+                   grid_blocks=5, norm_first=True),
 ]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES,
-                         ids=["narrow", "two-warp-rows", "wide", "norm-first-two-vectors"])
+                         ids=["narrow", "two-warp-rows", "wide", "norm-first-two-vectors",
+                              "persistent", "persistent-two-rows"])
 @pytest.mark.parametrize("heads, interleaved", [(128, True), (128, False), (1, False)],
                          ids=["v3", "v3-neox", "one-head-neox"])
 def test_schedule_variants(schedule, heads, interleaved):

@@ -64,7 +64,7 @@ def test_space_draws_only_valid_schedules(op, seed):
 
 @pytest.mark.parametrize("fixed", [ScheduleConfig(), ScheduleConfig(
     block_threads=256, norm_threads_per_row=32, vector_bytes=8, rope_vectors_per_thread=4,
-    norm_rows_per_thread=2, unroll=False)])
+    norm_rows_per_thread=2, unroll=False, grid_blocks=2048)])
 def test_fixed_config_is_recorded_as_decisions(fixed):
     sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
     assert sample_config(sch, GPU_SPACE, fixed) == fixed
@@ -84,11 +84,13 @@ def test_single_changes_of_the_default_are_valid_draws():
         assert sample_config(sch, GPU_SPACE, config) == config
         assert config_from_trace(sch.trace.as_json(), GPU_SPACE) == config
     # 64-thread blocks cannot hold a 128-thread row; multi-warp rows take one row per thread
+    # (nor a persistent grid)
     assert not any(c.block_threads == 64 for c in changes)
-    assert all(c.norm_rows_per_thread == 1 for c in changes)
+    assert all(c.norm_rows_per_thread == 1 and c.grid_blocks == 0 for c in changes)
     assert ScheduleConfig(block_threads=256, norm_threads_per_row=128) in changes
     assert ScheduleConfig(block_threads=128, norm_threads_per_row=32) in changes
     assert len(changes) == 2 + 2 + 2 + 2 + 1 + 1  # blocks, rows, vectors, rope, unroll, order
+    assert len(single_changes(GPU_SPACE, ScheduleConfig())) == 3 + 2 + 2 + 2 + 2 + 1 + 1 + 3
 
 
 def test_nearest_bucket():
@@ -361,8 +363,11 @@ def test_multi_warp_rows_are_one_per_thread():
     configs are rejected, and the space never draws them."""
     with pytest.raises(ValueError, match="one warp per row"):
         ScheduleConfig(block_threads=256, norm_threads_per_row=64, norm_rows_per_thread=2)
-    assert GPU_SPACE.constrain("norm_rows_per_thread", {"norm_threads_per_row": 128},
-                               (1, 2, 4)) == (1,)
+    with pytest.raises(ValueError, match="one warp per row"):  # a persistent grid repeats it
+        ScheduleConfig(block_threads=256, norm_threads_per_row=64, grid_blocks=1024)
+    for knob in ("norm_rows_per_thread", "grid_blocks"):
+        assert GPU_SPACE.constrain(knob, {"norm_threads_per_row": 128},
+                                   GPU_SPACE.knobs[knob]) == GPU_SPACE.knobs[knob][:1]
 
 
 def test_records_of_rejected_configs_are_skipped():
