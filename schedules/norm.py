@@ -53,7 +53,8 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConf
         row = None
     strides = bind_grid(sch, blk, config.grid_blocks, [ty])
     sch.bind(ty, "threadIdx.y")
-    row = row or strides or ty  # the loop of one cache row (per thread group)
+    if row is None:  # the loop of one cache row (per thread group)
+        row = ty if strides is None else strides
     _, it, vec = split_row(c)
     sch.vectorize(vec)
     computed = [apply]

@@ -94,7 +94,9 @@ def schedule_rope_branch(
     # head's loads before the first rotation: that many vectors in flight) or tokens (each
     # with its own locate, at the item loop); with one item, everything stays at the item
     # loop, where the q loads come first (in a persistent grid, at each chunk's iteration)
-    per_token = (strides or tx) if tiles_heads and items > 1 else item
+    per_token = item
+    if tiles_heads and items > 1:
+        per_token = tx if strides is None else strides
     for stage in computed:
         sch.compute_at(stage, item)
     sch.compute_at(load, per_token)
