@@ -41,6 +41,11 @@ class ScheduleConfig:
         ``grid_blocks`` blocks, and block ``b`` works through chunks ``b, b + grid_blocks,
         ...`` (MAX's ``num_workers``): fewer, longer-lived blocks at prefill, at the cost of
         idle blocks when there are fewer chunks than blocks. Needs one warp per norm row.
+    k_rope_in_norm_group : the cache row's rope part is rotated by the norm group's blocks,
+        not by a k rope group of its own: each thread group of a norm row also rotates its
+        row's rope part (its first ``rope_dim / elements per vector`` threads, a vector
+        each), so a block covers the same rows in both and the merged grid has no k rope
+        group (``rope_vectors_per_thread`` then applies to q alone).
     """
 
     block_threads: int = 128
@@ -51,6 +56,7 @@ class ScheduleConfig:
     unroll: bool = True
     norm_first: bool = False
     grid_blocks: int = 0
+    k_rope_in_norm_group: bool = False
 
     def __post_init__(self) -> None:
         if self.block_threads % self.norm_threads_per_row:

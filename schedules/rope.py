@@ -20,6 +20,11 @@ interleaved; two for NeoX, whose pairs sit ``R / 2`` apart). A block's ``Y * X``
          rotate E elements                    (unrolled, fp32)
          [fp8 cache: quantize E elements      (unrolled)]
          store                            ->  vector stores        (skipped on padding)
+
+With ``k_rope_in_norm_group`` the k branch takes the norm's chunks instead (``norm.py``): row
+``ty`` of the block's ``Y`` (times its rows per thread) on the first ``L`` threads of the
+row's ``X`` (rounds of ``X`` lanes when ``L > X``), so that both branches cover the same rows
+per block and share its blocks.
 """
 
 from __future__ import annotations
@@ -65,19 +70,26 @@ def schedule_rope_branch(
     j_lane, j_elem = sch.split(j, [lanes, None])
     sch.reorder(j_lane, j_elem, p)
     elem = sch.fuse(j_elem, p)
-    tiles_heads = heads * lanes >= threads
-    if tiles_heads:  # blocks tile a token's heads; no more items than fill a block with them
-        items = min(items, heads * lanes // threads)
-        # a thread's heads are adjacent, so that their loads cover one region of the row
-        blk_part, head_part, item = sch.split(head[0], [None, threads // lanes, items])
-        blk = sch.fuse(t, blk_part)
-        sch.reorder(head_part, j_lane, item)
-        thread = sch.fuse(head_part, j_lane)
-    else:  # a block takes whole tokens
-        blk, item, tok_part = sch.split(t, [None, items, threads // (heads * lanes)])
-        thread = sch.fuse(tok_part, *head, j_lane)
-    ty, tx = sch.split(thread, [None, config.norm_threads_per_row])
-    sch.reorder(blk, ty, tx, item, elem)
+    in_norm_group = prefix == "k" and config.k_rope_in_norm_group
+    tiles_heads = not in_norm_group and heads * lanes >= threads
+    if in_norm_group:  # the norm's chunks of rows, a row's lanes on its first threads
+        blk, item, ty = sch.split(t, [None, config.norm_rows_per_thread,
+                                      config.norm_rows_per_block])
+        lane_round, tx = sch.split(j_lane, [None, config.norm_threads_per_row])
+        sch.reorder(blk, ty, tx, lane_round, item, elem)
+    else:
+        if tiles_heads:  # blocks tile a token's heads; no more items than fill a block
+            items = min(items, heads * lanes // threads)
+            # a thread's heads are adjacent, so that their loads cover one region of the row
+            blk_part, head_part, item = sch.split(head[0], [None, threads // lanes, items])
+            blk = sch.fuse(t, blk_part)
+            sch.reorder(head_part, j_lane, item)
+            thread = sch.fuse(head_part, j_lane)
+        else:  # a block takes whole tokens
+            blk, item, tok_part = sch.split(t, [None, items, threads // (heads * lanes)])
+            thread = sch.fuse(tok_part, *head, j_lane)
+        ty, tx = sch.split(thread, [None, config.norm_threads_per_row])
+        sch.reorder(blk, ty, tx, item, elem)
     strides = bind_grid(sch, blk, config.grid_blocks, [ty, tx])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")

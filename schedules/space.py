@@ -58,7 +58,9 @@ GPU_SPACE = DesignSpace(
         "norm_rows_per_thread": (1, 2, 4),
         "unroll": (1, 0),
         "norm_first": (0, 1),
-        "grid_blocks": (0, 1024, 2048, 4096),  # last: records drawn before it decode without it
+        "grid_blocks": (0, 1024, 2048, 4096),
+        # last: records drawn before it decode without it
+        "k_rope_in_norm_group": (0, 1),
     },
     config_type=ScheduleConfig,
     apply=apply_block_group_schedule,

@@ -4,11 +4,12 @@ when the function asks for it, and never for launches that depend on each other.
 
 import pytest
 import tvm
+from tvm import s_tir
 from tvm.script import tirx as T
 from tvm.tirx import stmt as S
 
 from tvm_fused.compiler import pipeline
-from tvm_fused.compiler.block_groups import BLOCK_GROUPS
+from tvm_fused.compiler.block_groups import BLOCK_GROUPS, GROUP_ORDER
 from tvm_fused.compiler.build import cuda_target
 
 
@@ -55,6 +56,14 @@ def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False, mode="ind
                                 out_b[v // 64, v % 64] = a[v // 64, v % 64] + T.float32(1)
     # fmt: on
     return func if mode is None else func.with_attr(BLOCK_GROUPS, mode)
+
+
+def ranked(func, rank_a: int, rank_b: int):
+    """``func`` (of ``two_branches``) with ``GROUP_ORDER`` marks on its branches a and b."""
+    sch = s_tir.Schedule(func)
+    for block, rank in (("a", rank_a), ("b", rank_b)):
+        sch.annotate(sch.get_sblock(block), GROUP_ORDER, rank)
+    return sch.mod["main"]
 
 
 @tvm.ir.instrument.pass_instrument
@@ -118,6 +127,25 @@ def test_one_launch_with_concatenated_grid_and_widest_block():
     assert script.count("blockIdx_x < ") == 2  # one range test per group
 
 
+def test_launches_of_one_rank_share_a_group():
+    """Equal ranks: one group whose blocks run body a, then body b; it spans the more blocks
+    of the two, and each body runs on its own count of them."""
+    merged = _lower(ranked(two_branches(threads_a=64, tx_b=32, ty_b=4), 0, 0))
+    grid, block = (value for _, value in _launches(merged))
+    assert int(block) == 128
+    for n in (0, 1, 7, 1000):  # n blocks of a, ceil(64 n / 128) of b, side by side
+        assert _evaluate(grid, n=n) == max(n, (64 * n + 127) // 128, 1)
+    script = merged.script()
+    assert script.count("blockIdx_x < ") == 3  # the group's range, the bodies' own counts
+    assert script.index("T.float32(2.0)") < script.index("T.float32(1.0)")  # a, then b
+
+
+def test_ranks_order_separate_groups():
+    merged = _lower(ranked(two_branches(threads_a=64, tx_b=32, ty_b=4), 1, 0)).script()
+    assert merged.count("blockIdx_x < ") == 2
+    assert merged.index("T.float32(1.0)") < merged.index("T.float32(2.0)")  # b's group first
+
+
 def test_single_launch_is_left_alone():
     @T.prim_func(s_tir=True)
     def one(a: T.Buffer((8, 32), "float32"), b: T.Buffer((8, 32), "float32")):
@@ -171,13 +199,17 @@ def test_cuda_source_has_one_kernel():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shared_group", [False, True], ids=["two-groups", "one-group"])
 @pytest.mark.parametrize("shared_reduce_b", [False, True], ids=["plain", "with-barrier"])
-def test_merged_launch_runs_both_branches_on_the_gpu(shared_reduce_b):
+def test_merged_launch_runs_both_branches_on_the_gpu(shared_reduce_b, shared_group):
     import torch
 
+    func = two_branches(shared_reduce_b=shared_reduce_b)
+    if shared_group:
+        func = ranked(func, 0, 0)
     target = cuda_target()
     with target:
-        executable = tvm.compile(two_branches(shared_reduce_b=shared_reduce_b), target=target,
+        executable = tvm.compile(func.with_attr("global_symbol", "main"), target=target,
                                  tir_pipeline=pipeline.PIPELINE_NAME)
     for n in (1, 5, 300):
         a = torch.randn(n, 64, device="cuda")

@@ -301,8 +301,10 @@ def _store_widths(ptx: str) -> set[int]:
 
 @pytest.mark.parametrize("schedule", [None, ScheduleConfig(rope_vectors_per_thread=2),
                                       ScheduleConfig(norm_first=True),
-                                      ScheduleConfig(grid_blocks=1024)],
-                         ids=["default", "two-vectors", "norm-first", "persistent"])
+                                      ScheduleConfig(grid_blocks=1024),
+                                      ScheduleConfig(k_rope_in_norm_group=True)],
+                         ids=["default", "two-vectors", "norm-first", "persistent",
+                              "k-rope-in-norm-group"])
 def test_16_byte_stores_stay_whole(source, schedule, tmp_path):
     """NVVM splits some of TVM's ``*(uint4*)(p) = v`` stores into 4-byte pieces; through
     ``__stwb`` every store of a 16-byte-aligned kernel keeps its vector's width: 16 bytes,
@@ -362,12 +364,49 @@ def test_norm_first_orders_the_groups_norm_k_q_count():
     assert groups[2] < q_access < groups[3] < kernel.index("atomic_add(")
 
 
+@pytest.mark.parametrize("norm_first", [False, True], ids=["q-first", "norm-first"])
+def test_k_rope_in_norm_group_shares_the_norm_blocks(norm_first):
+    """``k_rope_in_norm_group``: three groups, q rope and the cache rows (in
+    ``norm_first``'s order), then the count; the cache rows' blocks store each row's rope
+    part from the first 8 threads of its warp, then normalize it, on one count of blocks (no
+    guard of either body)."""
+    kernel = cuda_source(OpConfig(), schedule=ScheduleConfig(k_rope_in_norm_group=True,
+                                                             norm_first=norm_first))
+    kernel = kernel[kernel.rindex('extern "C" __global__'):]
+    groups = [m.start() for m in BLOCK_GROUP.finditer(kernel)]
+    assert len(groups) == 3
+    rows, rope = (0, 1) if norm_first else (1, 0)
+    rows_end = groups[rows + 1]
+    assert groups[rope] < kernel.index("__stwb((uint4*)(out_pairs_ptr") < groups[rope + 1]
+    k_store = kernel.index("__stwb((uint4*)(k_pairs_ptr")
+    first_lanes = kernel.index("(((int64_t)threadIdx.x) & (int64_t)31) < (int64_t)8)")
+    assert groups[rows] < first_lanes < k_store < kernel.index("__shfl_down_sync") < rows_end
+    assert kernel.index("__stwb((uint4*)(k_rows_ptr") < rows_end
+    assert not re.search(r"if \(\(\(\(int64_t\)blockIdx\.x\) - ", kernel)  # no guard
+
+
+@pytest.mark.parametrize("schedule", [
+    ScheduleConfig(block_threads=256, norm_threads_per_row=128, vector_bytes=4,
+                   k_rope_in_norm_group=True),
+    ScheduleConfig(norm_rows_per_thread=2, grid_blocks=1024, k_rope_in_norm_group=True)],
+    ids=["multi-warp-rows", "two-rows-persistent"])
+@pytest.mark.parametrize("name", ["deepseek-v3", "write-through-fp8-e4m3"])
+def test_k_rope_in_norm_group_compiles_with_other_row_shapes(name, schedule, tmp_path):
+    """The k rope on the norm's rows of 128 threads (its 32 lanes on the first warp of each)
+    and on two rows per thread in a persistent grid: nvcc builds both."""
+    cu = tmp_path / "k.cu"
+    cu.write_text(cuda_source(CONFIGS[name], schedule=schedule))
+    result = subprocess.run([_nvcc(), "-ptx", "-arch=sm_90a", "-o", str(tmp_path / "k.ptx"),
+                             str(cu)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
 def test_group_order_marks_must_rank_every_launch():
     op = OpConfig()
     sch = s_tir.Schedule(fused_rope_rmsnorm_func(op))
     apply_block_group_schedule(sch, op, ScheduleConfig())
     sch.annotate(sch.get_sblock("norm_store"), GROUP_ORDER, 0)
-    with pytest.raises(ValueError, match="every launch its own rank"):
+    with pytest.raises(ValueError, match="every launch a rank"):
         with cuda_target():
             tvm.compile(sch.mod, target=cuda_target(), tir_pipeline=pipeline.PIPELINE_NAME)
 

@@ -8,7 +8,16 @@ from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.testing.compare import check_run, run_and_check
 from tvm_fused.testing.inputs import make_inputs
 
-from .cases import MATRIX, MATRIX_IDS, PREFILL, RAGGED, check_matrix_case
+from .cases import (
+    BAD_INDICES,
+    FORMS,
+    MATRIX,
+    MATRIX_IDS,
+    PREFILL,
+    RAGGED,
+    bad_index_inputs,
+    check_matrix_case,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -83,6 +92,17 @@ def test_cuda_graph_replay_with_fewer_real_tokens():
         assert report.ok, report.summary()
 
 
+# the cache row's rope on the norm's blocks: one warp per row (a row's rope on its first 8
+# threads), rows of four warps (the rope's 32 narrow lanes on the first), two rows per thread
+# in a persistent grid whose blocks stride over several chunks
+K_ROPE_IN_NORM_GROUP = [
+    ScheduleConfig(k_rope_in_norm_group=True),
+    ScheduleConfig(block_threads=256, norm_threads_per_row=128, vector_bytes=4,
+                   k_rope_in_norm_group=True, norm_first=True),
+    ScheduleConfig(norm_rows_per_thread=2, grid_blocks=3, k_rope_in_norm_group=True),
+]
+K_ROPE_IN_NORM_GROUP_IDS = ["k-rope-in-norm-group", "k-rope-in-wide-rows",
+                            "k-rope-in-persistent-two-rows"]
 SCHEDULES = [
     ScheduleConfig(block_threads=64, norm_threads_per_row=32, vector_bytes=4),
     ScheduleConfig(block_threads=256, norm_threads_per_row=32, rope_vectors_per_thread=2,
@@ -95,12 +115,13 @@ SCHEDULES = [
     ScheduleConfig(grid_blocks=3),
     ScheduleConfig(block_threads=256, rope_vectors_per_thread=2, norm_rows_per_thread=2,
                    grid_blocks=5, norm_first=True),
+    *K_ROPE_IN_NORM_GROUP,
 ]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES,
                          ids=["narrow", "two-warp-rows", "wide", "norm-first-two-vectors",
-                              "persistent", "persistent-two-rows"])
+                              "persistent", "persistent-two-rows", *K_ROPE_IN_NORM_GROUP_IDS])
 @pytest.mark.parametrize("heads, interleaved", [(128, True), (128, False), (1, False)],
                          ids=["v3", "v3-neox", "one-head-neox"])
 def test_schedule_variants(schedule, heads, interleaved):
@@ -110,3 +131,26 @@ def test_schedule_variants(schedule, heads, interleaved):
                          device="cuda")
     report = run_and_check(inputs, interleaved=interleaved, schedule=schedule)
     assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize("schedule", K_ROPE_IN_NORM_GROUP, ids=K_ROPE_IN_NORM_GROUP_IDS)
+@pytest.mark.parametrize("form", ["write-through", "fp8-e4m3", "fp8-e5m2-scaled"])
+def test_k_rope_in_norm_group_writes_through(form, schedule):
+    """The cache rows' shared group in the write-through form: rows from kv_input into bf16
+    or fp8 caches, and to kv_output."""
+    inputs = make_inputs(*RAGGED, num_q_heads=16, page_size=16, padding_rows=2,
+                         device="cuda", **FORMS[form])
+    report = run_and_check(inputs, schedule=schedule)
+    assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize("case", BAD_INDICES)
+@pytest.mark.parametrize("form", ["in-place", "fp8-e5m2-scaled"])
+def test_k_rope_in_norm_group_skips_bad_indices(form, case):
+    """Both bodies of the shared group skip a token that points nowhere, and it is counted
+    once."""
+    corrupt, errors = BAD_INDICES[case]
+    inputs = bad_index_inputs("cuda", form)
+    corrupt(inputs)
+    report = run_and_check(inputs, validate=False, schedule=K_ROPE_IN_NORM_GROUP[0])
+    assert report.ok and report.errors_expected == errors, report.summary()

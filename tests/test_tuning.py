@@ -64,7 +64,7 @@ def test_space_draws_only_valid_schedules(op, seed):
 
 @pytest.mark.parametrize("fixed", [ScheduleConfig(), ScheduleConfig(
     block_threads=256, norm_threads_per_row=32, vector_bytes=8, rope_vectors_per_thread=4,
-    norm_rows_per_thread=2, unroll=False, grid_blocks=2048)])
+    norm_rows_per_thread=2, unroll=False, grid_blocks=2048, k_rope_in_norm_group=True)])
 def test_fixed_config_is_recorded_as_decisions(fixed):
     sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
     assert sample_config(sch, GPU_SPACE, fixed) == fixed
@@ -89,8 +89,9 @@ def test_single_changes_of_the_default_are_valid_draws():
     assert all(c.norm_rows_per_thread == 1 and c.grid_blocks == 0 for c in changes)
     assert ScheduleConfig(block_threads=256, norm_threads_per_row=128) in changes
     assert ScheduleConfig(block_threads=128, norm_threads_per_row=32) in changes
-    assert len(changes) == 2 + 2 + 2 + 2 + 1 + 1  # blocks, rows, vectors, rope, unroll, order
-    assert len(single_changes(GPU_SPACE, ScheduleConfig())) == 3 + 2 + 2 + 2 + 2 + 1 + 1 + 3
+    # blocks, rows, vectors, rope, unroll, order, the k rope's group
+    assert len(changes) == 2 + 2 + 2 + 2 + 1 + 1 + 1
+    assert len(single_changes(GPU_SPACE, ScheduleConfig())) == 3 + 2 + 2 + 2 + 2 + 1 + 1 + 3 + 1
 
 
 def test_nearest_bucket():

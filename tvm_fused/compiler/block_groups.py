@@ -28,8 +28,11 @@ groups are the branches, in order:
 The groups follow the launches' order, or, when every launch holds a ``GROUP_ORDER`` mark (a
 schedule's ``sch.annotate(block, GROUP_ORDER, rank)`` on a block of each branch: a
 ``pragma_`` attribute, inert in code generation), ascending rank: the GPU dispatches blocks in
-grid order, so the order decides which branch starts first. Grid sizes stay symbolic; blocks
-of one group run only their own branch. Each branch keeps
+grid order, so the order decides which branch starts first. Launches of one rank share a
+group: each of its blocks runs their bodies one after the other (in launch order), the group
+spans the most blocks of them, and a body with fewer blocks than its group is guarded by its
+own count (a schedule gives them the same count, so that no block idles in one of them).
+Grid sizes stay symbolic; blocks of one group run only their own branches. Each branch keeps
 its own thread shape, recovered from the linear thread index, so its warps hold the same
 threads as in its own launch (warp shuffles stay valid); a branch with fewer threads than
 the merged block runs on the first ones. A branch that synchronizes the block
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 
 import tvm
 import tvm_ffi
+from tvm import sym
 from tvm.ir import Op, Range
 from tvm.tirx import stmt as S
 
@@ -98,15 +102,18 @@ def _group_rank(launch) -> int | None:
     return ranks.pop() if ranks else None
 
 
-def _in_group_order(launches: list) -> list:
-    """``launches`` by their ``GROUP_ORDER`` ranks if every one has a rank, else as given."""
+def _in_group_order(launches: list) -> list[list]:
+    """``launches`` gathered into block groups: by ascending ``GROUP_ORDER`` rank, the
+    launches of one rank sharing a group (in the order given), if every one has a rank; else
+    a group per launch, as given."""
     ranks = [_group_rank(launch) for launch in launches]
     if all(rank is None for rank in ranks):
-        return launches
-    if None in ranks or len(set(ranks)) < len(ranks):
-        raise ValueError(f"MergeBlockGroups: {GROUP_ORDER} must give every launch its own "
-                         f"rank, got {ranks}")
-    return [launch for _, launch in sorted(zip(ranks, launches), key=lambda item: item[0])]
+        return [[launch] for launch in launches]
+    if None in ranks:
+        raise ValueError(f"MergeBlockGroups: {GROUP_ORDER} must give every launch a rank, "
+                         f"got {ranks}")
+    return [[launch for rank, launch in zip(ranks, launches) if rank == group_rank]
+            for group_rank in sorted(set(ranks))]
 
 
 def _has_barrier(stmt) -> bool:
@@ -147,8 +154,10 @@ def _cast(value, like):
     return value if _dtype(value) == _dtype(like) else tvm.tirx.Cast(_dtype(like), value)
 
 
-def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int) -> S.Stmt:
-    """The group's body, its old launch variables bound to the merged ones."""
+def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int,
+            guard_blocks: bool) -> S.Stmt:
+    """The launch's body, its old launch variables bound to the merged ones (``guard_blocks``:
+    run only on the first ``group.blocks`` blocks of its group)."""
     binds = [S.Bind(group.block_var, _cast(block_id - first_block, group.block_var))]
     stride = 1
     for tag in _THREAD_TAGS:
@@ -164,6 +173,8 @@ def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int) -
                 f"block, but the merged block has {num_threads}; give every branch that "
                 "synchronizes the full thread count")
         body = S.IfThenElse(thread_id < group.num_threads, body, None)
+    if guard_blocks:  # uniform across a block, so a barrier inside stays safe
+        body = S.IfThenElse(block_id - first_block < _cast(group.blocks, block_id), body, None)
     return body
 
 
@@ -220,18 +231,26 @@ def merge_launches(stmts: list, check: bool = True) -> list:
     if not all(isinstance(s, (S.Bind, S.DeclBuffer)) for s in hoisted):
         raise ValueError("MergeBlockGroups: only let-bindings and buffer declarations may stand "
                          "between launches")
-    groups = [_parse_group(launch) for launch in _in_group_order([stmts[i] for i in launch_ids])]
-    num_threads = max(g.num_threads for g in groups)
+    groups = [[_parse_group(launch) for launch in shared]
+              for shared in _in_group_order([stmts[i] for i in launch_ids])]
+    num_threads = max(g.num_threads for shared in groups for g in shared)
 
-    index_dtype = _dtype(groups[0].blocks)
+    index_dtype = _dtype(groups[0][0].blocks)
     block_id = tvm.tirx.Var("blockIdx.x", index_dtype)
     thread_id = tvm.tirx.Var("threadIdx.x", index_dtype)
     first_block = tvm.tirx.IntImm(index_dtype, 0)
+    analyzer = sym.Analyzer()
     branches = []
-    for group in groups:
-        end = first_block + _cast(group.blocks, block_id)
-        branches.append((block_id < end,
-                         _branch(group, block_id, thread_id, first_block, num_threads)))
+    for shared in groups:
+        counts = [_cast(g.blocks, block_id) for g in shared]
+        span = counts[0]
+        for count in counts[1:]:
+            span = span if analyzer.can_prove_equal(span, count) else tvm.tirx.max(span, count)
+        bodies = [_branch(g, block_id, thread_id, first_block, num_threads,
+                          guard_blocks=not analyzer.can_prove_equal(count, span))
+                  for g, count in zip(shared, counts)]
+        end = first_block + span
+        branches.append((block_id < end, S.SeqStmt(bodies) if len(bodies) > 1 else bodies[0]))
         first_block = end
     chain = None
     for cond, body in reversed(branches):
