@@ -37,7 +37,7 @@ from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, measure, records, summary
 from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
 from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, op_key, records_dir
-from tvm_fused.tuning.tune import RpcTarget, tune
+from tvm_fused.tuning.tune import RpcTarget, seed_configs, tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
 SPACE_OPS = (OpConfig(num_q_heads=128), OpConfig(num_q_heads=1, dtype="float32",
@@ -94,6 +94,18 @@ def test_single_changes_of_the_default_are_valid_draws():
     assert len(single_changes(GPU_SPACE, ScheduleConfig())) == 3 + 2 + 2 + 2 + 2 + 1 + 1 + 3 + 1
 
 
+def test_seeds_are_the_default_the_earlier_decision_and_the_one_knob_changes():
+    default = ScheduleConfig()
+    changes = single_changes(GPU_SPACE, default)
+    decided = ScheduleConfig(norm_threads_per_row=128, vector_bytes=8, unroll=False)
+    assert seed_configs(GPU_SPACE, default, decided) == [default, decided, *changes]
+    # a decision that is the default or one of its one-knob changes is measured once
+    assert seed_configs(GPU_SPACE, default, default) == [default, *changes]
+    assert seed_configs(GPU_SPACE, default, changes[3]) == [default, changes[3], *changes[:3],
+                                                      *changes[4:]]
+    assert seed_configs(GPU_SPACE, default, None) == [default, *changes]
+
+
 def test_nearest_bucket():
     assert [nearest_bucket(n) for n in (1, 2, 3, 5, 20, 64, 100, 1000, 3000, 10**6)] == \
         [1, 1, 8, 8, 8, 64, 64, 512, 4096, 32768]  # geometric midpoints: 2.8, 22.6, ...
@@ -143,7 +155,7 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
                 work_dir=work, device_name=CPU_DEVICE, cost_model="random",
                 builder_workers=2, log=lines.append)
     # the default and its 3 one-knob changes, then one random draw per bucket
-    assert sum("default schedule" in line and "3 one-knob changes" in line
+    assert sum("default schedule" in line and "4 seeds measured" in line
                for line in lines) == 2
     assert sum("+1 measured" in line for line in lines) == 2
     metadata = json.loads((dest / records.METADATA).read_text())
@@ -179,6 +191,16 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
              builder_workers=2, log=lines.append)
     metadata = json.loads((dest / records.METADATA).read_text())
     assert all(entry["records"] == 6 for entry in metadata["buckets"].values())
+
+    # a retune from scratch measures the committed decision of a bucket right after its
+    # default, in the same run (here one two knobs away, which no seed would try)
+    decided = CpuScheduleConfig(tokens_per_task=16, parallel=False)
+    decisions.write(dest, CPU_DEVICE, op, {1: decided, 8: configs[8]})
+    lines.clear()
+    tune(op, tvm.target.Target("llvm"), buckets=(1,), trials=2, logs_dir=logs,
+         work_dir=tmp_path / "fresh", device_name=CPU_DEVICE, cost_model="random",
+         builder_workers=2, log=lines.append)
+    assert any("decided before:" in line and "2 seeds measured" in line for line in lines)
 
 
 def test_no_decisions_fall_back_with_one_warning(tmp_path):

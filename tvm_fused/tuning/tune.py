@@ -1,8 +1,10 @@
 """The tuning driver: one MetaSchedule task per token-count bucket, records kept in the repo.
 
 For each bucket the hand-written default schedule is measured first (so the tuned choice is
-never worse than it), with every config one knob away from it (``single_changes``: a
-structural change the default misses is found in few trials), then ``ReplayFunc`` draws
+never worse than it), with the config an earlier tuning decided (the committed decisions of
+the GPU and op, re-measured in the same run) and every config one knob away from the default
+(``single_changes``: a structural change the default misses is found in few trials), then
+``ReplayFunc`` draws
 candidates from the design space until the bucket has ``trials`` measured records. The work
 directory's JSON database grows record by record, so a killed run loses at most the batch in
 flight and a re-run continues from it. At the end the database is compacted into
@@ -97,16 +99,29 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
                  f"{self.count[name]} this run, best {best_us:.2f} us")
 
 
-def _seed(workloads: dict, op, target, space, trials, builder, runner, database, log):
-    """For each bucket of ``workloads`` (tokens -> workload), measure the hand-written default
-    and every config one knob away from it (``single_changes``; ``trials`` configs at most),
+def seed_configs(space, default, decided) -> list:
+    """The configs a bucket's tuning measures first, in order: its hand-written ``default``,
+    the ``decided`` config of an earlier tuning (None: none; re-measured in this run, so a
+    winner found before is never lost and is compared with the default of the same run),
+    then every config one knob away from the default (``single_changes``)."""
+    seeds = [default]
+    for config in [decided, *single_changes(space, default)]:
+        if config is not None and config not in seeds:
+            seeds.append(config)
+    return seeds
+
+
+def _seed(workloads: dict, op, target, space, trials, builder, runner, database, log,
+          decided: dict):
+    """For each bucket of ``workloads`` (tokens -> workload), measure its ``seed_configs`` (with
+    ``decided``: tokens -> the config an earlier tuning decided; ``trials`` configs at most),
     every bucket's in one batch (one builder pool), and commit each as a record. Returns
     tokens -> ``[(config, seconds)]`` of those that built and ran, the default first;
     ``RuntimeError`` if a default fails."""
     jobs = []  # (tokens, config, schedule)
     for tokens, workload in workloads.items():
         default = space.default_for(tokens, op)
-        for config in [default, *single_changes(space, default)][:trials]:
+        for config in seed_configs(space, default, decided.get(tokens))[:trials]:
             sch = tvm.s_tir.Schedule(workload)
             schedule_fn(op, space, fixed=config)(sch)
             jobs.append((tokens, config, sch))
@@ -157,14 +172,20 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
     done = {tokens: len(database.get_top_k(database.commit_workload(workload), trials))
             for tokens, workload in workloads.items()}
     fresh = {tokens: w for tokens, w in workloads.items() if done[tokens] == 0}
+    dest = records_dir(logs_dir, device_name, op)
+    decided = (decisions.read(dest, space.config_type)
+               if (dest / decisions.DECISIONS).is_file() else {})
     if fresh:
-        seeded = _seed(fresh, op, target, space, trials, builder, runner, database, log)
+        seeded = _seed(fresh, op, target, space, trials, builder, runner, database, log,
+                       decided)
         for tokens, measured in seeded.items():
             (default, default_s), (best_config, best_s) = measured[0], min(
                 measured, key=lambda pair: pair[1])
-            log(f"[{names[tokens]}] default schedule: {default_s * 1e6:.2f} us; "
-                f"{len(measured) - 1} one-knob changes of it, best {best_s * 1e6:.2f} us"
-                f"{'' if best_config == default else f' ({best_config})'}")
+            earlier = [f"; decided before: {secs * 1e6:.2f} us" for config, secs in measured
+                       if config == decided.get(tokens) != default]
+            log(f"[{names[tokens]}] default schedule: {default_s * 1e6:.2f} us"
+                f"{''.join(earlier)}; {len(measured)} seeds measured, best "
+                f"{best_s * 1e6:.2f} us{'' if best_config == default else f' ({best_config})'}")
             done[tokens] = len(measured)
     tasks, task_names, remaining = [], [], []
     for tokens, workload in workloads.items():
@@ -188,7 +209,6 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
             num_trials_per_iter=min(16, max(remaining)), builder=builder, runner=runner,
             database=database, cost_model=_cost_model(cost_model), task_scheduler="round-robin",
             measure_callbacks=callbacks)
-    dest = records_dir(logs_dir, device_name, op)
     records.compact(work_dir, dest, space, {workload_hash(w): space.default_for(tokens, op)
                                             for tokens, w in workloads.items()})
     chosen = _write_metadata(dest, op, target, device_name, workloads, trials, space,
