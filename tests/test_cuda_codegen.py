@@ -239,18 +239,35 @@ def test_pdl_waits_before_any_access_or_after_the_index_reads(source):
     if not CONFIGS[name].pdl:
         assert "griddepcontrol" not in kernel
         return
-    groups = [m.start() for m in BLOCK_GROUP.finditer(kernel)]
-    assert len(groups) == 4
-    assert kernel.count(LAUNCH_DEPENDENTS) == 1 and kernel.index(LAUNCH_DEPENDENTS) < groups[0]
+    _assert_each_group_waits(CONFIGS[name], kernel, groups=4)
+
+
+@pytest.mark.parametrize("name", ["pdl", "pdl-early"])
+def test_pdl_waits_once_in_the_cache_rows_shared_group(name):
+    """``k_rope_in_norm_group``: the shared group waits before its first body's data (the k
+    rope's), which covers the norm body after it."""
+    src = cuda_source(CONFIGS[name], schedule=ScheduleConfig(k_rope_in_norm_group=True))
+    _assert_each_group_waits(CONFIGS[name], src[src.rindex('extern "C" __global__'):],
+                             groups=3)
+
+
+def _assert_each_group_waits(op: OpConfig, kernel: str, groups: int) -> None:
+    """Each of the ``groups`` block groups of ``kernel`` waits once, before its first data
+    access (with ``pdl_early_indices``: after an index read), after the one launch of the
+    dependents."""
+    starts = [m.start() for m in BLOCK_GROUP.finditer(kernel)]
+    assert len(starts) == groups
+    assert kernel.count(LAUNCH_DEPENDENTS) == 1 and kernel.index(LAUNCH_DEPENDENTS) < starts[0]
+    assert kernel.count(WAIT) == groups
     registers = set(re.findall(r"alignas\(\d+\) [\w ]+? (\w+_ptr)\[", kernel))
-    for start, end in zip(groups, [*groups[1:], len(kernel)]):
+    for start, end in zip(starts, [*starts[1:], len(kernel)]):
         group = kernel[start:end]
         accesses = [(m.start(), m.group(1) or m.group(2) or m.group(3) or "atomic")
                     for m in MEMORY_ACCESS.finditer(group)]
         data = [i for i, buffer in accesses if buffer not in registers | INDEX_BUFFERS]
         index = [i for i, buffer in accesses if buffer in INDEX_BUFFERS]
         wait = group.find(WAIT)
-        if CONFIGS[name].pdl_early_indices:
+        if op.pdl_early_indices:
             assert index and data and 0 < min(index) < wait < min(data), group[:wait + 200]
         else:
             assert index and data and 0 < wait < min(index + data), group[:wait + 200]
