@@ -108,6 +108,12 @@ def single_changes(space: DesignSpace, config) -> list:
     return changes
 
 
+def can_draw(space: DesignSpace, config) -> bool:
+    """Whether ``sample_config`` could draw ``config`` (a decision of an older space may
+    hold values this one no longer offers)."""
+    return _valid(space, {name: int(getattr(config, name)) for name in space.knobs})
+
+
 def _valid(space: DesignSpace, values_of: dict) -> bool:
     """Whether ``sample_config`` could draw these knob values (and they make a config)."""
     chosen: dict = {}

@@ -104,6 +104,9 @@ def test_seeds_are_the_default_the_earlier_decision_and_the_one_knob_changes():
     assert seed_configs(GPU_SPACE, default, changes[3]) == [default, changes[3], *changes[:3],
                                                       *changes[4:]]
     assert seed_configs(GPU_SPACE, default, None) == [default, *changes]
+    # a decision the space cannot draw (a value it no longer offers) is left out
+    assert seed_configs(GPU_SPACE, default, ScheduleConfig(block_threads=96)) == [
+        default, *changes]
 
 
 def test_nearest_bucket():

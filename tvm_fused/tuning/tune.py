@@ -4,8 +4,8 @@ For each bucket the hand-written default schedule is measured first (so the tune
 never worse than it), with the config an earlier tuning decided (the committed decisions of
 the GPU and op, re-measured in the same run) and every config one knob away from the default
 (``single_changes``: a structural change the default misses is found in few trials), then
-``ReplayFunc`` draws
-candidates from the design space until the bucket has ``trials`` measured records. The work
+``ReplayFunc`` draws candidates from the design space until the bucket has ``trials``
+measured records. The work
 directory's JSON database grows record by record, so a killed run loses at most the batch in
 flight and a re-run continues from it. At the end the database is compacted into
 ``tuning_logs/<gpu>/<op key>/`` with metadata.
@@ -28,7 +28,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from ..compiler.config import OpConfig
 from ..compiler.definition import OP_NAME
-from ..schedules.space import schedule_fn, single_changes, space_for
+from ..schedules.space import can_draw, schedule_fn, single_changes, space_for
 from . import decisions, records
 from .buckets import BUCKETS
 from .layout import records_dir
@@ -102,13 +102,13 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 def seed_configs(space, default, decided) -> list:
     """The configs a bucket's tuning measures first, in order: its hand-written ``default``,
     the ``decided`` config of an earlier tuning (None: none; re-measured in this run, so a
-    winner found before is never lost and is compared with the default of the same run),
-    then every config one knob away from the default (``single_changes``)."""
+    winner found before is never lost and is compared with the default of the same run;
+    skipped if the space can no longer draw it), then every config one knob away from the
+    default (``single_changes``)."""
     seeds = [default]
-    for config in [decided, *single_changes(space, default)]:
-        if config is not None and config not in seeds:
-            seeds.append(config)
-    return seeds
+    if decided is not None and decided != default and can_draw(space, decided):
+        seeds.append(decided)
+    return seeds + [config for config in single_changes(space, default) if config not in seeds]
 
 
 def _seed(workloads: dict, op, target, space, trials, builder, runner, database, log,
