@@ -5,10 +5,9 @@ never worse than it), with the config an earlier tuning decided (the committed d
 the GPU and op, re-measured in the same run) and every config one knob away from the default
 (``single_changes``: a structural change the default misses is found in few trials), then
 ``ReplayFunc`` draws candidates from the design space until the bucket has ``trials``
-measured records. The work
-directory's JSON database grows record by record, so a killed run loses at most the batch in
-flight and a re-run continues from it. At the end the database is compacted into
-``tuning_logs/<gpu>/<op key>/`` with metadata.
+measured records. The work directory's JSON database grows record by record, so a killed run
+loses at most the batch in flight and a re-run continues from it. At the end the database is
+compacted into ``tuning_logs/<gpu>/<op key>/`` with metadata.
 """
 
 from __future__ import annotations
@@ -181,10 +180,11 @@ def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: in
         for tokens, measured in seeded.items():
             (default, default_s), (best_config, best_s) = measured[0], min(
                 measured, key=lambda pair: pair[1])
-            earlier = [f"; decided before: {secs * 1e6:.2f} us" for config, secs in measured
-                       if config == decided.get(tokens) != default]
+            earlier = decided.get(tokens, default)
+            earlier_s = None if earlier == default else dict(measured).get(earlier)
             log(f"[{names[tokens]}] default schedule: {default_s * 1e6:.2f} us"
-                f"{''.join(earlier)}; {len(measured)} seeds measured, best "
+                f"{'' if earlier_s is None else f'; decided before: {earlier_s * 1e6:.2f} us'}"
+                f"; {len(measured)} seeds measured, best "
                 f"{best_s * 1e6:.2f} us{'' if best_config == default else f' ({best_config})'}")
             done[tokens] = len(measured)
     tasks, task_names, remaining = [], [], []
