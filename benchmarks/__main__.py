@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tvm_fused.compiler import config
+from tvm_fused import form as config
 
 
 def _names(value: str) -> list[str]:
@@ -66,7 +66,7 @@ def suite_parts(args: argparse.Namespace) -> tuple:
 def suite(args: argparse.Namespace) -> int:
     import torch
 
-    from tvm_fused import OpConfig
+    from tvm_fused import Form
 
     from .suite import run_suite
 
@@ -78,7 +78,7 @@ def suite(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("the suite needs a CUDA GPU", file=sys.stderr)
         return 2
-    base = OpConfig(rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
+    base = Form(rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
                     page_size=args.page_size, dtype=args.dtype, gamma_dtype=args.dtype)
     _, failures = run_suite(parts, base, Path(args.csv) if args.csv else None, reps=args.reps)
     for failure in failures:

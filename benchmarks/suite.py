@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import tvm
 
-from tvm_fused import OpConfig, fused_rope_rmsnorm
+from tvm_fused import Form, fused_rope_rmsnorm
 from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.testing.compare import CheckReport, check_run
 from tvm_fused.testing.inputs import OpInputs, make_inputs
@@ -65,7 +65,7 @@ PROVIDERS = {
 ALL_PROVIDERS = tuple(dict.fromkeys(PROVIDERS["in-place"] + PROVIDERS["write-through"]))
 
 
-def form_name(op: OpConfig) -> str:
+def form_name(op: Form) -> str:
     """``op``'s form, one of ``FORMS``."""
     return FORMS[op.write_through]
 
@@ -88,7 +88,7 @@ class Call:
 Provider = Callable[[Call], None]
 
 
-def sweep_inputs(op: OpConfig, tokens: int, device="cuda") -> OpInputs:
+def sweep_inputs(op: Form, tokens: int, device="cuda") -> OpInputs:
     """Inputs of ``tokens`` tokens: a decode step (one new token for each of ``tokens``
     requests with 1k-4k cached) up to ``DECODE_MAX``, else a prefill of a few requests.
     ``q_rope`` is the rope view ``q[..., 128:]`` of a full MLA q, as in a model; in the
@@ -185,7 +185,7 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def providers(op: OpConfig, tokens: int, names: tuple[str, ...],
+def providers(op: Form, tokens: int, names: tuple[str, ...],
               kv_output: bool = False) -> dict[str, Provider]:
     """The providers in ``names`` that exist for ``op`` (its form: ``PROVIDERS``):
     "tvm-fused tuned" only with tuning decisions for this GPU and op, "liger" only for NeoX
@@ -308,7 +308,7 @@ def _graph_us(call, reps: int, log, calls: int = 1) -> float:
         return math.nan
 
 
-def moved_bytes(op: OpConfig, tokens: int, kv_output: bool) -> int:
+def moved_bytes(op: Form, tokens: int, kv_output: bool) -> int:
     """Bytes ``op`` must move for ``tokens`` tokens (``timing.op_bytes``, float32 freqs):
     the copy before the in-place op is measured against the same bytes, the op's own."""
     cache_dtype = getattr(torch, op.cache_element)
@@ -316,7 +316,7 @@ def moved_bytes(op: OpConfig, tokens: int, kv_output: bool) -> int:
                     getattr(torch, op.dtype), cache_dtype=cache_dtype, kv_output=kv_output)
 
 
-def measure(op: OpConfig, tokens: int, provider_map: dict[str, Provider], copy_tb_s: float,
+def measure(op: Form, tokens: int, provider_map: dict[str, Provider], copy_tb_s: float,
             failures: list[str], reps: int = 100, log=print, kv_output: bool = False
             ) -> list[Row]:
     """Check, then time, each provider on ``sweep_inputs(op, tokens)`` (writing
@@ -398,7 +398,7 @@ class Part:
         if self.kv_output and self.form != "write-through":
             raise ValueError("kv_output needs the write-through form")
 
-    def op(self, base: OpConfig) -> OpConfig:
+    def op(self, base: Form) -> Form:
         """``base`` with this part's heads, pairing, form and cache dtype."""
         return dataclasses.replace(base, num_q_heads=self.heads, interleaved=self.interleaved,
                                    write_through=self.form == "write-through",
@@ -415,7 +415,7 @@ SUITE = (
 )
 
 
-def run_suite(parts, base: OpConfig, csv_path: Path | None, reps: int = 100,
+def run_suite(parts, base: Form, csv_path: Path | None, reps: int = 100,
               log=print) -> tuple[list[Row], list[str]]:
     """Measure every ``Part`` of ``parts`` on ``base``'s other dims; rows are appended to
     ``csv_path`` as each token count finishes. Returns the rows and the failures

@@ -10,7 +10,7 @@ import dataclasses
 
 import tvm
 
-from tvm_fused.compiler.config import ITEMSIZE, OpConfig
+from tvm_fused.form import ITEMSIZE, Form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ class ScheduleConfig:
         """Cache rows one norm block normalizes."""
         return self.block_threads // self.norm_threads_per_row
 
-    def rope_lanes(self, op: OpConfig, prefix: str) -> tuple[int, int, int]:
+    def rope_lanes(self, op: Form, prefix: str) -> tuple[int, int, int]:
         """``(vector, elems, lanes)`` of the ``prefix`` ("q" or "k") rope branch: elements per
         vector access, elements per lane (whole pairs), lanes per head (``rope_dim / elems``).
         """
@@ -97,12 +97,12 @@ class ScheduleConfig:
         elems = max(vector, 2) if op.interleaved else 2 * vector
         return vector, elems, op.rope_dim // elems
 
-    def q_heads_per_thread(self, op: OpConfig) -> int:
+    def q_heads_per_thread(self, op: Form) -> int:
         """The most heads a q rope thread can take while blocks still tile a token's heads
         (0: a block holds whole tokens)."""
         return op.num_q_heads * self.rope_lanes(op, "q")[2] // self.block_threads
 
-    def vector_elems(self, op: OpConfig, dtype: str, *dims: int) -> int:
+    def vector_elems(self, op: Form, dtype: str, *dims: int) -> int:
         """Elements per vector access of ``dtype``: as wide as ``vector_bytes`` and the op's
         alignment allow while dividing every dim in ``dims``."""
         elems = max(min(self.vector_bytes, op.alignment) // ITEMSIZE[dtype], 1)
@@ -125,7 +125,7 @@ DEFAULT_SCHEDULE = ScheduleConfig()
 TWO_VECTORS = ScheduleConfig(rope_vectors_per_thread=2)
 
 
-def default_for_tokens(tokens: int | None, op: OpConfig) -> ScheduleConfig:
+def default_for_tokens(tokens: int | None, op: Form) -> ScheduleConfig:
     """The hand-written default for ``op`` and calls of about ``tokens`` tokens (a token
     bucket; None: any count).
 
@@ -154,7 +154,7 @@ def default_for_tokens(tokens: int | None, op: OpConfig) -> ScheduleConfig:
     return dataclasses.replace(shape, norm_first=norm_first)
 
 
-def default_schedule_config(target: tvm.target.Target, op: OpConfig,
+def default_schedule_config(target: tvm.target.Target, op: Form,
                             tokens: int | None = None) -> ScheduleConfig:
     """The hand-written default for a CUDA target, ``op`` and calls of about ``tokens``
     tokens (``default_for_tokens``)."""

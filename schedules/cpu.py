@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from tvm import s_tir
 
-from tvm_fused.compiler.config import OpConfig
+from tvm_fused.form import Form
 
 
-def branch_stages(op: OpConfig) -> dict[str, tuple[str, ...]]:
+def branch_stages(op: Form) -> dict[str, tuple[str, ...]]:
     """The stages each branch computes per token before its store, in order."""
     quant = ("quant",) if op.cache_dtype is not None else ()
     return {
@@ -38,7 +38,7 @@ class CpuScheduleConfig:
     parallel: bool = True
 
 
-def apply_cpu_schedule(sch: s_tir.Schedule, op: OpConfig, config: CpuScheduleConfig) -> None:
+def apply_cpu_schedule(sch: s_tir.Schedule, op: Form, config: CpuScheduleConfig) -> None:
     """Apply ``config`` to a schedule of ``fused_rope_rmsnorm_func(op)`` in place."""
     for prefix, stages in branch_stages(op).items():
         store = sch.get_sblock(f"{prefix}_store")

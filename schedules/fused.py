@@ -9,12 +9,10 @@ rope, k rope, norm, error count (``norm_first``: norm, k rope, q rope, error cou
 
 from __future__ import annotations
 
-import tvm
 from tvm import s_tir
 
 from tvm_fused.compiler.block_groups import GROUP_ORDER
-from tvm_fused.compiler.config import OpConfig
-from tvm_fused.compiler.definition import fused_rope_rmsnorm_func
+from tvm_fused.form import Form
 
 from .config import ScheduleConfig
 from .count import schedule_count_branch
@@ -35,7 +33,7 @@ def block_groups(config: ScheduleConfig) -> list[tuple[str, ...]]:
     return [*(cache_rows + rope if config.norm_first else rope + cache_rows), ("count_locate",)]
 
 
-def apply_block_group_schedule(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConfig) -> None:
+def apply_block_group_schedule(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) -> None:
     """Apply ``config`` to a schedule of ``fused_rope_rmsnorm_func(op)`` in place."""
     schedule_rope_branch(sch, "q", op, config, items=config.rope_vectors_per_thread)
     schedule_rope_branch(sch, "k", op, config, items=config.rope_vectors_per_thread)
@@ -45,10 +43,3 @@ def apply_block_group_schedule(sch: s_tir.Schedule, op: OpConfig, config: Schedu
         for rank, group in enumerate(block_groups(config)):
             for block in group:
                 sch.annotate(sch.get_sblock(block), GROUP_ORDER, rank)
-
-
-def schedule_fused_rope_rmsnorm(op: OpConfig, config: ScheduleConfig) -> tvm.IRModule:
-    """The scheduled IRModule of the fused op for a CUDA target."""
-    sch = s_tir.Schedule(fused_rope_rmsnorm_func(op))
-    apply_block_group_schedule(sch, op, config)
-    return sch.mod

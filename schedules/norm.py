@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_fused.compiler.config import OpConfig
+from tvm_fused.form import Form
 
 from .config import ScheduleConfig
 from .util import bind_grid, set_local
 
 
-def schedule_norm_branch(sch: s_tir.Schedule, op: OpConfig, config: ScheduleConfig) -> None:
+def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) -> None:
     """Bind the ``norm_*`` stages: ``norm_threads_per_row`` threads per cache row."""
     locate, load, sumsq, scale, apply, store = (
         sch.get_sblock(f"norm_{stage}")

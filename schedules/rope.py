@@ -31,14 +31,14 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_fused.compiler.config import OpConfig
+from tvm_fused.form import Form
 
 from .config import ScheduleConfig
 from .util import bind_grid, loops_under, set_local, vectorize_tail
 
 
 def schedule_rope_branch(
-    sch: s_tir.Schedule, prefix: str, op: OpConfig, config: ScheduleConfig, items: int
+    sch: s_tir.Schedule, prefix: str, op: Form, config: ScheduleConfig, items: int
 ) -> None:
     """Bind the ``{prefix}_locate/freqs/load/rope[/quant]/store`` stages; ``items`` vectors a
     thread (at most as many as a token's heads fill: with 16 heads and 128-thread blocks, one)."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import tvm
 from tvm import s_tir
 
-from tvm_fused.compiler.config import OpConfig
+from tvm_fused.form import Form
 
 from .config import ScheduleConfig, default_for_tokens
 from .cpu import CpuScheduleConfig, apply_cpu_schedule
@@ -128,7 +128,7 @@ def _valid(space: DesignSpace, values_of: dict) -> bool:
     return True
 
 
-def schedule_fn(op: OpConfig, space: DesignSpace, fixed=None):
+def schedule_fn(op: Form, space: DesignSpace, fixed=None):
     """A ``ScheduleFn`` body: sample a config (or take ``fixed``) and apply it."""
 
     def space_fn(sch: s_tir.Schedule) -> s_tir.Schedule:

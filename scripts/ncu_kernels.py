@@ -9,12 +9,12 @@ the order printed: ncu's rows follow it.
 import torch
 
 from benchmarks.suite import engine_addressing, new_call, providers, sweep_inputs
-from tvm_fused.compiler.config import OpConfig
+from tvm_fused.form import Form
 
 TOKENS = (1, 8, 64, 256, 4096, 32768)
 NAMES = ("tvm-fused default", "triton fused")
 
-op = OpConfig()
+op = Form()
 cases = []
 for tokens in TOKENS:
     inputs = sweep_inputs(op, tokens)

@@ -15,7 +15,7 @@ from benchmarks.suite import host_us
 from tvm_fused import dispatch, fused_rope_rmsnorm
 from tvm_fused.arguments import OFFSETS, check_arguments
 from tvm_fused.compiler.build import cuda_target
-from tvm_fused.compiler.config import OpConfig
+from tvm_fused.form import Form
 from tvm_fused.timing import time_cuda
 from tvm_fused.tuning.workload import bucket_inputs
 
@@ -45,7 +45,7 @@ for label, fn in (("empty kernel", lambda: torch.cuda._sleep(0)),):
 
 
 def probe(tokens):
-    x = bucket_inputs(OpConfig(), tokens, device="cuda")
+    x = bucket_inputs(Form(), tokens, device="cuda")
     out = torch.empty_like(x.q_rope)
     args = x.args()
     q = x.q_rope

@@ -24,16 +24,16 @@ from benchmarks.suite import (
     sweep_inputs,
     tvm_provider,
 )
-from tvm_fused.compiler.config import OpConfig
+from tvm_fused.form import Form
 
 
-def _op(form="in-place", cache_dtype=None, heads=2) -> OpConfig:
-    return Part(heads, True, (), (), form, cache_dtype).op(OpConfig())
+def _op(form="in-place", cache_dtype=None, heads=2) -> Form:
+    return Part(heads, True, (), (), form, cache_dtype).op(Form())
 
 
 @pytest.mark.parametrize("tokens", [1, DECODE_MAX])
 def test_decode_sizes_are_one_token_per_long_request(tokens):
-    inputs = sweep_inputs(OpConfig(num_q_heads=2), tokens, device="cpu")
+    inputs = sweep_inputs(Form(num_q_heads=2), tokens, device="cpu")
     offsets = inputs.input_row_offsets.to(torch.int64)
     assert offsets.tolist() == list(range(tokens + 1))
     assert int(inputs.cache_lengths.min()) >= 1024
@@ -42,7 +42,7 @@ def test_decode_sizes_are_one_token_per_long_request(tokens):
 
 
 def test_prefill_sizes_are_few_long_requests():
-    inputs = sweep_inputs(OpConfig(num_q_heads=2), 4096, device="cpu")
+    inputs = sweep_inputs(Form(num_q_heads=2), 4096, device="cpu")
     counts = (inputs.input_row_offsets[1:].to(torch.int64)
               - inputs.input_row_offsets[:-1].to(torch.int64))
     assert int(counts.sum()) == 4096 and len(counts) <= 8 and int(counts.min()) >= 512
@@ -103,7 +103,7 @@ def test_write_through_providers_pass_their_check_on_the_cpu(cache_dtype, kv_out
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
 def test_copy_then_in_place_is_the_write_through_op(interleaved):
-    op = Part(4, interleaved, (), (), "write-through").op(OpConfig())
+    op = Part(4, interleaved, (), (), "write-through").op(Form())
     base = sweep_inputs(op, 5, device="cpu")
     _, report = check_provider(COPY_THEN_IN_PLACE, copy_then_in_place(None, interleaved), base,
                                False, interleaved)
@@ -127,7 +127,7 @@ def test_parts_check_their_form():
     with pytest.raises(ValueError, match="write-through"):
         Part(2, True, (1,), (), "in-place", kv_output=True)
     with pytest.raises(ValueError, match="write-through"):
-        Part(2, True, (1,), (), "in-place", "float8_e4m3fn").op(OpConfig())
+        Part(2, True, (1,), (), "in-place", "float8_e4m3fn").op(Form())
 
 
 def _parts(*argv):
@@ -175,7 +175,7 @@ def test_small_suite_checks_and_times_every_provider(tmp_path):
     parts = [Part(4, True, (1, 2048), FORM_PROVIDERS),
              Part(4, True, (1, 2048), FORM_PROVIDERS, "write-through"),
              Part(4, False, (2,), FORM_PROVIDERS, "write-through", "float8_e4m3fn", True)]
-    rows, failures = run_suite(parts, OpConfig(), csv, reps=5, log=lambda _: None)
+    rows, failures = run_suite(parts, Form(), csv, reps=5, log=lambda _: None)
     assert not failures
     no_copy = [name for name in FORM_PROVIDERS if name != COPY_THEN_IN_PLACE]
     assert sorted((r.form, r.cache_dtype, r.kv_output, r.provider, r.tokens) for r in rows) == \
@@ -215,7 +215,7 @@ def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
     names = ("tvm-fused default", "torch eager")
     parts = [Part(2, True, (2,), names), Part(2, False, (2,), names, "write-through"),
              Part(2, True, (300,), names, "write-through", "float8_e5m2", True)]
-    rows, failures = suite.run_suite(parts, OpConfig(), csv, reps=3, log=lambda _: None)
+    rows, failures = suite.run_suite(parts, Form(), csv, reps=3, log=lambda _: None)
     assert len(failures) == 3 and all(f.startswith("tvm-fused default") for f in failures)
     assert [(r.form, r.cache_dtype, r.kv_output, r.pairing, r.regime) for r in rows] == [
         ("in-place", "bfloat16", False, "gptj", "decode"),
@@ -223,7 +223,7 @@ def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
         ("write-through", "float8_e5m2", True, "gptj", "prefill")]
     assert all(r.provider == "torch eager" and r.checked and r.median_us == 10.0 for r in rows)
     assert [r.steady_us for r in rows[:2]] == [10.0, 10.0] and math.isnan(rows[2].steady_us)
-    bytes_per_op = [moved_bytes(part.op(OpConfig()), part.tokens[0], part.kv_output)
+    bytes_per_op = [moved_bytes(part.op(Form()), part.tokens[0], part.kv_output)
                     for part in parts]
     assert [r.same_bytes_copy_us for r in rows] == [b / 2e6 for b in bytes_per_op]
     assert [r.tb_per_s for r in rows] == [b / 10.0 / 1e6 for b in bytes_per_op]

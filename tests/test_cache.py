@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tvm_fused import OpConfig
+from tvm_fused import Form
 from tvm_fused.compiler import kernel_cache
 from tvm_fused.compiler.build import CPU_TARGET, as_target
 
@@ -54,10 +54,10 @@ def test_truncated_cache_file_is_rebuilt_with_a_warning(tmp_path):
 
 def test_key_depends_on_config_target_and_schedule():
     target = as_target(CPU_TARGET)
-    base = kernel_cache.kernel_key(OpConfig(), target, None)
-    assert base == kernel_cache.kernel_key(OpConfig(), target, None)
-    assert base != kernel_cache.kernel_key(OpConfig(page_size=64), target, None)
-    assert base != kernel_cache.kernel_key(OpConfig(), as_target("cuda"), None)
+    base = kernel_cache.kernel_key(Form(), target, None)
+    assert base == kernel_cache.kernel_key(Form(), target, None)
+    assert base != kernel_cache.kernel_key(Form(page_size=64), target, None)
+    assert base != kernel_cache.kernel_key(Form(), as_target("cuda"), None)
 
 
 @pytest.mark.parametrize("text", ["", "not a library"])
@@ -127,12 +127,12 @@ def test_stale_kernels_are_pruned_and_the_cache_is_capped(tmp_path, monkeypatch)
     flat.write_bytes(b"x")
     for path in (stale_dir / "fused_rope_rmsnorm-x.so", stale_dir, flat):
         os.utime(path, (week_ago, week_ago))
-    kernel_cache.get_kernel(OpConfig(num_q_heads=2, page_size=4), CPU_TARGET)
+    kernel_cache.get_kernel(Form(num_q_heads=2, page_size=4), CPU_TARGET)
     assert not stale_dir.exists() and not flat.exists()
     assert (recent_dir / "fused_rope_rmsnorm-x.so").exists()
 
     monkeypatch.setenv("TVM_FUSED_CACHE_MAX_MB", "0")  # room for the newest kernel only
-    kernel_cache.get_kernel(OpConfig(num_q_heads=3, page_size=4), CPU_TARGET)
+    kernel_cache.get_kernel(Form(num_q_heads=3, page_size=4), CPU_TARGET)
     assert len(list(tmp_path.glob("*/*.so"))) == 1
 
 
@@ -153,5 +153,5 @@ def test_pruning_leaves_other_processes_alone(tmp_path, monkeypatch):
         yield self / "fused_rope_rmsnorm-gone.so"
 
     monkeypatch.setattr(Path, "glob", glob_with_vanished)
-    kernel_cache.get_kernel(OpConfig(num_q_heads=2, page_size=2), CPU_TARGET)
+    kernel_cache.get_kernel(Form(num_q_heads=2, page_size=2), CPU_TARGET)
     assert in_progress.exists()

@@ -12,7 +12,7 @@ from tvm import s_tir
 from tvm.script import tirx as T
 from tvm.support import nvcc
 
-from tvm_fused import OpConfig, cuda_source
+from tvm_fused import Form, cuda_source
 from tvm_fused.compiler import pipeline, vector_stores
 from tvm_fused.compiler.block_groups import GROUP_ORDER
 from tvm_fused.compiler.build import cuda_target, ieee_float32
@@ -21,24 +21,24 @@ from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.schedules.fused import apply_block_group_schedule
 
 CONFIGS = {
-    "deepseek-v3": OpConfig(num_q_heads=128),
-    "v2-lite-fp16": OpConfig(num_q_heads=16, dtype="float16", gamma_dtype="float16"),
-    "one-head-fp32-neox": OpConfig(num_q_heads=1, dtype="float32", gamma_dtype="float32",
+    "deepseek-v3": Form(num_q_heads=128),
+    "v2-lite-fp16": Form(num_q_heads=16, dtype="float16", gamma_dtype="float16"),
+    "one-head-fp32-neox": Form(num_q_heads=1, dtype="float32", gamma_dtype="float32",
                                    page_size=1, interleaved=False),
-    "v3-neox": OpConfig(num_q_heads=128, interleaved=False),
-    "unaligned-int32-offsets": OpConfig(num_q_heads=64, offsets_dtype="int32",
+    "v3-neox": Form(num_q_heads=128, interleaved=False),
+    "unaligned-int32-offsets": Form(num_q_heads=64, offsets_dtype="int32",
                                         freqs_dtype="bfloat16", alignment=2),
-    "write-through": OpConfig(num_q_heads=128, write_through=True, kv_output=True),
-    "write-through-fp8-e4m3": OpConfig(num_q_heads=128, write_through=True,
+    "write-through": Form(num_q_heads=128, write_through=True, kv_output=True),
+    "write-through-fp8-e4m3": Form(num_q_heads=128, write_through=True,
                                        cache_dtype="float8_e4m3fn"),
-    "write-through-fp8-e5m2-neox": OpConfig(num_q_heads=16, write_through=True,
+    "write-through-fp8-e5m2-neox": Form(num_q_heads=16, write_through=True,
                                             cache_dtype="float8_e5m2", interleaved=False),
-    "pdl": OpConfig(num_q_heads=128, pdl=True),
-    "slots-split-fp8-pdl-early": OpConfig(num_q_heads=16, addressing="slots",
+    "pdl": Form(num_q_heads=128, pdl=True),
+    "slots-split-fp8-pdl-early": Form(num_q_heads=16, addressing="slots",
                                           freqs_layout="split", write_through=True,
                                           cache_dtype="float8_e4m3fn", pdl=True,
                                           pdl_early_indices=True),
-    "pdl-early": OpConfig(num_q_heads=128, pdl=True, pdl_early_indices=True),
+    "pdl-early": Form(num_q_heads=128, pdl=True, pdl_early_indices=True),
 }
 
 
@@ -180,7 +180,7 @@ def test_no_global_access_is_wider_than_the_alignment(alignment, dtype, interlea
     """A kernel built for ``alignment`` bytes never reads or writes global memory wider than
     that (an interleaved pair is two scalar accesses when a pair-wide one would be
     misaligned): the wider access ended in ``misaligned address`` on a GPU."""
-    op = OpConfig(num_q_heads=4, page_size=16, alignment=alignment, dtype=dtype,
+    op = Form(num_q_heads=4, page_size=16, alignment=alignment, dtype=dtype,
                   gamma_dtype=dtype, interleaved=interleaved, **FORMS[form])
     src = cuda_source(op)
     kernel = src[src.rindex('extern "C" __global__'):]
@@ -197,7 +197,7 @@ def test_rope_part_vectors_respect_the_latent_offset(form):
     """The rope part of a row starts kv_norm_dim elements in: with 500 bf16 latent elements
     (1000 bytes, a multiple of 8 but not 16) its accesses are at most 8 bytes wide, while q's
     stay 16."""
-    op = OpConfig(num_q_heads=4, page_size=16, kv_norm_dim=500, **FORMS[form])
+    op = Form(num_q_heads=4, page_size=16, kv_norm_dim=500, **FORMS[form])
     src = cuda_source(op)
     kernel = src[src.rindex('extern "C" __global__'):]
     accesses = re.findall(r"\*\((\w+)\*\)\((\w+?)_ptr", kernel)
@@ -214,7 +214,7 @@ def test_q_threads_load_all_their_heads_first(items, interleaved):
     """With several heads per q-rope thread, the thread loads exactly its heads (its lane's
     vectors of each, no head in between) and issues every load before its first rotation, so
     that many loads are in flight at once."""
-    op = OpConfig(num_q_heads=128, interleaved=interleaved)
+    op = Form(num_q_heads=128, interleaved=interleaved)
     src = cuda_source(op, schedule=ScheduleConfig(rope_vectors_per_thread=items))
     kernel = src[src.rindex('extern "C" __global__'):]
     q_group = kernel[:[m.start() for m in BLOCK_GROUP.finditer(kernel)][1]]
@@ -251,7 +251,7 @@ def test_pdl_waits_once_in_the_cache_rows_shared_group(name):
                              groups=3)
 
 
-def _assert_each_group_waits(op: OpConfig, kernel: str, groups: int) -> None:
+def _assert_each_group_waits(op: Form, kernel: str, groups: int) -> None:
     """Each of the ``groups`` block groups of ``kernel`` waits once, before its first data
     access (with ``pdl_early_indices``: after an index read), after the one launch of the
     dependents."""
@@ -292,7 +292,7 @@ def test_pdl_kernels_are_tagged_for_a_dependent_launch():
 
     target = cuda_target("sm_90a")
     for pdl in (True, False):
-        mod = scheduled_module(OpConfig(num_q_heads=16, pdl=pdl), target)
+        mod = scheduled_module(Form(num_q_heads=16, pdl=pdl), target)
         with target, ieee_float32(), tvm.transform.PassContext(instruments=[LaunchParams()]):
             tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
     assert tags == [[PDL_LAUNCH_TAG, "blockIdx.x", "threadIdx.x"], ["blockIdx.x", "threadIdx.x"]]
@@ -303,7 +303,7 @@ def test_the_cpu_build_ignores_pdl():
     from tvm_fused.compiler.build import CPU_TARGET, as_target, scheduled_module
 
     target = as_target(CPU_TARGET)
-    plain, pdl = (scheduled_module(OpConfig(num_q_heads=2, pdl=flag), target)
+    plain, pdl = (scheduled_module(Form(num_q_heads=2, pdl=flag), target)
                   for flag in (False, True))
     assert tvm_ffi.structural_equal(plain, pdl)
 
@@ -372,7 +372,7 @@ def test_vector_store_hook_composes_and_is_restored():
 def test_norm_first_orders_the_groups_norm_k_q_count():
     """``norm_first``: the norm group (the one that reduces) opens the grid, the q rope group
     (the one that reads q) is third, the error count still last."""
-    kernel = cuda_source(OpConfig(), schedule=ScheduleConfig(norm_first=True))
+    kernel = cuda_source(Form(), schedule=ScheduleConfig(norm_first=True))
     kernel = kernel[kernel.rindex('extern "C" __global__'):]
     groups = [m.start() for m in BLOCK_GROUP.finditer(kernel)]
     assert len(groups) == 4
@@ -387,7 +387,7 @@ def test_k_rope_in_norm_group_shares_the_norm_blocks(norm_first):
     ``norm_first``'s order), then the count; the cache rows' blocks store each row's rope
     part from the first 8 threads of its warp, then normalize it, on one count of blocks (no
     guard of either body)."""
-    kernel = cuda_source(OpConfig(), schedule=ScheduleConfig(k_rope_in_norm_group=True,
+    kernel = cuda_source(Form(), schedule=ScheduleConfig(k_rope_in_norm_group=True,
                                                              norm_first=norm_first))
     kernel = kernel[kernel.rindex('extern "C" __global__'):]
     groups = [m.start() for m in BLOCK_GROUP.finditer(kernel)]
@@ -419,7 +419,7 @@ def test_k_rope_in_norm_group_compiles_with_other_row_shapes(name, schedule, tmp
 
 
 def test_group_order_marks_must_rank_every_launch():
-    op = OpConfig()
+    op = Form()
     sch = s_tir.Schedule(fused_rope_rmsnorm_func(op))
     apply_block_group_schedule(sch, op, ScheduleConfig())
     sch.annotate(sch.get_sblock("norm_store"), GROUP_ORDER, 0)
@@ -431,7 +431,7 @@ def test_group_order_marks_must_rank_every_launch():
 def test_persistent_grid_gives_each_group_grid_blocks_blocks():
     """``grid_blocks``: the q rope, k rope and norm groups each span exactly that many
     blocks (constant group bounds), whatever the token count; the count group follows."""
-    kernel = cuda_source(OpConfig(), schedule=ScheduleConfig(grid_blocks=1024))
+    kernel = cuda_source(Form(), schedule=ScheduleConfig(grid_blocks=1024))
     kernel = kernel[kernel.rindex('extern "C" __global__'):]
     bounds = re.findall(r"if \(\(\(int64_t\)blockIdx\.x\) < \(int64_t\)(\d+)\)", kernel)
     assert bounds == ["1024", "2048", "3072"], bounds

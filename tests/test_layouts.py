@@ -4,7 +4,7 @@ every entry point that was built for other tensors."""
 import pytest
 import torch
 
-from tvm_fused import OP_NAME, OpConfig, build
+from tvm_fused import OP_NAME, Form, build
 from tvm_fused.compiler.build import device_target
 from tvm_fused.testing.compare import run_and_check
 from tvm_fused.testing.inputs import make_inputs
@@ -42,7 +42,7 @@ def test_odd_strides_give_the_right_answer(device, dtype, layout, interleaved):
 
 def _kernel_call(device):
     """A kernel built for 16-byte alignment (``build``'s default), and its arguments."""
-    kernel = build(OpConfig(num_q_heads=4, page_size=16), device_target(device))[OP_NAME]
+    kernel = build(Form(num_q_heads=4, page_size=16), device_target(device))[OP_NAME]
     inputs = make_inputs(*RAGGED, num_q_heads=4, page_size=16, device=device)
     out = torch.empty_like(inputs.q_rope)
     errors = torch.zeros(1, dtype=torch.int32, device=device)

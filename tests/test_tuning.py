@@ -17,7 +17,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
-from tvm_fused import OP_NAME, OpConfig, build, fused_rope_rmsnorm_func
+from tvm_fused import OP_NAME, Form, build, fused_rope_rmsnorm_func
 from tvm_fused.__main__ import main as cli_main
 from tvm_fused.compiler import pipeline
 from tvm_fused.compiler.build import cuda_target
@@ -40,9 +40,9 @@ from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, op_key, record
 from tvm_fused.tuning.tune import RpcTarget, seed_configs, tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
-SPACE_OPS = (OpConfig(num_q_heads=128), OpConfig(num_q_heads=1, dtype="float32",
+SPACE_OPS = (Form(num_q_heads=128), Form(num_q_heads=1, dtype="float32",
                                                  gamma_dtype="float32", interleaved=False),
-             OpConfig(num_q_heads=16, write_through=True, cache_dtype="float8_e4m3fn"))
+             Form(num_q_heads=16, write_through=True, cache_dtype="float8_e4m3fn"))
 
 
 @pytest.mark.parametrize("op", SPACE_OPS, ids=["v3-bf16", "one-head-fp32-neox",
@@ -66,7 +66,7 @@ def test_space_draws_only_valid_schedules(op, seed):
     block_threads=256, norm_threads_per_row=32, vector_bytes=8, rope_vectors_per_thread=4,
     norm_rows_per_thread=2, unroll=False, grid_blocks=2048, k_rope_in_norm_group=True)])
 def test_fixed_config_is_recorded_as_decisions(fixed):
-    sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+    sch = s_tir.Schedule(fused_rope_rmsnorm_func(Form()))
     assert sample_config(sch, GPU_SPACE, fixed) == fixed
     assert config_from_trace(sch.trace.as_json(), GPU_SPACE) == fixed
 
@@ -80,7 +80,7 @@ def test_single_changes_of_the_default_are_valid_draws():
         differ = [name for name in GPU_SPACE.knobs
                   if getattr(config, name) != getattr(base, name)]
         assert len(differ) == 1
-        sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+        sch = s_tir.Schedule(fused_rope_rmsnorm_func(Form()))
         assert sample_config(sch, GPU_SPACE, config) == config
         assert config_from_trace(sch.trace.as_json(), GPU_SPACE) == config
     # 64-thread blocks cannot hold a 128-thread row; multi-warp rows take one row per thread
@@ -115,10 +115,10 @@ def test_nearest_bucket():
 
 
 @pytest.mark.parametrize("op", [
-    OpConfig(num_q_heads=2), OpConfig(num_q_heads=2, write_through=True),
-    OpConfig(num_q_heads=2, write_through=True, kv_output=True),
-    OpConfig(num_q_heads=2, write_through=True, cache_dtype="float8_e5m2"),
-    OpConfig(num_q_heads=2, write_through=True, kv_output=True, cache_dtype="float8_e4m3fn")],
+    Form(num_q_heads=2), Form(num_q_heads=2, write_through=True),
+    Form(num_q_heads=2, write_through=True, kv_output=True),
+    Form(num_q_heads=2, write_through=True, cache_dtype="float8_e5m2"),
+    Form(num_q_heads=2, write_through=True, kv_output=True, cache_dtype="float8_e4m3fn")],
     ids=["in-place", "write-through", "kv-output", "fp8", "kv-output-fp8"])
 def test_runner_recovers_the_op_from_the_workload(op):
     """The runner rebuilds a bucket's inputs from the workload's argument shapes alone (in
@@ -134,7 +134,7 @@ def test_local_runner_reuses_a_buckets_inputs():
     """The runner makes a bucket's inputs once (seconds at prefill buckets) and reuses them
     for the bucket's next candidates; another bucket's replace them."""
     device = tvm.runtime.device("cpu", 0)
-    op = OpConfig(num_q_heads=2)
+    op = Form(num_q_heads=2)
 
     def args_info(tokens):
         return [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(
@@ -151,7 +151,7 @@ def test_local_runner_reuses_a_buckets_inputs():
 def test_tiny_llvm_tuning_end_to_end(tmp_path):
     """Tune two buckets on the CPU, read the records back, build with them, check; a second
     run resumes from the work database instead of tuning again."""
-    op = OpConfig(num_q_heads=2, dtype="float32", gamma_dtype="float32")
+    op = Form(num_q_heads=2, dtype="float32", gamma_dtype="float32")
     logs, work = tmp_path / "logs", tmp_path / "work"
     lines = []
     dest = tune(op, tvm.target.Target("llvm"), buckets=(1, 8), trials=5, logs_dir=logs,
@@ -208,7 +208,7 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
 
 def test_no_decisions_fall_back_with_one_warning(tmp_path):
     """A GPU without any decisions: the default for every op, and one warning in all."""
-    op, other = OpConfig(num_q_heads=3), OpConfig(num_q_heads=5)
+    op, other = Form(num_q_heads=3), Form(num_q_heads=5)
     with pytest.warns(UserWarning, match="no tuning decisions for imaginary-gpu; every op"):
         assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", op) == {}
     with warnings.catch_warnings():
@@ -219,7 +219,7 @@ def test_no_decisions_fall_back_with_one_warning(tmp_path):
 
 def test_an_op_without_decisions_on_a_tuned_gpu_is_named(tmp_path):
     """A GPU with decisions for some ops: each op without any is named in its warning."""
-    tuned, untuned = OpConfig(num_q_heads=3), OpConfig(num_q_heads=5)
+    tuned, untuned = Form(num_q_heads=3), Form(num_q_heads=5)
     folder = records_dir(tmp_path, "Tuned GPU", tuned)
     folder.mkdir(parents=True)
     decisions.write(folder, "Tuned GPU", tuned, {1: DEFAULT_SCHEDULE})
@@ -231,7 +231,7 @@ def test_an_op_without_decisions_on_a_tuned_gpu_is_named(tmp_path):
 def test_buckets_without_decisions_keep_their_default():
     """A tuning of some buckets (here 1 and 4096, and 2048 outside ``BUCKETS``) leaves
     every other bucket its hand-written default: 256 tokens still get bucket 512's."""
-    op = OpConfig(num_q_heads=128)
+    op = Form(num_q_heads=128)
     tuned = ScheduleConfig(block_threads=256, norm_threads_per_row=128, vector_bytes=8)
     configs = decisions.with_defaults({1: tuned, 2048: tuned, 4096: tuned},
                                       lambda tokens: default_for_tokens(tokens, op))
@@ -245,7 +245,7 @@ def test_buckets_without_decisions_keep_their_default():
 def test_records_summary_names_what_a_decision_changes(tmp_path, capsys):
     """``python -m tvm_fused records``: per bucket the best and default times, their ratio,
     and the knobs a decided config changes from the bucket's default."""
-    op = OpConfig(num_q_heads=16, write_through=True, cache_dtype="float8_e4m3fn")
+    op = Form(num_q_heads=16, write_through=True, cache_dtype="float8_e4m3fn")
     folder = records_dir(tmp_path, "Some GPU", op)
     folder.mkdir(parents=True)
     tuned = dataclasses.replace(default_for_tokens(1, op), norm_threads_per_row=128,
@@ -277,7 +277,7 @@ def test_every_committed_bucket_is_summarized():
 def test_compaction_keeps_only_the_ops_workloads(tmp_path):
     """Two ops tuned in one work directory: each records folder gets its own buckets'
     workloads and records only, renumbered, both tables xz-compressed."""
-    op = OpConfig(num_q_heads=2, dtype="float32", gamma_dtype="float32")
+    op = Form(num_q_heads=2, dtype="float32", gamma_dtype="float32")
     sch = s_tir.Schedule(bucket_workload(op, 1))
     schedule_fn(op, CPU_SPACE, fixed=CpuScheduleConfig())(sch)
     trace = json.loads(json.dumps(sch.trace.as_json(), default=lambda o: o.value if hasattr(
@@ -317,7 +317,7 @@ def test_committed_records_match_the_current_definition(metadata_path: Path):
     """MetaSchedule finds records by the workload's structural hash: a change to the
     TensorIR definition that orphans the committed records fails here (re-tune)."""
     metadata = json.loads(metadata_path.read_text())
-    op = OpConfig(**metadata["op"])
+    op = Form(**metadata["op"])
     stored = records.workload_hashes(metadata_path.parent / records.FOLDER_WORKLOADS)
     # the folder holds its op's buckets, each once, and no other op's
     assert sorted(stored) == sorted(entry["workload"] for entry in metadata["buckets"].values())
@@ -333,13 +333,13 @@ def test_committed_records_match_the_current_definition(metadata_path: Path):
 
 
 def test_choose_keeps_the_default_unless_clearly_faster():
-    default = GPU_SPACE.default_for(64, OpConfig())
+    default = GPU_SPACE.default_for(64, Form())
     other = ScheduleConfig(block_threads=256)
 
     def ranked(*entries):
         traces = []
         for secs, config in entries:
-            sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+            sch = s_tir.Schedule(fused_rope_rmsnorm_func(Form()))
             sample_config(sch, GPU_SPACE, config)
             traces.append((secs, sch.trace.as_json(), ""))
         return traces
@@ -362,7 +362,7 @@ def test_the_default_depends_on_the_bucket_and_the_heads():
     k rope threads (measured on an H200 and an H100; see
     schedules/config.py)."""
     def vectors(**op):
-        return {tokens: GPU_SPACE.default_for(tokens, OpConfig(**op)).rope_vectors_per_thread
+        return {tokens: GPU_SPACE.default_for(tokens, Form(**op)).rope_vectors_per_thread
                 for tokens in BUCKETS}
 
     assert vectors() == vectors(num_q_heads=32) == vectors(num_q_heads=16, dtype="float32") \
@@ -377,7 +377,7 @@ def test_the_default_depends_on_the_bucket_and_the_heads():
 def test_pdl_ops_have_decisions_of_their_own():
     """A PDL launch's best schedule differs from a plain one's: its records and decisions
     are filed apart (a GPU tuned for plain launches has none for PDL ones: the default)."""
-    keys = {op_key(OpConfig(pdl=pdl, pdl_early_indices=early))
+    keys = {op_key(Form(pdl=pdl, pdl_early_indices=early))
             for pdl, early in ((False, False), (True, False), (True, True))}
     assert keys == {"bfloat16-h128-r64-d512-p128-gptj", "bfloat16-h128-r64-d512-p128-gptj-pdl",
                     "bfloat16-h128-r64-d512-p128-gptj-pdl-early-indices"}
@@ -398,16 +398,16 @@ def test_multi_warp_rows_are_one_per_thread():
 
 def test_records_of_rejected_configs_are_skipped():
     """Records tuned before a knob combination was found unsafe are skipped, with a warning."""
-    sch = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+    sch = s_tir.Schedule(fused_rope_rmsnorm_func(Form()))
     sample_config(sch, GPU_SPACE, ScheduleConfig(block_threads=256, norm_threads_per_row=64))
     insts, decisions = sch.trace.as_json()
     knobs = [i for i, inst in enumerate(insts) if inst[0] == "SampleCategorical"]
     rows = knobs[list(GPU_SPACE.knobs).index("norm_rows_per_thread")]
     insts[rows][2][0] = [1, 2, 4]  # as recorded before the constraint
     decisions = [[index, 1 if int(index) == rows else value] for index, value in decisions]
-    other = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+    other = s_tir.Schedule(fused_rope_rmsnorm_func(Form()))
     sample_config(other, GPU_SPACE, ScheduleConfig(block_threads=512))
-    default = s_tir.Schedule(fused_rope_rmsnorm_func(OpConfig()))
+    default = s_tir.Schedule(fused_rope_rmsnorm_func(Form()))
     sample_config(default, GPU_SPACE, DEFAULT_SCHEDULE)
     ranked = [(1.0, [insts, decisions], ""), (1.2, other.trace.as_json(), ""),
               (1.5, default.trace.as_json(), "")]
@@ -420,7 +420,7 @@ def test_records_of_rejected_configs_are_skipped():
 def test_default_opens_the_grid_with_the_norm_group_at_decode_buckets():
     """Norm first up to 64 tokens, and up to the 512 bucket where a token's q rope spans
     several blocks (128 heads, not 16); q first at prefill buckets and for no bucket."""
-    many, few = OpConfig(num_q_heads=128), OpConfig(num_q_heads=16)
+    many, few = Form(num_q_heads=128), Form(num_q_heads=16)
     assert [default_for_tokens(t, many).norm_first for t in BUCKETS] == [
         True, True, True, True, False, False]
     assert [default_for_tokens(t, few).norm_first for t in BUCKETS] == [
@@ -438,7 +438,7 @@ def test_redecide_rewrites_decisions_for_the_current_defaults(tmp_path):
     folder = tmp_path / source.name
     shutil.copytree(source, folder)
     metadata = records.load_metadata(folder)
-    op = OpConfig(**metadata["op"])
+    op = Form(**metadata["op"])
     stale = {int(tokens): ScheduleConfig(block_threads=256) for tokens in metadata["buckets"]}
     decisions.write(folder, metadata["gpu"], op, stale)
     chosen = redecide(folder, "a test's reason")
@@ -475,7 +475,7 @@ def test_tuning_over_rpc_measures_on_the_tracker_servers(tmp_path):
                  "--key", "cpu", "--no-fork", "--port", str(server_port), "--port-end",
                  str(server_port + 10)]))
         time.sleep(5)
-        op = OpConfig(num_q_heads=2, dtype="float32", gamma_dtype="float32")
+        op = Form(num_q_heads=2, dtype="float32", gamma_dtype="float32")
         lines = []
         dest = tune(op, tvm.target.Target("llvm"), buckets=(1,), trials=3,
                     logs_dir=tmp_path / "logs", work_dir=tmp_path / "work",

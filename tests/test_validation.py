@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tvm_fused import OP_NAME, OpConfig, api, build
+from tvm_fused import OP_NAME, Form, api, build
 from tvm_fused.testing.inputs import make_inputs
 
 from .cases import call_with as _call
@@ -214,7 +214,7 @@ def test_the_compiled_entry_refuses_overlaps_by_itself(case):
                 out=torch.empty_like(inputs.q_rope), errors=torch.zeros(1, dtype=torch.int32))
     replace, _ = OVERLAPS[case]
     args.update(replace(inputs))
-    kernel = build(OpConfig(num_q_heads=4, page_size=16))[OP_NAME]
+    kernel = build(Form(num_q_heads=4, page_size=16))[OP_NAME]
     before = snapshot(inputs)
     with pytest.raises(ValueError, match=r"overlaps .* in memory"):
         kernel(*(args[name] for name in ("q_rope", "out", "input_row_offsets", "freqs_cis",
@@ -227,7 +227,7 @@ def test_the_compiled_entry_takes_q_itself_as_out_and_empty_tensors_anywhere():
     """``out`` may start where q_rope does with its strides (in place); an empty tensor
     overlaps nothing."""
     inputs = _inputs()
-    kernel = build(OpConfig(num_q_heads=4, page_size=16))[OP_NAME]
+    kernel = build(Form(num_q_heads=4, page_size=16))[OP_NAME]
     q, offsets, freqs, gamma, k_cache, table, lengths = inputs.args()
     errors = torch.zeros(1, dtype=torch.int32)
     kernel(q, q[:], offsets, freqs, gamma, k_cache, table, lengths, errors, 1e-6)

@@ -16,7 +16,7 @@ import argparse
 import re
 import sys
 
-from .compiler import config  # plain Python: no torch or TVM
+from . import form as config  # plain Python: no torch or TVM
 
 PAGE_SIZE_HELP = "cache rows per page, a power of two (default 128)"
 
@@ -52,9 +52,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _op_config(args: argparse.Namespace):
-    """The OpConfig the options describe (UsageError names a bad one)."""
+    """The Form the options describe (UsageError names a bad one)."""
     try:
-        return config.OpConfig(num_q_heads=args.heads, rope_dim=args.rope_dim,
+        return config.Form(num_q_heads=args.heads, rope_dim=args.rope_dim,
                                kv_norm_dim=args.kv_norm_dim, page_size=args.page_size,
                                dtype=args.dtype, gamma_dtype=args.dtype,
                                interleaved=not args.neox, write_through=args.write_through,

@@ -2,8 +2,8 @@
 
 ``check_arguments`` looks only at metadata (no device sync): dtypes, ranks, shapes, devices,
 strides, epsilon, the form's tensors (``kv_input``, ``kv_output``, ``k_scale``; an fp8
-cache only write-through), the addressing's index tensors (``OFFSETS``: offsets, page table
-and cache lengths; ``SLOTS``: positions and slot mapping), and that no tensor the op writes
+cache only write-through), the addressing's index tensors (``form.OFFSETS``: offsets, page table
+and cache lengths; ``form.SLOTS``: positions and slot mapping), and that no tensor the op writes
 overlaps another argument in memory.
 ``check_contents`` and ``check_slot_contents`` read the index tensors (a device sync on GPU)
 and prove every position, page, slot and offset in range and every written cache row
@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from .compiler import config
+from . import form
+from .form import dtype_name
 
 DATA_DTYPES, FREQS_DTYPES, OFFSETS_DTYPES, FP8_DTYPES, INDEX_DTYPES = (
     tuple(getattr(torch, name) for name in names)
-    for names in (config.DTYPES, config.FREQS_DTYPES, config.OFFSETS_DTYPES, config.FP8_DTYPES,
-                  config.INDEX_DTYPES))
-# the index tensors of each addressing, by argument name
-OFFSETS = ("input_row_offsets", "lookup_table", "cache_lengths")
-SLOTS = ("positions", "slot_mapping")
+    for names in (form.DTYPES, form.FREQS_DTYPES, form.OFFSETS_DTYPES, form.FP8_DTYPES,
+                  form.INDEX_DTYPES))
 
 
 def _checked_layout(name: str, value, rank: int, dtypes: tuple, dtype_rule: str = "one of"):
@@ -33,8 +31,8 @@ def _checked_layout(name: str, value, rank: int, dtypes: tuple, dtype_rule: str 
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {dtype_rule} "
-                        f"{[config.dtype_name(d) for d in dtypes]}, got "
-                        f"{config.dtype_name(value.dtype)}")
+                        f"{[dtype_name(d) for d in dtypes]}, got "
+                        f"{dtype_name(value.dtype)}")
     shape, strides = value.shape, value.stride()
     if len(shape) != rank:
         raise ValueError(f"{name} must have {rank} dims, got shape {tuple(shape)}")
@@ -93,9 +91,9 @@ def _named(q_rope, freqs_cis, gamma, k_cache, index_items, out, kv_input, kv_out
 
 def _check_one_element(name: str, value, dtype: torch.dtype) -> None:
     if not isinstance(value, torch.Tensor) or value.dtype != dtype:
-        dtype_name = config.dtype_name(dtype)
-        article = "an" if dtype_name[0] in "aeiou" else "a"
-        raise TypeError(f"{name} must be {article} {dtype_name} torch.Tensor, got "
+        expected = dtype_name(dtype)
+        article = "an" if expected[0] in "aeiou" else "a"
+        raise TypeError(f"{name} must be {article} {expected} torch.Tensor, got "
                         f"{getattr(value, 'dtype', type(value).__name__)}")
     if value.dim() > 1 or value.numel() != 1:
         raise ValueError(f"{name} must be a one-element tensor, got shape "
@@ -111,7 +109,7 @@ def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale) -> 
                 raise ValueError(f"{name} needs kv_input (the write-through form)")
         if cache_dtype != q_dtype:
             raise TypeError(f"k_cache must have the dtype of q_rope "
-                            f"({config.dtype_name(q_dtype)}) in place; an fp8 cache needs "
+                            f"({dtype_name(q_dtype)}) in place; an fp8 cache needs "
                             "kv_input (the write-through form)")
         return
     if k_scale is not None:
@@ -131,7 +129,7 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, out, kv_inpu
                     kv_output=None, k_scale=None, errors=None, epsilon=1e-6,
                     freqs_name: str = "freqs_cis") -> None:
     """Raise TypeError/ValueError naming the argument for any malformed input. ``index``
-    maps the names of ``OFFSETS`` or of ``SLOTS`` to their tensors; ``freqs_name`` is what
+    maps the names of ``form.OFFSETS`` or of ``form.SLOTS`` to their tensors; ``freqs_name`` is what
     the caller calls the cos/sin table."""
     q_shape, q_strides = _checked_layout("q_rope", q_rope, 3, DATA_DTYPES)
     freqs_shape, freqs_strides = _checked_layout(freqs_name, freqs_cis, 2, FREQS_DTYPES)
@@ -198,7 +196,7 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, out, kv_inpu
 
 
 def _check_offsets(input_row_offsets, lookup_table, cache_lengths) -> None:
-    """The index tensors of ``OFFSETS``: dtypes, ranks, one batch size, contiguity."""
+    """The index tensors of ``form.OFFSETS``: dtypes, ranks, one batch size, contiguity."""
     offsets_shape, offsets_strides = _checked_layout("input_row_offsets", input_row_offsets,
                                                      1, OFFSETS_DTYPES)
     table_shape, _ = _checked_layout("lookup_table", lookup_table, 2, (torch.int32,))
@@ -218,7 +216,7 @@ def _check_offsets(input_row_offsets, lookup_table, cache_lengths) -> None:
 
 
 def _check_slots(tokens: int, positions, slot_mapping) -> None:
-    """The index tensors of ``SLOTS``: int64 or int32 vectors, contiguous, ``slot_mapping``
+    """The index tensors of ``form.SLOTS``: int64 or int32 vectors, contiguous, ``slot_mapping``
     no longer than ``positions``, ``positions`` no longer than q's ``tokens`` rows."""
     (length,), _ = _checked_layout("positions", positions, 1, INDEX_DTYPES)
     (slots,), _ = _checked_layout("slot_mapping", slot_mapping, 1, INDEX_DTYPES)

@@ -1,120 +1,185 @@
-"""One lookup per call: from the call's signature to the ready kernel for its token count.
+"""The kernel map: one dictionary from a call's key to its form's kernels on its device.
 
-The signature is what shapes the kernel and is known on the host without a sync: device,
-dtypes, static dims, pairing, alignment class and the schedule override (None: the tuning
-decisions). Its first call resolves it once: the op config, the target, the config of
-each token bucket (``tuning/decisions.py``: the decided one, else the hand-written default,
-bucket by bucket), each kernel built or loaded through the one
-kernel cache (``compiler/kernel_cache.py``), and the token counts where one bucket's kernel
-takes over from the next. Later calls cost one dict lookup and a bisect.
-
-Building the signature costs about as much host time as the launch itself, so a call first
-tries the kernels last resolved under its quick key (``recent_kernel``: what no compiled entry
-can check, plus q's heads and the cache dtype); the kernel's entry checks the rest (dtypes,
-static dims, alignment) and refuses, before launching, tensors it was not built for.
+A call's key (``CallKey``) holds what shapes its kernel and is known on the host without a
+sync: the device, the dtypes, the static dims, the entry point's options, the tensors'
+alignment class and a schedule override. The entry points build it as a plain tuple in
+``CallKey``'s field order (a tuple costs nothing to build; ``CallKey`` names its fields);
+``prepare`` builds it from a ``Form``. The map's value, ``Prepared``, holds the form, the
+scratch tensors of calls that pass no error counter or scale, the schedule config of each
+token bucket (the GPU's tuning decisions, else the hand-written default) and each bucket's
+kernel, built (or loaded from the disk cache) when a call first needs it, or all at once by
+``prepare``. A call costs one dictionary lookup and a bisect.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import operator
+import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
+from . import kernels, schedules
 from .compiler.build import device_target
-from .compiler.config import OpConfig, dtype_name
-from .compiler.kernel_cache import get_kernel
-from .schedules import default_schedule_config
+from .compiler.definition import PARAMETERS, parameters
+from .form import EARLY_INDICES, Form, dtype_name
 from .tuning import decisions
 from .tuning.buckets import thresholds
 from .tuning.layout import default_logs_dir
 
-EARLY_INDICES = "early-indices"  # pdl=: the index tensors are read before PDL's wait
+
+class CallKey(NamedTuple):
+    """What shapes the kernel of a call (torch dtypes as torch gives them)."""
+
+    device: int  # ``Tensor.get_device()``: -1 for the CPU
+    dtype: torch.dtype
+    num_q_heads: int
+    rope_dim: int
+    kv_norm_dim: int
+    page_size: int
+    cache_dtype: torch.dtype
+    freqs_dtype: torch.dtype
+    gamma_dtype: torch.dtype
+    index_dtypes: tuple  # of the first two index tensors (offsets and table, or positions
+    # and slots)
+    addressing: str
+    interleaved: bool
+    freqs_layout: str
+    norm_rounding: str
+    pdl: bool | str
+    write_through: bool
+    kv_output: bool
+    alignment: int
+    schedule: object  # a schedule config to use instead of the decided one, or None
 
 
-def signature(device: torch.device, q_rope: torch.Tensor, freqs: torch.Tensor,
-              gamma: torch.Tensor, k_cache: torch.Tensor, indices: tuple, options: tuple,
-              write_through: bool, kv_output: bool, alignment: int, schedule) -> tuple:
-    """What shapes the kernel of a call on ``device``, as a plain tuple (cheap to build and
-    hash):
-    ``indices`` are the addressing's index tensors (offsets first: the dtypes of the first
-    two count; a page table of another dtype is refused by the kernel's entry), ``options``
-    the addressing, pairing, table layout, norm rounding and PDL."""
-    shape = q_rope.shape
-    return (device, q_rope.dtype, freqs.dtype, gamma.dtype, k_cache.dtype, shape[1],
-            shape[2], gamma.shape[0], k_cache.shape[1], (indices[0].dtype, indices[1].dtype),
-            *options, write_through, kv_output, alignment, schedule)
+def form_of(key: CallKey) -> Form:
+    """The form of a call with ``key`` (ValueError for an option it does not take)."""
+    if key.pdl not in (False, True, EARLY_INDICES):
+        raise ValueError(f"pdl must be False, True or {EARLY_INDICES!r}, got {key.pdl!r}")
+    if not isinstance(key.interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {key.interleaved!r}")
+    first, second = (dtype_name(d) for d in key.index_dtypes)
+    index = ({"positions_dtype": first, "slots_dtype": second} if key.addressing == "slots"
+             else {"offsets_dtype": first})
+    gpu = key.device >= 0
+    return Form(
+        dtype=dtype_name(key.dtype), num_q_heads=key.num_q_heads, rope_dim=key.rope_dim,
+        kv_norm_dim=key.kv_norm_dim, page_size=key.page_size, interleaved=key.interleaved,
+        write_through=key.write_through, kv_output=key.kv_output,
+        cache_dtype=None if key.cache_dtype == key.dtype else dtype_name(key.cache_dtype),
+        pdl=bool(key.pdl) and gpu, pdl_early_indices=key.pdl == EARLY_INDICES and gpu,
+        addressing=key.addressing, freqs_layout=key.freqs_layout,
+        norm_rounding=key.norm_rounding, freqs_dtype=dtype_name(key.freqs_dtype),
+        gamma_dtype=dtype_name(key.gamma_dtype), alignment=key.alignment, **index)
 
 
-def _op(signature: tuple) -> OpConfig:
-    (device, dtype, freqs_dtype, gamma_dtype, cache_dtype, heads, rope_dim, kv_norm_dim,
-     page_size, index_dtypes, addressing, interleaved, freqs_layout, norm_rounding, pdl,
-     write_through, kv_output, alignment, _) = signature
-    if pdl not in (False, True, EARLY_INDICES):
-        raise ValueError(f"pdl must be False, True or {EARLY_INDICES!r}, got {pdl!r}")
-    names = [dtype_name(d) for d in index_dtypes]
-    index = ({"positions_dtype": names[0], "slots_dtype": names[1]} if addressing == "slots"
-             else {"offsets_dtype": names[0]})
-    return OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=kv_norm_dim,
-                    page_size=page_size, dtype=dtype_name(dtype),
-                    freqs_dtype=dtype_name(freqs_dtype), gamma_dtype=dtype_name(gamma_dtype),
-                    addressing=addressing, interleaved=interleaved, freqs_layout=freqs_layout,
-                    norm_rounding=norm_rounding, pdl=bool(pdl) and device.type == "cuda",
-                    pdl_early_indices=pdl == EARLY_INDICES and device.type == "cuda",
-                    write_through=write_through, kv_output=kv_output,
-                    cache_dtype=None if cache_dtype == dtype else dtype_name(cache_dtype),
-                    alignment=alignment, **index)
+def key_of(form: Form, device: torch.device, schedule=None) -> CallKey:
+    """The key of ``form``'s calls on ``device`` (``form_of``'s inverse)."""
+    index = ((form.positions_dtype, form.slots_dtype) if form.addressing == "slots"
+             else (form.offsets_dtype, "int32"))
+    return CallKey(
+        -1 if device.type == "cpu" else device.index, getattr(torch, form.dtype),
+        form.num_q_heads, form.rope_dim, form.kv_norm_dim, form.page_size,
+        getattr(torch, form.cache_element), getattr(torch, form.freqs_dtype),
+        getattr(torch, form.gamma_dtype), tuple(getattr(torch, d) for d in index),
+        form.addressing, form.interleaved, form.freqs_layout, form.norm_rounding,
+        form.pdl_mode, form.write_through, form.kv_output, form.alignment, schedule)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Kernels:
-    """The kernel of each bucket, and the token counts from which the next one serves."""
+@dataclasses.dataclass
+class Prepared:
+    """A form on one device: what its calls need besides their tensors."""
 
-    thresholds: tuple[int, ...]
-    kernels: tuple[Callable, ...]
+    form: Form
+    target: object  # tvm.target.Target
+    errors: torch.Tensor  # the error counter of calls that pass none (its count is not read)
+    unit_scale: torch.Tensor | None  # ``k_scale`` of fp8 calls that pass none: 1
+    arguments: Callable  # PARAMETERS-ordered values -> the kernel's arguments
+    thresholds: tuple[int, ...]  # token counts from which the next bucket serves
+    configs: tuple  # the schedule config of each bucket
+    kernels: list  # the kernel of each bucket, None until built
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def for_tokens(self, tokens: int) -> Callable:
-        return self.kernels[bisect.bisect_right(self.thresholds, tokens)]
+    def kernel(self, tokens: int) -> Callable:
+        """The kernel of the bucket of ``tokens`` tokens (built on first use)."""
+        bucket = bisect.bisect_right(self.thresholds, tokens)
+        kernel = self.kernels[bucket]
+        return kernel if kernel is not None else self.build(bucket)
+
+    def build(self, bucket: int) -> Callable:
+        """Build (or load) the kernel of ``bucket``; refused under CUDA graph capture."""
+        with self.lock:
+            if self.kernels[bucket] is None:
+                _refuse_under_capture(self.form)
+                self.kernels[bucket] = kernels.kernel(self.form, self.target,
+                                                      self.configs[bucket])
+        return self.kernels[bucket]
 
 
-_ready: dict[tuple, _Kernels] = {}
-_recent: dict[tuple, _Kernels] = {}  # quick key -> the kernels last resolved under it
+_kernels: dict[tuple, Prepared] = {}
+_preparing = threading.Lock()
 
 
-def _resolve(signature: tuple) -> _Kernels:
-    device, schedule = signature[0], signature[-1]
-    op, target = _op(signature), device_target(device)
-    if op.pdl and torch.cuda.get_device_capability(device) < (9, 0):
+def _refuse_under_capture(form: Form) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"tvm_fused: the first call of {form} is being captured into a CUDA graph, but "
+            "its kernel is not built yet and its scratch tensors are not allocated: call "
+            "tvm_fused.prepare(form, device) before capturing")
+
+
+def _bucket_configs(form: Form, device: torch.device, target, schedule) -> dict:
+    """Bucket -> schedule config: ``schedule`` for every call if given; on a GPU the tuning
+    decisions of its model, else the hand-written default, bucket by bucket."""
+    if schedule is not None or device.type != "cuda":
+        return {0: schedule or schedules.default_config(form, target)}
+    decided = decisions.for_gpu(default_logs_dir(), torch.cuda.get_device_name(device), form)
+    return decisions.with_defaults(
+        decided, lambda tokens: schedules.default_config(form, target, tokens))
+
+
+def _prepared(key: CallKey) -> Prepared:
+    """A new ``Prepared`` entry for ``key`` (no kernel built yet)."""
+    form = form_of(key)
+    device = torch.device("cpu") if key.device < 0 else torch.device("cuda", key.device)
+    if form.pdl and torch.cuda.get_device_capability(device) < (9, 0):
         raise ValueError(f"pdl needs a GPU of compute capability 9.0 or newer, got "
                          f"{torch.cuda.get_device_name(device)}")
-    if schedule is not None or device.type != "cuda":
-        return _Kernels((), (get_kernel(op, target, schedule),))
-    configs = decisions.with_defaults(
-        decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(device), op),
-        lambda tokens: default_schedule_config(target, op, tokens))
+    _refuse_under_capture(form)
+    target = device_target(device)
+    configs = _bucket_configs(form, device, target, key.schedule)
     buckets = sorted(configs)
-    return _Kernels(thresholds(buckets),
-                    tuple(get_kernel(op, target, configs[b]) for b in buckets))
+    picked = [PARAMETERS.index(name) for name in parameters(form)]
+    return Prepared(
+        form, target, torch.zeros(1, dtype=torch.int32, device=device),
+        torch.ones(1, dtype=torch.float32, device=device) if form.cache_dtype else None,
+        operator.itemgetter(*picked), thresholds(buckets),
+        tuple(configs[b] for b in buckets), [None] * len(buckets))
 
 
-def kernel(signature: tuple, tokens: int, quick: tuple | None = None) -> Callable:
-    """The kernel for a call of ``tokens`` tokens with this signature (built on first use);
-    remembered under the ``quick`` key if given."""
-    ready = _ready.get(signature)
-    if ready is None:
-        ready = _ready[signature] = _resolve(signature)
-    if quick is not None:
-        _recent[quick] = ready
-    return ready.for_tokens(tokens)
+def lookup(key: tuple) -> Prepared:
+    """The entry of a call's key (a ``CallKey`` or a plain tuple in its order), made on the
+    first call with it."""
+    entry = _kernels.get(key)
+    if entry is None:
+        with _preparing:
+            entry = _kernels.get(key)
+            if entry is None:
+                entry = _kernels[key] = _prepared(CallKey(*key))
+    return entry
 
 
-def recent_kernel(quick: tuple, tokens: int) -> Callable | None:
-    """The kernel for ``tokens`` tokens of the signature last remembered under the quick key
-    ``quick``, or None. The quick key selects what no compiled entry can check: ``(device
-    index, q heads, cache dtype, options, write_through, kv_output, schedule)``, ``options``
-    being the addressing, pairing, table layout, norm rounding and PDL (heads and the cache
-    dtype so that calls alternating between two head counts or caches each find theirs).
-    The kernel's compiled entry refuses tensors of another signature before launching."""
-    ready = _recent.get(quick)
-    return None if ready is None else ready.for_tokens(tokens)
+def prepare(form: Form, device: str | torch.device = "cuda", schedule=None) -> None:
+    """Build every kernel of ``form``'s calls on ``device`` and allocate their scratch
+    tensors, so that a later call, captured into a CUDA graph or not, builds and allocates
+    nothing (``schedule``: as the calls pass it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    entry = lookup(key_of(form, device, schedule))
+    for bucket in range(len(entry.kernels)):
+        entry.build(bucket)

@@ -1,25 +1,19 @@
-"""Building the fused op: definition -> schedule -> TIR pipeline -> runtime module.
+"""Compiling a scheduled module: lowering (``pipeline.py``), then the host code by TVM's LLVM
+codegen and, for a GPU target, the kernel by ``cuda.py`` (TVM's CUDA codegen, nvcc, TVM's
+CUDA module), imported by the host module.
 
-``build`` compiles one configuration for one target. The CUDA path applies the block-group
-schedule and lowers through the ``tvm_fused`` pipeline (which merges the branch launches);
-the ``llvm`` path applies the CPU schedule of the same PrimFunc.
+``build`` takes a module already scheduled for its target (``schedules/`` for the op; a
+MetaSchedule candidate when tuning) and leaves no trace outside what it returns: no
+environment variable, TVM attribute or global function is set on the way.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import importlib.util
-import os
-
 import tvm
+from tvm.tirx.build import codegen_build
 
-from ..schedules import ScheduleConfig, default_schedule_config, schedule_fused_rope_rmsnorm
-from ..schedules.cpu import CpuScheduleConfig, apply_cpu_schedule
-from . import pipeline
-from .config import OpConfig
-from .definition import OP_NAME, fused_rope_rmsnorm_func
-from .vector_stores import whole_vector_stores
+from . import cuda
+from .pipeline import lower
 
 CPU_TARGET = "llvm"
 DEFAULT_CUDA_TARGET = "nvidia/nvidia-h100"
@@ -59,86 +53,20 @@ def as_target(target: str | tvm.target.Target) -> tvm.target.Target:
     return cuda_target() if target == "cuda" else tvm.target.Target(target)
 
 
-# TVM compiles CUDA with --use_fast_math, whose -ftz=true flushes float32 subnormals to zero:
-# a bf16 subnormal input then comes out as a zero of either sign where the spec computes in
-# IEEE float32 (seen on an H200: the fp8 cache's edge values off in the sign of zero). TVM
-# 0.27's switches below compile our kernels with IEEE float32 instead (subnormals kept, exact
-# division and square root; rsqrt stays the hardware's): 87 FTZ instructions of the default
-# kernel become plain ones, 8 instructions more in all (sm_90a SASS).
-IEEE_FLOAT32_ENV = {
-    "TVM_CUDA_NVCC_NO_FAST_MATH": "1",
-    "TVM_CUDA_NVRTC_EXTRA_OPTS": "--ftz=false --prec-div=true --prec-sqrt=true",
-}
+def build(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Module:
+    """The runtime module of ``mod`` (scheduled for ``target``): its packed functions take
+    torch tensors through DLPack."""
+    host, device = lower(mod, target)
+    host_module = codegen_build(host, tvm.target.Target(CPU_TARGET))
+    if device is not None:
+        source = cuda.kernel_source(device)
+        fatbin = cuda.compile_fatbin(source, str(target.attrs["arch"]))
+        host_module.import_module(cuda.device_module(device, source, fatbin))
+    return host_module
 
 
-@contextlib.contextmanager
-def ieee_float32():
-    """Within: TVM compiles CUDA without fast math (``IEEE_FLOAT32_ENV``)."""
-    saved = {name: os.environ.get(name) for name in IEEE_FLOAT32_ENV}
-    os.environ.update(IEEE_FLOAT32_ENV)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _use_nvcc_without_nvrtc() -> None:
-    """TVM compiles CUDA with NVRTC unless told otherwise, which needs cuda-bindings."""
-    spec = importlib.util.find_spec
-    if spec("cuda") is None or spec("cuda.bindings") is None:
-        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
-
-
-def scheduled_module(op: OpConfig, target: tvm.target.Target,
-                     schedule: ScheduleConfig | CpuScheduleConfig | None = None) -> tvm.IRModule:
-    """The IRModule to compile for ``target``: the block-group schedule for CUDA, the CPU
-    schedule for ``llvm``."""
-    if target.kind.name == "cuda":
-        return schedule_fused_rope_rmsnorm(op, schedule or default_schedule_config(target, op))
-    if target.kind.name != "llvm":
-        raise ValueError(f"unsupported target kind {target.kind.name!r}: use cuda or llvm")
-    # a programmatic dependent launch is a GPU launch's property: the CPU runs one body
-    cpu_op = dataclasses.replace(op, pdl=False, pdl_early_indices=False)
-    sch = tvm.s_tir.Schedule(tvm.IRModule({OP_NAME: fused_rope_rmsnorm_func(cpu_op)}))
-    sch.work_on(OP_NAME)
-    apply_cpu_schedule(sch, cpu_op, schedule or CpuScheduleConfig())
-    return sch.mod
-
-
-def build(op: OpConfig, target: str | tvm.target.Target = CPU_TARGET,
-          schedule: ScheduleConfig | CpuScheduleConfig | None = None
-          ) -> tvm.runtime.Executable:
-    """Compile the fused op for ``target``.
-
-    Returns the executable; ``executable[OP_NAME]`` is the kernel, called with the arguments
-    of ``definition.fused_rope_rmsnorm_func`` in order (torch tensors pass through DLPack).
-    ``schedule`` overrides the target's default schedule (a ``ScheduleConfig`` for CUDA, a
-    ``CpuScheduleConfig`` for ``llvm``).
-    """
-    target = as_target(target)
-    return compile_module(scheduled_module(op, target, schedule), target)
-
-
-def compile_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
-    """``tvm.compile`` of a scheduled module as every kernel of tvm-fused is compiled (the
-    runtime's and the tuner's): the ``tvm_fused`` pipeline, IEEE float32, and for CUDA whole
-    16-byte stores (``vector_stores``)."""
+def kernel_source(mod: tvm.IRModule, target: tvm.target.Target) -> str:
+    """The CUDA source of ``mod`` (scheduled for the CUDA ``target``); needs no GPU."""
     if target.kind.name != "cuda":
-        with target:
-            return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
-    _use_nvcc_without_nvrtc()
-    with target, ieee_float32(), whole_vector_stores():
-        return tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
-
-
-def cuda_source(op: OpConfig, target: str | tvm.target.Target = "cuda",
-                schedule: ScheduleConfig | None = None) -> str:
-    """The CUDA C++ source of the fused kernel (needs no GPU)."""
-    target = as_target(target)
-    if target.kind.name != "cuda":
-        raise ValueError("cuda_source needs a CUDA target")
-    return build(op, target, schedule).mod.imports[0].inspect_source()
+        raise ValueError(f"a CUDA source needs a CUDA target, got {target.kind.name}")
+    return cuda.kernel_source(lower(mod, target)[1])

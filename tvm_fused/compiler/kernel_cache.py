@@ -1,20 +1,21 @@
-"""Built kernels, cached in memory and on disk.
+"""Built kernels on disk, keyed by everything their code depends on.
 
-A kernel is keyed by everything its code depends on: the op config, the schedule config, the
-target (with its GPU arch), the TVM version and a digest of the Python sources of this
-package and of its schedules, wherever the install put them (an editable install leaves
-``schedules/`` outside the package folder).
-The disk cache (``$TVM_FUSED_CACHE_DIR``, default ``~/.cache/tvm_fused``) holds one shared
-library per key in a folder per TVM version and source digest, written to a temporary name
-and renamed into place, so concurrent first uses never see a partial file; a file that fails
-to load is rebuilt. After each build the cache is pruned: folders of other sources unused
-for ``STALE_AFTER_DAYS`` (no current source can reach their kernels) go, then the least
-recently used kernels until the cache holds at most ``$TVM_FUSED_CACHE_MAX_MB`` (default
-``DEFAULT_MAX_MB``). Deleting the folder clears it.
+A key (``kernel_key``) digests the form, the schedule config, the target, the TVM version and
+``source_digest`` of the Python files that shape a kernel (the definition, the passes and
+the schedules: the caller names them), read as code: their syntax trees without docstrings,
+so that a comment or docstring edit keeps every kernel, and a code change rebuilds them.
+
+The cache (``$TVM_FUSED_CACHE_DIR``, default ``~/.cache/tvm_fused``) holds one shared library
+per key in a folder per TVM version and source digest, written to a temporary name and
+renamed into place, so concurrent first uses never see a partial file; a file that fails to
+load is rebuilt. After each build the cache is pruned: folders of other sources unused for
+``STALE_AFTER_DAYS`` go, then the least recently used kernels until the cache holds at most
+``$TVM_FUSED_CACHE_MAX_MB`` (default ``DEFAULT_MAX_MB``). Deleting the folder clears it.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -25,51 +26,54 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import tvm
 
-from ..schedules import ScheduleConfig
-from .build import as_target, build
-from .config import OpConfig
-from .definition import OP_NAME
-
-_lock = threading.Lock()
-_kernels: dict = {}
-
-
-def source_dirs() -> list[Path]:
-    """The folders of the Python sources that decide the generated code: the package's and
-    its schedules' (each resolved from the imported module, so any install layout works)."""
-    from .. import schedules
-
-    return [Path(__file__).resolve().parents[1], Path(schedules.__file__).resolve().parent]
-
-
-@functools.lru_cache(maxsize=1)
-def source_digest() -> str:
-    """Digest of the sources that decide the generated code."""
-    digest = hashlib.sha256()
-    for folder in source_dirs():
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(str(path.relative_to(folder)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 STALE_AFTER_DAYS = 7
 DEFAULT_MAX_MB = 1024
 _IN_PROGRESS = ".tmp.so"  # a kernel being written, renamed into place when complete
+_building = threading.Lock()
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` with the docstring of every module, class and function removed."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@functools.cache
+def source_digest(paths: tuple[Path, ...]) -> str:
+    """A digest of the code of the Python files ``paths``: their syntax trees without
+    docstrings (comments are not in them), in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        tree = _without_docstrings(ast.parse(Path(path).read_text()))
+        digest.update(Path(path).name.encode())
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()[:16]
+
+
+def kernel_key(form, schedule, target: tvm.target.Target) -> str:
+    """A file-name-safe key of one build (``form`` and ``schedule``: dataclasses)."""
+    payload = json.dumps({
+        "form": dataclasses.asdict(form),
+        "schedule": [type(schedule).__name__, dataclasses.asdict(schedule)],
+        "target": str(target),
+        "tvm": tvm.__version__,
+    }, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
 def cache_dir() -> Path:
     """Where built kernels are kept between processes."""
     return Path(os.environ.get("TVM_FUSED_CACHE_DIR", Path.home() / ".cache" / "tvm_fused"))
-
-
-def _sources_dir() -> Path:
-    """The folder of this TVM version and these sources in the cache."""
-    return cache_dir() / f"tvm{tvm.__version__}-{source_digest()}"
 
 
 def _stat(path: Path):
@@ -83,9 +87,9 @@ def _stat(path: Path):
 
 def prune(keep: Path) -> None:
     """Remove what no current source can reach and has not been used for
-    ``STALE_AFTER_DAYS`` (other folders, files of the flat layout of earlier versions), then
-    the least recently used kernels beyond the size cap; ``keep`` stays, and so do other
-    processes' builds in progress (``*.tmp.so``). Files that vanish meanwhile are skipped."""
+    ``STALE_AFTER_DAYS`` (other folders, stray files), then the least recently used kernels
+    beyond the size cap; ``keep`` stays, and so do other processes' builds in progress
+    (``*.tmp.so``). Files that vanish meanwhile are skipped."""
     root, now = cache_dir(), time.time()
     for entry in root.iterdir():
         own = _stat(entry)
@@ -111,21 +115,9 @@ def prune(keep: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def kernel_key(op: OpConfig, target: tvm.target.Target, schedule: ScheduleConfig | None) -> str:
-    """A file-name-safe key of one build."""
-    payload = json.dumps({
-        "op": dataclasses.asdict(op),
-        "schedule": [type(schedule).__name__, dataclasses.asdict(schedule)] if schedule else None,
-        "target": str(target),
-        "tvm": tvm.__version__,
-        "sources": source_digest(),
-    }, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def _load(path: Path):
+def _load(path: Path, name: str):
     try:
-        kernel = tvm.runtime.load_module(str(path))[OP_NAME]
+        kernel = tvm.runtime.load_module(str(path))[name]
         os.utime(path)  # recently used: the last to be pruned
         return kernel
     except Exception as err:
@@ -134,35 +126,28 @@ def _load(path: Path):
         return None
 
 
-def _store(executable, path: Path) -> None:
+def _store(module: tvm.runtime.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=_IN_PROGRESS)
     os.close(fd)
     try:
-        executable.export_library(tmp)
+        module.export_library(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def get_kernel(op: OpConfig, target: str | tvm.target.Target,
-               schedule: ScheduleConfig | None = None):
-    """The callable kernel for ``op`` on ``target``: from memory, else disk, else built."""
-    target = as_target(target)
-    key = kernel_key(op, target, schedule)
-    kernel = _kernels.get(key)
-    if kernel is not None:
-        return kernel
-    with _lock:
-        kernel = _kernels.get(key)
+def load_or_build(name: str, key: str, digest: str,
+                  build: Callable[[], tvm.runtime.Module]) -> Callable:
+    """The function ``name`` of the kernel ``key`` (of sources ``digest``): loaded from the
+    disk cache, else ``build()``, stored and returned."""
+    path = cache_dir() / f"tvm{tvm.__version__}-{digest}" / f"{name}-{key}.so"
+    with _building:
+        kernel = _load(path, name) if path.exists() else None
         if kernel is None:
-            path = _sources_dir() / f"{OP_NAME}-{key}.so"
-            kernel = _load(path) if path.exists() else None
-            if kernel is None:
-                executable = build(op, target, schedule)
-                _store(executable, path)
-                prune(keep=path)
-                kernel = executable[OP_NAME]
-            _kernels[key] = kernel
+            module = build()
+            _store(module, path)
+            prune(keep=path)
+            kernel = module[name]
     return kernel

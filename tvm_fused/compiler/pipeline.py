@@ -1,33 +1,26 @@
-"""The TIR lowering pipeline of tvm-fused: TVM 0.27's own s_tir pipeline with our passes
-spliced in.
+"""The TIR lowering of tvm-fused, pass by pass: TVM 0.27's s_tir pipeline (its default options)
+with our passes in their places.
 
-- ``LowerAtomicAdd`` (``atomic_add.py``) and ``MergeBlockGroups`` (``block_groups.py``) run
-  right before ``SplitHostDevice``, after the thread-level lowering (cross-thread reductions,
-  barriers): accumulations a schedule marks become atomic, and the separately scheduled
-  branches of a PrimFunc that asks for it become one kernel launch, and
-  ``InsertGridDependency`` (``grid_dependency.py``) puts the programmatic-dependent-launch
-  waits into it; ``LaunchWithGridDependency`` right after ``SplitHostDevice`` tags such a
-  kernel's launch;
+- ``LowerAtomicAdd`` (``atomic_add.py``), ``MergeBlockGroups`` (``block_groups.py``) and
+  ``InsertGridDependency`` (``grid_dependency.py``) run right before ``SplitHostDevice``,
+  after the thread-level lowering (cross-thread reductions, barriers): accumulations a
+  schedule marks become atomic, the separately scheduled branches of a PrimFunc that asks
+  for it become one launch, and that launch gets its programmatic-dependent-launch waits;
+  ``LaunchWithGridDependency`` right after ``SplitHostDevice`` tags such a kernel's launch;
 - ``CheckDataAlignment`` (``alignment_check.py``) and ``CheckNoOverlap``
   (``overlap_check.py``) run right after ``MakePackedAPI``: the entry asserts the data
   alignment each buffer argument declares, and that no tensor the op writes shares memory
   with another argument.
 
-TVM 0.27 builds its pass list inside ``default_s_tir_pipeline`` with no hook, so while our
-pipeline runs, ``SplitHostDevice`` and ``MakePackedAPI`` are looked up as ``Sequential``s
-that carry our passes along: every other pass and every option of TVM's pipeline (async
-copies, bound checkers, ...) is TVM's own. The pipeline is registered as ``"tvm_fused"`` so
-that ``tvm.compile`` and MetaSchedule's builder both use it.
+``lower`` runs the list on a scheduled module bound to its target and splits the result into
+the host module and the device module (None on the CPU), as ``tvm.tirx.build`` does.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import tvm
 from tvm import s_tir, tirx
-from tvm.tirx import compilation_pipeline
+from tvm.tirx.build import split_host_device_mods
 
 from .alignment_check import CheckDataAlignment
 from .atomic_add import LowerAtomicAdd
@@ -35,46 +28,88 @@ from .block_groups import MergeBlockGroups
 from .grid_dependency import InsertGridDependency, LaunchWithGridDependency
 from .overlap_check import CheckNoOverlap
 
-PIPELINE_NAME = "tvm_fused"
-# TVM pass constructor (in tvm.tirx.transform) -> (our passes before it, our passes after it)
-SPLICES = {
-    "SplitHostDevice": ((LowerAtomicAdd, MergeBlockGroups, InsertGridDependency),
-                        (LaunchWithGridDependency,)),
-    "MakePackedAPI": ((), (CheckDataAlignment, CheckNoOverlap)),
-}
-_splicing = threading.Lock()
+
+def lowering_passes() -> list[tvm.transform.Pass]:
+    """Every pass from a scheduled PrimFunc to the packed host entry and its device kernel."""
+    return [
+        s_tir.transform.CanonicalizeLoop(),
+        s_tir.transform.LowerCrossThreadReduction(),
+        s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.LiftThreadBinding(),
+        s_tir.transform.ManifestSharedMemoryLocalStage(),
+        s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerAutoCopy(),
+        s_tir.transform.UnifyThreadBinding(),
+        s_tir.transform.LowerMatchBuffer(),
+        s_tir.transform.StmtSimplify(),
+        s_tir.transform.InjectPermutedLayout(),
+        s_tir.transform.AnnotateIrregularLoop(),
+        s_tir.transform.InjectSoftwarePipeline(),
+        s_tir.transform.TransformMmaBufferLayout(),
+        s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(),
+        tirx.transform.BF16ComputeLegalize(),
+        tirx.transform.NarrowDataType(32),
+        s_tir.transform.LoopPartition(),
+        tirx.transform.VectorizeLoop(True),
+        s_tir.transform.InjectVirtualThread(),
+        s_tir.transform.InjectDoubleBuffer(),
+        tirx.transform.StorageRewrite(),
+        s_tir.transform.HoistIfThenElse(),
+        tirx.transform.UnrollLoop(),
+        s_tir.transform.RenormalizeSplitPattern(),
+        tirx.transform.StmtSimplify(),
+        tirx.transform.RemoveNoOp(),
+        s_tir.transform.RewriteUnsafeSelect(),
+        tirx.transform.CommonSubexprElim(),
+        tirx.transform.FP8ComputeLegalize(),
+        s_tir.transform.VerifyVTCMLimit(),
+        s_tir.transform.LowerVtcmAlloc(),
+        tirx.transform.VerifyMemory(),
+        tirx.transform.AnnotateEntryFunc(),
+        s_tir.transform.ThreadSync("shared"),
+        s_tir.transform.ThreadSync("shared.dyn"),
+        s_tir.transform.ThreadSync("warp"),
+        s_tir.transform.InferFragment(),
+        s_tir.transform.LowerThreadAllreduce(),
+        s_tir.transform.MergeSharedMemoryAllocations(),
+        LowerAtomicAdd,
+        MergeBlockGroups,
+        InsertGridDependency,
+        tirx.transform.SplitHostDevice(),
+        LaunchWithGridDependency,
+        tirx.transform.MakePackedAPI(),
+        CheckDataAlignment,
+        CheckNoOverlap,
+        tirx.transform.FP8StorageLegalize(),
+        tirx.transform.BF16StorageLegalize(),
+    ]
 
 
-@contextlib.contextmanager
-def _spliced():
-    """TVM's pass constructors of ``SPLICES``, returning our passes around TVM's."""
-    originals = {name: getattr(tirx.transform, name) for name in SPLICES}
-
-    def around(name):
-        before, after = SPLICES[name]
-        return lambda *args, **kwargs: tvm.ir.transform.Sequential(
-            [*before, originals[name](*args, **kwargs), *after], name=f"tvm_fused.{name}")
-
-    with _splicing:
-        try:
-            for name in SPLICES:
-                setattr(tirx.transform, name, around(name))
-            yield
-        finally:
-            for name, original in originals.items():
-                setattr(tirx.transform, name, original)
+def host_passes() -> list[tvm.transform.Pass]:
+    """TVM's finalization of the host module."""
+    return [tirx.transform.LowerTVMBuiltin(), tirx.transform.LowerIntrin()]
 
 
-def tvm_fused_pipeline():
-    """Pipeline factory in the form ``tvm.tirx.get_tir_pipeline`` expects."""
-    lower, finalize_host, finalize_device = s_tir.pipeline.default_s_tir_pipeline()
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with _spliced():
-            return lower(mod)
-
-    return _pipeline, finalize_host, finalize_device
+def device_passes() -> list[tvm.transform.Pass]:
+    """TVM's finalization of a device module."""
+    return [tirx.transform.LowerWarpMemory(), tirx.transform.StmtSimplify(),
+            tirx.transform.LowerIntrin()]
 
 
-compilation_pipeline.register_tir_pipeline(PIPELINE_NAME, tvm_fused_pipeline)
+def lower(mod: tvm.IRModule, target: tvm.target.Target
+          ) -> tuple[tvm.IRModule, tvm.IRModule | None]:
+    """``(host, device)``: ``mod`` (scheduled) lowered for ``target`` (its host: llvm),
+    finalized; ``device`` is None for a CPU target."""
+    with target:
+        mod = tirx.transform.BindTarget(target.with_host(tvm.target.Target("llvm")))(mod)
+        mod = tvm.ir.transform.Sequential(lowering_passes())(mod)
+        host, devices = split_host_device_mods(mod)
+        host = tvm.ir.transform.Sequential(host_passes())(host)
+        device = None
+        for device_mod in devices.values():
+            if device_mod.functions:
+                device = tvm.ir.transform.Sequential(device_passes())(device_mod)
+    return host, device

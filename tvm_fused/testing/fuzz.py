@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from ..compiler import config
+from .. import form as config
 from .compare import CheckReport, run_and_check
 from .inputs import OpInputs, engine_addressed, make_inputs, with_options
 from .reference import locate_tokens

@@ -1,10 +1,10 @@
-"""Tuning decisions: what the runtime builds, per GPU, op configuration and token bucket.
+"""Tuning decisions: what the runtime builds, per GPU, form and token bucket.
 
 Tuning (``tune.py``) writes ``decisions.json`` next to the compacted MetaSchedule records of
-``tuning_logs/<gpu>/<op key>/`` (the records are the evidence; ``records.choose`` turns them
+``tuning_logs/<gpu>/<form key>/`` (the records are the evidence; ``records.choose`` turns them
 into decisions)::
 
-    {"gpu": "NVIDIA H100 80GB HBM3", "op": {...OpConfig...},
+    {"gpu": "NVIDIA H100 80GB HBM3", "op": {...Form...},
      "buckets": {"1": {...ScheduleConfig...}, "8": {...}, ...}}
 
 The runtime reads only this file: plain JSON, no MetaSchedule, no trace decoding.
@@ -13,25 +13,24 @@ The runtime reads only this file: plain JSON, no MetaSchedule, no trace decoding
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import warnings
 from pathlib import Path
 
-from ..compiler.config import OpConfig
+from ..form import Form
 from ..schedules.config import ScheduleConfig
 from .buckets import BUCKETS
-from .layout import op_key, records_dir
+from .layout import records_dir
 
 DECISIONS = "decisions.json"
 # records are tuned on 16-byte-aligned tensors; kernels for narrower ones use the default
 TUNED_ALIGNMENT = 16
 
 
-def write(path: Path, gpu_name: str, op: OpConfig, configs: dict) -> None:
-    """Write the decisions ``configs`` (bucket -> schedule config) of ``op`` on
+def write(path: Path, gpu_name: str, form: Form, configs: dict) -> None:
+    """Write the decisions ``configs`` (bucket -> schedule config) of ``form`` on
     ``gpu_name``."""
-    decisions = {"gpu": gpu_name, "op": dataclasses.asdict(op),
+    decisions = {"gpu": gpu_name, "op": dataclasses.asdict(form),
                  "buckets": {str(tokens): dataclasses.asdict(config)
                              for tokens, config in sorted(configs.items())}}
     (Path(path) / DECISIONS).write_text(json.dumps(decisions, indent=1) + "\n")
@@ -43,28 +42,16 @@ def read(path: Path, config_type: type = ScheduleConfig) -> dict:
     return {int(tokens): config_type(**fields) for tokens, fields in buckets.items()}
 
 
-_untuned_gpus: set[str] = set()  # folders of GPUs without any decisions, warned about once
-
-
-@functools.cache
-def for_gpu(logs_dir: str, gpu_name: str, op: OpConfig) -> dict[int, ScheduleConfig]:
-    """Bucket -> config decided for ``op`` on ``gpu_name``; empty if there are none (with one
-    warning for a GPU that has no decisions at all, else one per op), or if ``op`` is for
-    tensors narrower than the tuned alignment."""
-    if op.alignment < TUNED_ALIGNMENT:
+def for_gpu(logs_dir: Path, gpu_name: str, form: Form) -> dict[int, ScheduleConfig]:
+    """Bucket -> config decided for ``form`` on ``gpu_name``; empty (with a warning) if there
+    are none, and for tensors narrower than the tuned alignment."""
+    if form.alignment < TUNED_ALIGNMENT:
         return {}
-    path = records_dir(Path(logs_dir), gpu_name, op)
+    path = records_dir(Path(logs_dir), gpu_name, form)
     if (path / DECISIONS).is_file():
         return read(path)
-    gpu = path.parent
-    if not gpu.is_dir():
-        if str(gpu) not in _untuned_gpus:
-            _untuned_gpus.add(str(gpu))
-            warnings.warn(f"tvm_fused: no tuning decisions for {gpu.name}; every op uses "
-                          "the default schedule", stacklevel=3)
-    else:
-        warnings.warn(f"tvm_fused: no tuning decisions for {gpu.name}/{op_key(op)}; "
-                      "using the default schedule", stacklevel=3)
+    warnings.warn(f"tvm_fused: no tuning decisions for {path.parent.name}/{form.key()}; "
+                  "using the default schedule", stacklevel=3)
     return {}
 
 

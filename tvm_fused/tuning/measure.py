@@ -16,7 +16,7 @@ import torch
 import tvm
 
 from ..compiler.build import compile_module
-from ..compiler.config import OpConfig, dtype_name
+from ..form import Form, dtype_name
 from ..compiler.definition import OP_NAME
 from ..timing import time_cuda
 from .workload import bucket_tensors
@@ -34,7 +34,7 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
 IN_PLACE_ARGS = 9  # q, out, offsets, freqs, gamma, k, table, lengths, errors
 
 
-def _op_and_tokens(args_info) -> tuple[OpConfig, int]:
+def _op_and_tokens(args_info) -> tuple[Form, int]:
     """Recover the op config and token count from the workload's argument shapes, in the
     order of the PrimFunc's parameters: q, out, [kv_input, [kv_output,]] offsets, freqs,
     gamma, k, [k_scale,] table, lengths, errors (an fp8 cache has ``k_scale``; the rest of
@@ -45,7 +45,7 @@ def _op_and_tokens(args_info) -> tuple[OpConfig, int]:
     rows = len(args) - IN_PLACE_ARGS - fp8  # kv_input, kv_output
     (_, off_dtype, _), (_, f_dtype, _), (_, g_dtype, g_shape) = args[2 + rows:5 + rows]
     tokens, heads, rope_dim = q_shape
-    op = OpConfig(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=g_shape[0],
+    op = Form(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=g_shape[0],
                   page_size=k_shape[1], dtype=q_dtype, freqs_dtype=f_dtype,
                   gamma_dtype=g_dtype, offsets_dtype=off_dtype, write_through=rows > 0,
                   kv_output=rows > 1, cache_dtype=k_dtype if fp8 else None)

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ..compiler.config import OpConfig
+from ..form import Form
 from ..schedules.space import config_from_trace
 
 RECORDS = "database_tuning_record.json"  # MetaSchedule's tables in a work directory
@@ -165,7 +165,7 @@ def rekey(path: Path, note: str) -> None:
     from .workload import bucket_workload, workload_hash
 
     metadata = load_metadata(path)
-    op = OpConfig(**metadata["op"])
+    op = Form(**metadata["op"])
     table = path / FOLDER_WORKLOADS
     with lzma.open(table, "rt") as lines:
         entries = [line.rstrip("\n") for line in lines if line.strip()]

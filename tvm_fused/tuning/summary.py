@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..compiler.config import OpConfig
+from ..form import Form
 from ..schedules.config import default_for_tokens
 from .records import METADATA
 
@@ -38,7 +38,7 @@ def bucket_results(logs_dir: Path) -> list[BucketResult]:
     results = []
     for path in sorted(Path(logs_dir).glob(f"*/*/{METADATA}")):
         metadata = json.loads(path.read_text())
-        op = OpConfig(**metadata["op"])
+        op = Form(**metadata["op"])
         for tokens, bucket in sorted(metadata["buckets"].items(), key=lambda b: int(b[0])):
             chosen = bucket["chosen"]
             default = dataclasses.asdict(default_for_tokens(int(tokens), op))

@@ -25,7 +25,7 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from ..compiler.config import OpConfig
+from ..form import Form
 from ..compiler.definition import OP_NAME
 from ..schedules.space import can_draw, schedule_fn, single_changes, space_for
 from . import decisions, records
@@ -148,7 +148,7 @@ def _seed(workloads: dict, op, target, space, trials, builder, runner, database,
     return measured
 
 
-def tune(op: OpConfig, target: tvm.target.Target, *, buckets=BUCKETS, trials: int = 32,
+def tune(op: Form, target: tvm.target.Target, *, buckets=BUCKETS, trials: int = 32,
          logs_dir: Path, work_dir: Path, device_name: str, cost_model: str = "auto",
          rpc: RpcTarget | None = None, builder_workers: int | None = None,
          log=print) -> Path:
@@ -261,7 +261,7 @@ def redecide(path: Path, note: str) -> dict:
     whose records show nothing faster than the default gets the new default. ``note`` (what
     changed) is kept in the metadata under ``redecided``. Returns bucket -> config."""
     metadata = records.load_metadata(path)
-    op = OpConfig(**metadata["op"])
+    op = Form(**metadata["op"])
     space = space_for(tvm.target.Target(json.loads(metadata["target"])))
     best = records.folder_best_records(path)
     chosen = {}

@@ -6,7 +6,7 @@ import torch
 import tvm
 import tvm_ffi
 
-from ..compiler.config import OpConfig
+from ..form import Form
 from ..compiler.definition import fused_rope_rmsnorm_func
 from ..testing.inputs import OpInputs, make_inputs
 from .buckets import bucket_case
@@ -14,7 +14,7 @@ from .buckets import bucket_case
 EPSILON = 1e-6
 
 
-def bucket_inputs(op: OpConfig, tokens: int, device="cpu") -> OpInputs:
+def bucket_inputs(op: Form, tokens: int, device="cpu") -> OpInputs:
     """The inputs a bucket is tuned and timed on: a realistic batch of ``tokens`` tokens,
     every tensor compact (so a remote runner can rebuild them as plain arrays)."""
     new_tokens, cache_lengths = bucket_case(tokens)
@@ -27,7 +27,7 @@ def bucket_inputs(op: OpConfig, tokens: int, device="cpu") -> OpInputs:
         strided_q=False, device=device)
 
 
-def bucket_tensors(op: OpConfig, tokens: int, device="cpu") -> list[torch.Tensor]:
+def bucket_tensors(op: Form, tokens: int, device="cpu") -> list[torch.Tensor]:
     """The kernel's tensor arguments for a bucket, in parameter order: ``bucket_inputs`` with
     a contiguous ``q_rope_output`` (and ``kv_output``, if the op has one), an fp8 cache's
     ``k_scale`` 1, and an error counter."""
@@ -51,7 +51,7 @@ def _static_buffer(param, shape, strides):
                                 data_alignment=param.ty.data_alignment)
 
 
-def bucket_workload(op: OpConfig, tokens: int) -> tvm.IRModule:
+def bucket_workload(op: Form, tokens: int) -> tvm.IRModule:
     """The PrimFunc specialized to bucket ``tokens``: every shape and stride a constant (the
     layouts of ``bucket_inputs``, q_rope_output contiguous) and epsilon bound to 1e-6
     (MetaSchedule measures functions of tensors only)."""
