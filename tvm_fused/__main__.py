@@ -16,62 +16,29 @@ import argparse
 import re
 import sys
 
-from . import form as config  # plain Python: no torch or TVM
-
-PAGE_SIZE_HELP = "cache rows per page, a power of two (default 128)"
+from . import form  # plain Python: no torch or TVM
 
 
 class UsageError(ValueError):
     """An option value the command cannot use: reported in one line, not a traceback."""
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--heads", type=int, default=128, help="q heads (default 128)")
-    parser.add_argument("--dtype", choices=config.DTYPES, default="bfloat16",
-                        help="dtype of q, the cache and gamma (default bfloat16)")
-    parser.add_argument("--page-size", type=int, default=128, help=PAGE_SIZE_HELP)
-    parser.add_argument("--rope-dim", type=int, default=64, help="rotary dims (default 64)")
-    parser.add_argument("--kv-norm-dim", type=int, default=512,
-                        help="latent dims of a cache row (default 512)")
-    parser.add_argument("--neox", action="store_true", help="NeoX (half-split) rope pairs")
-    parser.add_argument("--write-through", action="store_true",
-                        help="the write-through form: new rows from kv_input (the projection "
-                             "output) into the cache, which is never read")
-    parser.add_argument("--kv-output", action="store_true",
-                        help="with --write-through: the new rows go to kv_output too")
-    parser.add_argument("--cache-dtype", choices=config.FP8_DTYPES, default=None,
-                        help="an fp8 cache (with --write-through; default: the dtype)")
-    parser.add_argument("--slots", action="store_true",
-                        help="engine addressing: positions and a slot mapping (vLLM's, "
-                             "SGLang's) instead of offsets, cache lengths and a page table")
-    parser.add_argument("--split-table", action="store_true",
-                        help="the cos/sin table split (cosines, then sines: vLLM's "
-                             "cos_sin_cache) instead of interleaved pairs")
-    parser.add_argument("--norm-once", action="store_true",
-                        help="the RMSNorm rounded once (SGLang's), not to gamma's dtype first")
-
-
-def _op_config(args: argparse.Namespace):
-    """The Form the options describe (UsageError names a bad one)."""
+def _form_of(args: argparse.Namespace) -> form.Form:
+    """The form the options describe (UsageError names a bad one)."""
     try:
-        return config.Form(num_q_heads=args.heads, rope_dim=args.rope_dim,
-                               kv_norm_dim=args.kv_norm_dim, page_size=args.page_size,
-                               dtype=args.dtype, gamma_dtype=args.dtype,
-                               interleaved=not args.neox, write_through=args.write_through,
-                               kv_output=args.kv_output, cache_dtype=args.cache_dtype,
-                               addressing="slots" if args.slots else "offsets",
-                               freqs_layout="split" if args.split_table else "interleaved",
-                               norm_rounding="once" if args.norm_once else "before_gamma")
+        return form.from_cli(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
 
-def _form(op) -> str:
-    form = "in place" if not op.write_through else (
+def _describe(op: form.Form) -> str:
+    latent = "in place" if not op.write_through else (
         f"write-through into a {op.cache_element} cache"
         + (" and kv_output" if op.kv_output else ""))
-    return (f"{form}, addressed by {op.addressing}, {op.freqs_layout} cos/sin table, RMSNorm "
-            f"rounded {op.norm_rounding.replace('_', ' ')}")
+    return (f"{op.num_q_heads} heads, rope_dim {op.rope_dim}, kv_norm_dim {op.kv_norm_dim}, "
+            f"page size {op.page_size}, {op.dtype}, {'interleaved' if op.interleaved else 'NeoX'}"
+            f", {latent}, addressed by {op.addressing}, {op.freqs_layout} cos/sin table, "
+            f"RMSNorm rounded {op.norm_rounding.replace('_', ' ')}")
 
 
 def _device(name: str) -> str:
@@ -91,30 +58,21 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .testing.compare import run_and_check
-    from .testing.inputs import engine_addressed, make_inputs, with_options
+    from .testing.inputs import inputs_for
 
-    op = _op_config(args)
+    op = _form_of(args)
     device = torch.device(_device(args.device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (llvm target)"
     requests = args.requests or max(1, min(args.tokens, 8))
     base, extra = divmod(args.tokens, requests)
     new = [base + (i < extra) for i in range(requests)]
     rng = random.Random(0)
-    cached = [rng.randrange(0, 4096) for _ in range(requests)]
-    inputs = make_inputs(new, cached, num_q_heads=op.num_q_heads, rope_dim=op.rope_dim,
-                         kv_norm_dim=op.kv_norm_dim, page_size=op.page_size,
-                         dtype=getattr(torch, op.dtype), write_through=op.write_through,
-                         cache_dtype=getattr(torch, op.cache_element), device=device)
-    inputs = with_options(inputs, freqs_layout=op.freqs_layout, norm_rounding=op.norm_rounding)
-    if op.addressing == "slots":
-        inputs = engine_addressed(inputs)
+    inputs = inputs_for(op, new, [rng.randrange(0, 4096) for _ in range(requests)],
+                        device=device)
     print(f"device: {name}")
-    print(f"op: {op.num_q_heads} heads, rope_dim {op.rope_dim}, kv_norm_dim "
-          f"{op.kv_norm_dim}, page size {op.page_size}, {op.dtype}, "
-          f"{'interleaved' if op.interleaved else 'NeoX'}, {_form(op)}, {args.tokens} tokens "
-          f"in {requests} requests")
-    report = run_and_check(inputs.clone(), interleaved=op.interleaved,
-                           kv_output=op.kv_output)
+    print(f"op: {_describe(op)}; {args.tokens} tokens in {requests} requests")
+    report = run_and_check(inputs.clone(), interleaved=op.interleaved, kv_output=op.kv_output,
+                           pdl=op.pdl_mode)
     print(f"check: {report.summary()}")
     if not report.ok:
         return 1
@@ -123,23 +81,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time(inputs, op, reps: int, gpu_name: str) -> None:
+def _time(inputs, op: form.Form, reps: int, gpu_name: str) -> None:
     """The op's GPU time next to a device copy of as many bytes, timed the same way."""
     import torch
 
-    from .timing import op_bytes, time_cuda
+    from .timing import bytes_moved, time_cuda
 
     out = torch.empty_like(inputs.q_rope)
     kv_output = torch.empty_like(inputs.kv_input) if op.kv_output else None
-    moved = op_bytes(inputs.q_rope.shape[0], op.num_q_heads, op.rope_dim, op.kv_norm_dim,
-                     inputs.q_rope.dtype, cache_dtype=inputs.k_cache.dtype,
-                     kv_output=op.kv_output)
+    moved = bytes_moved(op, inputs.q_rope.shape[0])
     src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     timings = {
         "tvm-fused": time_cuda(lambda: inputs.call(
-            kv_output=kv_output, out=out, interleaved=op.interleaved, validate=False),
-            reps=reps),
+            kv_output=kv_output, out=out, interleaved=op.interleaved, pdl=op.pdl_mode,
+            validate=False), reps=reps),
         "copy of as many bytes": time_cuda(lambda: dst.copy_(src), reps=reps),
     }
     for label, timing in timings.items():
@@ -151,8 +107,9 @@ def _time(inputs, op, reps: int, gpu_name: str) -> None:
 def source(args: argparse.Namespace) -> int:
     if args.arch is not None and not re.fullmatch(r"sm_\d{2,3}a?", args.arch):
         raise UsageError(f"--arch must look like sm_90a or sm_80, got {args.arch!r}")
-    op = _op_config(args)
-    from .compiler.build import cuda_source, cuda_target
+    op = _form_of(args)
+    from .compiler.build import cuda_target
+    from .kernels import cuda_source
 
     print(cuda_source(op, cuda_target(args.arch)))
     return 0
@@ -164,11 +121,11 @@ def tune(args: argparse.Namespace) -> int:
     import torch
 
     from .compiler.build import as_target, device_target
-    from .tuning.layout import CPU_DEVICE, default_logs_dir
+    from .tuning.layout import CPU_DEVICE, default_logs_dir, gpu_slug
     from .tuning.tune import RpcTarget
     from .tuning.tune import tune as run_tuning
 
-    op = _op_config(args)
+    op = _form_of(args)
     buckets = tuple(int(b) for b in args.buckets.split(","))
     if args.target == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,7 +138,7 @@ def tune(args: argparse.Namespace) -> int:
         host, port = args.rpc_tracker.rsplit(":", 1)
         rpc = RpcTarget(host, int(port), args.rpc_key, args.rpc_workers)
     logs_dir = Path(args.out) if args.out else default_logs_dir()
-    work_dir = Path(args.work_dir) / f"{device_name.replace(' ', '_')}-{op.num_q_heads}h"
+    work_dir = Path(args.work_dir) / gpu_slug(device_name) / op.key()
     run_tuning(op, target, buckets=buckets, trials=args.trials, logs_dir=logs_dir,
                work_dir=work_dir, device_name=device_name, cost_model=args.cost_model,
                rpc=rpc)
@@ -221,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     commands = main_parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser(
         "run", help="build the fused kernel, check it against float64, time it on a GPU")
-    _add_config_options(run_parser)
+    form.add_cli_options(run_parser)
     run_parser.add_argument("--tokens", type=_positive, default=1024,
                             help="new tokens in the step (default 1024)")
     run_parser.add_argument("--requests", type=int, default=0,
@@ -231,12 +188,12 @@ def parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--reps", type=_positive, default=50, help="timed runs on a GPU")
     run_parser.set_defaults(func=run)
     source_parser = commands.add_parser("source", help="print the generated CUDA source")
-    _add_config_options(source_parser)
+    form.add_cli_options(source_parser)
     source_parser.add_argument("--arch", default=None, help="sm_XX[a] (default sm_90a)")
     source_parser.set_defaults(func=source)
     tune_parser = commands.add_parser(
         "tune", help="tune the block-group schedule with MetaSchedule, per token bucket")
-    _add_config_options(tune_parser)
+    form.add_cli_options(tune_parser)
     tune_parser.add_argument("--buckets", default="1,8,64,512,4096,32768",
                              help="token counts to tune for (comma-separated)")
     tune_parser.add_argument("--trials", type=_positive, default=32,

@@ -212,30 +212,35 @@ def _one_element(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dim() == 1 else tensor.reshape(1)
 
 
-def _launch(addressing, q_rope, freqs, gamma, k_cache, *, indices, kv_input, kv_output,
-            k_scale, epsilon, out, errors, options, validate, schedule):
+def _launch(addressing, q_rope, freqs, gamma, k_cache, **call):
     """Check the arguments as ``validate`` asks, find the kernel and launch it; returns out.
-    When the kernel's entry refuses the tensors, ``check_arguments`` names the problem."""
-    names, freqs_name = (SLOTS, "cos_sin_cache") if addressing == "slots" else (
-        OFFSETS, "freqs_cis")
+    When the kernel's entry refuses the tensors, ``check_arguments`` names the problem.
+    ``call``: ``_run``'s keyword arguments, and ``validate``."""
+    validate = call.pop("validate")
     if validate is None:
         validate = not (isinstance(q_rope, torch.Tensor) and q_rope.is_cuda)
     if validate:
-        check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(names, indices)), out,
-                        kv_input, kv_output, k_scale, errors, epsilon, freqs_name=freqs_name)
-        if addressing == "slots":
-            check_slot_contents(*indices, freqs, k_cache)
-        else:
-            check_contents(q_rope, indices[0], freqs, k_cache, *indices[1:])
+        _check(addressing, q_rope, freqs, gamma, k_cache, contents=True, **call)
     try:
-        return _run(addressing, q_rope, freqs, gamma, k_cache, indices=indices,
-                    kv_input=kv_input, kv_output=kv_output, k_scale=k_scale, epsilon=epsilon,
-                    out=out, errors=errors, options=options, schedule=schedule)
+        return _run(addressing, q_rope, freqs, gamma, k_cache, **call)
     except Exception as error:  # the entry (or the form) refused the call: name the problem
         failure = error
-    check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(names, indices)), out, kv_input,
-                    kv_output, k_scale, errors, epsilon, freqs_name=freqs_name)
+    _check(addressing, q_rope, freqs, gamma, k_cache, contents=False, **call)
     raise failure
+
+
+def _check(addressing, q_rope, freqs, gamma, k_cache, *, contents, indices, options, schedule,
+           **tensors):
+    """``check_arguments`` of a call (``tensors``: out, kv_input, kv_output, k_scale, errors
+    and epsilon), then if ``contents`` the proof of its index contents (a device sync)."""
+    names, freqs_name = (SLOTS, "cos_sin_cache") if addressing == "slots" else (
+        OFFSETS, "freqs_cis")
+    check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(names, indices)),
+                    freqs_name=freqs_name, **tensors)
+    if contents and addressing == "slots":
+        check_slot_contents(*indices, freqs, k_cache)
+    elif contents:
+        check_contents(q_rope, indices[0], freqs, k_cache, *indices[1:])
 
 
 def _run(addressing, q_rope, freqs, gamma, k_cache, *, indices, kv_input, kv_output, k_scale,

@@ -81,8 +81,8 @@ def _check_no_overlap(spans: list) -> None:
                                  f"while it reads {other}; give {name} memory of its own")
 
 
-def _named(q_rope, freqs_cis, gamma, k_cache, index_items, out, kv_input, kv_output, k_scale,
-           errors, freqs_name: str) -> tuple:
+def _named(q_rope, freqs_cis, gamma, k_cache, index_items, *, out, kv_input, kv_output,
+           k_scale, errors, freqs_name: str) -> tuple:
     """``(name, tensor)`` of every tensor argument (None if not given), q_rope first."""
     return (("q_rope", q_rope), (freqs_name, freqs_cis), ("gamma", gamma), ("k_cache", k_cache),
             *index_items, ("out", out), ("kv_input", kv_input), ("kv_output", kv_output),
@@ -125,12 +125,12 @@ def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale) -> 
                              f"{tuple(shape)}")
 
 
-def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, out, kv_input=None,
-                    kv_output=None, k_scale=None, errors=None, epsilon=1e-6,
+def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, *, out=None,
+                    kv_input=None, kv_output=None, k_scale=None, errors=None, epsilon=1e-6,
                     freqs_name: str = "freqs_cis") -> None:
     """Raise TypeError/ValueError naming the argument for any malformed input. ``index``
-    maps the names of ``form.OFFSETS`` or of ``form.SLOTS`` to their tensors; ``freqs_name`` is what
-    the caller calls the cos/sin table."""
+    maps the names of ``form.OFFSETS`` or of ``form.SLOTS`` to their tensors;
+    ``freqs_name`` is what the caller calls the cos/sin table."""
     q_shape, q_strides = _checked_layout("q_rope", q_rope, 3, DATA_DTYPES)
     freqs_shape, freqs_strides = _checked_layout(freqs_name, freqs_cis, 2, FREQS_DTYPES)
     gamma_shape, gamma_strides = _checked_layout("gamma", gamma, 1, DATA_DTYPES)
@@ -183,8 +183,9 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, out, kv_inpu
     if not on_cuda and not q_rope.is_cpu:
         raise ValueError(f"q_rope must be on a CUDA device or the CPU, got {q_rope.device}")
     device = q_rope.get_device()  # an int: cheaper than comparing torch.device objects
-    named = _named(q_rope, freqs_cis, gamma, k_cache, index.items(), out, kv_input, kv_output,
-                   k_scale, errors, freqs_name)
+    named = _named(q_rope, freqs_cis, gamma, k_cache, index.items(), out=out,
+                   kv_input=kv_input, kv_output=kv_output, k_scale=k_scale, errors=errors,
+                   freqs_name=freqs_name)
     for name, tensor in named[1:]:
         if tensor is not None:
             same = tensor.is_cuda and tensor.get_device() == device if on_cuda else \

@@ -7,6 +7,8 @@ import statistics
 
 import torch
 
+from .form import ITEMSIZE, Form
+
 FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MiB)
 
 
@@ -72,14 +74,14 @@ def time_graph(fn, reps: int = 50, calls: int = 1) -> Timing:
     return time_cuda(capture_graph(fn, calls).replay, reps=reps)
 
 
-def op_bytes(num_tokens: int, num_q_heads: int, rope_dim: int, kv_norm_dim: int,
-             dtype: torch.dtype, freqs_dtype: torch.dtype = torch.float32,
-             cache_dtype: torch.dtype | None = None, kv_output: bool = False) -> int:
-    """Bytes the op must move: q rope read + written, each new row read (from the cache in
-    place, from ``kv_input`` write-through) and written to the cache (in ``cache_dtype``,
-    default ``dtype``) and to ``kv_output`` if asked, the freqs row read, and gamma once."""
-    size = dtype.itemsize
-    row = kv_norm_dim + rope_dim
-    row_bytes = row * size + row * (cache_dtype or dtype).itemsize + kv_output * row * size
-    per_token = 2 * num_q_heads * rope_dim * size + row_bytes + rope_dim * freqs_dtype.itemsize
-    return num_tokens * per_token + kv_norm_dim * size
+def bytes_moved(form: Form, tokens: int) -> int:
+    """Bytes a call of ``form`` on ``tokens`` tokens must move: q's rope part read and
+    written, each new row read (from the cache in place, from ``kv_input`` write-through)
+    and written to the cache (in its dtype) and to ``kv_output`` if the form has one, the
+    table row read, and gamma once."""
+    size = ITEMSIZE[form.dtype]
+    row = form.row_width
+    row_bytes = row * (size + ITEMSIZE[form.cache_element] + form.kv_output * size)
+    per_token = (2 * form.num_q_heads * form.rope_dim * size + row_bytes
+                 + form.rope_dim * ITEMSIZE[form.freqs_dtype])
+    return tokens * per_token + form.kv_norm_dim * ITEMSIZE[form.gamma_dtype]

@@ -1,154 +1,102 @@
-"""The op as torch custom ops, so it composes with torch.compile and CUDA graphs.
+"""The op as torch custom ops (``torch.ops.tvm_fused.*``), so that it composes with
+``torch.compile`` and CUDA graphs; importing this module registers them.
 
-In place (the caller has written the new latent rows into the cache):
+They are generated from one table, the entry points' own signatures (``ENTRY_POINTS``), in
+three variants each (``VARIANTS``):
 
-- ``torch.ops.tvm_fused.fused_rope_rmsnorm(q_rope, ...) -> q_out``: q out of place (a new
-  tensor), ``k_cache`` (and ``errors``, if given) mutated.
-- ``torch.ops.tvm_fused.fused_rope_rmsnorm_(q_rope, ...) -> None``: ``q_rope`` and
-  ``k_cache`` (and ``errors``) mutated in place.
+- ``<entry>(...) -> Tensor``: the roped q as a new tensor;
+- ``<entry>_out(..., *, Tensor(a!) out, ...) -> ()``: the roped q written to ``out``;
+- ``<entry>_(Tensor(a!) q_rope, ...) -> ()``: ``q_rope`` roped in place.
 
-Write-through (the new rows come from ``kv_input``, the projection output; the cache may be
-fp8 with ``k_scale``, or None):
+Every option of the entry point is an argument of each variant, keyword-only after the
+tensors the entry point takes positionally, with the entry point's default; ``pdl`` is a
+string there (``"off"``, ``"on"``, ``"early-indices"``). Every variant mutates ``k_cache`` and,
+when given, ``kv_output`` and ``errors``; the ops never validate in Python (no host sync):
+the compiled kernel's entry still refuses malformed and overlapping tensors, and bad
+indices are skipped and counted in ``errors``. Each has a fake (meta) implementation, so
+``torch.compile(fullgraph=True)`` traces through it.
 
-- ``torch.ops.tvm_fused.fused_rope_rmsnorm_write_through(q_rope, kv_input, ...) -> q_out``
-- ``torch.ops.tvm_fused.fused_rope_rmsnorm_write_through_(q_rope, kv_input, ...) -> None``
-  (``q_rope`` roped in place); both mutate ``k_cache``, ``kv_output`` and ``errors`` (each
-  of the last two may be None).
-
-Engine addressing (positions and a slot mapping; vLLM's and SGLang's layer, in one launch):
-
-- ``torch.ops.tvm_fused.fused_rope_rmsnorm_slots_(q_rope, positions, slot_mapping,
-  cos_sin_cache, gamma, k_cache, kv_input, k_scale, epsilon, interleaved, freqs_layout,
-  norm_rounding, kv_output, errors) -> None``: ``q_rope`` roped in place (vLLM's view of q),
-  the new rows written to ``k_cache`` from ``kv_input`` (None: updated in place), and to
-  ``kv_output``; mutates ``q_rope``, ``k_cache``, ``kv_output`` and ``errors``.
-
-Every argument is required, the mutable optional tensors (``kv_output``, ``errors``) last:
-torch 2.11's custom ops fail on a mutable argument left to its default, and Inductor (torch
-2.13) passes a mutable optional tensor last whatever its place in the schema. The ops
-declare what they mutate and have fake (meta) implementations, so
-``torch.compile(fullgraph=True)`` traces through them; they never validate in Python (no
-host sync, no per-call checks: ``validate=False``): the compiled kernel's entry still refuses
-malformed and overlapping tensors, and bad indices are skipped and counted in ``errors``.
+    torch.ops.tvm_fused.fused_rope_rmsnorm_slots_(
+        q[..., 128:], positions, slot_mapping, cos_sin_cache, gamma, kv_cache,
+        kv_input=qkv[:, 1536:], k_scale=k_scale, freqs_layout="split")
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .api import fused_rope_rmsnorm, fused_rope_rmsnorm_slots
+from .form import EARLY_INDICES
+
+NAMESPACE = "tvm_fused"
+ENTRY_POINTS = (fused_rope_rmsnorm, fused_rope_rmsnorm_slots)
+MUTATED = ("k_cache", "kv_output", "errors")  # what every variant writes, besides q's output
+NOT_IN_OPS = ("out", "validate", "schedule")  # per variant, or Python-only
+PDL = {"off": False, "on": True, EARLY_INDICES: EARLY_INDICES}
+# annotation of an entry point's parameter -> its type in a schema
+SCHEMA_TYPES = {"torch.Tensor": "Tensor", "torch.Tensor | None": "Tensor?", "float": "float",
+                "bool": "bool", "str": "str", "bool | str": "str"}
+# variant -> (op name suffix, q's output, what it returns)
+VARIANTS = {"new": ("", None, "Tensor"), "out": ("_out", "out", "()"),
+            "in_place": ("_", "q_rope", "()")}
 
 
-def _new_q(q_rope: torch.Tensor) -> torch.Tensor:
-    return torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
+def _argument(param: inspect.Parameter, mutated: set, alias: iter) -> str:
+    """One argument of a schema, for an entry point's parameter."""
+    kind = SCHEMA_TYPES[param.annotation]
+    if param.name in mutated:
+        kind = kind.replace("Tensor", f"Tensor({next(alias)}!)")
+    text = f"{kind} {param.name}"
+    if param.default is not inspect.Parameter.empty:
+        default = "off" if param.name == "pdl" else param.default
+        text += "=" + (f'"{default}"' if isinstance(default, str) else repr(default))
+    return text
 
 
-@torch.library.custom_op("tvm_fused::fused_rope_rmsnorm",
-                         mutates_args=("k_cache", "errors"))
-def fused_rope_rmsnorm_op(
-    q_rope: torch.Tensor, input_row_offsets: torch.Tensor, freqs_cis: torch.Tensor,
-    gamma: torch.Tensor, k_cache: torch.Tensor, lookup_table: torch.Tensor,
-    cache_lengths: torch.Tensor, epsilon: float, interleaved: bool,
-    errors: torch.Tensor | None,
-) -> torch.Tensor:
-    """Roped q as a new contiguous tensor; ``k_cache`` updated in place."""
-    return fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache,
-                              lookup_table, cache_lengths, epsilon=epsilon, out=_new_q(q_rope),
-                              errors=errors, interleaved=interleaved, validate=False)
+def schema(entry, variant: str) -> str:
+    """The schema of ``entry``'s op in ``variant``: its parameters (but ``NOT_IN_OPS``), the
+    positional ones first, then ``*`` and the keyword-only ones (``out`` first, for the
+    out variant)."""
+    _, output, returns = VARIANTS[variant]
+    mutated, alias = {*MUTATED, output}, iter("abcdefgh")
+    params = [p for p in inspect.signature(entry).parameters.values()
+              if p.name not in NOT_IN_OPS]
+    positional = [_argument(p, mutated, alias) for p in params if p.kind != p.KEYWORD_ONLY]
+    keyword = [_argument(p, mutated, alias) for p in params if p.kind == p.KEYWORD_ONLY]
+    if output == "out":
+        keyword.insert(0, f"Tensor({next(alias)}!) out")
+    return f"({', '.join(positional)}, *, {', '.join(keyword)}) -> {returns}"
 
 
-@fused_rope_rmsnorm_op.register_fake
-def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-      epsilon, interleaved, errors):
-    return _new_q(q_rope)
+def _implementation(entry, output: str | None):
+    """The op's body: ``entry`` on the op's arguments, q's output as ``output`` says."""
+
+    def run(*args, pdl="off", **kwargs):
+        if output == "q_rope":
+            kwargs["out"] = args[0]
+        out = entry(*args, **kwargs, pdl=PDL[pdl], validate=False)
+        return out if output is None else None
+
+    return run
 
 
-@torch.library.custom_op("tvm_fused::fused_rope_rmsnorm_",
-                         mutates_args=("q_rope", "k_cache", "errors"))
-def fused_rope_rmsnorm_inplace_op(
-    q_rope: torch.Tensor, input_row_offsets: torch.Tensor, freqs_cis: torch.Tensor,
-    gamma: torch.Tensor, k_cache: torch.Tensor, lookup_table: torch.Tensor,
-    cache_lengths: torch.Tensor, epsilon: float, interleaved: bool,
-    errors: torch.Tensor | None,
-) -> None:
-    """``q_rope`` and ``k_cache`` updated in place."""
-    fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
-                       cache_lengths, epsilon=epsilon, out=q_rope, errors=errors,
-                       interleaved=interleaved, validate=False)
+def _fake(output: str | None):
+    def fake(q_rope, *args, **kwargs):
+        return torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device) if (
+            output is None) else None
+
+    return fake
 
 
-@fused_rope_rmsnorm_inplace_op.register_fake
-def _(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table, cache_lengths,
-      epsilon, interleaved, errors):
-    return None
+def _register() -> None:
+    for entry in ENTRY_POINTS:
+        for variant, (suffix, output, _) in VARIANTS.items():
+            name = f"{NAMESPACE}::{entry.__name__}{suffix}"
+            torch.library.define(name, schema(entry, variant))
+            torch.library.impl(name, ("CPU", "CUDA"), _implementation(entry, output))
+            torch.library.register_fake(name, _fake(output))
 
 
-@torch.library.custom_op("tvm_fused::fused_rope_rmsnorm_write_through",
-                         mutates_args=("k_cache", "kv_output", "errors"))
-def fused_rope_rmsnorm_write_through_op(
-    q_rope: torch.Tensor, kv_input: torch.Tensor, input_row_offsets: torch.Tensor,
-    freqs_cis: torch.Tensor, gamma: torch.Tensor, k_cache: torch.Tensor,
-    lookup_table: torch.Tensor, cache_lengths: torch.Tensor, k_scale: torch.Tensor | None,
-    epsilon: float, interleaved: bool, kv_output: torch.Tensor | None,
-    errors: torch.Tensor | None,
-) -> torch.Tensor:
-    """Roped q as a new contiguous tensor; the new rows written to ``k_cache`` (and
-    ``kv_output``) from ``kv_input``."""
-    return fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache,
-                              lookup_table, cache_lengths, kv_input=kv_input,
-                              kv_output=kv_output, k_scale=k_scale, epsilon=epsilon,
-                              out=_new_q(q_rope), errors=errors, interleaved=interleaved,
-                              validate=False)
-
-
-@fused_rope_rmsnorm_write_through_op.register_fake
-def _(q_rope, kv_input, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
-      cache_lengths, k_scale, epsilon, interleaved, kv_output, errors):
-    return _new_q(q_rope)
-
-
-@torch.library.custom_op("tvm_fused::fused_rope_rmsnorm_write_through_",
-                         mutates_args=("q_rope", "k_cache", "kv_output", "errors"))
-def fused_rope_rmsnorm_write_through_inplace_op(
-    q_rope: torch.Tensor, kv_input: torch.Tensor, input_row_offsets: torch.Tensor,
-    freqs_cis: torch.Tensor, gamma: torch.Tensor, k_cache: torch.Tensor,
-    lookup_table: torch.Tensor, cache_lengths: torch.Tensor, k_scale: torch.Tensor | None,
-    epsilon: float, interleaved: bool, kv_output: torch.Tensor | None,
-    errors: torch.Tensor | None,
-) -> None:
-    """``q_rope`` roped in place; the new rows written to ``k_cache`` (and ``kv_output``)
-    from ``kv_input``."""
-    fused_rope_rmsnorm(q_rope, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
-                       cache_lengths, kv_input=kv_input, kv_output=kv_output,
-                       k_scale=k_scale, epsilon=epsilon, out=q_rope, errors=errors,
-                       interleaved=interleaved, validate=False)
-
-
-@fused_rope_rmsnorm_write_through_inplace_op.register_fake
-def _(q_rope, kv_input, input_row_offsets, freqs_cis, gamma, k_cache, lookup_table,
-      cache_lengths, k_scale, epsilon, interleaved, kv_output, errors):
-    return None
-
-
-@torch.library.custom_op("tvm_fused::fused_rope_rmsnorm_slots_",
-                         mutates_args=("q_rope", "k_cache", "kv_output", "errors"))
-def fused_rope_rmsnorm_slots_inplace_op(
-    q_rope: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-    cos_sin_cache: torch.Tensor, gamma: torch.Tensor, k_cache: torch.Tensor,
-    kv_input: torch.Tensor | None, k_scale: torch.Tensor | None, epsilon: float,
-    interleaved: bool, freqs_layout: str, norm_rounding: str, kv_output: torch.Tensor | None,
-    errors: torch.Tensor | None,
-) -> None:
-    """``q_rope`` roped in place; the new rows written to ``k_cache`` (and ``kv_output``)
-    from ``kv_input``, or updated in place without it."""
-    fused_rope_rmsnorm_slots(q_rope, positions, slot_mapping, cos_sin_cache, gamma, k_cache,
-                             kv_input=kv_input, kv_output=kv_output, k_scale=k_scale,
-                             epsilon=epsilon, out=q_rope, errors=errors,
-                             interleaved=interleaved, freqs_layout=freqs_layout,
-                             norm_rounding=norm_rounding, validate=False)
-
-
-@fused_rope_rmsnorm_slots_inplace_op.register_fake
-def _(q_rope, positions, slot_mapping, cos_sin_cache, gamma, k_cache, kv_input, k_scale,
-      epsilon, interleaved, freqs_layout, norm_rounding, kv_output, errors):
-    return None
+_register()

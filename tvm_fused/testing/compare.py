@@ -204,7 +204,7 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     kv_norm_dim = before.gamma.shape[0]
     tokens = located(before)
     reference = reference_outputs(tokens, before.q_rope, before.freqs_cis, before.gamma,
-                                  before.k_cache, **before.form(), **before.options(),
+                                  before.k_cache, **before.latent(), **before.options(),
                                   epsilon=epsilon, interleaved=interleaved)
     written = torch.nonzero(tokens.q_written).flatten()
 
@@ -267,6 +267,7 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
 
 def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool = True,
                   epsilon: float = 1e-6, validate: bool | None = None, schedule=None,
+                  pdl: bool | str = False,
                   out_columns: tuple[int, int] | None = None, kv_output: bool = True,
                   kv_output_columns: tuple[int, int] | None = None) -> CheckReport:
     """Run the op (``inputs.call``) on ``inputs`` (updating them) and check the result.
@@ -276,7 +277,7 @@ def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool
     start)`` of a wider tensor if ``out_columns`` says so. Write-through inputs get a
     ``kv_output`` made the same way (``kv_output_columns``), unless ``kv_output`` is False.
     The op's error counter must count the reference's error tokens. ``schedule`` overrides
-    the GPU schedule.
+    the GPU schedule, ``pdl`` the launch.
     """
     before = inputs.clone()
     q = inputs.q_rope
@@ -295,7 +296,7 @@ def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool
         rows_storage_before = whole_storage(rows).clone()
     errors = torch.zeros(1, dtype=torch.int32, device=inputs.q_rope.device)
     result = inputs.call(kv_output=rows, out=out, errors=errors, epsilon=epsilon,
-                         interleaved=interleaved, validate=validate, schedule=schedule)
+                         interleaved=interleaved, validate=validate, schedule=schedule, pdl=pdl)
     return check_run(before, inputs, result, out_storage_before, in_place=in_place,
                      epsilon=epsilon, interleaved=interleaved, errors_counted=int(errors.item()),
                      kv_output=rows, kv_output_storage_before=rows_storage_before)

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from ..form import Form
+
 ROPE_THETA = 10000.0
 NOPE_DIM = 128  # q's non-rope part: q_rope is usually the view q[..., 128:192]
 # columns before the latent in a fused projection output (DeepSeek's q_lora_rank: vLLM's
@@ -67,9 +69,9 @@ class OpInputs:
         return (self.q_rope, self.input_row_offsets, self.freqs_cis, self.gamma, self.k_cache,
                 self.lookup_table, self.cache_lengths)
 
-    def form(self) -> dict:
-        """Keyword arguments of ``fused_rope_rmsnorm`` and the reference that select the
-        form: ``kv_input`` (None: in place) and ``k_scale``."""
+    def latent(self) -> dict:
+        """Keyword arguments of ``fused_rope_rmsnorm`` and the reference that say where the
+        latent comes from: ``kv_input`` (None: in place) and ``k_scale``."""
         return {"kv_input": self.kv_input, "k_scale": self.k_scale}
 
     def options(self) -> dict:
@@ -82,7 +84,7 @@ class OpInputs:
         from .. import api
 
         entry = api.fused_rope_rmsnorm_slots if self.engine else api.fused_rope_rmsnorm
-        return entry(*self.args(), **self.form(), **self.options(), **kwargs)
+        return entry(*self.args(), **self.latent(), **self.options(), **kwargs)
 
     def to(self, device) -> OpInputs:
         """A copy on ``device`` (views stay views of the copied storage)."""
@@ -278,3 +280,23 @@ def engine_addressed(inputs: OpInputs, *, unslotted: int = 0,
     result.positions = tokens.pos.to(index_dtypes[0]).to(device)
     result.slot_mapping = slots[:slots.numel() - unslotted].to(index_dtypes[1]).to(device)
     return result
+
+
+def inputs_for(form: Form, new_tokens: list[int], cache_lengths: list[int],
+               **options) -> OpInputs:
+    """Random inputs of a call of ``form``: its dims and dtypes, where its latent comes from
+    and its cache, its table layout, norm rounding and addressing; ``options``: those of
+    ``make_inputs`` (the pairing and PDL are options of the call, not of the inputs)."""
+    inputs = make_inputs(
+        new_tokens, cache_lengths, num_q_heads=form.num_q_heads, rope_dim=form.rope_dim,
+        kv_norm_dim=form.kv_norm_dim, page_size=form.page_size, dtype=getattr(torch, form.dtype),
+        gamma_dtype=getattr(torch, form.gamma_dtype),
+        freqs_dtype=getattr(torch, form.freqs_dtype),
+        offsets_dtype=getattr(torch, form.offsets_dtype), write_through=form.write_through,
+        cache_dtype=getattr(torch, form.cache_element), **options)
+    inputs = with_options(inputs, freqs_layout=form.freqs_layout,
+                          norm_rounding=form.norm_rounding)
+    if form.addressing == "slots":
+        inputs = engine_addressed(inputs, index_dtypes=(getattr(torch, form.positions_dtype),
+                                                        getattr(torch, form.slots_dtype)))
+    return inputs

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import tvm
 
-from ..compiler.build import compile_module
-from ..form import Form, dtype_name
+from ..compiler.build import build
 from ..compiler.definition import OP_NAME
+from ..form import Form, dtype_name
 from ..timing import time_cuda
 from .workload import bucket_tensors
 
@@ -25,36 +25,14 @@ _CUDA = 2  # DLPack device type
 
 
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
-    """MetaSchedule builder function: compile as the runtime does (``compile_module``);
-    return the runtime module (an Executable would reach the exporter as a plain
-    callable)."""
-    return compile_module(mod, target).mod
+    """MetaSchedule builder function: compile as the runtime does (``compiler.build``)."""
+    return build(mod, target)
 
 
-IN_PLACE_ARGS = 9  # q, out, offsets, freqs, gamma, k, table, lengths, errors
-
-
-def _op_and_tokens(args_info) -> tuple[Form, int]:
-    """Recover the op config and token count from the workload's argument shapes, in the
-    order of the PrimFunc's parameters: q, out, [kv_input, [kv_output,]] offsets, freqs,
-    gamma, k, [k_scale,] table, lengths, errors (an fp8 cache has ``k_scale``; the rest of
-    the count says the form)."""
-    args = list(args_info)
-    fp8 = len(args[-4][2]) != 3  # the argument before the table is k_scale, not k
-    (_, q_dtype, q_shape), (_, k_dtype, k_shape) = args[0], args[-5 if fp8 else -4]
-    rows = len(args) - IN_PLACE_ARGS - fp8  # kv_input, kv_output
-    (_, off_dtype, _), (_, f_dtype, _), (_, g_dtype, g_shape) = args[2 + rows:5 + rows]
-    tokens, heads, rope_dim = q_shape
-    op = Form(num_q_heads=heads, rope_dim=rope_dim, kv_norm_dim=g_shape[0],
-                  page_size=k_shape[1], dtype=q_dtype, freqs_dtype=f_dtype,
-                  gamma_dtype=g_dtype, offsets_dtype=off_dtype, write_through=rows > 0,
-                  kv_output=rows > 1, cache_dtype=k_dtype if fp8 else None)
-    return op, tokens
-
-
-def _bucket_tensors(args_info, device) -> list[torch.Tensor]:
-    op, tokens = _op_and_tokens(args_info)
-    tensors = bucket_tensors(op, tokens, device=device)
+def _bucket_tensors(form: Form, args_info, device) -> list[torch.Tensor]:
+    """The bucket's inputs for a workload of ``form`` with these argument shapes (the token
+    count is q's first dim)."""
+    tensors = bucket_tensors(form, int(args_info[0][2][0]), device=device)
     for tensor, (_, dtype, shape) in zip(tensors, args_info, strict=True):
         if list(tensor.shape) != list(shape) or dtype_name(tensor.dtype) != dtype:
             raise ValueError(f"bucket inputs {tuple(tensor.shape)} {tensor.dtype} do not match "
@@ -75,15 +53,16 @@ def _for_bucket(key, make):
     return _last_bucket["value"]
 
 
-def alloc_local(device: tvm.runtime.Device, args_info, alloc_repeat: int) -> list:
-    """LocalRunner allocation: the bucket's inputs as torch tensors on ``device``, made once
+def alloc_local(form: Form, device: tvm.runtime.Device, args_info, alloc_repeat: int) -> list:
+    """LocalRunner allocation (with ``form`` bound: ``functools.partial``): the bucket's
+    inputs as torch tensors on ``device``, made once
     per bucket in the runner's process and kept for its next candidates (making them takes
     up to seconds at prefill buckets, about what measuring a candidate takes). A candidate
     leaves valid inputs (it writes its roped q and normalized cache rows, as each of its own
     timing runs does before the next)."""
     torch_device = "cuda" if device.dlpack_device_type() == _CUDA else "cpu"
-    return _for_bucket((torch_device, str(args_info), alloc_repeat), lambda: [
-        _bucket_tensors(args_info, torch_device) for _ in range(alloc_repeat)])
+    return _for_bucket((form, torch_device, str(args_info), alloc_repeat), lambda: [
+        _bucket_tensors(form, args_info, torch_device) for _ in range(alloc_repeat)])
 
 
 def run_local(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
@@ -112,9 +91,9 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().numpy()
 
 
-def alloc_rpc(session, device, args_info, alloc_repeat: int) -> list:
-    """RPCRunner allocation: the bucket's inputs, made here (once per bucket in this worker
-    process) and copied to the remote for each candidate."""
-    arrays = _for_bucket(("host", str(args_info)), lambda: [
-        _to_numpy(t) for t in _bucket_tensors(args_info, "cpu")])
+def alloc_rpc(form: Form, session, device, args_info, alloc_repeat: int) -> list:
+    """RPCRunner allocation (with ``form`` bound): the bucket's inputs, made here (once per
+    bucket in this worker process) and copied to the remote for each candidate."""
+    arrays = _for_bucket((form, "host", str(args_info)), lambda: [
+        _to_numpy(t) for t in _bucket_tensors(form, args_info, "cpu")])
     return [[tvm.runtime.tensor(a, device) for a in arrays] for _ in range(alloc_repeat)]

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import lzma
-import tempfile
 import warnings
 from pathlib import Path
 
-from ..form import Form
 from ..schedules.space import config_from_trace
 
 RECORDS = "database_tuning_record.json"  # MetaSchedule's tables in a work directory
@@ -139,48 +137,6 @@ def compact(work_dir: Path, dest: Path, space, defaults: dict,
                 record = json.loads(line)
                 record[0] = new_index
                 out.write(json.dumps(record, separators=(",", ":")) + "\n")
-
-
-def open_database(records_path: Path):
-    """The records folder as a MetaSchedule JSONDatabase (workloads decompressed into a
-    temporary folder)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    tmp = Path(tempfile.mkdtemp(prefix="tvm_fused_db_"))
-    for folder_name, name in ((FOLDER_WORKLOADS, WORKLOADS), (FOLDER_RECORDS, RECORDS)):
-        with lzma.open(records_path / folder_name, "rt") as src:
-            (tmp / name).write_text(src.read())
-    return ms.database.JSONDatabase(work_dir=str(tmp), allow_missing=False)
-
-
-def rekey(path: Path, note: str) -> None:
-    """Point the records in ``path`` at the current definition's bucket workloads.
-
-    For a change of the TensorIR definition that keeps every block name and knob, so the
-    recorded traces still apply: the bucket workloads are rebuilt and their hashes replace
-    the old ones; ``note`` (why, and that the times were measured on the old definition) is
-    kept in the metadata under ``rekeyed``."""
-    from tvm.s_tir import meta_schedule as ms
-
-    from .workload import bucket_workload, workload_hash
-
-    metadata = load_metadata(path)
-    op = Form(**metadata["op"])
-    table = path / FOLDER_WORKLOADS
-    with lzma.open(table, "rt") as lines:
-        entries = [line.rstrip("\n") for line in lines if line.strip()]
-    hashes = [json.loads(line)[0] for line in entries]
-    for tokens, bucket in metadata["buckets"].items():
-        if bucket["workload"] not in hashes:
-            raise ValueError(f"bucket {tokens}'s workload is not in {table}")
-        workload = bucket_workload(op, int(tokens))
-        entries[hashes.index(bucket["workload"])] = json.dumps(
-            ms.database.Workload(workload).as_json())
-        bucket["workload"] = workload_hash(workload)
-    with lzma.open(table, "wt", preset=9) as out:
-        out.writelines(line + "\n" for line in entries)
-    metadata.setdefault("rekeyed", []).append(note)
-    (path / METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
 
 
 def load_metadata(path: Path) -> dict:

@@ -2,22 +2,24 @@
 
 For each bucket the hand-written default schedule is measured first (so the tuned choice is
 never worse than it), with the config an earlier tuning decided (the committed decisions of
-the GPU and op, re-measured in the same run) and every config one knob away from the default
+the GPU and form, re-measured in the same run) and every config one knob away from the default
 (``single_changes``: a structural change the default misses is found in few trials), then
 ``ReplayFunc`` draws candidates from the design space until the bucket has ``trials``
 measured records. The work directory's JSON database grows record by record, so a killed run
 loses at most the batch in flight and a re-run continues from it. At the end the database is
-compacted into ``tuning_logs/<gpu>/<op key>/`` with metadata.
+compacted into ``tuning_logs/<gpu>/<form key>/`` with metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,8 +27,8 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from ..form import Form
 from ..compiler.definition import OP_NAME
+from ..form import Form
 from ..schedules.space import can_draw, schedule_fn, single_changes, space_for
 from . import decisions, records
 from .buckets import BUCKETS
@@ -67,14 +69,16 @@ def _builder(workers: int):
                                    max_workers=workers)
 
 
-def _runner(rpc: RpcTarget | None):
+def _runner(form: Form, rpc: RpcTarget | None):
+    """A runner that feeds candidates ``form``'s bucket inputs: local, or over RPC."""
     if rpc is None:
-        return ms.runner.LocalRunner(f_alloc_argument=alloc_local, f_run_evaluator=run_local,
-                                     timeout_sec=RUN_TIMEOUT_SEC, evaluator_config=_EVALUATOR)
+        return ms.runner.LocalRunner(f_alloc_argument=functools.partial(alloc_local, form),
+                                     f_run_evaluator=run_local, timeout_sec=RUN_TIMEOUT_SEC,
+                                     evaluator_config=_EVALUATOR)
     config = ms.runner.RPCConfig(tracker_host=rpc.tracker_host, tracker_port=rpc.tracker_port,
                                  tracker_key=rpc.key, session_timeout_sec=RUN_TIMEOUT_SEC)
-    return ms.runner.RPCRunner(config, f_alloc_argument=alloc_rpc, max_workers=rpc.workers,
-                               evaluator_config=_EVALUATOR)
+    return ms.runner.RPCRunner(config, f_alloc_argument=functools.partial(alloc_rpc, form),
+                               max_workers=rpc.workers, evaluator_config=_EVALUATOR)
 
 
 @derived_object
@@ -110,125 +114,148 @@ def seed_configs(space, default, decided) -> list:
     return seeds + [config for config in single_changes(space, default) if config not in seeds]
 
 
-def _seed(workloads: dict, op, target, space, trials, builder, runner, database, log,
-          decided: dict):
-    """For each bucket of ``workloads`` (tokens -> workload), measure its ``seed_configs`` (with
-    ``decided``: tokens -> the config an earlier tuning decided; ``trials`` configs at most),
-    every bucket's in one batch (one builder pool), and commit each as a record. Returns
-    tokens -> ``[(config, seconds)]`` of those that built and ran, the default first;
-    ``RuntimeError`` if a default fails."""
-    jobs = []  # (tokens, config, schedule)
-    for tokens, workload in workloads.items():
-        default = space.default_for(tokens, op)
-        for config in seed_configs(space, default, decided.get(tokens))[:trials]:
-            sch = tvm.s_tir.Schedule(workload)
-            schedule_fn(op, space, fixed=config)(sch)
-            jobs.append((tokens, config, sch))
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in jobs])
-    args_info = {tokens: ms.arg_info.ArgInfo.from_prim_func(workload["main"])
-                 for tokens, workload in workloads.items()}
-    device_type = "cuda" if target.kind.name == "cuda" else "cpu"
-    runnable = [i for i, b in enumerate(built) if not b.error_msg]
-    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device_type,
-                                                args_info[jobs[i][0]]) for i in runnable])
-    results = dict(zip(runnable, (future.result() for future in futures)))
-    measured = {tokens: [] for tokens in workloads}
-    for i, (tokens, config, sch) in enumerate(jobs):
-        error = built[i].error_msg or results[i].error_msg
-        if error and not measured[tokens]:  # the bucket's first job is its default
-            raise RuntimeError(f"the default schedule of the {tokens}-token bucket failed: "
-                               f"{error}")
-        if error:
-            log(f"  {config} failed: {error.splitlines()[0][:200]}")
-            continue
-        database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, database.commit_workload(workloads[tokens]), results[i].run_secs,
-            target, args_info[tokens]))
-        measured[tokens].append((config, records.mean_seconds(results[i].run_secs)))
-    return measured
+@dataclasses.dataclass
+class _Session:
+    """One tuning run of a form: what its steps share."""
+
+    form: Form
+    target: tvm.target.Target
+    space: object  # schedules.space.DesignSpace
+    trials: int
+    builder: object
+    runner: object
+    database: object
+    workers: int
+    log: Callable
+    cost_model: str
+
+    def seed(self, workloads: dict, decided: dict) -> dict:
+        """For each bucket of ``workloads`` (tokens -> workload), measure its
+        ``seed_configs`` (``decided``: tokens -> the config an earlier tuning decided;
+        ``trials`` configs at most), every bucket's in one batch (one builder pool), and
+        commit each as a record. Returns tokens -> ``[(config, seconds)]`` of those that
+        built and ran, the default first; ``RuntimeError`` if a default fails."""
+        jobs = []  # (tokens, config, schedule)
+        for tokens, workload in workloads.items():
+            default = self.space.default_for(tokens, self.form)
+            for config in seed_configs(self.space, default, decided.get(tokens))[:self.trials]:
+                sch = tvm.s_tir.Schedule(workload)
+                schedule_fn(self.form, self.space, fixed=config)(sch)
+                jobs.append((tokens, config, sch))
+        built = self.builder.build([ms.builder.BuilderInput(sch.mod, self.target)
+                                    for _, _, sch in jobs])
+        args_info = {tokens: ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+                     for tokens, workload in workloads.items()}
+        device_type = "cuda" if self.target.kind.name == "cuda" else "cpu"
+        runnable = [i for i, b in enumerate(built) if not b.error_msg]
+        futures = self.runner.run([ms.runner.RunnerInput(
+            built[i].artifact_path, device_type, args_info[jobs[i][0]]) for i in runnable])
+        results = dict(zip(runnable, (future.result() for future in futures)))
+        measured = {tokens: [] for tokens in workloads}
+        for i, (tokens, config, sch) in enumerate(jobs):
+            error = built[i].error_msg or results[i].error_msg
+            if error and not measured[tokens]:  # the bucket's first job is its default
+                raise RuntimeError(f"the default schedule of the {tokens}-token bucket "
+                                   f"failed: {error}")
+            if error:
+                self.log(f"  {config} failed: {error.splitlines()[0][:200]}")
+                continue
+            self.database.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, self.database.commit_workload(workloads[tokens]),
+                results[i].run_secs, self.target, args_info[tokens]))
+            measured[tokens].append((config, records.mean_seconds(results[i].run_secs)))
+        return measured
+
+    def search(self, workloads: dict, remaining: dict, work_dir: Path) -> None:
+        """Draw and measure ``remaining[tokens]`` more candidates of each bucket."""
+        names = [f"{OP_NAME}-{tokens}tok" for tokens in remaining]
+        tasks = [ms.TuneContext(
+            mod=workloads[tokens], target=self.target, task_name=name,
+            num_threads=self.workers, space_generator=ms.space_generator.ScheduleFn(
+                schedule_fn(self.form, self.space), sch_rules=[], postprocs=[],
+                mutator_probs={}),
+            search_strategy=ms.search_strategy.ReplayFunc())
+            for tokens, name in zip(remaining, names)]
+        counts = list(remaining.values())
+        ms.tune.tune_tasks(
+            tasks=tasks, task_weights=[1.0] * len(tasks), work_dir=str(work_dir),
+            max_trials_global=sum(counts), max_trials_per_task=max(counts),
+            num_trials_per_iter=min(16, max(counts)), builder=self.builder,
+            runner=self.runner, database=self.database, cost_model=self.cost_model,
+            task_scheduler="round-robin",
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                               _Progress(names, self.log)])
 
 
-def tune(op: Form, target: tvm.target.Target, *, buckets=BUCKETS, trials: int = 32,
+def _log_seeds(log, tokens: int, measured: list, earlier) -> None:
+    """One line on a bucket's seeds: the default's time, the earlier decision's, the best."""
+    (default, default_s), (best, best_s) = measured[0], min(measured, key=lambda m: m[1])
+    earlier_s = None if earlier in (None, default) else dict(measured).get(earlier)
+    log(f"[{OP_NAME}-{tokens}tok] default schedule: {default_s * 1e6:.2f} us"
+        f"{'' if earlier_s is None else f'; decided before: {earlier_s * 1e6:.2f} us'}"
+        f"; {len(measured)} seeds measured, best "
+        f"{best_s * 1e6:.2f} us{'' if best == default else f' ({best})'}")
+
+
+def tune(form: Form, target: tvm.target.Target, *, buckets=BUCKETS, trials: int = 32,
          logs_dir: Path, work_dir: Path, device_name: str, cost_model: str = "auto",
          rpc: RpcTarget | None = None, builder_workers: int | None = None,
          log=print) -> Path:
-    """Tune ``op`` for ``target`` per bucket; return the folder the compacted records went to.
+    """Tune ``form`` for ``target`` per bucket; return the folder the compacted records went
+    to (``logs_dir/<gpu>/<form key>``).
 
     ``trials`` counts measured candidates per bucket, the default included; buckets that
     already have that many records in ``work_dir`` are skipped.
     """
-    space = space_for(target)
     work_dir.mkdir(parents=True, exist_ok=True)
     for table in (records.WORKLOADS, records.RECORDS):
         records.drop_malformed_lines(work_dir / table)
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
     workers = builder_workers or max(1, min(16, (os.cpu_count() or 2)))
-    builder, runner = _builder(workers), _runner(rpc)
+    session = _Session(form, target, space_for(target), trials, _builder(workers),
+                       _runner(form, rpc), ms.database.JSONDatabase(work_dir=str(work_dir)),
+                       workers, log, _cost_model(cost_model))
     started = time.time()
-
-    workloads = {tokens: bucket_workload(op, tokens) for tokens in buckets}
-    names = {tokens: f"{OP_NAME}-{tokens}tok" for tokens in buckets}
-    done = {tokens: len(database.get_top_k(database.commit_workload(workload), trials))
-            for tokens, workload in workloads.items()}
-    fresh = {tokens: w for tokens, w in workloads.items() if done[tokens] == 0}
-    dest = records_dir(logs_dir, device_name, op)
-    decided = (decisions.read(dest, space.config_type)
+    workloads = {tokens: bucket_workload(form, tokens) for tokens in buckets}
+    done = {tokens: len(session.database.get_top_k(session.database.commit_workload(w),
+                                                   trials))
+            for tokens, w in workloads.items()}
+    dest = records_dir(logs_dir, device_name, form)
+    decided = (decisions.read(dest, session.space.config_type)
                if (dest / decisions.DECISIONS).is_file() else {})
+    fresh = {tokens: w for tokens, w in workloads.items() if done[tokens] == 0}
     if fresh:
-        seeded = _seed(fresh, op, target, space, trials, builder, runner, database, log,
-                       decided)
-        for tokens, measured in seeded.items():
-            (default, default_s), (best_config, best_s) = measured[0], min(
-                measured, key=lambda pair: pair[1])
-            earlier = decided.get(tokens, default)
-            earlier_s = None if earlier == default else dict(measured).get(earlier)
-            log(f"[{names[tokens]}] default schedule: {default_s * 1e6:.2f} us"
-                f"{'' if earlier_s is None else f'; decided before: {earlier_s * 1e6:.2f} us'}"
-                f"; {len(measured)} seeds measured, best "
-                f"{best_s * 1e6:.2f} us{'' if best_config == default else f' ({best_config})'}")
+        for tokens, measured in session.seed(fresh, decided).items():
+            _log_seeds(log, tokens, measured, decided.get(tokens))
             done[tokens] = len(measured)
-    tasks, task_names, remaining = [], [], []
-    for tokens, workload in workloads.items():
-        if done[tokens] >= trials:
-            if tokens not in fresh:
-                log(f"[{names[tokens]}] {done[tokens]} records already: skipped")
-            continue
-        tasks.append(ms.TuneContext(
-            mod=workload, target=target, task_name=names[tokens], num_threads=workers,
-            space_generator=ms.space_generator.ScheduleFn(
-                schedule_fn(op, space), sch_rules=[], postprocs=[], mutator_probs={}),
-            search_strategy=ms.search_strategy.ReplayFunc()))
-        task_names.append(names[tokens])
-        remaining.append(trials - done[tokens])
-    if tasks:
-        callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
-                     _Progress(task_names, log)]
-        ms.tune.tune_tasks(
-            tasks=tasks, task_weights=[1.0] * len(tasks), work_dir=str(work_dir),
-            max_trials_global=sum(remaining), max_trials_per_task=max(remaining),
-            num_trials_per_iter=min(16, max(remaining)), builder=builder, runner=runner,
-            database=database, cost_model=_cost_model(cost_model), task_scheduler="round-robin",
-            measure_callbacks=callbacks)
-    records.compact(work_dir, dest, space, {workload_hash(w): space.default_for(tokens, op)
-                                            for tokens, w in workloads.items()})
-    chosen = _write_metadata(dest, op, target, device_name, workloads, trials, space,
-                             time.time() - started, work_dir, rpc)
-    decisions.write(dest, device_name, op, chosen)
+    for tokens in workloads:
+        if done[tokens] >= trials and tokens not in fresh:
+            log(f"[{OP_NAME}-{tokens}tok] {done[tokens]} records already: skipped")
+    remaining = {tokens: trials - done[tokens] for tokens in workloads if done[tokens] < trials}
+    if remaining:
+        session.search(workloads, remaining, work_dir)
+    records.compact(work_dir, dest, session.space, {
+        workload_hash(w): session.space.default_for(tokens, form)
+        for tokens, w in workloads.items()})
+    chosen = _write_metadata(session, dest, device_name, workloads, time.time() - started,
+                             timing="median of CUDA-event runs on a cold L2"
+                             if target.kind.name == "cuda" and rpc is None
+                             else "TVM time evaluator", work_dir=work_dir)
+    decisions.write(dest, device_name, form, chosen)
     log(f"records: {dest} ({time.time() - started:.0f} s)")
     return dest
 
 
-def _write_metadata(dest, op, target, device_name, workloads, trials, space, seconds,
-                    work_dir, rpc) -> dict:
+def _write_metadata(session: _Session, dest: Path, device_name: str, workloads: dict,
+                    seconds: float, *, timing: str, work_dir: Path) -> dict:
     """Write ``metadata.json``; return the config chosen per bucket."""
     best = records.best_records(Path(work_dir) / records.RECORDS,
                                 Path(work_dir) / records.WORKLOADS)
     previous = records.load_metadata(dest) if (dest / records.METADATA).is_file() else {}
-    buckets, choices = {}, {}
+    buckets, choices, space = {}, {}, session.space
     for tokens, workload in workloads.items():
         shash = workload_hash(workload)
         ranked = best.get(shash, [])
-        default = space.default_for(tokens, op)
+        default = space.default_for(tokens, session.form)
         defaults = records.default_records(ranked, space, default)
         chosen = choices[tokens] = records.choose(ranked, space, default)
         buckets[str(tokens)] = {
@@ -240,37 +267,15 @@ def _write_metadata(dest, op, target, device_name, workloads, trials, space, sec
         }
     metadata = {
         "gpu": device_name,
-        "op": dataclasses.asdict(op),
-        "target": str(target),
+        "op": dataclasses.asdict(session.form),
+        "target": str(session.target),
         "versions": {"tvm": tvm.__version__, "torch": torch.__version__,
                      "cuda": torch.version.cuda, "python": platform.python_version()},
         "date": datetime.date.today().isoformat(),
-        "trials_per_bucket": trials,
+        "trials_per_bucket": session.trials,
         "tuning_seconds": round(seconds) + previous.get("tuning_seconds", 0),
-        "timing": ("median of CUDA-event runs on a cold L2" if target.kind.name == "cuda"
-                   and rpc is None else "TVM time evaluator"),
+        "timing": timing,
         "buckets": buckets,
     }
     (dest / records.METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
     return choices
-
-
-def redecide(path: Path, note: str) -> dict:
-    """Rewrite the decisions of a records folder (``tuning_logs/<gpu>/<op key>``) from its
-    records and the current hand-written defaults, after a change of those defaults: a bucket
-    whose records show nothing faster than the default gets the new default. ``note`` (what
-    changed) is kept in the metadata under ``redecided``. Returns bucket -> config."""
-    metadata = records.load_metadata(path)
-    op = Form(**metadata["op"])
-    space = space_for(tvm.target.Target(json.loads(metadata["target"])))
-    best = records.folder_best_records(path)
-    chosen = {}
-    for tokens, bucket in metadata["buckets"].items():
-        default = space.default_for(int(tokens), op)
-        config = chosen[int(tokens)] = records.choose(best.get(bucket["workload"], []), space,
-                                                      default)
-        bucket["chosen"] = "default" if config == default else dataclasses.asdict(config)
-    metadata.setdefault("redecided", []).append(note)
-    (path / records.METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
-    decisions.write(path, metadata["gpu"], op, chosen)
-    return chosen
