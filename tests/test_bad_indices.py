@@ -38,7 +38,7 @@ def test_bad_index_is_refused_or_skipped_and_counted(device, form, validate, cas
     if errors and _refused_on(device, validate):
         before = snapshot(inputs)
         with pytest.raises(ValueError):
-            fused_rope_rmsnorm(*inputs.args(), **inputs.form(), validate=validate)
+            fused_rope_rmsnorm(*inputs.args(), **inputs.latent(), validate=validate)
         assert unchanged(inputs, before)
         return
     for in_place in (False, True):
@@ -63,7 +63,7 @@ def test_malformed_offsets_and_shared_rows_stay_in_bounds(device, form, validate
     if _refused_on(device, validate):
         before = snapshot(inputs)
         with pytest.raises(ValueError):
-            fused_rope_rmsnorm(*inputs.args(), **inputs.form(), validate=validate)
+            fused_rope_rmsnorm(*inputs.args(), **inputs.latent(), validate=validate)
         assert unchanged(inputs, before)
         return
     before = inputs.clone()
@@ -73,7 +73,7 @@ def test_malformed_offsets_and_shared_rows_stay_in_bounds(device, form, validate
     out = out_storage.as_strided(out.shape, out.stride(), out.storage_offset())
     out_before = out_storage.clone()
     errors = torch.zeros(1, dtype=torch.int32, device=device)
-    fused_rope_rmsnorm(*inputs.args(), **inputs.form(), out=out, errors=errors,
+    fused_rope_rmsnorm(*inputs.args(), **inputs.latent(), out=out, errors=errors,
                        validate=validate)
     assert torch.equal(inputs.q_storage, before.q_storage)  # read only
     if inputs.kv_input is not None:

@@ -4,21 +4,24 @@ when the function asks for it, and never for launches that depend on each other.
 
 import pytest
 import tvm
+import tvm_ffi
 from tvm import s_tir
 from tvm.script import tirx as T
 from tvm.tirx import stmt as S
 
-from tvm_fused.compiler import pipeline
-from tvm_fused.compiler.block_groups import BLOCK_GROUPS, GROUP_ORDER
-from tvm_fused.compiler.build import cuda_target
+from tvm_fused import Form, schedules
+from tvm_fused.compiler.block_groups import BLOCK_GROUPS, GROUP_ORDER, MergeBlockGroups
+from tvm_fused.compiler.build import build, cuda_target, kernel_source
+from tvm_fused.compiler.pipeline import lower
 
 
-def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False, mode="independent",
+def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False, shared=(),
                  b_reads_a_output=False):
     """Branch a: out_a[i] = 2 * a[i], one row of ``threads_a`` per block. Branch b: out_b[i]
     = a[i] + 1 (``out_a[i] + 1`` if ``b_reads_a_output``: b then depends on a) over blocks of
     ``tx_b`` x ``ty_b`` threads, optionally followed by a block-wide shared-memory exchange
-    (a barrier). ``mode`` is the function's ``BLOCK_GROUPS`` attribute (None: absent)."""
+    (a barrier). ``shared`` is the function's ``BLOCK_GROUPS`` attribute (None: absent): the
+    tensors several launches may write."""
 
     span_b = tx_b * ty_b
 
@@ -55,7 +58,7 @@ def two_branches(threads_a=64, tx_b=32, ty_b=4, shared_reduce_b=False, mode="ind
                             else:
                                 out_b[v // 64, v % 64] = a[v // 64, v % 64] + T.float32(1)
     # fmt: on
-    return func if mode is None else func.with_attr(BLOCK_GROUPS, mode)
+    return func if shared is None else func.with_attr(BLOCK_GROUPS, list(shared))
 
 
 def ranked(func, rank_a: int, rank_b: int):
@@ -80,31 +83,20 @@ class _BeforeSplit:
 
 
 def _lower(func):
-    """Compile with the tvm_fused pipeline; the function as it was before the host/device
+    """Lower with the tvm_fused pipeline; the function as it was before the host/device
     split."""
-    target = cuda_target()
     capture = _BeforeSplit()
-    with target, tvm.transform.PassContext(instruments=[capture]):
-        tvm.compile(func.with_attr("global_symbol", "main"), target=target,
-                    tir_pipeline=pipeline.PIPELINE_NAME)
+    with tvm.transform.PassContext(instruments=[capture]):
+        lower(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), cuda_target())
     return capture.mod["main"]
 
 
 def _launches(func):
+    """``(thread tag, extent)`` of every launch of ``func``, outermost first."""
     found = []
-
-    def visit(stmt):
-        if isinstance(stmt, S.AttrStmt) and stmt.attr_key == "thread_extent":
-            found.append((stmt.node.thread_tag, stmt.value))
-        if isinstance(stmt, S.SeqStmt):
-            for s in stmt.seq:
-                visit(s)
-        for name in ("body", "then_case", "else_case"):
-            child = getattr(stmt, name, None)
-            if child is not None:
-                visit(child)
-
-    visit(func.body)
+    tvm_ffi.structural_walk(func.body, [(S.AttrStmt, lambda stmt: found.append(
+        (stmt.node.thread_tag, stmt.value)) if stmt.attr_key == "thread_extent" else None)],
+        order="pre")
     return found
 
 
@@ -160,22 +152,43 @@ def test_single_launch_is_left_alone():
 
 
 def test_a_function_that_does_not_ask_keeps_its_launches():
-    launches = _launches(_lower(two_branches(mode=None)))
+    launches = _launches(_lower(two_branches(shared=None)))
     assert [tag for tag, _ in launches].count("blockIdx.x") == 2
 
 
 def test_dependent_launches_are_refused():
     """Branch b reads what branch a writes: as separate launches b sees a's results; in one
-    grid it would not. Refused when checked, merged only when the author vouches."""
-    with pytest.raises(Exception, match=r"launch 0 writes .*out_a.*launch 1 also accesses"):
+    grid it would not. Refused, unless the function names out_a as written by several."""
+    with pytest.raises(Exception, match=r"launch 0 writes \['out_a'\], which launch 1 also"):
         _lower(two_branches(b_reads_a_output=True))
-    merged = _lower(two_branches(b_reads_a_output=True, mode="vouched"))
+    merged = _lower(two_branches(b_reads_a_output=True, shared=["out_a"]))
     assert [tag for tag, _ in _launches(merged)] == ["blockIdx.x", "threadIdx.x"]
 
 
-def test_an_unknown_mode_is_an_error():
-    with pytest.raises(Exception, match="must be 'independent' or 'vouched'"):
-        _lower(two_branches(mode="yes"))
+def test_a_write_through_a_view_counts_as_the_tensor():
+    """The op's definition names the cache and kv_output as written by several branches
+    (other columns of the same rows, through views); its q output is checked: a schedule
+    whose q branch also wrote into the cache would be refused. Here the op's own function,
+    asking for none to be shared, is refused for the cache's views."""
+    form = Form()
+    target = cuda_target()
+    mod = schedules.scheduled_module(form, target, schedules.default_config(form, target))
+    func = mod["fused_rope_rmsnorm"].with_attr(BLOCK_GROUPS, ["kv_output"])
+    with pytest.raises(Exception, match=r"writes \['k_cache'\], which launch \d also"):
+        lower(tvm.IRModule({"fused_rope_rmsnorm": func}), target)
+
+
+def test_a_list_of_names_is_required():
+    with pytest.raises(Exception, match="must list the names of tensors"):
+        _lower(two_branches(shared=None).with_attr(BLOCK_GROUPS, "vouched"))
+
+
+def test_a_function_lowered_out_of_order_is_refused():
+    """Before the thread bindings are lowered there is no launch to merge: the pass says
+    where it belongs instead of doing nothing."""
+    func = two_branches().with_attr("global_symbol", "main").with_attr("target", cuda_target())
+    with pytest.raises(Exception, match="run the pass after the thread bindings are lowered"):
+        MergeBlockGroups(tvm.IRModule({"main": func}))
 
 
 def test_barrier_in_a_predicated_branch_is_rejected():
@@ -189,11 +202,9 @@ def test_barrier_in_a_full_width_branch_is_accepted():
 
 
 def test_cuda_source_has_one_kernel():
-    target = cuda_target()
-    with target:
-        executable = tvm.compile(two_branches(), target=target,
-                                 tir_pipeline=pipeline.PIPELINE_NAME)
-    source = executable.mod.imports[0].inspect_source()
+    source = kernel_source(tvm.IRModule({"main": two_branches().with_attr("global_symbol",
+                                                                          "main")}),
+                           cuda_target())
     assert source.count("__global__ void") == 2  # the declaration and the definition
     assert "__launch_bounds__(128)" in source
 
@@ -207,10 +218,8 @@ def test_merged_launch_runs_both_branches_on_the_gpu(shared_reduce_b, shared_gro
     func = two_branches(shared_reduce_b=shared_reduce_b)
     if shared_group:
         func = ranked(func, 0, 0)
-    target = cuda_target()
-    with target:
-        executable = tvm.compile(func.with_attr("global_symbol", "main"), target=target,
-                                 tir_pipeline=pipeline.PIPELINE_NAME)
+    executable = build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                       cuda_target())
     for n in (1, 5, 300):
         a = torch.randn(n, 64, device="cuda")
         out_a, out_b = torch.full_like(a, -1), torch.full_like(a, -1)

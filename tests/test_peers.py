@@ -233,7 +233,7 @@ def check_triton_write_through(cache: tuple, interleaved: bool, kv_output: bool,
 
     inputs = write_through_inputs(cache, heads, device)
     check_write_through(inputs, interleaved, kv_output, lambda out, rows: (
-        triton_fused_rope_rmsnorm(*inputs.args(), **inputs.form(), kv_output=rows, out=out,
+        triton_fused_rope_rmsnorm(*inputs.args(), **inputs.latent(), kv_output=rows, out=out,
                                   interleaved=interleaved, heads_per_program=heads_per_program)))
 
 

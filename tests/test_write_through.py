@@ -73,7 +73,7 @@ def test_fp8_rounding_is_exact_at_the_edges(cache_dtype, k_scale, device):
     rope_part[:values.numel()] = values
     inputs.kv_input[:, 512:] = rope_part.view(tokens, 64)
     inputs = inputs.to(device)
-    fused_rope_rmsnorm(*inputs.args(), **inputs.form(), validate=True)
+    fused_rope_rmsnorm(*inputs.args(), **inputs.latent(), validate=True)
 
     expected_bf16 = rope(rope_part.view(tokens, 64).to(torch.float64),
                          inputs.freqs_cis[0].cpu().to(torch.float64)).to(torch.bfloat16)
@@ -145,7 +145,7 @@ def test_bad_form_arguments_raise_and_write_nothing(case, validate):
     inputs = _inputs(form)
     before = snapshot(inputs)
     with pytest.raises(error, match=match):
-        call_with(inputs.args(), **{**inputs.form(), **replace(inputs)}, validate=validate)
+        call_with(inputs.args(), **{**inputs.latent(), **replace(inputs)}, validate=validate)
     assert unchanged(inputs, before)
 
 
@@ -178,5 +178,5 @@ def test_overlaps_with_written_rows_are_refused(case):
     replace, match = OVERLAPS[case]
     before = snapshot(inputs)
     with pytest.raises(ValueError, match=match):
-        call_with(inputs.args(), **{**inputs.form(), **replace(inputs)})
+        call_with(inputs.args(), **{**inputs.latent(), **replace(inputs)})
     assert unchanged(inputs, before)

@@ -212,13 +212,19 @@ def _one_element(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dim() == 1 else tensor.reshape(1)
 
 
+def _default_proves_contents(q_rope) -> bool:
+    """Whether ``validate=None`` proves the index contents too: everywhere but on a GPU (the
+    GPU default stays sync-free and CUDA-graph capturable)."""
+    return not (isinstance(q_rope, torch.Tensor) and q_rope.is_cuda)
+
+
 def _launch(addressing, q_rope, freqs, gamma, k_cache, **call):
     """Check the arguments as ``validate`` asks, find the kernel and launch it; returns out.
     When the kernel's entry refuses the tensors, ``check_arguments`` names the problem.
     ``call``: ``_run``'s keyword arguments, and ``validate``."""
     validate = call.pop("validate")
     if validate is None:
-        validate = not (isinstance(q_rope, torch.Tensor) and q_rope.is_cuda)
+        validate = _default_proves_contents(q_rope)
     if validate:
         _check(addressing, q_rope, freqs, gamma, k_cache, contents=True, **call)
     try:
@@ -263,8 +269,12 @@ def _run(addressing, q_rope, freqs, gamma, k_cache, *, indices, kv_input, kv_out
     entry = lookup(key)
     offsets, table, lengths = indices if addressing == "offsets" else (None, None, None)
     positions, slots = indices if addressing == "slots" else (None, None)
+    if k_scale is None:
+        k_scale = entry.unit_scale
+    elif entry.unit_scale is None:
+        raise ValueError("k_scale applies to an fp8 k_cache only")
     values = (q_rope, out, kv_input, kv_output, offsets, freqs, gamma, k_cache,
-              entry.unit_scale if k_scale is None else _one_element(k_scale), table, lengths,
+              _one_element(k_scale) if k_scale is not None else None, table, lengths,
               positions, slots, entry.errors if errors is None else _one_element(errors),
               float(epsilon))
     entry.kernel(tokens)(*entry.arguments(values))

@@ -74,6 +74,8 @@ def _implementation(entry, output: str | None):
     """The op's body: ``entry`` on the op's arguments, q's output as ``output`` says."""
 
     def run(*args, pdl="off", **kwargs):
+        if pdl not in PDL:
+            raise ValueError(f"pdl must be one of {sorted(PDL)}, got {pdl!r}")
         if output == "q_rope":
             kwargs["out"] = args[0]
         out = entry(*args, **kwargs, pdl=PDL[pdl], validate=False)

@@ -2,14 +2,18 @@
 
 Sibling launches run one after the other; the blocks of a merged grid do not, so merging
 launches of which one reads what another writes would make a race. The pass therefore only
-merges a PrimFunc that asks for it with the attribute ``BLOCK_GROUPS``:
+merges a PrimFunc that asks for it with the attribute ``BLOCK_GROUPS``, whose value names the
+tensors several launches may write (each a part of its own: the k rope and norm branches
+write other columns of the same cache rows, which no analysis of the indices here can
+prove), ``[]`` for none; and it checks the rest itself: a launch that writes a tensor (through
+any view of it) that another launch reads or writes, other than those named, is refused.
+Any other function, however many launches it has, is left alone, and so is a function for
+the CPU.
 
-- ``"independent"``: the pass checks that no launch writes memory (a buffer's data) that
-  another launch reads or writes, and refuses the function otherwise;
-- ``"vouched"``: the author guarantees it where the pass cannot see it (branches writing
-  different columns of the same buffer, say), and the pass does not check.
-
-Any other function, however many launches it has, is left alone.
+The pass checks its place in the pipeline too: it needs the launches lowered to thread
+extents at the top level of the function's body, not yet split into device kernels (run it
+right before ``SplitHostDevice``); a function that asks for block groups but has no launch
+there is an error.
 
 A PrimFunc whose branches are scheduled on their own lowers to one launch per branch:
 
@@ -55,6 +59,7 @@ GROUP_ORDER = "pragma_tvm_fused_group_order"
 _THREAD_TAGS = ("threadIdx.x", "threadIdx.y", "threadIdx.z")
 _BARRIER = Op.get("tirx.tvm_storage_sync")
 _ADDRESS_OF = Op.get("tirx.address_of")
+_BUFFER_DATA = Op.get("tirx.buffer_data")
 
 
 @dataclass
@@ -178,52 +183,70 @@ def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int,
     return body
 
 
-def _memory(launch) -> tuple[list, list]:
-    """``(written, accessed)``: the data of the buffers a launch stores to (or passes the
-    address of, as an atomic does) and of those it touches at all."""
-    written, accessed = [], []
+def _tensors(func) -> dict:
+    """Buffer (by handle) -> the buffer it views (``decl_buffer(..., data=other.data)``), from
+    the function's buffer declarations."""
+    views = {}
 
-    def store(stmt):
-        written.append(stmt.buffer.data)
+    def declaration(decl):
+        if isinstance(decl.data, tvm.ir.Call) and decl.data.op.same_as(_BUFFER_DATA):
+            views[decl.buffer.__chandle__()] = decl.data.args[0]
 
-    def load(expr):
-        accessed.append(expr.source.data)
+    tvm_ffi.structural_walk(func.body, [(S.DeclBuffer, declaration)])
+    return views
+
+
+def _memory(launch, tensors: dict) -> tuple[dict, dict]:
+    """``(written, accessed)``: handle -> name of the buffers a launch stores to (or passes
+    the address of, as an atomic does) and of those it touches at all; a view counts as the
+    buffer it views (``tensors``, from ``_tensors``), so that every view of a tensor is the
+    tensor."""
+    written, accessed = {}, {}
+
+    def add(found: dict, buffer) -> None:
+        while buffer.__chandle__() in tensors:
+            buffer = tensors[buffer.__chandle__()]
+        found[buffer.__chandle__()] = str(buffer)
 
     def call(expr):
         if expr.op.same_as(_ADDRESS_OF):
-            written.extend(arg.source.data for arg in expr.args
-                           if isinstance(arg, tvm.ir.TensorLoad))
+            for arg in expr.args:
+                if isinstance(arg, tvm.ir.TensorLoad):
+                    add(written, arg.source)
 
-    tvm_ffi.structural_walk(launch, [(S.BufferStore, store), (tvm.ir.TensorLoad, load),
-                                     (tvm.ir.Call, call)])
-    return written, accessed + written
+    tvm_ffi.structural_walk(launch, [
+        (S.BufferStore, lambda stmt: add(written, stmt.buffer)),
+        (tvm.ir.TensorLoad, lambda expr: add(accessed, expr.source)), (tvm.ir.Call, call)])
+    return written, {**accessed, **written}
 
 
-def _check_independent(launches: list) -> None:
-    memory = [_memory(launch) for launch in launches]
+def _check_independent(launches: list, tensors: dict, shared: set) -> None:
+    """Refuse launches of which one writes a tensor another accesses, but those in
+    ``shared``."""
+    memory = [_memory(launch, tensors) for launch in launches]
     for i, (written, _) in enumerate(memory):
         for j, (_, accessed) in enumerate(memory):
-            shared = {str(w) for w in written for a in accessed
-                      if i != j and tvm_ffi.structural_equal(w, a)}
-            if shared:
+            common = sorted(name for handle, name in written.items()
+                            if i != j and handle in accessed and name not in shared)
+            if common:
                 raise ValueError(
-                    f"MergeBlockGroups: launch {i} writes {sorted(shared)}, which launch {j} "
-                    "also accesses: merged into one grid they would race")
+                    f"MergeBlockGroups: launch {i} writes {common}, which launch {j} also "
+                    "accesses: merged into one grid they would race")
 
 
-def merge_launches(stmts: list, check: bool = True) -> list:
+def merge_launches(stmts: list, check=None) -> list:
     """Merge the ``blockIdx.x`` launches in a flat statement list into one.
 
     Statements before the first launch stay first; let-bindings and buffer declarations
-    between launches (host-side index arithmetic) move before the merged launch. With
-    ``check``, launches that share written memory are refused. Returns the new statement
-    list.
+    between launches (host-side index arithmetic) move before the merged launch. ``check``
+    (given the launches) refuses launches that must not share a grid. Returns the new
+    statement list.
     """
     launch_ids = [i for i, s in enumerate(stmts) if _launch_tag(s) == "blockIdx.x"]
     if len(launch_ids) < 2:
         return stmts
-    if check:
-        _check_independent([stmts[i] for i in launch_ids])
+    if check is not None:
+        check([stmts[i] for i in launch_ids])
     if any(_launch_tag(s) in ("blockIdx.y", "blockIdx.z") for st in stmts for s in _walk(st)):
         raise ValueError("MergeBlockGroups: only 1-D grids (blockIdx.x) can be merged")
     first = launch_ids[0]
@@ -269,15 +292,22 @@ def merge_launches(stmts: list, check: bool = True) -> list:
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="tvm_fused.MergeBlockGroups")
 def MergeBlockGroups(func, _mod, _ctx):
     """Merge the sibling GPU launches at the top level of ``func``'s body into one, if its
-    ``BLOCK_GROUPS`` attribute asks for it."""
-    mode = func.attrs.get(BLOCK_GROUPS) if func.attrs is not None else None
-    if mode is None:
-        return func
-    if str(mode) not in ("independent", "vouched"):
-        raise ValueError(f"MergeBlockGroups: {BLOCK_GROUPS} must be 'independent' or "
-                         f"'vouched', got {mode!r}")
+    ``BLOCK_GROUPS`` attribute asks for it (see the module's docstring)."""
+    shared = func.attrs.get(BLOCK_GROUPS) if func.attrs is not None else None
+    target = func.attrs.get("target") if func.attrs is not None else None
+    if shared is None or (target is not None and target.kind.name in ("llvm", "c")):
+        return func  # not asked, or a CPU function: its branches are loops of one body
+    if not all(isinstance(name, str) for name in shared) or isinstance(shared, str):
+        raise ValueError(f"MergeBlockGroups: {BLOCK_GROUPS} must list the names of tensors, "
+                         f"got {shared!r}")
     stmts = list(func.body.seq) if isinstance(func.body, S.SeqStmt) else [func.body]
-    merged = merge_launches(stmts, check=str(mode) == "independent")
+    if not any(_launch_tag(stmt) == "blockIdx.x" for stmt in stmts):
+        raise ValueError("MergeBlockGroups: the function asks for block groups but has no "
+                         "blockIdx.x launch at the top level of its body: run the pass after "
+                         "the thread bindings are lowered and before SplitHostDevice")
+    tensors = _tensors(func)
+    merged = merge_launches(stmts, check=lambda launches: _check_independent(
+        launches, tensors, {str(name) for name in shared}))
     if merged is stmts:
         return func
     return func.with_body(S.SeqStmt(merged))

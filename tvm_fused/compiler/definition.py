@@ -161,15 +161,17 @@ def declare_parameters(layout: Layout) -> Tensors:
 
 def _func_attrs(form: Form) -> dict:
     """The PrimFunc's attributes: its name; the branches become one launch
-    (``MergeBlockGroups``, vouched for: they write disjoint memory, which the pass cannot
-    see, as the k and norm branches write other columns of the same rows); with PDL what may
-    be read before the wait; the written tensors the entry checks for overlaps (the output
-    of q may be q itself, an in-place update with its strides)."""
+    (``MergeBlockGroups``, which checks that they write disjoint tensors but for the cache
+    rows and ``kv_output``, of which the k rope and norm branches write other columns: the
+    definition's views say so); with PDL what may be read before the wait; the written
+    tensors the entry checks for overlaps (the output of q may be q itself, an in-place
+    update with its strides)."""
     index_names = (["positions", "slot_mapping"] if form.addressing == "slots"
                    else ["offsets", "lookup_table", "cache_lengths"])
     early = {GRID_DEPENDENCY: index_names if form.pdl_early_indices else []} if form.pdl else {}
     written = ["q_rope_output", "k_cache", *(["kv_output"] if form.kv_output else []), "errors"]
-    return {"global_symbol": OP_NAME, BLOCK_GROUPS: "vouched", **early, WRITTEN: written,
+    return {"global_symbol": OP_NAME, BLOCK_GROUPS: ["k_cache", "kv_output"], **early,
+            WRITTEN: written,
             ALIAS: ["q_rope_output", "q_rope"]}
 
 
