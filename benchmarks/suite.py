@@ -126,7 +126,7 @@ def engine_addressing(inputs: OpInputs) -> tuple[torch.Tensor, torch.Tensor]:
 def tvm_provider(schedule, interleaved: bool) -> Provider:
     """tvm-fused in the inputs' form, with ``schedule``."""
     def run(call: Call) -> None:
-        fused_rope_rmsnorm(*call.inputs.args(), **call.inputs.form(), kv_output=call.kv_output,
+        fused_rope_rmsnorm(*call.inputs.args(), **call.inputs.latent(), kv_output=call.kv_output,
                            out=call.out, validate=False, schedule=schedule,
                            interleaved=interleaved)
 
@@ -151,7 +151,7 @@ def triton_provider(interleaved: bool) -> Provider:
     from .peers.triton_fused import triton_fused_rope_rmsnorm
 
     def run(call: Call) -> None:
-        triton_fused_rope_rmsnorm(*call.inputs.args(), **call.inputs.form(),
+        triton_fused_rope_rmsnorm(*call.inputs.args(), **call.inputs.latent(),
                                   kv_output=call.kv_output, out=call.out,
                                   interleaved=interleaved)
 

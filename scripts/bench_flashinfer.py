@@ -36,7 +36,7 @@ for heads in (128, 16):
         out = torch.empty_like(ours.q_rope)
 
         def tvm_fused_call(x=ours, out=out):
-            fused_rope_rmsnorm(*x.args(), out=out, validate=False, **x.form())
+            fused_rope_rmsnorm(*x.args(), out=out, validate=False, **x.latent())
 
         flashinfer, real = (FlashInferMLAppend(*theirs.args(), theirs.kv_input, K_SCALE,
                                                num_tokens=n, real_q_nope=real_q_nope)

@@ -22,7 +22,7 @@ for heads in (128, 16):
         out = torch.empty_like(x.q_rope)
 
         def call(x=x, out=out):
-            fused_rope_rmsnorm(*x.args(), out=out, validate=False, **x.form())
+            fused_rope_rmsnorm(*x.args(), out=out, validate=False, **x.latent())
 
         call()
         calls.append((f"{heads} heads {name}", call))

@@ -83,7 +83,7 @@ for form in ("in-place", "fp8-e5m2-scaled"):
     for name, corrupt in ({} if SLOTS_ONLY else MALFORMED).items():  # memcheck judges
         inputs = bad_index_inputs("cuda", form)
         corrupt(inputs)
-        fused_rope_rmsnorm(*inputs.args(), **inputs.form())
+        fused_rope_rmsnorm(*inputs.args(), **inputs.latent())
         torch.cuda.synchronize()
         print("ran ", form, name)
 sys.exit(1 if failed else 0)

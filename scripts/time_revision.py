@@ -157,7 +157,7 @@ for tokens in args.tokens:
     for heads in map(int, args.heads.split(",")):
         for case in args.cases.split(","):
             inputs = case_inputs(tokens, heads, case)
-            form = {} if case == "in-place" else inputs.form()
+            form = {} if case == "in-place" else inputs.latent()
             entry = tvm_fused.fused_rope_rmsnorm
             if args.split_table:
                 from tvm_fused.testing.inputs import with_options

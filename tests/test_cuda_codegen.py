@@ -10,14 +10,15 @@ import tvm
 import tvm_ffi
 from tvm import s_tir
 from tvm.script import tirx as T
-from tvm.support import nvcc
 
-from tvm_fused import Form, cuda_source
-from tvm_fused.compiler import pipeline, vector_stores
+from tvm_fused import Form, build, cuda_source, schedules
+from tvm_fused.compiler import cuda, vector_stores
 from tvm_fused.compiler.block_groups import GROUP_ORDER
-from tvm_fused.compiler.build import cuda_target, ieee_float32
+from tvm_fused.compiler.build import cuda_target, kernel_source
 from tvm_fused.compiler.definition import fused_rope_rmsnorm_func
+from tvm_fused.compiler.pipeline import lower
 from tvm_fused.schedules import ScheduleConfig
+from tvm_fused.schedules.cpu import CpuScheduleConfig
 from tvm_fused.schedules.fused import apply_block_group_schedule
 
 CONFIGS = {
@@ -124,25 +125,44 @@ def test_nvcc_builds_sm90a_with_no_local_memory(source, tmp_path):
         result.stderr
 
 
-def test_kernels_compile_with_ieee_float32(source, monkeypatch):
+def test_kernels_compile_with_ieee_float32(source, tmp_path):
     """TVM compiles CUDA with --use_fast_math, whose flush of float32 subnormals to zero
-    turned bf16 subnormal inputs into zeros of the wrong sign on an H200: our builds switch
-    it off (``build.ieee_float32``). Checks that TVM's nvcc path honours the switch (no
-    ``.ftz`` instruction in the PTX; there are some without it) and that ``build`` compiles
-    under it."""
+    turned bf16 subnormal inputs into zeros of the wrong sign on an H200: our nvcc command
+    (``cuda.NVCC_FLAGS``) leaves it out. The PTX of our command has no ``.ftz`` instruction;
+    with the flag added back, the same source has some."""
     _nvcc()
-    name, src = source
-    with cuda_target():
-        assert ".ftz" in nvcc.compile_cuda(src, "ptx", arch="sm_90a", compiler="nvcc").decode()
-        with ieee_float32():
-            ptx = nvcc.compile_cuda(src, "ptx", arch="sm_90a", compiler="nvcc").decode()
-    assert ".ftz" not in ptx
-    flags = []
-    real_compile = tvm.compile
-    monkeypatch.setattr(tvm, "compile", lambda *args, **kwargs: flags.append(
-        os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH")) or real_compile(*args, **kwargs))
-    cuda_source(CONFIGS[name])
-    assert flags == ["1"]
+    _, src = source
+    (tmp_path / "k.cu").write_text(src)
+
+    def ptx(*extra):
+        command = cuda.nvcc_command("sm_90a", str(tmp_path / "k.ptx"), str(tmp_path / "k.cu"),
+                                    kind="ptx")
+        result = subprocess.run([*command[:-1], *extra, command[-1]], capture_output=True,
+                                text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        return (tmp_path / "k.ptx").read_text()
+
+    assert ".ftz" not in ptx()
+    assert ".ftz" in ptx("--use_fast_math")
+
+
+def _global_state() -> dict:
+    """What a build must leave as it was: the environment, TVM's global functions and TIR
+    pipelines, and the pass constructors of TVM's transform modules."""
+    return {"environ": dict(os.environ),
+            "functions": set(tvm_ffi.registry.list_global_func_names()),
+            "pipelines": dict(tvm.tirx.compilation_pipeline.PIPELINE_MAP),
+            "passes": {name: getattr(tvm.tirx.transform, name)
+                       for name in dir(tvm.tirx.transform) if not name.startswith("_")}}
+
+
+def test_building_leaves_no_global_state_behind():
+    """A build writes no environment variable, registers no global function or pipeline and
+    patches none of TVM's passes (its codegen runs in a worker process)."""
+    before = _global_state()
+    cuda_source(Form(num_q_heads=2, pdl=True))
+    build(Form(num_q_heads=2, page_size=4))
+    assert _global_state() == before
 
 
 def test_pipeline_mirrors_tvm_default_on_a_single_launch():
@@ -157,10 +177,10 @@ def test_pipeline_mirrors_tvm_default_on_a_single_launch():
                         b[i, j] = a[i, j] * T.float16(2)
 
     target = cuda_target()
+    ours = kernel_source(tvm.IRModule({"main": copy}), target)
     with target:
-        ours = tvm.compile(copy, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
-        theirs = tvm.compile(copy, target=target)
-    assert ours.mod.imports[0].inspect_source() == theirs.mod.imports[0].inspect_source()
+        theirs = tvm.compile(copy, target=target).mod.imports[0].inspect_source()
+    assert ours == vector_stores.rewrite_vector_stores(theirs)
 
 
 ACCESS_BYTES = {"uint4": 16, "float4": 16, "uint2": 8, "float2": 8, "nv_bfloat164": 8,
@@ -277,7 +297,6 @@ def test_pdl_kernels_are_tagged_for_a_dependent_launch():
     """TVM's CUDA runtime launches a kernel with programmatic stream serialization when its
     launch parameters carry ``tirx.use_programtic_dependent_launch`` (TVM's spelling): the
     pipeline tags exactly the kernels that wait."""
-    from tvm_fused.compiler.build import scheduled_module
     from tvm_fused.compiler.grid_dependency import LAUNCH_PARAMS, PDL_LAUNCH_TAG
 
     tags = []
@@ -292,19 +311,20 @@ def test_pdl_kernels_are_tagged_for_a_dependent_launch():
 
     target = cuda_target("sm_90a")
     for pdl in (True, False):
-        mod = scheduled_module(Form(num_q_heads=16, pdl=pdl), target)
-        with target, ieee_float32(), tvm.transform.PassContext(instruments=[LaunchParams()]):
-            tvm.compile(mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
+        form = Form(num_q_heads=16, pdl=pdl)
+        mod = schedules.scheduled_module(form, target, schedules.default_config(form, target))
+        with tvm.transform.PassContext(instruments=[LaunchParams()]):
+            lower(mod, target)
     assert tags == [[PDL_LAUNCH_TAG, "blockIdx.x", "threadIdx.x"], ["blockIdx.x", "threadIdx.x"]]
 
 
 def test_the_cpu_build_ignores_pdl():
     """PDL is a property of a GPU launch: the llvm build of a PDL op is the plain one."""
-    from tvm_fused.compiler.build import CPU_TARGET, as_target, scheduled_module
+    from tvm_fused.compiler.build import CPU_TARGET, as_target
 
     target = as_target(CPU_TARGET)
-    plain, pdl = (scheduled_module(Form(num_q_heads=2, pdl=flag), target)
-                  for flag in (False, True))
+    plain, pdl = (schedules.scheduled_module(Form(num_q_heads=2, pdl=flag), target,
+                                             CpuScheduleConfig()) for flag in (False, True))
     assert tvm_ffi.structural_equal(plain, pdl)
 
 
@@ -350,23 +370,6 @@ def test_vector_store_rewrite_touches_only_global_stores():
     assert rewritten == code.replace(
         "*(uint4*)(out_ptr + ((i + 1) * 8)) = *(uint4*)(x_local_ptr + 0);",
         "__stwb((uint4*)(out_ptr + ((i + 1) * 8)), *(uint4*)(x_local_ptr + 0));")
-
-
-def test_vector_store_hook_composes_and_is_restored():
-    hook = vector_stores.POSTPROC
-    previous = tvm_ffi.get_global_func(hook, allow_missing=True)
-    tvm_ffi.register_global_func(hook, lambda code, target: code + "// theirs\n",
-                                 override=True)
-    try:
-        with vector_stores.whole_vector_stores():
-            ours = tvm_ffi.get_global_func(hook)
-            assert ours("int x;\n", None) == "int x;\n// theirs\n"
-        assert tvm_ffi.get_global_func(hook)("", None) == "// theirs\n"
-    finally:
-        if previous is None:
-            tvm_ffi.remove_global_func(hook)
-        else:
-            tvm_ffi.register_global_func(hook, previous, override=True)
 
 
 def test_norm_first_orders_the_groups_norm_k_q_count():
@@ -424,8 +427,7 @@ def test_group_order_marks_must_rank_every_launch():
     apply_block_group_schedule(sch, op, ScheduleConfig())
     sch.annotate(sch.get_sblock("norm_store"), GROUP_ORDER, 0)
     with pytest.raises(ValueError, match="every launch a rank"):
-        with cuda_target():
-            tvm.compile(sch.mod, target=cuda_target(), tir_pipeline=pipeline.PIPELINE_NAME)
+        lower(sch.mod, cuda_target())
 
 
 def test_persistent_grid_gives_each_group_grid_blocks_blocks():

@@ -3,7 +3,6 @@ the staleness check of the committed records."""
 
 import dataclasses
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,8 +18,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from tvm_fused import OP_NAME, Form, build, fused_rope_rmsnorm_func
 from tvm_fused.__main__ import main as cli_main
-from tvm_fused.compiler import pipeline
-from tvm_fused.compiler.build import cuda_target
+from tvm_fused.compiler.build import cuda_target, kernel_source
 from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.schedules.config import DEFAULT_SCHEDULE, default_for_tokens
 from tvm_fused.schedules.cpu import CpuScheduleConfig
@@ -36,7 +34,7 @@ from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, measure, records, summary
 from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
-from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, op_key, records_dir
+from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, records_dir
 from tvm_fused.tuning.tune import RpcTarget, seed_configs, tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
@@ -54,10 +52,7 @@ def test_space_draws_only_valid_schedules(op, seed):
     schedule_fn(op, GPU_SPACE)(sch)
     config = config_from_trace(sch.trace.as_json(), GPU_SPACE)
     assert config.block_threads % config.norm_threads_per_row == 0
-    target = cuda_target()
-    with target:
-        executable = tvm.compile(sch.mod, target=target, tir_pipeline=pipeline.PIPELINE_NAME)
-    source = executable.mod.imports[0].inspect_source()
+    source = kernel_source(sch.mod, cuda_target())
     assert source.count("__global__ void") == 2
     assert f"__launch_bounds__({config.block_threads})" in source
 
@@ -118,15 +113,18 @@ def test_nearest_bucket():
     Form(num_q_heads=2), Form(num_q_heads=2, write_through=True),
     Form(num_q_heads=2, write_through=True, kv_output=True),
     Form(num_q_heads=2, write_through=True, cache_dtype="float8_e5m2"),
-    Form(num_q_heads=2, write_through=True, kv_output=True, cache_dtype="float8_e4m3fn")],
-    ids=["in-place", "write-through", "kv-output", "fp8", "kv-output-fp8"])
-def test_runner_recovers_the_op_from_the_workload(op):
-    """The runner rebuilds a bucket's inputs from the workload's argument shapes alone (in
-    another process, maybe remote): it must find the form, the cache dtype and every shape."""
+    Form(num_q_heads=2, write_through=True, kv_output=True, cache_dtype="float8_e4m3fn"),
+    Form(num_q_heads=2, addressing="slots", positions_dtype="int32"),
+    Form(num_q_heads=2, addressing="slots", write_through=True, freqs_layout="split",
+         norm_rounding="once")],
+    ids=["in-place", "write-through", "kv-output", "fp8", "kv-output-fp8", "slots",
+         "slots-write-through-split-once"])
+def test_runner_makes_the_forms_inputs(op):
+    """The runner rebuilds a bucket's inputs for the form it is given (in another process,
+    maybe remote), matching every shape and dtype of the workload's arguments."""
     args_info = [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(
         bucket_workload(op, 8)["main"])]  # as the runner receives them
-    tensors = measure._bucket_tensors(args_info, "cpu")
-    assert measure._op_and_tokens(args_info) == (op, 8)
+    tensors = measure._bucket_tensors(op, args_info, "cpu")
     assert len(tensors) == len(args_info)
 
 
@@ -140,11 +138,11 @@ def test_local_runner_reuses_a_buckets_inputs():
         return [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(
             bucket_workload(op, tokens)["main"])]
 
-    first = measure.alloc_local(device, args_info(8), 1)
-    assert measure.alloc_local(device, args_info(8), 1) is first
-    other = measure.alloc_local(device, args_info(64), 1)
+    first = measure.alloc_local(op, device, args_info(8), 1)
+    assert measure.alloc_local(op, device, args_info(8), 1) is first
+    other = measure.alloc_local(op, device, args_info(64), 1)
     assert other is not first and other[0][0].shape[0] == 64
-    assert measure.alloc_local(device, args_info(8), 1) is not first  # made again
+    assert measure.alloc_local(op, device, args_info(8), 1) is not first  # made again
 
 
 @pytest.mark.slow
@@ -206,26 +204,38 @@ def test_tiny_llvm_tuning_end_to_end(tmp_path):
     assert any("decided before:" in line and "2 seeds measured" in line for line in lines)
 
 
-def test_no_decisions_fall_back_with_one_warning(tmp_path):
-    """A GPU without any decisions: the default for every op, and one warning in all."""
-    op, other = Form(num_q_heads=3), Form(num_q_heads=5)
-    with pytest.warns(UserWarning, match="no tuning decisions for imaginary-gpu; every op"):
-        assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", op) == {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", op) == {}
-        assert decisions.for_gpu(str(tmp_path), "Imaginary GPU", other) == {}
-
-
-def test_an_op_without_decisions_on_a_tuned_gpu_is_named(tmp_path):
-    """A GPU with decisions for some ops: each op without any is named in its warning."""
-    tuned, untuned = Form(num_q_heads=3), Form(num_q_heads=5)
+def test_a_form_without_decisions_is_named(tmp_path):
+    """A form without decisions on a GPU gets the default, with a warning naming the GPU and
+    the form's records folder (the kernel map asks once per form)."""
+    tuned, untuned = Form(num_q_heads=3), Form(num_q_heads=3, addressing="slots")
     folder = records_dir(tmp_path, "Tuned GPU", tuned)
     folder.mkdir(parents=True)
     decisions.write(folder, "Tuned GPU", tuned, {1: DEFAULT_SCHEDULE})
-    assert decisions.for_gpu(str(tmp_path), "Tuned GPU", tuned) == {1: DEFAULT_SCHEDULE}
-    with pytest.warns(UserWarning, match=f"tuned-gpu/{op_key(untuned)}; using the default"):
-        assert decisions.for_gpu(str(tmp_path), "Tuned GPU", untuned) == {}
+    assert decisions.for_gpu(tmp_path, "Tuned GPU", tuned) == {1: DEFAULT_SCHEDULE}
+    with pytest.warns(UserWarning, match=f"tuned-gpu/{untuned.key()}; using the default"):
+        assert decisions.for_gpu(tmp_path, "Tuned GPU", untuned) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # narrower tensors than tuned: the default, silently
+        assert decisions.for_gpu(tmp_path, "Tuned GPU", Form(num_q_heads=3, alignment=8)) == {}
+
+
+@pytest.mark.slow
+def test_two_forms_tune_into_two_record_folders(tmp_path):
+    """``tune`` of the same dims addressed by offsets and by slots (``--slots``), two trials
+    each, into a temporary folder: two record folders, each named by its form's key, each
+    with decisions; the work databases stay apart too."""
+    logs, work = tmp_path / "logs", tmp_path / "work"
+    common = ["tune", "--target", "llvm", "--heads", "2", "--dtype", "float32", "--buckets",
+              "1", "--trials", "2", "--cost-model", "random", "--out", str(logs),
+              "--work-dir", str(work)]
+    assert cli_main(common) == 0
+    assert cli_main([*common, "--slots", "--split-table"]) == 0
+    offsets = Form(num_q_heads=2, dtype="float32")
+    slots = Form(num_q_heads=2, dtype="float32", addressing="slots", freqs_layout="split")
+    folders = sorted(path.parent for path in logs.glob("*/*/decisions.json"))
+    assert folders == sorted(records_dir(logs, CPU_DEVICE, form) for form in (offsets, slots))
+    assert offsets.key() != slots.key()
+    assert len(list(work.glob("*/*"))) == 2
 
 
 def test_buckets_without_decisions_keep_their_default():
@@ -263,9 +273,9 @@ def test_records_summary_names_what_a_decision_changes(tmp_path, capsys):
     assert cli_main(["records", "--dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert table.startswith("Some GPU\n")
-    assert f"| {op_key(op)} | 1 | 5.00 | 6.00 | 1.20x | norm_threads_per_row=128, " \
+    assert f"| {op.key()} | 1 | 5.00 | 6.00 | 1.20x | norm_threads_per_row=128, " \
            "vector_bytes=8 |" in table
-    assert f"| {op_key(op)} | 4096 | 14.00 |  |  | default |" in table
+    assert f"| {op.key()} | 4096 | 14.00 |  |  | default |" in table
 
 
 def test_every_committed_bucket_is_summarized():
@@ -377,7 +387,7 @@ def test_the_default_depends_on_the_bucket_and_the_heads():
 def test_pdl_ops_have_decisions_of_their_own():
     """A PDL launch's best schedule differs from a plain one's: its records and decisions
     are filed apart (a GPU tuned for plain launches has none for PDL ones: the default)."""
-    keys = {op_key(Form(pdl=pdl, pdl_early_indices=early))
+    keys = {Form(pdl=pdl, pdl_early_indices=early).key()
             for pdl, early in ((False, False), (True, False), (True, True))}
     assert keys == {"bfloat16-h128-r64-d512-p128-gptj", "bfloat16-h128-r64-d512-p128-gptj-pdl",
                     "bfloat16-h128-r64-d512-p128-gptj-pdl-early-indices"}
@@ -426,29 +436,6 @@ def test_default_opens_the_grid_with_the_norm_group_at_decode_buckets():
     assert [default_for_tokens(t, few).norm_first for t in BUCKETS] == [
         True, True, True, False, False, False]
     assert not default_for_tokens(None, many).norm_first
-
-
-def test_redecide_rewrites_decisions_for_the_current_defaults(tmp_path):
-    """After a change of the hand-written defaults, a records folder's decisions are made again
-    from its records: a bucket whose records show nothing faster takes the new default; the
-    metadata keeps the reason."""
-    from tvm_fused.tuning.tune import redecide
-
-    source = COMMITTED[0].parent
-    folder = tmp_path / source.name
-    shutil.copytree(source, folder)
-    metadata = records.load_metadata(folder)
-    op = Form(**metadata["op"])
-    stale = {int(tokens): ScheduleConfig(block_threads=256) for tokens in metadata["buckets"]}
-    decisions.write(folder, metadata["gpu"], op, stale)
-    chosen = redecide(folder, "a test's reason")
-    best = records.folder_best_records(folder)
-    expected = {int(tokens): records.choose(best[entry["workload"]], GPU_SPACE,
-                                            GPU_SPACE.default_for(int(tokens), op))
-                for tokens, entry in metadata["buckets"].items()}
-    assert chosen == expected == decisions.read(folder)
-    assert chosen != stale
-    assert records.load_metadata(folder)["redecided"][-1] == "a test's reason"
 
 
 def _free_port() -> int:
