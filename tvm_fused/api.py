@@ -47,10 +47,12 @@ from __future__ import annotations
 import torch
 
 from .arguments import check_arguments, check_contents, check_slot_contents
-from .dispatch import lookup
-from .form import OFFSETS, SLOTS
+from .dispatch import KERNELS, lookup
+from .form import ITEMSIZE, OFFSETS, SLOTS
 
 _VECTOR_BYTES = 16  # the widest access the schedules use
+# bytes per element of each dtype a tensor of the op may have (any other: the entry refuses)
+_ITEMSIZE = {getattr(torch, name): size for name, size in ITEMSIZE.items()}
 
 
 def fused_rope_rmsnorm(
@@ -121,11 +123,10 @@ def fused_rope_rmsnorm(
     >>> q_out.shape, k_cache[2, 5:8].float().abs().sum(-1).gt(0).tolist()
     (torch.Size([3, 16, 64]), [True, True, True])
     """
-    return _launch("offsets", q_rope, freqs_cis, gamma, k_cache,
-                   indices=(input_row_offsets, lookup_table, cache_lengths), kv_input=kv_input,
-                   kv_output=kv_output, k_scale=k_scale, epsilon=epsilon, out=out,
-                   errors=errors, options=(interleaved, freqs_layout, norm_rounding, pdl),
-                   validate=validate, schedule=schedule)
+    return _launch("offsets", (q_rope, out, freqs_cis, gamma, k_cache, kv_input, kv_output,
+                               k_scale, errors),
+                   (input_row_offsets, lookup_table, cache_lengths),
+                   (interleaved, freqs_layout, norm_rounding, pdl), epsilon, validate, schedule)
 
 
 def fused_rope_rmsnorm_slots(
@@ -183,33 +184,10 @@ def fused_rope_rmsnorm_slots(
     >>> kv_cache[2, 7].ne(0).any().item(), kv_cache[0, 6].ne(0).any().item()
     (True, True)
     """
-    return _launch("slots", q_rope, cos_sin_cache, gamma, k_cache,
-                   indices=(positions, slot_mapping), kv_input=kv_input, kv_output=kv_output,
-                   k_scale=k_scale, epsilon=epsilon, out=out, errors=errors,
-                   options=(interleaved, freqs_layout, norm_rounding, pdl), validate=validate,
-                   schedule=schedule)
-
-
-def _alignment(q_rope, out, freqs, gamma, k_cache, *, kv_input, kv_output) -> int:
-    """The largest power of two up to 16 dividing every data pointer and row stride, in
-    bytes: the alignment the kernel for these tensors is built for. (``gamma`` and
-    ``freqs`` are compact, and ``out``, ``kv_input`` and ``kv_output`` share q's element size,
-    or the kernel's entry refuses them.)"""
-    q0, q1, _ = q_rope.stride()
-    o0, o1, _ = out.stride()
-    k0, k1, _ = k_cache.stride()
-    bits = ((q0 | q1 | o0 | o1) * q_rope.element_size() | (k0 | k1) * k_cache.element_size()
-            | freqs.shape[1] * freqs.element_size() | q_rope.data_ptr() | out.data_ptr()
-            | k_cache.data_ptr() | freqs.data_ptr() | gamma.data_ptr() | _VECTOR_BYTES)
-    for rows in (kv_input, kv_output):
-        if rows is not None:
-            bits |= rows.stride(0) * rows.element_size() | rows.data_ptr()
-    return bits & -bits  # the lowest set bit
-
-
-def _one_element(tensor: torch.Tensor) -> torch.Tensor:
-    """A one-element tensor as the kernel's ``[1]`` buffer (a view only when it is not)."""
-    return tensor if tensor.dim() == 1 else tensor.reshape(1)
+    return _launch("slots", (q_rope, out, cos_sin_cache, gamma, k_cache, kv_input, kv_output,
+                             k_scale, errors),
+                   (positions, slot_mapping), (interleaved, freqs_layout, norm_rounding, pdl),
+                   epsilon, validate, schedule)
 
 
 def _default_proves_contents(q_rope) -> bool:
@@ -218,64 +196,86 @@ def _default_proves_contents(q_rope) -> bool:
     return not (isinstance(q_rope, torch.Tensor) and q_rope.is_cuda)
 
 
-def _launch(addressing, q_rope, freqs, gamma, k_cache, **call):
+# A call's tensors travel as one tuple, in this order (the index tensors, in the order of
+# the addressing's entry point, and the options travel apart):
+TENSORS = ("q_rope", "out", "freqs", "gamma", "k_cache", "kv_input", "kv_output", "k_scale",
+           "errors")
+
+
+def _launch(addressing, tensors, indices, options, epsilon, validate, schedule):
     """Check the arguments as ``validate`` asks, find the kernel and launch it; returns out.
     When the kernel's entry refuses the tensors, ``check_arguments`` names the problem.
-    ``call``: ``_run``'s keyword arguments, and ``validate``."""
-    validate = call.pop("validate")
+    ``tensors``: in ``TENSORS`` order; ``options``: interleaved, freqs_layout, norm_rounding,
+    pdl."""
     if validate is None:
-        validate = _default_proves_contents(q_rope)
+        validate = _default_proves_contents(tensors[0])
     if validate:
-        _check(addressing, q_rope, freqs, gamma, k_cache, contents=True, **call)
+        _check(addressing, tensors, indices, epsilon, contents=True)
     try:
-        return _run(addressing, q_rope, freqs, gamma, k_cache, **call)
+        return _run(addressing, tensors, indices, options, epsilon, schedule)
     except Exception as error:  # the entry (or the form) refused the call: name the problem
         failure = error
-    _check(addressing, q_rope, freqs, gamma, k_cache, contents=False, **call)
+    _check(addressing, tensors, indices, epsilon, contents=False)
     raise failure
 
 
-def _check(addressing, q_rope, freqs, gamma, k_cache, *, contents, indices, options, schedule,
-           **tensors):
-    """``check_arguments`` of a call (``tensors``: out, kv_input, kv_output, k_scale, errors
-    and epsilon), then if ``contents`` the proof of its index contents (a device sync)."""
+def _check(addressing, tensors, indices, epsilon, *, contents: bool) -> None:
+    """``check_arguments`` of a call, then if ``contents`` the proof of its index contents (a
+    device sync)."""
+    q_rope, out, freqs, gamma, k_cache, kv_input, kv_output, k_scale, errors = tensors
     names, freqs_name = (SLOTS, "cos_sin_cache") if addressing == "slots" else (
         OFFSETS, "freqs_cis")
-    check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(names, indices)),
-                    freqs_name=freqs_name, **tensors)
+    check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(names, indices)), out=out,
+                    kv_input=kv_input, kv_output=kv_output, k_scale=k_scale, errors=errors,
+                    epsilon=epsilon, freqs_name=freqs_name)
     if contents and addressing == "slots":
         check_slot_contents(*indices, freqs, k_cache)
     elif contents:
         check_contents(q_rope, indices[0], freqs, k_cache, *indices[1:])
 
 
-def _run(addressing, q_rope, freqs, gamma, k_cache, *, indices, kv_input, kv_output, k_scale,
-         epsilon, out, errors, options, schedule):
-    """Launch the kernel of the call's key (``dispatch.CallKey``'s field order) on these
-    tensors."""
-    shape = q_rope.shape
-    tokens = shape[0]
+def _run(addressing, tensors, indices, options, epsilon, schedule):
+    """Launch the kernel of the call's key (``dispatch.CallKey``'s fields, in order) on these
+    tensors. Its alignment is the largest power of two up to 16 dividing every data pointer
+    and row stride, in bytes (``freqs`` and ``gamma`` are compact, and ``out``, ``kv_input``
+    and ``kv_output`` share q's element size, or the kernel's entry refuses them)."""
+    q_rope, out, freqs, gamma, k_cache, kv_input, kv_output, k_scale, errors = tensors
+    shape, dtype, cache_shape, cache_dtype = q_rope.shape, q_rope.dtype, k_cache.shape, \
+        k_cache.dtype
     if out is None:
-        out = torch.empty(shape, dtype=q_rope.dtype, device=q_rope.device)
-    if tokens == 0:
+        out = torch.empty(shape, dtype=dtype, device=q_rope.device)
+    if shape[0] == 0:
         return out
-    interleaved, freqs_layout, norm_rounding, pdl = options
-    key = (q_rope.get_device(), q_rope.dtype, shape[1], shape[2], gamma.shape[0],
-           k_cache.shape[1], k_cache.dtype, freqs.dtype, gamma.dtype,
-           (indices[0].dtype, indices[1].dtype), addressing, interleaved, freqs_layout,
-           norm_rounding, pdl, kv_input is not None, kv_output is not None,
-           _alignment(q_rope, out, freqs, gamma, k_cache, kv_input=kv_input,
-                      kv_output=kv_output), schedule)
-    entry = lookup(key)
-    offsets, table, lengths = indices if addressing == "offsets" else (None, None, None)
-    positions, slots = indices if addressing == "slots" else (None, None)
+    freqs_dtype, size = freqs.dtype, _ITEMSIZE[dtype]
+    q0, q1, _ = q_rope.stride()
+    o0, o1, _ = out.stride()
+    k0, k1, _ = k_cache.stride()
+    bits = ((q0 | q1 | o0 | o1) * size | (k0 | k1) * _ITEMSIZE[cache_dtype]
+            | shape[2] * _ITEMSIZE[freqs_dtype] | q_rope.data_ptr() | out.data_ptr()
+            | k_cache.data_ptr() | freqs.data_ptr() | gamma.data_ptr() | _VECTOR_BYTES)
+    if kv_input is not None:
+        bits |= kv_input.stride()[0] * size | kv_input.data_ptr()
+    if kv_output is not None:
+        bits |= kv_output.stride()[0] * size | kv_output.data_ptr()
+    # gamma's length is D where it is right, and the entry refuses it where it is not
+    key = (q_rope.get_device(), dtype, shape[1], shape[2], cache_shape[2] - shape[2],
+           cache_shape[1], cache_dtype, freqs_dtype, gamma.dtype,
+           (indices[0].dtype, indices[1].dtype), addressing, *options, kv_input is not None,
+           kv_output is not None, bits & -bits, schedule)
+    entry = KERNELS.get(key) or lookup(key)
     if k_scale is None:
         k_scale = entry.unit_scale
     elif entry.unit_scale is None:
         raise ValueError("k_scale applies to an fp8 k_cache only")
-    values = (q_rope, out, kv_input, kv_output, offsets, freqs, gamma, k_cache,
-              _one_element(k_scale) if k_scale is not None else None, table, lengths,
-              positions, slots, entry.errors if errors is None else _one_element(errors),
-              float(epsilon))
-    entry.kernel(tokens)(*entry.arguments(values))
+    elif k_scale.dim() != 1:
+        k_scale = k_scale.reshape(1)
+    if errors is None:
+        errors = entry.errors
+    elif errors.dim() != 1:
+        errors = errors.reshape(1)
+    offsets, table, lengths = indices if addressing == "offsets" else (None, None, None)
+    positions, slots = indices if addressing == "slots" else (None, None)
+    entry.kernel(shape[0])(*entry.arguments((
+        q_rope, out, kv_input, kv_output, offsets, freqs, gamma, k_cache, k_scale, table,
+        lengths, positions, slots, errors, float(epsilon))))
     return out

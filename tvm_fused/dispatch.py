@@ -120,7 +120,7 @@ class Prepared:
         return self.kernels[bucket]
 
 
-_kernels: dict[tuple, Prepared] = {}
+KERNELS: dict[tuple, Prepared] = {}  # the kernel map
 _preparing = threading.Lock()
 
 
@@ -164,12 +164,12 @@ def _prepared(key: CallKey) -> Prepared:
 def lookup(key: tuple) -> Prepared:
     """The entry of a call's key (a ``CallKey`` or a plain tuple in its order), made on the
     first call with it."""
-    entry = _kernels.get(key)
+    entry = KERNELS.get(key)
     if entry is None:
         with _preparing:
-            entry = _kernels.get(key)
+            entry = KERNELS.get(key)
             if entry is None:
-                entry = _kernels[key] = _prepared(CallKey(*key))
+                entry = KERNELS[key] = _prepared(CallKey(*key))
     return entry
 
 

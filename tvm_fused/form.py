@@ -216,9 +216,12 @@ SLOTS = ("positions", "slot_mapping")
 EARLY_INDICES = "early-indices"  # pdl=: the index tensors are read before PDL's wait
 
 
-def add_cli_options(parser: argparse.ArgumentParser) -> None:
-    """One option per field of ``Form`` (its entry's ``cli``), with the field's default."""
+def add_cli_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One option per field of ``Form`` (its entry's ``cli``) but those in ``exclude``, with
+    the field's default."""
     for entry in dataclasses.fields(Form):
+        if entry.name in exclude:
+            continue
         cli = entry.metadata["cli"]
         flags, dest = cli["flags"], entry.name
         if entry.type in (bool, "bool"):
@@ -228,7 +231,7 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
         if "choices" in entry.metadata:
             choices = [c for c in entry.metadata["choices"] if c is not None]
             parser.add_argument(*flags, dest=dest, choices=choices, default=entry.default,
-                                help=cli["help"])
+                                type=type(choices[0]), help=cli["help"])
             for switch, value in cli["switches"].items():
                 parser.add_argument(switch, dest=dest, action="store_const", const=value,
                                     help=f"the same as {flags[0]} {value}")
@@ -238,6 +241,7 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
 
 
 def from_cli(args: argparse.Namespace) -> Form:
-    """The ``Form`` the options of ``add_cli_options`` describe (ValueError names a bad
-    one)."""
-    return Form(**{entry.name: getattr(args, entry.name) for entry in dataclasses.fields(Form)})
+    """The ``Form`` the options of ``add_cli_options`` describe, the defaults where a field
+    has no option (ValueError names a bad one)."""
+    return Form(**{entry.name: getattr(args, entry.name, entry.default)
+                   for entry in dataclasses.fields(Form)})
