@@ -14,6 +14,7 @@ from __future__ import annotations
 import tvm
 from tvm.tirx import stmt as S
 
+from . import ir
 from .dltensor import argument_handle, data_pointer
 
 _STORAGE_ALIGNMENT = "storage_alignment"
@@ -21,17 +22,9 @@ _STORAGE_ALIGNMENT = "storage_alignment"
 
 def _dltensor_of(buffer, stmt) -> tvm.tirx.Var | None:
     """The DLTensor handle whose data field ``buffer`` is declared on, under ``stmt``."""
-    if isinstance(stmt, S.DeclBuffer) and stmt.buffer.name == buffer.name:
-        handle = argument_handle(stmt)
-        if handle is not None:
-            return handle
-    children = stmt.seq if isinstance(stmt, S.SeqStmt) else (
-        [stmt.body] if isinstance(stmt, S.AttrStmt) else [])
-    for child in children:
-        found = _dltensor_of(buffer, child)
-        if found is not None:
-            return found
-    return None
+    handles = [argument_handle(decl) for decl in ir.find(
+        stmt, S.DeclBuffer, lambda decl: decl.buffer.name == buffer.name)]
+    return next((handle for handle in handles if handle is not None), None)
 
 
 def _pointer_check(buffer, handle, alignment: int) -> list:
@@ -47,21 +40,19 @@ def _pointer_check(buffer, handle, alignment: int) -> list:
             S.AssertStmt(aligned, tvm.ir.StringImm("ValueError"), [tvm.ir.StringImm(message)])]
 
 
-def _with_checks(stmt):
-    if isinstance(stmt, S.SeqStmt):
-        return S.SeqStmt([_with_checks(s) for s in stmt.seq])
-    if not isinstance(stmt, S.AttrStmt):
+def _checked(stmt: S.AttrStmt) -> S.Stmt:
+    """A ``storage_alignment`` mark above 1 with the assertion of its pointer's alignment
+    first in its body; any other statement as it is."""
+    if stmt.attr_key != _STORAGE_ALIGNMENT or int(stmt.value) <= 1:
         return stmt
-    body = _with_checks(stmt.body)
-    if stmt.attr_key == _STORAGE_ALIGNMENT and int(stmt.value) > 1:
-        handle = _dltensor_of(stmt.node, body)
-        if handle is None:
-            raise ValueError(f"CheckDataAlignment: no DLTensor found for {stmt.node.name}")
-        body = S.SeqStmt([*_pointer_check(stmt.node, handle, int(stmt.value)), body])
+    handle = _dltensor_of(stmt.node, stmt.body)
+    if handle is None:
+        raise ValueError(f"CheckDataAlignment: no DLTensor found for {stmt.node.name}")
+    body = S.SeqStmt([*_pointer_check(stmt.node, handle, int(stmt.value)), stmt.body])
     return S.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
 
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="tvm_fused.CheckDataAlignment")
 def CheckDataAlignment(func, _mod, _ctx):
     """Assert at the entry of a packed ``func`` every alignment its arguments declare."""
-    return func.with_body(_with_checks(func.body))
+    return func.with_body(ir.replace(func.body, S.AttrStmt, _checked))

@@ -19,6 +19,8 @@ import tvm_ffi
 from tvm.backend.cuda.op import cuda_atomic_add
 from tvm.tirx import stmt as S
 
+from . import ir
+
 ATOMIC_ADD = "pragma_tvm_fused_atomic_add"
 
 
@@ -39,44 +41,17 @@ def _atomic(store: S.BufferStore) -> S.Evaluate:
                      f"overwrites, got {store}")
 
 
-def _rewrite(stmt, marked: bool):
-    """``stmt`` with the marks dropped and the stores under them made atomic."""
-    if _marked(stmt):
-        return _rewrite(stmt.body, True)
-    if marked and isinstance(stmt, S.BufferStore):
-        return _atomic(stmt)
-    if isinstance(stmt, S.SeqStmt):
-        return S.SeqStmt([_rewrite(s, marked) for s in stmt.seq])
-    if isinstance(stmt, S.AttrStmt):
-        return S.AttrStmt(stmt.node, stmt.attr_key, stmt.value, _rewrite(stmt.body, marked))
-    if isinstance(stmt, S.IfThenElse):
-        else_case = None if stmt.else_case is None else _rewrite(stmt.else_case, marked)
-        return S.IfThenElse(stmt.condition, _rewrite(stmt.then_case, marked), else_case)
-    if isinstance(stmt, S.For):
-        return S.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind,
-                     _rewrite(stmt.body, marked), stmt.thread_binding, stmt.annotations,
-                     stmt.step)
-    if isinstance(stmt, S.While):
-        return S.While(stmt.condition, _rewrite(stmt.body, marked))
-    return stmt  # a leaf (Bind, DeclBuffer, Evaluate, ...)
-
-
-def _has_mark(stmt) -> bool:
-    children = stmt.seq if isinstance(stmt, S.SeqStmt) else [
-        c for c in (getattr(stmt, "body", None), getattr(stmt, "then_case", None),
-                    getattr(stmt, "else_case", None)) if c is not None]
-    return _marked(stmt) or any(_has_mark(c) for c in children)
+def _unmarked(stmt: S.AttrStmt):
+    """A marked statement's body, its stores made atomic; any other statement as it is."""
+    return ir.replace(stmt.body, S.BufferStore, _atomic) if _marked(stmt) else stmt
 
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="tvm_fused.LowerAtomicAdd")
 def LowerAtomicAdd(func, _mod, _ctx):
     """Make the marked accumulations of ``func`` atomic (CUDA only)."""
-    if not _has_mark(func.body):
+    if not ir.contains(func.body, S.AttrStmt, _marked):
         return func
     target = func.attrs.get("target") if func.attrs is not None else None
     if target is None or target.kind.name != "cuda":
         raise ValueError(f"LowerAtomicAdd: {ATOMIC_ADD} needs a CUDA target, got {target}")
-    body = _rewrite(func.body, False)
-    if _has_mark(body):
-        raise ValueError(f"LowerAtomicAdd: {ATOMIC_ADD} inside a statement it cannot rewrite")
-    return func.with_body(body)
+    return func.with_body(ir.replace(func.body, S.AttrStmt, _unmarked))

@@ -49,10 +49,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-import tvm_ffi
 from tvm import sym
 from tvm.ir import Op, Range
 from tvm.tirx import stmt as S
+
+from . import ir
 
 BLOCK_GROUPS = "tvm_fused.block_groups"
 GROUP_ORDER = "pragma_tvm_fused_group_order"
@@ -85,23 +86,10 @@ def _launch_tag(stmt) -> str | None:
     return None
 
 
-def _children(stmt) -> list:
-    if isinstance(stmt, S.SeqStmt):
-        return list(stmt.seq)
-    return [c for c in (getattr(stmt, "body", None), getattr(stmt, "then_case", None),
-                        getattr(stmt, "else_case", None)) if c is not None]
-
-
-def _walk(stmt):
-    yield stmt
-    for child in _children(stmt):
-        yield from _walk(child)
-
-
 def _group_rank(launch) -> int | None:
     """The ``GROUP_ORDER`` rank marked inside ``launch``, or None."""
-    ranks = {int(s.value) for s in _walk(launch)
-             if isinstance(s, S.AttrStmt) and s.attr_key == GROUP_ORDER}
+    ranks = {int(s.value) for s in ir.find(launch, S.AttrStmt,
+                                           lambda s: s.attr_key == GROUP_ORDER)}
     if len(ranks) > 1:
         raise ValueError(f"MergeBlockGroups: one launch holds the {GROUP_ORDER} ranks {ranks}")
     return ranks.pop() if ranks else None
@@ -122,8 +110,7 @@ def _in_group_order(launches: list) -> list[list]:
 
 
 def _has_barrier(stmt) -> bool:
-    return any(isinstance(s, S.Evaluate) and isinstance(s.value, tvm.ir.Call)
-               and s.value.op.same_as(_BARRIER) for s in _walk(stmt))
+    return ir.contains(stmt, tvm.ir.Call, lambda call: call.op.same_as(_BARRIER))
 
 
 def _strip_thread_launches(stmt, threads: dict):
@@ -139,7 +126,7 @@ def _strip_thread_launches(stmt, threads: dict):
         return _strip_thread_launches(stmt.body, threads)
     if isinstance(stmt, S.SeqStmt):
         return S.SeqStmt([_strip_thread_launches(s, threads) for s in stmt.seq])
-    if any(_launch_tag(s) for s in _walk(stmt)):
+    if ir.contains(stmt, S.AttrStmt, _launch_tag):
         raise ValueError("MergeBlockGroups: a thread launch is nested inside other statements")
     return stmt
 
@@ -186,14 +173,9 @@ def _branch(group: _Group, block_id, thread_id, first_block, num_threads: int,
 def _tensors(func) -> dict:
     """Buffer (by handle) -> the buffer it views (``decl_buffer(..., data=other.data)``), from
     the function's buffer declarations."""
-    views = {}
-
-    def declaration(decl):
-        if isinstance(decl.data, tvm.ir.Call) and decl.data.op.same_as(_BUFFER_DATA):
-            views[decl.buffer.__chandle__()] = decl.data.args[0]
-
-    tvm_ffi.structural_walk(func.body, [(S.DeclBuffer, declaration)])
-    return views
+    return {decl.buffer.__chandle__(): decl.data.args[0]
+            for decl in ir.find(func.body, S.DeclBuffer, lambda decl: isinstance(
+                decl.data, tvm.ir.Call) and decl.data.op.same_as(_BUFFER_DATA))}
 
 
 def _memory(launch, tensors: dict) -> tuple[dict, dict]:
@@ -208,15 +190,14 @@ def _memory(launch, tensors: dict) -> tuple[dict, dict]:
             buffer = tensors[buffer.__chandle__()]
         found[buffer.__chandle__()] = str(buffer)
 
-    def call(expr):
-        if expr.op.same_as(_ADDRESS_OF):
-            for arg in expr.args:
-                if isinstance(arg, tvm.ir.TensorLoad):
-                    add(written, arg.source)
-
-    tvm_ffi.structural_walk(launch, [
-        (S.BufferStore, lambda stmt: add(written, stmt.buffer)),
-        (tvm.ir.TensorLoad, lambda expr: add(accessed, expr.source)), (tvm.ir.Call, call)])
+    for store in ir.find(launch, S.BufferStore):
+        add(written, store.buffer)
+    for load in ir.find(launch, tvm.ir.TensorLoad):
+        add(accessed, load.source)
+    for call in ir.find(launch, tvm.ir.Call, lambda call: call.op.same_as(_ADDRESS_OF)):
+        for arg in call.args:
+            if isinstance(arg, tvm.ir.TensorLoad):
+                add(written, arg.source)
     return written, {**accessed, **written}
 
 
@@ -247,7 +228,8 @@ def merge_launches(stmts: list, check=None) -> list:
         return stmts
     if check is not None:
         check([stmts[i] for i in launch_ids])
-    if any(_launch_tag(s) in ("blockIdx.y", "blockIdx.z") for st in stmts for s in _walk(st)):
+    if any(ir.contains(st, S.AttrStmt, lambda s: _launch_tag(s) in ("blockIdx.y", "blockIdx.z"))
+           for st in stmts):
         raise ValueError("MergeBlockGroups: only 1-D grids (blockIdx.x) can be merged")
     first = launch_ids[0]
     hoisted = [s for s in stmts[first:] if _launch_tag(s) is None]

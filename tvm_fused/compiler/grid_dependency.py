@@ -23,10 +23,10 @@ and the latent). What may be read before the wait, by name, is the value of the
 from __future__ import annotations
 
 import tvm
-import tvm_ffi
 from tvm.ir import Op
 from tvm.tirx import stmt as S
 
+from . import ir
 from .block_groups import _launch_tag
 
 GRID_DEPENDENCY = "tvm_fused.grid_dependency"
@@ -40,29 +40,17 @@ def _griddep(action: str) -> S.Evaluate:
     return S.Evaluate(tvm.tirx.call_intrin("void", _GRIDDEP.name, action, ""))
 
 
+def _global(buffer) -> bool:
+    return buffer.scope() in ("global", "")
+
+
 def _touches_data(stmt, early: set) -> bool:
     """Whether ``stmt`` reads a global buffer not named in ``early`` or writes global
     memory."""
-    found = []
-
-    def global_buffer(buffer) -> bool:
-        return buffer.scope() in ("global", "")
-
-    def load(expr):
-        if global_buffer(expr.source) and expr.source.name not in early:
-            found.append(expr)
-
-    def store(node):
-        if global_buffer(node.buffer):
-            found.append(node)
-
-    def call(expr):
-        if expr.op.same_as(_ADDRESS_OF):
-            found.append(expr)
-
-    tvm_ffi.structural_walk(stmt, [(tvm.ir.TensorLoad, load), (S.BufferStore, store),
-                                   (tvm.ir.Call, call)])
-    return bool(found)
+    return (ir.contains(stmt, tvm.ir.TensorLoad,
+                        lambda load: _global(load.source) and load.source.name not in early)
+            or ir.contains(stmt, S.BufferStore, lambda store: _global(store.buffer))
+            or ir.contains(stmt, tvm.ir.Call, lambda call: call.op.same_as(_ADDRESS_OF)))
 
 
 def _wait_before_data(stmt, early: set, data_after: bool = False) -> S.Stmt:
@@ -113,10 +101,7 @@ def InsertGridDependency(func, _mod, _ctx):
 
 
 def _calls_griddep(func) -> bool:
-    found = []
-    tvm_ffi.structural_walk(func.body, [(tvm.ir.Call, lambda c: found.append(c)
-                                         if c.op.same_as(_GRIDDEP) else None)])
-    return bool(found)
+    return ir.contains(func.body, tvm.ir.Call, lambda call: call.op.same_as(_GRIDDEP))
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvm_fused.LaunchWithGridDependency")

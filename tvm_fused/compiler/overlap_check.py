@@ -19,6 +19,7 @@ from __future__ import annotations
 import tvm
 from tvm.tirx import stmt as S
 
+from . import ir
 from .dltensor import argument_handle, data_pointer
 
 WRITTEN = "tvm_fused.written"
@@ -79,29 +80,21 @@ def _checks(spans: dict, written: list, alias) -> list:
     return checks
 
 
-def _with_checks(stmt, written: list, alias):
-    """``stmt`` with the checks after the last argument declaration; (stmt, done)."""
-    if isinstance(stmt, S.SeqStmt):
-        decls = [(i, s) for i, s in enumerate(stmt.seq)
-                 if isinstance(s, S.DeclBuffer) and argument_handle(s) is not None]
-        if decls:
-            spans = {s.buffer.name: _Span(s.buffer, argument_handle(s)) for _, s in decls}
-            missing = [name for name in written if name not in spans]
-            if missing:
-                raise ValueError(f"CheckNoOverlap: no tensor argument named {missing}")
-            last = decls[-1][0] + 1
-            inserted = [span.decl for span in spans.values()] + _checks(spans, written, alias)
-            return S.SeqStmt([*stmt.seq[:last], *inserted, *stmt.seq[last:]]), True
-        seq = list(stmt.seq)
-        for i, child in enumerate(seq):
-            seq[i], done = _with_checks(child, written, alias)
-            if done:
-                return S.SeqStmt(seq), True
-        return stmt, False
-    if isinstance(stmt, S.AttrStmt):
-        body, done = _with_checks(stmt.body, written, alias)
-        return S.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body), done
-    return stmt, False
+def _is_argument(stmt) -> bool:
+    return isinstance(stmt, S.DeclBuffer) and argument_handle(stmt) is not None
+
+
+def _with_checks(sequence: S.SeqStmt, written: list, alias) -> S.SeqStmt:
+    """The statement sequence that declares the tensor arguments, with the checks after the
+    last declaration."""
+    decls = [(i, s) for i, s in enumerate(sequence.seq) if _is_argument(s)]
+    spans = {s.buffer.name: _Span(s.buffer, argument_handle(s)) for _, s in decls}
+    missing = [name for name in written if name not in spans]
+    if missing:
+        raise ValueError(f"CheckNoOverlap: no tensor argument named {missing}")
+    last = decls[-1][0] + 1
+    inserted = [span.decl for span in spans.values()] + _checks(spans, written, alias)
+    return S.SeqStmt([*sequence.seq[:last], *inserted, *sequence.seq[last:]])
 
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="tvm_fused.CheckNoOverlap")
@@ -113,7 +106,10 @@ def CheckNoOverlap(func, _mod, _ctx):
         return func
     alias = func.attrs.get(ALIAS)
     alias = None if alias is None else tuple(str(name) for name in alias)
-    body, done = _with_checks(func.body, [str(name) for name in written], alias)
-    if not done:
+    sequences = ir.find(func.body, S.SeqStmt,
+                        lambda sequence: any(_is_argument(s) for s in sequence.seq))
+    if not sequences:
         raise ValueError("CheckNoOverlap: no tensor argument declarations found")
-    return func.with_body(body)
+    checked = _with_checks(sequences[0], [str(name) for name in written], alias)
+    return func.with_body(ir.replace(func.body, S.SeqStmt, lambda sequence: checked
+                                     if sequence.same_as(sequences[0]) else sequence))
