@@ -17,6 +17,7 @@ import torch
 
 from . import form
 from .form import dtype_name
+from .tokens import locate_tokens
 
 DATA_DTYPES, FREQS_DTYPES, OFFSETS_DTYPES, FP8_DTYPES, INDEX_DTYPES = (
     tuple(getattr(torch, name) for name in names)
@@ -243,26 +244,20 @@ def check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
                          f"{q_rope.shape[0]} rows")
     if not bool((lengths >= 0).all()):
         raise ValueError("cache_lengths must be non-negative")
-    active = counts > 0
-    if not bool(active.any()):
-        return
-    last_pos = (lengths + counts - 1)[active]
-    if int(last_pos.max()) >= freqs_cis.shape[0]:
-        raise ValueError(f"position {int(last_pos.max())} is beyond freqs_cis's "
+    tokens = locate_tokens(offsets, lengths, lookup_table, freqs_cis.shape[0],
+                           k_cache.shape[0], k_cache.shape[1])
+    if tokens.pos.numel() and int(tokens.pos.max()) >= freqs_cis.shape[0]:
+        raise ValueError(f"position {int(tokens.pos.max())} is beyond freqs_cis's "
                          f"{freqs_cis.shape[0]} rows")
-    page_size = k_cache.shape[1]
-    last_page = last_pos // page_size
-    if int(last_page.max()) >= lookup_table.shape[1]:
-        raise ValueError(f"position {int(last_pos.max())} "
-                         f"needs logical page {int(last_page.max())}, beyond lookup_table's "
+    logical = tokens.pos // k_cache.shape[1]
+    if logical.numel() and int(logical.max()) >= lookup_table.shape[1]:
+        raise ValueError(f"position {int(tokens.pos.max())} needs logical page "
+                         f"{int(logical.max())}, beyond lookup_table's "
                          f"{lookup_table.shape[1]} columns")
-    request = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    pos = lengths[request] + torch.arange(request.numel()) - offsets[:-1][request]
-    page = lookup_table.to(torch.int64).cpu()[request, pos // page_size]
-    if not bool((page < k_cache.shape[0]).all()):
+    if not bool(tokens.q_written.all()):
         raise ValueError(f"lookup_table maps a written position to page "
-                         f"{int(page.max())}, beyond k_cache's {k_cache.shape[0]} pages")
-    rows = (page * page_size + pos % page_size)[page >= 0]
+                         f"{int(tokens.page.max())}, beyond k_cache's {k_cache.shape[0]} pages")
+    rows = (tokens.page * k_cache.shape[1] + tokens.row)[tokens.row_written]
     if rows.unique().numel() != rows.numel():
         raise ValueError("two new tokens map to one cache row: lookup_table shares a page "
                          "between requests whose new positions meet")

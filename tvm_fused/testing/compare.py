@@ -21,13 +21,9 @@ import dataclasses
 
 import torch
 
+from ..tokens import locate_slots, locate_tokens
 from .inputs import OpInputs, q_like, rows_like
-from .reference import (
-    locate_slots,
-    locate_tokens,
-    quantize,
-    reference_outputs,
-)
+from .reference import quantize, reference_outputs
 
 F32_EPS = 2.0**-24
 

@@ -25,9 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from .. import form as config
+from ..tokens import locate_tokens
 from .compare import CheckReport, run_and_check
 from .inputs import OpInputs, engine_addressed, make_inputs, with_options
-from .reference import locate_tokens
 
 DTYPES = tuple(getattr(torch, name) for name in config.DTYPES)
 # a small grid of shapes keeps the number of distinct kernels (builds) bounded

@@ -266,7 +266,7 @@ def engine_addressed(inputs: OpInputs, *, unslotted: int = 0,
     position past the table or a slot past the cache. The last ``unslotted`` tokens get no
     ``slot_mapping`` entry (vLLM's CUDA-graph padding: no cache row). ``index_dtypes``: of
     positions and slot mapping."""
-    from .reference import locate_tokens
+    from ..tokens import locate_tokens
 
     device = inputs.q_rope.device
     page_size = inputs.k_cache.shape[1]

@@ -1,8 +1,9 @@
 """An independent torch implementation of SPEC.md, used as the oracle in tests and benchmarks.
 
-It shares no code with the TensorIR definition: positions come from ``repeat_interleave`` on
-the host, the math runs in ``compute_dtype`` (float64 by default) and is rounded only where
-the spec rounds: once to the output dtype for RoPE; to the gamma dtype before and after the
+It shares no code with the TensorIR definition: positions and cache rows come from
+``tokens.py`` (``repeat_interleave`` on the host, which the argument checks use too), the
+math runs in ``compute_dtype`` (float64 by default) and is rounded only where the spec
+rounds: once to the output dtype for RoPE; to the gamma dtype before and after the
 gamma product, then to q's dtype, for RMSNorm (or once, ``norm_rounding="once"``); an fp8
 cache then stores ``fp8(saturate(value / k_scale))`` (torch's cast: nearest even). Both
 forms: in place (the new rows are read from the cache) and write-through (from
@@ -19,61 +20,11 @@ result).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import torch
 
-
-@dataclasses.dataclass
-class Tokens:
-    """Where each real token goes, all int64/bool tensors of one element per real token
-    (``offsets[-1]``, or ``len(positions)``)."""
-
-    request: torch.Tensor  # (offsets addressing; the token itself by slots)
-    pos: torch.Tensor
-    page: torch.Tensor  # physical page (-1 where the token has none to look up)
-    row: torch.Tensor  # the row in the page
-    q_written: torch.Tensor  # the op writes the token's q row
-    row_written: torch.Tensor  # the op writes the token's cache row ``(page, row)``
-
-    @property
-    def errors(self) -> int:
-        """Tokens the op counts as errors: their q row is not written."""
-        return int((~self.q_written).sum())
-
-
-def locate_tokens(input_row_offsets: torch.Tensor, cache_lengths: torch.Tensor,
-                  lookup_table: torch.Tensor, max_seq_len: int, num_pages: int,
-                  page_size: int) -> Tokens:
-    """Request, position and page of every real token, and what the op writes for it."""
-    offsets = input_row_offsets.to(torch.int64).cpu()
-    counts = offsets[1:] - offsets[:-1]
-    request = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    first_token = offsets[:-1][request]
-    pos = (cache_lengths.to(torch.int64).cpu()[request] + torch.arange(request.numel())
-           - first_token)
-    table = lookup_table.to(torch.int64).cpu()
-    listed = (pos >= 0) & (pos < max_seq_len) & (pos // page_size < table.shape[1])
-    page = torch.full_like(pos, -1)
-    page[listed] = table[request[listed], pos[listed] // page_size]
-    q_written = listed & (page < num_pages)
-    return Tokens(request, pos, page, pos % page_size, q_written, q_written & (page >= 0))
-
-
-def locate_slots(positions: torch.Tensor, slot_mapping: torch.Tensor, max_seq_len: int,
-                 num_pages: int, page_size: int) -> Tokens:
-    """Position and page of every token of ``positions``: tokens past ``slot_mapping`` or with
-    a negative slot have no cache row; a position without a freqs row or a slot past the
-    cache makes an error."""
-    pos = positions.to(torch.int64).cpu()
-    slot = torch.full_like(pos, -1)
-    given = slot_mapping.to(torch.int64).cpu()
-    slot[:given.numel()] = given
-    q_written = (pos >= 0) & (pos < max_seq_len) & (slot < num_pages * page_size)
-    page = torch.where(slot >= 0, slot // page_size, -1)
-    return Tokens(torch.arange(pos.numel()), pos, page, slot % page_size, q_written,
-                  q_written & (slot >= 0))
+from ..tokens import Tokens, locate_tokens
 
 
 def rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
