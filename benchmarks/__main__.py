@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tvm_fused import form as config
+from tvm_fused.form import DTYPES, FP8_DTYPES
 
 
 def _names(value: str) -> list[str]:
@@ -47,17 +47,19 @@ def suite_parts(args: argparse.Namespace) -> tuple:
     caches = _names(args.cache_dtype) or [args.dtype]
     names = _names(args.providers)
     for what, given, known in (("form", forms, FORMS), ("provider", names, ALL_PROVIDERS),
-                               ("cache dtype", caches, (args.dtype, *config.FP8_DTYPES))):
+                               ("cache dtype", caches, (args.dtype, *FP8_DTYPES))):
         unknown = [value for value in given if value not in known]
         if unknown:
             raise ValueError(f"unknown {what} {', '.join(unknown)}: choose from "
                              f"{', '.join(known)}")
     tokens = tuple(int(t) for t in _names(args.tokens)) or DECODE_TOKENS + PREFILL_TOKENS
     parts = tuple(
-        Part(int(heads), not args.neox, tokens, tuple(names) or PROVIDERS[form], form,
-             None if cache == args.dtype else cache, args.kv_output and form != "in-place")
+        Part(int(heads), not args.neox, tokens, tuple(names) or PROVIDERS[form],
+             write_through=form == "write-through",
+             cache_dtype=None if cache == args.dtype else cache,
+             kv_output=args.kv_output and form == "write-through")
         for heads in _names(args.heads or "128") for form in forms for cache in caches
-        if form != "in-place" or cache == args.dtype)
+        if form == "write-through" or cache == args.dtype)
     if not parts:
         raise ValueError("an fp8 cache needs --form write-through")
     return parts
@@ -78,8 +80,8 @@ def suite(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("the suite needs a CUDA GPU", file=sys.stderr)
         return 2
-    base = Form(rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
-                    page_size=args.page_size, dtype=args.dtype, gamma_dtype=args.dtype)
+    base = Form(dtype=args.dtype, rope_dim=args.rope_dim, kv_norm_dim=args.kv_norm_dim,
+                page_size=args.page_size)  # gamma in q's dtype
     _, failures = run_suite(parts, base, Path(args.csv) if args.csv else None, reps=args.reps)
     for failure in failures:
         print(f"FAILED: {failure}")
@@ -122,10 +124,10 @@ def parser() -> argparse.ArgumentParser:
                                    "write-through (the latent from kv_input)")
     suite_parser.add_argument("--cache-dtype", default="",
                               help="comma-separated cache dtypes: --dtype's (default), "
-                                   f"{', '.join(config.FP8_DTYPES)} (write-through only)")
+                                   f"{', '.join(FP8_DTYPES)} (write-through only)")
     suite_parser.add_argument("--kv-output", action="store_true",
                               help="the write-through form also writes kv_output")
-    suite_parser.add_argument("--dtype", choices=config.DTYPES,
+    suite_parser.add_argument("--dtype", choices=DTYPES,
                               default="bfloat16", help="dtype of q, the latent and gamma")
     suite_parser.add_argument("--page-size", type=int, default=128, help="cache page size")
     suite_parser.add_argument("--rope-dim", type=int, default=64, help="rotary dims")

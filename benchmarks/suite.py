@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import tvm
 
-from tvm_fused import Form, fused_rope_rmsnorm
+from tvm_fused import Form, fused_rope_rmsnorm, fused_rope_rmsnorm_slots
 from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.testing.compare import CheckReport, check_run
-from tvm_fused.testing.inputs import OpInputs, make_inputs
-from tvm_fused.timing import op_bytes, time_cuda, time_graph
+from tvm_fused.testing.inputs import OpInputs, inputs_for
+from tvm_fused.timing import bytes_moved, time_cuda, time_graph
 from tvm_fused.tuning import decisions
 from tvm_fused.tuning.buckets import bucket_case, nearest_bucket
 from tvm_fused.tuning.layout import default_logs_dir
@@ -65,9 +65,15 @@ PROVIDERS = {
 ALL_PROVIDERS = tuple(dict.fromkeys(PROVIDERS["in-place"] + PROVIDERS["write-through"]))
 
 
-def form_name(op: Form) -> str:
-    """``op``'s form, one of ``FORMS``."""
-    return FORMS[op.write_through]
+# the options of the forms the peers take: MAX's addressing and interleaved table, and the
+# RMSNorm rounded to gamma's dtype before the product (HF's order); tvm-fused takes every form
+PEER_OPTIONS = {"addressing": "offsets", "freqs_layout": "interleaved",
+                "norm_rounding": "before_gamma"}
+
+
+def form_name(form: Form) -> str:
+    """Where ``form``'s latent comes from, one of ``FORMS``."""
+    return FORMS[form.write_through]
 
 
 @dataclasses.dataclass
@@ -88,22 +94,16 @@ class Call:
 Provider = Callable[[Call], None]
 
 
-def sweep_inputs(op: Form, tokens: int, device="cuda") -> OpInputs:
-    """Inputs of ``tokens`` tokens: a decode step (one new token for each of ``tokens``
-    requests with 1k-4k cached) up to ``DECODE_MAX``, else a prefill of a few requests.
-    ``q_rope`` is the rope view ``q[..., 128:]`` of a full MLA q, as in a model; in the
-    write-through form, ``kv_input`` is the latent columns of a fused ``q_a | kv_a``
+def sweep_inputs(form: Form, tokens: int, device="cuda") -> OpInputs:
+    """Inputs of ``form``'s calls on ``tokens`` tokens: a decode step (one new token for each
+    of ``tokens`` requests with 1k-4k cached) up to ``DECODE_MAX``, else a prefill of a few
+    requests. ``q_rope`` is the rope view ``q[..., 128:]`` of a full MLA q, as in a model; in
+    the write-through form, ``kv_input`` is the latent columns of a fused ``q_a | kv_a``
     projection output, and an fp8 cache comes with ``k_scale = FP8_K_SCALE``."""
     new_tokens, cache_lengths = bucket_case(tokens, decode_max=DECODE_MAX)
-    dtype = getattr(torch, op.dtype)
-    fp8 = op.cache_dtype is not None
-    return make_inputs(new_tokens, cache_lengths, num_q_heads=op.num_q_heads,
-                       rope_dim=op.rope_dim, kv_norm_dim=op.kv_norm_dim,
-                       page_size=op.page_size, dtype=dtype, gamma_dtype=dtype,
-                       write_through=op.write_through,
-                       cache_dtype=getattr(torch, op.cache_dtype) if fp8 else None,
-                       k_scale=FP8_K_SCALE if fp8 else None,
-                       prefix_pool=PREFIX_POOL_PAGES, device=device)
+    return inputs_for(form, new_tokens, cache_lengths,
+                      k_scale=FP8_K_SCALE if form.cache_dtype else None,
+                      prefix_pool=PREFIX_POOL_PAGES, device=device)
 
 
 def new_call(inputs: OpInputs, kv_output: bool, addressing: tuple) -> Call:
@@ -123,25 +123,38 @@ def engine_addressing(inputs: OpInputs) -> tuple[torch.Tensor, torch.Tensor]:
                         inputs.k_cache.shape[1], int(inputs.input_row_offsets[-1]))
 
 
-def tvm_provider(schedule, interleaved: bool) -> Provider:
-    """tvm-fused in the inputs' form, with ``schedule``."""
+def _tvm_fused(form: Form, schedule) -> Callable:
+    """tvm-fused's entry point of ``form``'s addressing with ``form``'s call options (pairing,
+    table layout, norm rounding, PDL), ``schedule`` (None: the runtime's choice) and no
+    argument checks in Python (bound once: the suite times the host's part of a call too)."""
+    entry = fused_rope_rmsnorm_slots if form.addressing == "slots" else fused_rope_rmsnorm
+    return functools.partial(entry, interleaved=form.interleaved,
+                             freqs_layout=form.freqs_layout, norm_rounding=form.norm_rounding,
+                             pdl=form.pdl_mode, validate=False, schedule=schedule)
+
+
+def tvm_provider(form: Form, schedule=None) -> Provider:
+    """tvm-fused in ``form`` (the inputs' form) with ``schedule``."""
+    fused = _tvm_fused(form, schedule)
+
     def run(call: Call) -> None:
-        fused_rope_rmsnorm(*call.inputs.args(), **call.inputs.latent(), kv_output=call.kv_output,
-                           out=call.out, validate=False, schedule=schedule,
-                           interleaved=interleaved)
+        fused(*call.inputs.args(), **call.inputs.latent(), kv_output=call.kv_output,
+              out=call.out)
 
     return run
 
 
-def copy_then_in_place(schedule, interleaved: bool) -> Provider:
+def copy_then_in_place(form: Form, schedule=None) -> Provider:
     """The write-through op as a user of the in-place op runs it: each new latent row
     copied from ``kv_input`` into its cache row (a torch index copy), then tvm-fused in
-    place (a cache of q's dtype, no ``kv_output``)."""
+    place (a cache of q's dtype, no ``kv_output``) with ``form``'s other options."""
+    fused = _tvm_fused(dataclasses.replace(form, write_through=False, kv_output=False,
+                                           cache_dtype=None), schedule)
+
     def run(call: Call) -> None:
         inputs = call.inputs
         write_cache_rows(inputs.k_cache, call.slots, inputs.kv_input[:call.slots.shape[0]])
-        fused_rope_rmsnorm(*inputs.args(), out=call.out, validate=False, schedule=schedule,
-                           interleaved=interleaved)
+        fused(*inputs.args(), out=call.out)
 
     return run
 
@@ -185,32 +198,34 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def providers(op: Form, tokens: int, names: tuple[str, ...],
-              kv_output: bool = False) -> dict[str, Provider]:
-    """The providers in ``names`` that exist for ``op`` (its form: ``PROVIDERS``):
-    "tvm-fused tuned" only with tuning decisions for this GPU and op, "liger" only for NeoX
+def providers(form: Form, tokens: int, names: tuple[str, ...]) -> dict[str, Provider]:
+    """The providers in ``names`` that exist for ``form`` (``PROVIDERS`` of its
+    ``form_name``): "tvm-fused tuned" only with tuning decisions for this GPU and form,
+    the peers only in the options they take (``PEER_OPTIONS``), "liger" only for NeoX
     pairs, the copy before the in-place op only into a cache of q's dtype without
     ``kv_output``."""
-    interleaved = op.interleaved
-    default = default_for_tokens(nearest_bucket(tokens), op)  # the hand-written one
+    interleaved = form.interleaved
+    default = default_for_tokens(nearest_bucket(tokens), form)  # the hand-written one
     decided = {}
     if "tvm-fused tuned" in names:
-        decided = decisions.for_gpu(str(default_logs_dir()), torch.cuda.get_device_name(), op)
-    torch_op, wrap = ((torch_write_through, _with_slots) if op.write_through
+        decided = decisions.for_gpu(default_logs_dir(), torch.cuda.get_device_name(), form)
+    torch_op, wrap = ((torch_write_through, _with_slots) if form.write_through
                       else (torch_fused_rope_rmsnorm, _with_token_count))
     makers = {
-        "tvm-fused tuned": lambda: tvm_provider(None, interleaved),  # the runtime's choice
-        "tvm-fused default": lambda: tvm_provider(default, interleaved),
-        COPY_THEN_IN_PLACE: lambda: copy_then_in_place(default, interleaved),
+        "tvm-fused tuned": lambda: tvm_provider(form),  # the runtime's choice
+        "tvm-fused default": lambda: tvm_provider(form, default),
+        COPY_THEN_IN_PLACE: lambda: copy_then_in_place(form, default),
         "triton fused": lambda: triton_provider(interleaved),
         "liger": lambda: _with_token_count(_liger(), interleaved),
         "torch.compile": lambda: wrap(_compiled(torch_op), interleaved),
         "torch eager": lambda: wrap(torch_op, interleaved),
     }
-    available = {"tvm-fused tuned": bool(decided), "liger": not interleaved,
-                 COPY_THEN_IN_PLACE: op.cache_dtype is None and not kv_output}
+    peers = all(getattr(form, name) == value for name, value in PEER_OPTIONS.items())
+    available = {"tvm-fused tuned": bool(decided), "liger": peers and not interleaved,
+                 COPY_THEN_IN_PLACE: form.cache_dtype is None and not form.kv_output,
+                 "triton fused": peers, "torch.compile": peers, "torch eager": peers}
     return {name: makers[name]() for name in names
-            if name in PROVIDERS[form_name(op)] and available.get(name, True)}
+            if name in PROVIDERS[form_name(form)] and available.get(name, True)}
 
 
 def _liger():
@@ -275,15 +290,16 @@ def host_us(fn, calls: int = 50, batches: int = 7) -> float:
     return statistics.median(means)
 
 
-def check_provider(name: str, provider: Provider, base: OpInputs, kv_output: bool,
-                   interleaved: bool) -> tuple[Call, CheckReport | None]:
-    """Warm ``provider`` up on a scratch copy of ``base``, then run it on a fresh copy and
-    check it (``kv_output`` too, if asked). Returns ``(call, report)``; report is None past
-    ``CHECK_MAX_TOKENS`` tokens; ``AssertionError`` if the check fails."""
+def check_provider(name: str, provider: Provider, base: OpInputs,
+                   form: Form) -> tuple[Call, CheckReport | None]:
+    """Warm ``provider`` up on a scratch copy of ``base`` (inputs of ``form``), then run it
+    on a fresh copy and check it (``kv_output`` too, if the form has it). Returns ``(call,
+    report)``; report is None past ``CHECK_MAX_TOKENS`` tokens; ``AssertionError`` if the
+    check fails."""
     tokens = base.q_rope.shape[0]
     addressing = engine_addressing(base)
-    provider(new_call(base.clone(), kv_output, addressing))
-    call = new_call(base.clone(), kv_output, addressing)
+    provider(new_call(base.clone(), form.kv_output, addressing))
+    call = new_call(base.clone(), form.kv_output, addressing)
     out_before = call.out.clone()  # out and kv_output are their whole storages
     rows_before = None if call.kv_output is None else call.kv_output.clone()
     provider(call)
@@ -291,7 +307,7 @@ def check_provider(name: str, provider: Provider, base: OpInputs, kv_output: boo
         torch.cuda.synchronize()
     if tokens > CHECK_MAX_TOKENS:
         return call, None
-    report = check_run(base, call.inputs, call.out, out_before, interleaved=interleaved,
+    report = check_run(base, call.inputs, call.out, out_before, interleaved=form.interleaved,
                        kv_output=call.kv_output, kv_output_storage_before=rows_before)
     if not report.ok:
         raise AssertionError(f"{name} is wrong at {tokens} tokens: {report.summary()}")
@@ -308,37 +324,31 @@ def _graph_us(call, reps: int, log, calls: int = 1) -> float:
         return math.nan
 
 
-def moved_bytes(op: Form, tokens: int, kv_output: bool) -> int:
-    """Bytes ``op`` must move for ``tokens`` tokens (``timing.op_bytes``, float32 freqs):
-    the copy before the in-place op is measured against the same bytes, the op's own."""
-    cache_dtype = getattr(torch, op.cache_element)
-    return op_bytes(tokens, op.num_q_heads, op.rope_dim, op.kv_norm_dim,
-                    getattr(torch, op.dtype), cache_dtype=cache_dtype, kv_output=kv_output)
-
-
-def measure(op: Form, tokens: int, provider_map: dict[str, Provider], copy_tb_s: float,
-            failures: list[str], reps: int = 100, log=print, kv_output: bool = False
-            ) -> list[Row]:
-    """Check, then time, each provider on ``sweep_inputs(op, tokens)`` (writing
-    ``kv_output`` too, if asked); a provider that raises or computes a wrong result is
-    logged and appended to ``failures``."""
+def measure(form: Form, tokens: int, provider_map: dict[str, Provider], copy_tb_s: float,
+            failures: list[str], reps: int = 100, log=print) -> list[Row]:
+    """Check, then time, each provider on ``sweep_inputs(form, tokens)``; a provider that
+    raises or computes a wrong result is logged and appended to ``failures``. Bytes per op
+    are the form's (``timing.bytes_moved``) for every provider: the copy before the in-place
+    op is measured against the same bytes, the op's own."""
     gpu = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}, tvm {tvm.__version__}, cuda {torch.version.cuda}"
-    base = sweep_inputs(op, tokens)
-    moved = moved_bytes(op, tokens, kv_output)
+    base = sweep_inputs(form, tokens)
+    moved = bytes_moved(form, tokens)
     same_bytes_copy = copy_us(moved, reps)
     decode = tokens <= DECODE_MAX
-    pairing = "gptj" if op.interleaved else "neox"
-    what = (f"{gpu} | {form_name(op)} {op.cache_element} cache{' +kv_output' * kv_output} | "
-            f"{pairing} {op.num_q_heads:3d} heads | {tokens:6d} tok")
+    pairing = "gptj" if form.interleaved else "neox"
+    what = (f"{gpu} | {form_name(form)} {form.cache_element} cache"
+            f"{' +kv_output' * form.kv_output} | {pairing} {form.num_q_heads:3d} heads | "
+            f"{tokens:6d} tok")
     rows = []
     for name, provider in provider_map.items():
         try:
-            call, report = check_provider(name, provider, base, kv_output, op.interleaved)
+            call, report = check_provider(name, provider, base, form)
         except Exception as error:
             log(f"{what} | {name:<25} FAILED: {error!r}"[:2000])
-            failures.append(f"{name} at {tokens} tokens, {op.num_q_heads} heads, "
-                            f"{form_name(op)}, {op.cache_element} cache: {error!r}")
+            failures.append(f"{name} at {tokens} tokens, {form.num_q_heads} heads, "
+                            f"{form_name(form)}, {form.cache_element} cache"
+                            f"{', kv_output' * form.kv_output}: {error!r}")
             continue
 
         def run(p=provider, c=call):
@@ -349,9 +359,9 @@ def measure(op: Form, tokens: int, provider_map: dict[str, Provider], copy_tb_s:
         steady_us = _graph_us(run, reps, log, STEADY_CALLS) if decode else math.nan
         host = host_us(run) if decode else math.nan
         tb_s = moved / timing.median_us / 1e6
-        row = Row(gpu, name, pairing, op.num_q_heads, tokens,
-                  "decode" if decode else "prefill", op.dtype, form_name(op),
-                  op.cache_element, kv_output, timing.median_us, timing.p20_us,
+        row = Row(gpu, name, pairing, form.num_q_heads, tokens,
+                  "decode" if decode else "prefill", form.dtype, form_name(form),
+                  form.cache_element, form.kv_output, timing.median_us, timing.p20_us,
                   timing.p80_us, graph_us, steady_us, host, tb_s, tb_s / copy_tb_s,
                   same_bytes_copy,
                   report is not None, report.q_error if report else math.nan,
@@ -380,29 +390,29 @@ def write_csv(rows: list[Row], path: Path) -> None:
 @dataclasses.dataclass(frozen=True)
 class Part:
     """One sweep of the suite: ``heads`` q heads, GPT-J pairs if ``interleaved``, each of
-    ``tokens``, each provider of ``providers`` that exists for it, in ``form`` (``FORMS``)
-    with a cache of ``cache_dtype`` (None: q's dtype; else fp8, write-through only), writing
-    ``kv_output`` too if asked (write-through only)."""
+    ``tokens``, each provider of ``providers`` that exists for it, in the write-through form
+    if ``write_through`` (else in place) with a cache of ``cache_dtype`` (None: q's dtype;
+    else fp8, write-through only), writing ``kv_output`` too if asked (write-through only).
+    """
 
     heads: int
     interleaved: bool
     tokens: tuple[int, ...]
     providers: tuple[str, ...]
-    form: str = "in-place"
+    _: dataclasses.KW_ONLY
+    write_through: bool = False
     cache_dtype: str | None = None
     kv_output: bool = False
 
     def __post_init__(self) -> None:
-        if self.form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
-        if self.kv_output and self.form != "write-through":
-            raise ValueError("kv_output needs the write-through form")
+        self.form(Form())  # Form refuses what no form has (ValueError)
 
-    def op(self, base: Form) -> Form:
-        """``base`` with this part's heads, pairing, form and cache dtype."""
+    def form(self, base: Form) -> Form:
+        """``base`` with this part's heads, pairing, latent source, cache dtype and
+        ``kv_output``."""
         return dataclasses.replace(base, num_q_heads=self.heads, interleaved=self.interleaved,
-                                   write_through=self.form == "write-through",
-                                   cache_dtype=self.cache_dtype)
+                                   write_through=self.write_through,
+                                   cache_dtype=self.cache_dtype, kv_output=self.kv_output)
 
 
 # the sweep of the README's performance section (in place)
@@ -425,11 +435,10 @@ def run_suite(parts, base: Form, csv_path: Path | None, reps: int = 100,
         f"({COPY_BYTES >> 20} MiB read + written, cold L2)")
     rows, failures = [], []
     for part in parts:
-        op = part.op(base)
+        form = part.form(base)
         for tokens in part.tokens:
-            measured = measure(op, tokens, providers(op, tokens, part.providers,
-                                                     part.kv_output),
-                               copy_tb_s, failures, reps, log, part.kv_output)
+            measured = measure(form, tokens, providers(form, tokens, part.providers),
+                               copy_tb_s, failures, reps, log)
             if csv_path is not None:
                 write_csv(measured, csv_path)
             rows += measured

@@ -24,7 +24,10 @@ name. Usage: python scripts/bench_decode_layers.py --out OUT/layers.jsonl [--qui
 per kernel of a layer, its median duration and its gap after the kernel before it, which
 shows where a provider's time goes between the GEMMs (a PDL launch's overlap is a negative
 gap).
-(``--device cpu --layers 2`` runs each step once, untimed: a smoke test of the shapes).
+``--device cpu --layers 2`` runs each step once, untimed, and checks it: after each tvm-fused
+provider's step (the Triton ones are left out), every layer's roped q rope part and new cache
+rows against the float64 reference (``tvm_fused.testing.compare.check_run``: and everything
+else in q, the cache and ``fused_qkv`` unchanged); the exit status is 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import tvm_fused  # noqa: E402
 from benchmarks import timeline  # noqa: E402
 from benchmarks.peers import engine_steps as es  # noqa: E402
+from tvm_fused import fused_rope_rmsnorm_slots  # noqa: E402
+from tvm_fused.testing.compare import check_run, whole_storage  # noqa: E402
+from tvm_fused.testing.inputs import OpInputs  # noqa: E402
 from tvm_fused.timing import capture_graph, time_graph  # noqa: E402
 
 HIDDEN, Q_A_RANK, KV_LORA, ROPE, NOPE = 7168, 1536, 512, 64, 128
@@ -163,7 +168,7 @@ def prologue(provider: str | None, config: Config, step: Step):
                                           step.gamma, cache, step.lookup_table,
                                           step.cache_lengths, out=q_rope, epsilon=EPS, **form)
             else:
-                tvm_fused.fused_rope_rmsnorm_slots(
+                fused_rope_rmsnorm_slots(
                     q_rope, step.positions, step.slot_mapping, step.cos_sin_cache, step.gamma,
                     cache, out=q_rope, epsilon=EPS, pdl=PDL[provider], validate=False,
                     **form)
@@ -177,14 +182,56 @@ def configs(args) -> list[Config]:
             if not (c[2] == "fp8" and c[3] == "in-place")]  # fp8 caches: write-through only
 
 
+def layer_inputs(config: Config, step: Step, layer: Layer) -> OpInputs:
+    """The op's arguments in ``layer`` as ``OpInputs`` (views of the step's tensors), for
+    ``check_run``: slots addressing with vLLM's split table; the latent from ``fused_qkv``
+    (write-through) or from the cache (in place)."""
+    cache = layer.kv_cache.view(torch.float8_e4m3fn) if config.cache == "fp8" else layer.kv_cache
+    write_through = config.form == "write-through"
+    return OpInputs(
+        q_rope=layer.q[..., NOPE:], input_row_offsets=step.input_row_offsets,
+        freqs_cis=step.cos_sin_cache, gamma=step.gamma, k_cache=cache,
+        lookup_table=step.lookup_table, cache_lengths=step.cache_lengths,
+        q_storage=whole_storage(layer.q), cache_storage=whole_storage(cache),
+        kv_input=layer.fused_qkv[:, Q_A_RANK:] if write_through else None,
+        kv_storage=whole_storage(layer.fused_qkv) if write_through else None,
+        k_scale=step.k_scale, positions=step.positions, slot_mapping=step.slot_mapping,
+        freqs_layout="split")
+
+
+def check(config: Config, step: Step, providers) -> list[dict]:
+    """Run the step once without a prologue, then once with each provider's, untimed, each
+    from the same caches; after each, every layer against the float64 reference of the
+    inputs the step without a prologue left (``check_run``, in place on q). A row per
+    provider: ``ok`` and the layers that failed, with the first failure's report."""
+    initial = [layer.kv_cache.clone() for layer in step.layers]
+
+    def run(provider):
+        for layer, cache in zip(step.layers, initial):
+            layer.kv_cache.copy_(cache)  # no rows left by the provider before
+        prologue(provider, config, step)()
+
+    run(None)  # the GEMMs (and in place, the caller's copy into the cache): the op's inputs
+    before = [layer_inputs(config, step, layer).clone() for layer in step.layers]
+    rows = []
+    for provider in providers:
+        run(provider)
+        reports = [check_run(inputs, layer_inputs(config, step, layer), layer.q[..., NOPE:],
+                             in_place=True, epsilon=EPS)
+                   for inputs, layer in zip(before, step.layers)]
+        failed = [i for i, report in enumerate(reports) if not report.ok]
+        rows.append({**dataclasses.asdict(config), "provider": provider,
+                     "layers": len(reports), "ok": not failed, "failed_layers": failed,
+                     "report": reports[failed[0] if failed else 0].summary()})
+    return rows
+
+
 def measure(config: Config, args) -> list[dict]:
     step = make_step(config, args.layers, args.device, args.seed)
     providers = [p for p in args.providers
                  if not (p == "vllm steps in triton" and config.form == "in-place")]
-    if args.device == "cpu":  # one untimed run of each, for the shapes
-        for provider in (None, *[p for p in providers if "triton" not in p]):
-            prologue(provider, config, step)()
-        return []
+    if args.device == "cpu":  # one untimed, checked run of each (not the Triton ones)
+        return check(config, step, [p for p in providers if "triton" not in p])
     base = time_graph(prologue(None, config, step), reps=args.reps).median_us
     rows = []
     for provider in providers:
@@ -217,6 +264,13 @@ def print_cost(config: Config, row: dict) -> None:
           f"{config.form:13s} | {row['provider']:22s} {row['op_us_per_layer']:7.2f} "
           f"us/layer (step {row['step_us']:8.1f} us, without "
           f"{row['baseline_step_us']:8.1f})", flush=True)
+
+
+def print_check(config: Config, row: dict) -> None:
+    failed = f"FAILED in layers {row['failed_layers']}" if row["failed_layers"] else "ok"
+    print(f"{config.tokens:4d} tok {config.heads:3d} heads {config.cache:4s} "
+          f"{config.form:13s} | {row['provider']:27s} check of {row['layers']} layers "
+          f"{failed}: {row['report']}", flush=True)
 
 
 def print_timeline(config: Config, row: dict) -> None:
@@ -270,14 +324,19 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
               f"{args.layers} layers per graph, cold L2, medians of {args.reps} replays")
+    failed = 0
     for config in configs(args):
         rows = measure_timeline(config, args) if args.timeline else measure(config, args)
         for row in rows:
-            (print_timeline if args.timeline else print_cost)(config, row)
+            if "ok" in row:  # a check (on the CPU)
+                print_check(config, row)
+                failed += not row["ok"]
+            else:
+                (print_timeline if args.timeline else print_cost)(config, row)
             if args.out:
                 with args.out.open("a") as out:
                     out.write(json.dumps(row) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

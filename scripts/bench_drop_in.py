@@ -32,9 +32,10 @@ of shuffled blocks (``serving_indices``).
 Timing: decode sizes (one token per request): GPU time per call of ``--graph-calls`` calls
 captured back to back in ONE CUDA graph, after warm-up, the graph replayed on a cold L2
 (``tvm_fused.timing.time_cuda``, median over ``--reps``); prefill sizes: CUDA events around
-each call on a cold L2 (``time_cuda``), median. Bytes moved are the op's (``timing.op_bytes``'
-count: q's rope part read and written, the latent row read, the cache row written, the table
-row, ``kv_output`` if written; gamma once), the same for every provider of a configuration.
+each call on a cold L2 (``time_cuda``), median. Bytes moved are the op's (``timing.bytes_moved``
+of tvm-fused's form, ``op_form``: q's rope part read and written, the latent row read, the
+cache row written, the table row, ``kv_output`` if written; gamma once), the same for every
+provider of a configuration.
 
 ``--check`` first runs each provider once on fresh copies of the same inputs and reports the
 fraction of identical bytes of the written cache rows, of q's rope part and (tvm-fused at
@@ -62,7 +63,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import engine_steps as es  # noqa: E402
-from tvm_fused.timing import time_cuda, time_graph  # noqa: E402
+from tvm_fused.form import Form  # noqa: E402
+from tvm_fused.timing import bytes_moved, time_cuda, time_graph  # noqa: E402
 
 DECODE_TOKENS = (1, 8, 32, 64, 128, 256)
 PREFILL_TOKENS = (1024, 4096, 8192, 16384, 32768)
@@ -149,13 +151,14 @@ def writes_kv_output(args, config: Config) -> bool:
                                           and config.phase == "prefill")
 
 
-def moved_bytes(config: Config, kv_output: bool) -> int:
-    """The op's bytes (``tvm_fused.timing.op_bytes``' count, bf16 table)."""
-    row = KV_LORA + ROPE
-    cache_item = 2 if config.cache == "auto" else 1
-    per_token = (2 * config.heads * ROPE * 2 + row * 2 + row * cache_item + ROPE * 2
-                 + kv_output * row * 2)
-    return config.tokens * per_token + KV_LORA * 2
+def op_form(config: Config, kv_output: bool) -> Form:
+    """The form of tvm-fused's call in ``config``: write-through from ``kv_lora`` into a
+    cache of bf16 or fp8 e4m3 bytes of block size 64, vLLM's addressing and split bf16
+    table, and ``kv_output`` if written."""
+    return Form(num_q_heads=config.heads, rope_dim=ROPE, kv_norm_dim=KV_LORA,
+                page_size=BLOCK_SIZE, write_through=True, kv_output=kv_output,
+                cache_dtype="float8_e4m3fn" if config.cache == "fp8" else None,
+                addressing="slots", freqs_layout="split", freqs_dtype="bfloat16")
 
 
 @dataclasses.dataclass
@@ -313,7 +316,7 @@ def measure(args, config: Config, base: Inputs, name: str) -> dict:
            "heads": config.heads, "cache_dtype": "bfloat16" if config.cache == "auto"
            else "float8_e4m3fn", "kv_cache_dtype": config.cache, "kv_output": rows is not None,
            "k_scale": None if x.k_scale is None else args.k_scale}
-    row["bytes"] = moved_bytes(config, rows is not None)
+    row["bytes"] = bytes_moved(op_form(config, rows is not None), config.tokens)
     try:
         fn = provider(name, x, rows)
         fn()  # compiles, autotunes

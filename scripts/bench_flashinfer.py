@@ -19,9 +19,9 @@ import torch
 
 from benchmarks.peers.flashinfer_rope import FlashInferMLAppend
 from benchmarks.peers.torch_eager import token_pages
-from tvm_fused import fused_rope_rmsnorm
-from tvm_fused.testing.inputs import make_inputs
-from tvm_fused.timing import op_bytes, time_cuda
+from tvm_fused import Form, fused_rope_rmsnorm
+from tvm_fused.testing.inputs import inputs_for
+from tvm_fused.timing import bytes_moved, time_cuda
 from tvm_fused.tuning.buckets import bucket_case
 
 K_SCALE = 0.5
@@ -29,8 +29,8 @@ K_SCALE = 0.5
 print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}))
 for heads in (128, 16):
     for tokens in (1, 64, 4096, 32768):
-        base = make_inputs(*bucket_case(tokens), num_q_heads=heads, write_through=True,
-                           cache_dtype=torch.float8_e4m3fn, k_scale=K_SCALE, device="cuda")
+        form = Form(num_q_heads=heads, write_through=True, cache_dtype="float8_e4m3fn")
+        base = inputs_for(form, *bucket_case(tokens), k_scale=K_SCALE, device="cuda")
         n = int(base.input_row_offsets[-1])
         ours, theirs = base.clone(), base.clone()
         out = torch.empty_like(ours.q_rope)
@@ -56,7 +56,6 @@ for heads in (128, 16):
                           lambda f=flashinfer: f.append(f.kv_input[:, :f.gamma.shape[0]])),
                          ("flashinfer, real q_nope", real)):
             row[name] = round(time_cuda(fn, reps=200 if tokens <= 4096 else 60).median_us, 2)
-        row["op bytes"] = op_bytes(n, heads, base.q_rope.shape[2], base.gamma.shape[0],
-                                   base.q_rope.dtype, cache_dtype=base.k_cache.dtype)
+        row["op bytes"] = bytes_moved(form, n)
         row["q_nope bytes"] = real.q_nope_bytes
         print(json.dumps(row), flush=True)

@@ -14,12 +14,12 @@ from tvm_fused.form import Form
 TOKENS = (1, 8, 64, 256, 4096, 32768)
 NAMES = ("tvm-fused default", "triton fused")
 
-op = Form()
+form = Form()
 cases = []
 for tokens in TOKENS:
-    inputs = sweep_inputs(op, tokens)
-    call = new_call(inputs, False, engine_addressing(inputs))
-    for name, provider in providers(op, tokens, NAMES).items():
+    inputs = sweep_inputs(form, tokens)
+    call = new_call(inputs, form.kv_output, engine_addressing(inputs))
+    for name, provider in providers(form, tokens, NAMES).items():
         for _ in range(3):
             provider(call)
         cases.append((f"{name} {tokens}", lambda p=provider, c=call: p(c)))

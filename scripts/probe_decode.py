@@ -2,8 +2,9 @@
 
 Prints GPU time of the op at 1 and 64 tokens (128 heads) on a cold and a warm L2, of an
 empty kernel launched the same way (the floor any implementation pays), and the host time of
-one Python call split into its parts, next to the host time of a trivial TVM kernel taking as
-many tensors (the floor of a call through TVM's FFI).
+one Python call split into its parts (the argument checks, the kernel map's entry of the
+call's key and its kernel, the kernel alone), next to the host time of a trivial TVM kernel
+taking as many tensors (the floor of a call through TVM's FFI).
 """
 
 import torch
@@ -13,9 +14,9 @@ from tvm.script import tirx as T
 
 from benchmarks.suite import host_us
 from tvm_fused import dispatch, fused_rope_rmsnorm
-from tvm_fused.arguments import OFFSETS, check_arguments
+from tvm_fused.arguments import check_arguments
 from tvm_fused.compiler.build import cuda_target
-from tvm_fused.form import Form
+from tvm_fused.form import OFFSETS, Form
 from tvm_fused.timing import time_cuda
 from tvm_fused.tuning.workload import bucket_inputs
 
@@ -45,15 +46,12 @@ for label, fn in (("empty kernel", lambda: torch.cuda._sleep(0)),):
 
 
 def probe(tokens):
-    x = bucket_inputs(Form(), tokens, device="cuda")
+    form = Form()
+    x = bucket_inputs(form, tokens, device="cuda")
     out = torch.empty_like(x.q_rope)
     args = x.args()
     q = x.q_rope
     indices = (x.input_row_offsets, x.lookup_table, x.cache_lengths)
-    signature = dispatch.signature(q.device, q, x.freqs_cis, x.gamma, x.k_cache, indices,
-                                   ("offsets", True, "interleaved", "before_gamma", False), False,
-                                   False, 16, None)
-    kernel = dispatch.kernel(signature, tokens)
 
     def call():
         fused_rope_rmsnorm(*args, out=out, validate=False)
@@ -61,19 +59,33 @@ def probe(tokens):
     def checked():
         fused_rope_rmsnorm(*args, out=out)
 
+    call()  # builds the kernel, under the key the entry point built from these tensors
+    key = dispatch.key_of(form, q.device)
+    if key not in dispatch.KERNELS:
+        raise SystemExit(f"the call's key is not {key}: the inputs are not of {form}")
     errors = torch.zeros(1, dtype=torch.int32, device="cuda")
+    given = {"q_rope": q, "q_rope_output": out, "offsets": x.input_row_offsets,
+             "freqs_cis": x.freqs_cis, "gamma": x.gamma, "k_cache": x.k_cache,
+             "lookup_table": x.lookup_table, "cache_lengths": x.cache_lengths,
+             "errors": errors, "epsilon": 1e-6}
+    values = tuple(given.get(name) for name in dispatch.PARAMETERS)  # as the entry points
+    entry = dispatch.lookup(key)
+    kernel, arguments = entry.kernel(tokens), entry.arguments(values)
+
+    def mapped():  # what the entry point does once it has the key
+        found = dispatch.KERNELS[key]
+        found.kernel(tokens)(*found.arguments(values))
 
     def raw():
-        kernel(q, out, *args[1:], errors, 1e-6)
+        kernel(*arguments)
 
-    call()
     print(f"{tokens:3d} tok op              cold {time_cuda(call, reps=200).median_us:6.2f} us"
           f"   warm {time_cuda(call, reps=200, cold=False).median_us:6.2f} us")
     checks = host_us(lambda: check_arguments(q, x.freqs_cis, x.gamma, x.k_cache,
-                                             dict(zip(OFFSETS, indices)), out))
+                                             dict(zip(OFFSETS, indices)), out=out))
     print(f"{tokens:3d} tok host per call: validate=False {host_us(call, calls=300):5.2f} us, "
-          f"default checks {host_us(checked, calls=300):5.2f} us, kernel only "
-          f"{host_us(raw, calls=300):5.2f} us, "
+          f"default checks {host_us(checked, calls=300):5.2f} us, map entry + kernel "
+          f"{host_us(mapped, calls=300):5.2f} us, kernel only {host_us(raw, calls=300):5.2f} us, "
           f"check_arguments {checks:5.2f} us, torch add_ {host_us(lambda: empty.add_(1)):5.2f} us")
 
 

@@ -41,18 +41,20 @@ try:
 except ImportError:  # revisions before tvm_fused.testing
     from tvm_fused.inputs import make_inputs
 
-FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+FLUSH = []  # larger than any GPU's L2, allocated on first use (--help needs no GPU)
 
 
 def cold_us(fn, reps: int) -> float:
     """Median of ``reps`` runs of ``fn`` on a flushed L2, CUDA events, GPU-side spin before
     each so that the host has queued the launch."""
+    if not FLUSH:
+        FLUSH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
     for _ in range(5):
         fn()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
     for start, end in events:
-        FLUSH.zero_()
+        FLUSH[0].zero_()
         torch.cuda._sleep(2_000_000)
         start.record()
         fn()
@@ -157,7 +159,9 @@ for tokens in args.tokens:
     for heads in map(int, args.heads.split(",")):
         for case in args.cases.split(","):
             inputs = case_inputs(tokens, heads, case)
-            form = {} if case == "in-place" else inputs.latent()
+            # this revision's OpInputs.latent(); form() in earlier ones
+            latent = getattr(inputs, "latent", None) or inputs.form
+            form = {} if case == "in-place" else latent()
             entry = tvm_fused.fused_rope_rmsnorm
             if args.split_table:
                 from tvm_fused.testing.inputs import with_options

@@ -1,6 +1,7 @@
 """The benchmark suite: its inputs, providers, checks, bytes and command line (CPU), and one
 small suite run end to end (GPU)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -13,22 +14,25 @@ from benchmarks.suite import (
     DECODE_MAX,
     DECODE_TOKENS,
     FP8_K_SCALE,
+    PEER_OPTIONS,
     PREFILL_TOKENS,
     PROVIDERS,
     SUITE,
     Part,
     check_provider,
     copy_then_in_place,
-    moved_bytes,
+    form_name,
     providers,
     sweep_inputs,
     tvm_provider,
 )
 from tvm_fused.form import Form
+from tvm_fused.timing import bytes_moved
 
 
-def _op(form="in-place", cache_dtype=None, heads=2) -> Form:
-    return Part(heads, True, (), (), form, cache_dtype).op(Form())
+def _form(write_through=False, cache_dtype=None, heads=2, kv_output=False) -> Form:
+    return Part(heads, True, (), (), write_through=write_through, cache_dtype=cache_dtype,
+                kv_output=kv_output).form(Form())
 
 
 @pytest.mark.parametrize("tokens", [1, DECODE_MAX])
@@ -49,7 +53,7 @@ def test_prefill_sizes_are_few_long_requests():
 
 
 def test_write_through_inputs_are_the_latent_columns_of_a_projection_output():
-    inputs = sweep_inputs(_op("write-through", "float8_e4m3fn"), 8, device="cpu")
+    inputs = sweep_inputs(_form(True, "float8_e4m3fn"), 8, device="cpu")
     assert inputs.kv_input.shape == (8, 576)
     assert inputs.kv_input.stride() == (1536 + 576, 1)  # q_a | kv_a
     assert inputs.k_cache.dtype == torch.float8_e4m3fn
@@ -60,29 +64,36 @@ def test_bytes_per_op_follow_the_form():
     """Per token, 128 heads, bf16: q read and written, the row read and written (fp8: one
     byte an element written), kv_output written; freqs row; gamma once."""
     q, row, freqs, gamma = 2 * 128 * 64 * 2, 576 * 2, 64 * 4, 512 * 2
-    in_place = moved_bytes(_op(heads=128), 3, False)
+    in_place = bytes_moved(_form(heads=128), 3)
     assert in_place == 3 * (q + 2 * row + freqs) + gamma
-    assert moved_bytes(_op("write-through", heads=128), 3, False) == in_place
-    assert moved_bytes(_op("write-through", heads=128), 3, True) == in_place + 3 * row
-    assert moved_bytes(_op("write-through", "float8_e4m3fn", heads=128), 3, False) == \
-        in_place - 3 * 576
+    assert bytes_moved(_form(True, heads=128), 3) == in_place
+    assert bytes_moved(_form(True, heads=128, kv_output=True), 3) == in_place + 3 * row
+    assert bytes_moved(_form(True, "float8_e4m3fn", heads=128), 3) == in_place - 3 * 576
 
 
 NAMES = ("tvm-fused default", COPY_THEN_IN_PLACE, "triton fused", "torch.compile",
          "torch eager")
 
 
-@pytest.mark.parametrize("form, cache_dtype, kv_output, copy", [
-    ("in-place", None, False, False),
-    ("write-through", None, False, True),
-    ("write-through", None, True, False),
-    ("write-through", "float8_e4m3fn", False, False),
+@pytest.mark.parametrize("write_through, cache_dtype, kv_output, copy", [
+    (False, None, False, False),
+    (True, None, False, True),
+    (True, None, True, False),
+    (True, "float8_e4m3fn", False, False),
 ], ids=["in-place", "write-through", "kv_output", "fp8"])
-def test_each_form_has_its_providers(form, cache_dtype, kv_output, copy):
+def test_each_form_has_its_providers(write_through, cache_dtype, kv_output, copy):
     """The copy before the in-place op exists only where the in-place op can do the rest:
     a cache of q's dtype, no ``kv_output``."""
-    found = providers(_op(form, cache_dtype), 8, NAMES, kv_output)
+    found = providers(_form(write_through, cache_dtype, kv_output=kv_output), 8, NAMES)
     assert list(found) == [name for name in NAMES if name != COPY_THEN_IN_PLACE or copy]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("addressing", "slots"), ("freqs_layout", "split"), ("norm_rounding", "once")])
+def test_peers_exist_only_in_the_options_they_take(option, value):
+    form = dataclasses.replace(_form(True), **{option: value})
+    assert value != PEER_OPTIONS[option]
+    assert list(providers(form, 8, NAMES)) == ["tvm-fused default", COPY_THEN_IN_PLACE]
 
 
 @pytest.mark.parametrize("cache_dtype, kv_output, tokens", [
@@ -92,21 +103,32 @@ def test_each_form_has_its_providers(form, cache_dtype, kv_output, copy):
 def test_write_through_providers_pass_their_check_on_the_cpu(cache_dtype, kv_output, tokens):
     """The suite's check of the torch compositions (eager, compiled) and of tvm-fused
     (its CPU schedule) in the write-through form, decode and prefill sizes."""
-    op = _op("write-through", cache_dtype, heads=4)
-    base = sweep_inputs(op, tokens, device="cpu")
-    named = providers(op, tokens, ("torch.compile", "torch eager"), kv_output)
-    named["tvm-fused"] = tvm_provider(None, True)
+    form = _form(True, cache_dtype, heads=4, kv_output=kv_output)
+    base = sweep_inputs(form, tokens, device="cpu")
+    named = providers(form, tokens, ("torch.compile", "torch eager"))
+    named["tvm-fused"] = tvm_provider(form)
+    assert len(named) == 3
     for name, provider in named.items():
-        call, report = check_provider(name, provider, base, kv_output, True)
+        call, report = check_provider(name, provider, base, form)
         assert report.ok and (call.kv_output is not None) == kv_output, name
+
+
+def test_tvm_provider_calls_in_the_form_of_its_inputs():
+    """tvm-fused in a form no peer takes (slots, the split table, the norm rounded once,
+    PDL: ignored on the CPU): the inputs and the call both follow the form."""
+    form = dataclasses.replace(_form(True, heads=4), addressing="slots", freqs_layout="split",
+                               norm_rounding="once", pdl=True, pdl_early_indices=True)
+    base = sweep_inputs(form, 5, device="cpu")
+    assert base.engine and base.freqs_layout == "split" and base.norm_rounding == "once"
+    _, report = check_provider("tvm-fused", tvm_provider(form), base, form)
+    assert report.ok
 
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
 def test_copy_then_in_place_is_the_write_through_op(interleaved):
-    op = Part(4, interleaved, (), (), "write-through").op(Form())
-    base = sweep_inputs(op, 5, device="cpu")
-    _, report = check_provider(COPY_THEN_IN_PLACE, copy_then_in_place(None, interleaved), base,
-                               False, interleaved)
+    form = Part(4, interleaved, (), (), write_through=True).form(Form())
+    base = sweep_inputs(form, 5, device="cpu")
+    _, report = check_provider(COPY_THEN_IN_PLACE, copy_then_in_place(form), base, form)
     assert report.ok
 
 
@@ -116,18 +138,27 @@ def test_a_wrong_provider_fails_its_check():
         write_cache_rows(call.inputs.k_cache, call.slots, call.inputs.kv_input[:5])
         call.out.copy_(call.inputs.q_rope)
 
-    base = sweep_inputs(_op("write-through"), 5, device="cpu")
+    form = _form(True)
+    base = sweep_inputs(form, 5, device="cpu")
     with pytest.raises(AssertionError, match="copy only is wrong at 5 tokens"):
-        check_provider("copy only", copy_only, base, False, True)
+        check_provider("copy only", copy_only, base, form)
 
 
 def test_parts_check_their_form():
-    with pytest.raises(ValueError, match="form"):
-        Part(2, True, (1,), (), "sideways")
+    """A part is a form: what no form has is refused when the part is made."""
     with pytest.raises(ValueError, match="write-through"):
-        Part(2, True, (1,), (), "in-place", kv_output=True)
+        Part(2, True, (1,), (), kv_output=True)
     with pytest.raises(ValueError, match="write-through"):
-        Part(2, True, (1,), (), "in-place", "float8_e4m3fn").op(Form())
+        Part(2, True, (1,), (), cache_dtype="float8_e4m3fn")
+    with pytest.raises(ValueError, match="cache_dtype"):
+        Part(2, True, (1,), (), write_through=True, cache_dtype="float16")
+    with pytest.raises(TypeError):
+        Part(2, True, (1,), (), "write-through")  # the form's options are keywords
+    part = Part(2, False, (1,), (), write_through=True, cache_dtype="float8_e5m2",
+                kv_output=True)
+    assert part.form(Form(page_size=16)) == Form(
+        num_q_heads=2, page_size=16, interleaved=False, write_through=True,
+        cache_dtype="float8_e5m2", kv_output=True)
 
 
 def _parts(*argv):
@@ -138,15 +169,18 @@ def test_command_line_parts():
     assert _parts() == SUITE
     parts = _parts("--form", "in-place,write-through", "--cache-dtype",
                    "bfloat16,float8_e4m3fn", "--heads", "128,16", "--kv-output")
-    assert [(p.heads, p.form, p.cache_dtype, p.kv_output) for p in parts] == [
+    assert [(p.heads, form_name(p.form(Form())), p.cache_dtype, p.kv_output)
+            for p in parts] == [
         (heads, form, cache, form == "write-through") for heads in (128, 16)
         for form, cache in (("in-place", None), ("write-through", None),
                             ("write-through", "float8_e4m3fn"))]
-    assert all(p.tokens == DECODE_TOKENS + PREFILL_TOKENS and p.providers == PROVIDERS[p.form]
-               and p.interleaved for p in parts)
+    assert all(p.tokens == DECODE_TOKENS + PREFILL_TOKENS
+               and p.providers == PROVIDERS[form_name(p.form(Form()))] and p.interleaved
+               for p in parts)
     [part] = _parts("--form", "write-through", "--providers", "torch eager,triton fused",
                     "--tokens", "1,64", "--neox")
-    assert part == Part(128, False, (1, 64), ("torch eager", "triton fused"), "write-through")
+    assert part == Part(128, False, (1, 64), ("torch eager", "triton fused"),
+                        write_through=True)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -173,8 +207,9 @@ def test_small_suite_checks_and_times_every_provider(tmp_path):
 
     csv = tmp_path / "bench.csv"
     parts = [Part(4, True, (1, 2048), FORM_PROVIDERS),
-             Part(4, True, (1, 2048), FORM_PROVIDERS, "write-through"),
-             Part(4, False, (2,), FORM_PROVIDERS, "write-through", "float8_e4m3fn", True)]
+             Part(4, True, (1, 2048), FORM_PROVIDERS, write_through=True),
+             Part(4, False, (2,), FORM_PROVIDERS, write_through=True,
+                  cache_dtype="float8_e4m3fn", kv_output=True)]
     rows, failures = run_suite(parts, Form(), csv, reps=5, log=lambda _: None)
     assert not failures
     no_copy = [name for name in FORM_PROVIDERS if name != COPY_THEN_IN_PLACE]
@@ -190,9 +225,9 @@ def test_small_suite_checks_and_times_every_provider(tmp_path):
 
 
 def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
-    """``run_suite`` with the GPU's timers replaced: every provider checked, rows with form,
-    cache dtype and bytes to the CSV, the report's groups read back; a provider that cannot
-    run (tvm-fused's GPU schedule on the CPU) is a failure, not a row."""
+    """``run_suite`` with the GPU's timers replaced: every provider checked and timed, one
+    row per part and provider with the part's form, cache dtype, pairing and regime, and
+    the bytes of its form (``bytes_moved``) to the CSV; the report's groups read back."""
     from benchmarks import suite
     from benchmarks.report import Group, groups, read_rows
     from tvm_fused.timing import Timing
@@ -205,27 +240,58 @@ def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
         return Timing(10.0 * calls, 9.0 * calls, 11.0 * calls, reps)
 
     sweep = suite.sweep_inputs
-    monkeypatch.setattr(suite, "sweep_inputs", lambda op, tokens: sweep(op, tokens, "cpu"))
+    monkeypatch.setattr(suite, "sweep_inputs", lambda form, tokens: sweep(form, tokens, "cpu"))
     monkeypatch.setattr(suite, "copy_us", lambda nbytes, reps: nbytes / 2e6)
     monkeypatch.setattr(suite, "time_cuda", timed)
     monkeypatch.setattr(suite, "time_graph", graph_timed)
     monkeypatch.setattr(suite, "host_us", lambda fn: 5.0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "CPU")
+    # tvm-fused runs as "tvm-fused tuned", the runtime's choice of schedule (on the CPU, its
+    # CPU schedule), which the suite offers where this GPU has decisions: pretend it has.
+    # "tvm-fused default" is left out: it passes the GPU's hand-written block-group config
+    # as ``schedule=``, which a CPU build cannot apply (the CPU has a schedule of its own)
+    monkeypatch.setattr(suite.decisions, "for_gpu", lambda logs, gpu, form: {1: "decided"})
     csv = tmp_path / "bench.csv"
-    names = ("tvm-fused default", "torch eager")
-    parts = [Part(2, True, (2,), names), Part(2, False, (2,), names, "write-through"),
-             Part(2, True, (300,), names, "write-through", "float8_e5m2", True)]
+    names = ("tvm-fused tuned", "torch eager")
+    parts = [Part(2, True, (2,), names),
+             Part(2, False, (2,), names, write_through=True),
+             Part(2, True, (300,), names, write_through=True, cache_dtype="float8_e5m2",
+                  kv_output=True)]
     rows, failures = suite.run_suite(parts, Form(), csv, reps=3, log=lambda _: None)
-    assert len(failures) == 3 and all(f.startswith("tvm-fused default") for f in failures)
-    assert [(r.form, r.cache_dtype, r.kv_output, r.pairing, r.regime) for r in rows] == [
-        ("in-place", "bfloat16", False, "gptj", "decode"),
-        ("write-through", "bfloat16", False, "neox", "decode"),
-        ("write-through", "float8_e5m2", True, "gptj", "prefill")]
-    assert all(r.provider == "torch eager" and r.checked and r.median_us == 10.0 for r in rows)
-    assert [r.steady_us for r in rows[:2]] == [10.0, 10.0] and math.isnan(rows[2].steady_us)
-    bytes_per_op = [moved_bytes(part.op(Form()), part.tokens[0], part.kv_output)
-                    for part in parts]
-    assert [r.same_bytes_copy_us for r in rows] == [b / 2e6 for b in bytes_per_op]
-    assert [r.tb_per_s for r in rows] == [b / 10.0 / 1e6 for b in bytes_per_op]
-    assert groups(read_rows(csv)) == [Group(), Group("write-through"),
-                                      Group("write-through", "float8_e5m2", True)]
+    assert failures == []
+
+    def key(form: Form) -> tuple:
+        return form_name(form), form.cache_element, form.kv_output
+
+    expected = {}  # (form, cache dtype, kv_output) -> what each of its rows says
+    for part in parts:
+        form = part.form(Form())
+        tokens = part.tokens[0]
+        moved = bytes_moved(form, tokens)
+        expected[key(form)] = {
+            "providers": set(names), "heads": 2, "tokens": tokens,
+            "pairing": "gptj" if part.interleaved else "neox",
+            "regime": "decode" if tokens <= DECODE_MAX else "prefill",
+            "same_bytes_copy_us": moved / 2e6, "tb_per_s": moved / 10.0 / 1e6}
+    got = {}
+    for r in rows:
+        assert r.checked and r.median_us == 10.0, r
+        decode_only = (r.graph_us, r.steady_us, r.host_us)  # measured at decode sizes only
+        assert (decode_only == (10.0, 10.0, 5.0) if r.regime == "decode"
+                else all(math.isnan(v) for v in decode_only)), r
+        assert 0 <= r.q_error_of_tolerance <= 1 and 0 <= r.norm_error_of_tolerance <= 1, r
+        seen = got.setdefault((r.form, r.cache_dtype, r.kv_output), {
+            "providers": set(), "heads": r.heads, "tokens": r.tokens, "pairing": r.pairing,
+            "regime": r.regime, "same_bytes_copy_us": r.same_bytes_copy_us,
+            "tb_per_s": r.tb_per_s})
+        seen["providers"].add(r.provider)
+        assert {k: getattr(r, k) for k in seen if k != "providers"} == {
+            k: v for k, v in seen.items() if k != "providers"}, r  # the same in every row
+    assert got == expected
+    assert len(rows) == sum(len(e["providers"]) for e in expected.values())
+    written = read_rows(csv)
+    assert sorted((r["form"], r["cache_dtype"], r["kv_output"], r["provider"])
+                  for r in written) == sorted((r.form, r.cache_dtype, str(r.kv_output),
+                                               r.provider) for r in rows)
+    assert set(groups(written)) == {Group(), Group("write-through"),
+                                    Group("write-through", "float8_e5m2", True)}

@@ -21,7 +21,26 @@ def test_options():
         bench.parse_args(["--providers", "nope"])
 
 
-def test_a_step_runs_on_the_cpu(capsys):
-    assert bench.main(["--device", "cpu", "--layers", "2", "--tokens", "1", "--heads", "16",
-                       "--cache", "auto"]) == 0
-    assert "GPU:" not in capsys.readouterr().out
+CPU_STEP = ["--device", "cpu", "--layers", "2", "--tokens", "3", "--heads", "16"]
+
+
+@pytest.mark.parametrize("cache", ["auto", "fp8"])
+def test_a_step_runs_and_checks_on_the_cpu(cache, capsys):
+    """Each tvm-fused provider's step, every form (fp8: write-through only), checked in
+    every layer against the float64 reference."""
+    assert bench.main([*CPU_STEP, "--cache", cache]) == 0
+    out = capsys.readouterr().out
+    assert "GPU:" not in out and "FAILED" not in out
+    forms = ("write-through",) if cache == "fp8" else bench.FORMS
+    checked = {(line.split("|")[0].split()[-1], line.split("|")[1].split(" check")[0].strip())
+               for line in out.splitlines() if "check of 2 layers ok" in line}
+    assert checked == {(form, provider) for form in forms for provider in bench.PDL}
+
+
+@pytest.mark.parametrize("form", ["in-place", "write-through"])
+def test_a_wrong_provider_fails_the_check(form, monkeypatch, capsys):
+    """A tvm-fused that does nothing: q unroped (and write-through, no cache rows)."""
+    monkeypatch.setattr(bench, "fused_rope_rmsnorm_slots", lambda *args, **kwargs: None)
+    assert bench.main([*CPU_STEP, "--cache", "auto", "--forms", form,
+                       "--providers", "tvm-fused"]) == 1
+    assert "FAILED in layers [0, 1]" in capsys.readouterr().out
