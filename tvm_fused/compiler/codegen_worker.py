@@ -13,6 +13,7 @@ process closes its end of the pipe.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -30,6 +31,16 @@ def _start() -> subprocess.Popen:
            "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
     return subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, text=True)
+
+
+@atexit.register
+def _stop() -> None:
+    """Close the worker's pipe and wait for it to exit (it exits at the end of its input)."""
+    process = _worker.pop("process", None)
+    if process is not None and _worker.pop("pid", None) == os.getpid():
+        process.stdin.close()
+        process.wait(timeout=30)
+        process.stdout.close()
 
 
 def generate(device: tvm.IRModule) -> str:
