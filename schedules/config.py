@@ -87,8 +87,8 @@ class ScheduleConfig:
         """``(vector, elems, lanes)`` of the ``prefix`` ("q" or "k") rope branch: elements per
         vector access, elements per lane (whole pairs), lanes per head (``rope_dim / elems``).
         """
-        # the k rope part starts kv_norm_dim elements into its row: vectors must divide that
-        offset = (op.kv_norm_dim,) if prefix == "k" else ()
+        # the k rope part starts into its row: vectors must divide where
+        offset = (op.rope_offset,) if prefix == "k" else ()
         vector = self.vector_elems(op, op.dtype, op.rope_dim // (1 if op.interleaved else 2),
                                    *offset)
         # a lane's elements hold whole pairs: at least one interleaved pair, whose two

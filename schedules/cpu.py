@@ -17,16 +17,19 @@ from tvm import s_tir
 
 from tvm_fused.form import Form
 
+from .util import merge_scale_store
+
 
 def branch_stages(op: Form) -> dict[str, tuple[str, ...]]:
-    """The stages each branch computes per token before its store, in order."""
+    """The stages each branch of ``op`` computes per token before its store, in order."""
     quant = ("quant",) if op.cache_dtype is not None else ()
-    return {
-        "q": ("locate", "freqs", "load", "rope"),
-        "k": ("locate", "freqs", "load", "rope", *quant),
-        "norm": ("locate", "load", "sumsq", "scale", "apply", *quant),
-    }
-
+    tiles = ("tile_amax", "tile_scale", "quant") if op.ds_mla else ()
+    q_quant = ("quant",) if op.out_dtype is not None else ()
+    rope = {"q": ("locate", "freqs", "load", "rope", *q_quant),
+            "k": ("locate", "freqs", "load", "rope", *quant)} if op.rope_dim else {}
+    nope = {"nope": ("locate",)} if op.q_nope else {}
+    return {**rope, **nope,
+            "norm": ("locate", "load", "sumsq", "scale", "apply", *quant, *tiles)}
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ def apply_cpu_schedule(sch: s_tir.Schedule, op: Form, config: CpuScheduleConfig)
     """Apply ``config`` to a schedule of ``fused_rope_rmsnorm_func(op)`` in place."""
     for prefix, stages in branch_stages(op).items():
         store = sch.get_sblock(f"{prefix}_store")
+        if prefix == "norm" and op.ds_mla:  # the row's scales, in the same token loop
+            merge_scale_store(sch)
         chunk, token = sch.split(sch.get_loops(store)[0], [None, config.tokens_per_task])
         if config.parallel:
             sch.parallel(chunk)

@@ -23,7 +23,7 @@ from tvm import s_tir
 from tvm_fused.form import Form
 
 from .config import ScheduleConfig
-from .util import bind_grid, set_local
+from .util import bind_grid, merge_scale_store, set_local
 
 
 def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) -> None:
@@ -43,6 +43,8 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
         sch.bind(tx, "threadIdx.x")
         return tx, it, vec
 
+    if op.ds_mla:
+        merge_scale_store(sch)
     t, c = sch.get_loops(store)
     rows = config.norm_rows_per_thread
     if rows > 1:
@@ -58,12 +60,16 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
     _, it, vec = split_row(c)
     sch.vectorize(vec)
     computed = [apply]
-    if op.cache_dtype is not None:  # an fp8 cache: quantize in registers before the store
+    if op.cache_dtype is not None or op.ds_mla:  # fp8: quantize in registers before the store
         computed.insert(0, sch.get_sblock("norm_quant"))
+    if op.ds_mla:  # the tiles' amax needs the whole row: the normed row is computed first
+        computed.remove(apply)
     for stage in computed:
         sch.compute_at(stage, it)
         if config.unroll:
             sch.unroll(sch.get_loops(stage)[-1])
+    if op.ds_mla:
+        _schedule_tiles(sch, row, apply, split_row, x)
     # rsqrt of the row's sum of squares, per element: a block of its own at threadIdx.x
     # would store it over the reduction result, which a multi-warp row keeps in shared
     # memory, while other warps still read the sum (a race)
@@ -81,7 +87,7 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
     sch.compute_at(gamma, row, index=1)
     gamma_vector = config.vector_elems(op, op.gamma_dtype, vector)
     sch.vectorize(sch.split(split_row(sch.get_loops(gamma)[-1])[-1], [None, gamma_vector])[-1])
-    set_local(sch, locate, load, sumsq, *computed)
+    set_local(sch, locate, load, sumsq, apply, *computed)
     # the row staged by `load` (and gamma) is read back in another threadIdx.x loop, so
     # buffer compaction would size it for the whole row: index it per thread (vector i, lane
     # v), which is exact in registers, where each thread has its own copy
@@ -89,3 +95,23 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
                          assume_injective_transform=True)
     sch.transform_layout(gamma, ("write", 0), lambda c: (c // span, c % vector),
                          assume_injective_transform=True)
+    if op.ds_mla:  # the normed row too
+        sch.transform_layout(apply, ("write", 0), lambda t, c: (t, c // span, c % vector),
+                             assume_injective_transform=True)
+
+
+def _schedule_tiles(sch: s_tir.Schedule, row, apply, split_row, threads: int) -> None:
+    """fp8_ds_mla: the normed row (``apply``) at the row's loop, in the row's thread layout;
+    each tile's amax reduced across the row's threads like the sum of squares (one reduction
+    per tile), its scale recomputed where used, and the row's scales stored by its first
+    threads."""
+    amax = sch.get_sblock("norm_tile_amax")
+    sch.compute_inline(sch.get_sblock("norm_tile_scale"))
+    sch.compute_at(amax, row)
+    split_row(sch.get_loops(amax)[-1])
+    sch.compute_at(apply, row)
+    sch.vectorize(split_row(sch.get_loops(apply)[-1])[-1])
+    scale_store = sch.get_sblock("norm_scale_store")
+    _, tx = sch.split(sch.get_loops(scale_store)[-1], [None, threads])
+    sch.bind(tx, "threadIdx.x")
+    set_local(sch, amax)

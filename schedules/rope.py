@@ -50,6 +50,8 @@ def schedule_rope_branch(
     computed = [rope]
     if prefix == "k" and op.cache_dtype is not None:
         computed.insert(0, sch.get_sblock("k_quant"))
+    if prefix == "q" and op.out_dtype is not None:  # an fp8 query, quantized the same way
+        computed.insert(0, sch.get_sblock("q_quant"))
     vector, elems, lanes = config.rope_lanes(op, prefix)
     threads = config.block_threads
     heads = op.num_q_heads if prefix == "q" else 1

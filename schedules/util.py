@@ -54,3 +54,11 @@ def set_local(sch: s_tir.Schedule, *blocks: s_tir.SBlockRV) -> None:
         for index in range(len(sch.get(block).writes)):
             sch.set_scope(block, index, "local")
 
+
+
+def merge_scale_store(sch: s_tir.Schedule) -> None:
+    """fp8_ds_mla: put the store of a row's tile scales (``norm_scale_store``) in the token
+    loop of the store of its values (``norm_store``), so that every stage of the norm branch
+    can be computed per token."""
+    sch.merge(sch.get_loops(sch.get_sblock("norm_store"))[0],
+              sch.get_loops(sch.get_sblock("norm_scale_store"))[0])

@@ -23,6 +23,9 @@ CHANGES = {
     "freqs_dtype": ("bfloat16", {}), "gamma_dtype": ("float32", {}),
     "offsets_dtype": ("int32", {}), "positions_dtype": ("int32", {"addressing": "slots"}),
     "slots_dtype": ("int32", {"addressing": "slots"}), "alignment": (4, {}),
+    "cache_format": ("fp8_ds_mla", {"write_through": True}),
+    "tile_scale": ("pow2", {"write_through": True, "cache_format": "fp8_ds_mla"}),
+    "out_dtype": ("float8_e5m2", {}), "q_nope": (True, {}),
 }
 
 
@@ -58,6 +61,9 @@ def test_committed_record_folders_are_named_by_their_forms_key():
     ("dtype", "int8", "dtype must be one of"),
     ("page_size", 24, "page_size must be a power of two"),
     ("kv_output", True, "kv_output needs the write-through form"),
+    ("cache_format", "fp8_ds_mla", "needs the write-through form"),
+    ("tile_scale", "pow2", "tile_scale applies to the fp8_ds_mla cache format only"),
+    ("rope_dim", -2, "rope_dim must be 0 or positive"),
     ("cache_dtype", "float8_e5m2", "an fp8 cache needs the write-through form"),
     ("pdl_early_indices", True, "pdl_early_indices needs pdl"),
 ])

@@ -107,7 +107,7 @@ def test_ops_take_every_option_and_declare_their_mutations(addressing):
         op = getattr(torch.ops.tvm_fused, entry.__name__ + suffix)
         names = _schema_names(op)
         assert sorted(names) == sorted(expected + (["out"] if variant == "out" else []))
-        written = {"k_cache", "kv_output", "errors", *{"out": ["out"], "in_place": [
+        written = {"k_cache", "kv_output", "q_nope_out", "errors", *{"out": ["out"], "in_place": [
             "q_rope"]}.get(variant, [])}
         assert _mutated(op) == written
         defaults = {a.name: a.default_value for a in op.default._schema.arguments

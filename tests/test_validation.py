@@ -116,8 +116,10 @@ def _view_of(storage, like):
 OVERLAPS = {
     "out on the cache": (lambda i: {"out": _view_of(i.k_cache, i.q_rope)},
                          "out overlaps k_cache"),
+    # half a rope part back: out's columns meet q_rope's (a whole part back, they would be
+    # the disjoint columns of the row before, which the op takes)
     "out shifted from q": (lambda i: {"out": i.q_storage.as_strided(
-        i.q_rope.shape, i.q_rope.stride(), i.q_rope.storage_offset() - 64)},
+        i.q_rope.shape, i.q_rope.stride(), i.q_rope.storage_offset() - 32)},
         "out overlaps q_rope"),
     "q on the cache": (lambda i: {"q_rope": _view_of(i.k_cache, i.q_rope)},
                        "k_cache overlaps q_rope"),

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import check_arguments, check_contents, check_slot_contents
+from .arguments import check_arguments, check_contents, check_scales, check_slot_contents
 from .dispatch import KERNELS, lookup
 from .form import ITEMSIZE, OFFSETS, SLOTS
 
@@ -60,7 +60,9 @@ def fused_rope_rmsnorm(
     gamma: torch.Tensor, k_cache: torch.Tensor, lookup_table: torch.Tensor,
     cache_lengths: torch.Tensor, *, kv_input: torch.Tensor | None = None,
     kv_output: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-    epsilon: float = 1e-6, out: torch.Tensor | None = None, errors: torch.Tensor | None = None,
+    epsilon: float = 1e-6, out: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+    q_nope: torch.Tensor | None = None, q_nope_out: torch.Tensor | None = None,
+    errors: torch.Tensor | None = None, cache_format: str = "plain", tile_scale: str = "raw",
     interleaved: bool = True, freqs_layout: str = "interleaved",
     norm_rounding: str = "before_gamma", pdl: bool | str = False, validate: bool | None = None,
     schedule=None,
@@ -124,9 +126,10 @@ def fused_rope_rmsnorm(
     (torch.Size([3, 16, 64]), [True, True, True])
     """
     return _launch("offsets", (q_rope, out, freqs_cis, gamma, k_cache, kv_input, kv_output,
-                               k_scale, errors),
+                               k_scale, errors, q_nope, q_nope_out, q_scale),
                    (input_row_offsets, lookup_table, cache_lengths),
-                   (interleaved, freqs_layout, norm_rounding, pdl), epsilon, validate, schedule)
+                   (interleaved, freqs_layout, norm_rounding, pdl, cache_format, tile_scale),
+                   epsilon, validate, schedule)
 
 
 def fused_rope_rmsnorm_slots(
@@ -134,7 +137,9 @@ def fused_rope_rmsnorm_slots(
     cos_sin_cache: torch.Tensor, gamma: torch.Tensor, k_cache: torch.Tensor, *,
     kv_input: torch.Tensor | None = None, kv_output: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None, epsilon: float = 1e-6,
-    out: torch.Tensor | None = None, errors: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+    q_nope: torch.Tensor | None = None, q_nope_out: torch.Tensor | None = None,
+    errors: torch.Tensor | None = None, cache_format: str = "plain", tile_scale: str = "raw",
     interleaved: bool = True, freqs_layout: str = "split", norm_rounding: str = "before_gamma",
     pdl: bool | str = False, validate: bool | None = None, schedule=None,
 ) -> torch.Tensor:
@@ -185,8 +190,9 @@ def fused_rope_rmsnorm_slots(
     (True, True)
     """
     return _launch("slots", (q_rope, out, cos_sin_cache, gamma, k_cache, kv_input, kv_output,
-                             k_scale, errors),
-                   (positions, slot_mapping), (interleaved, freqs_layout, norm_rounding, pdl),
+                             k_scale, errors, q_nope, q_nope_out, q_scale),
+                   (positions, slot_mapping),
+                   (interleaved, freqs_layout, norm_rounding, pdl, cache_format, tile_scale),
                    epsilon, validate, schedule)
 
 
@@ -199,35 +205,39 @@ def _default_proves_contents(q_rope) -> bool:
 # A call's tensors travel as one tuple, in this order (the index tensors, in the order of
 # the addressing's entry point, and the options travel apart):
 TENSORS = ("q_rope", "out", "freqs", "gamma", "k_cache", "kv_input", "kv_output", "k_scale",
-           "errors")
+           "errors", "q_nope", "q_nope_out", "q_scale")
 
 
 def _launch(addressing, tensors, indices, options, epsilon, validate, schedule):
     """Check the arguments as ``validate`` asks, find the kernel and launch it; returns out.
     When the kernel's entry refuses the tensors, ``check_arguments`` names the problem.
     ``tensors``: in ``TENSORS`` order; ``options``: interleaved, freqs_layout, norm_rounding,
-    pdl."""
+    pdl, cache_format, tile_scale."""
     if validate is None:
         validate = _default_proves_contents(tensors[0])
     if validate:
-        _check(addressing, tensors, indices, epsilon, contents=True)
+        _check(addressing, tensors, indices, options, epsilon, contents=True)
     try:
         return _run(addressing, tensors, indices, options, epsilon, schedule)
     except Exception as error:  # the entry (or the form) refused the call: name the problem
         failure = error
-    _check(addressing, tensors, indices, epsilon, contents=False)
+    _check(addressing, tensors, indices, options, epsilon, contents=False)
     raise failure
 
 
-def _check(addressing, tensors, indices, epsilon, *, contents: bool) -> None:
-    """``check_arguments`` of a call, then if ``contents`` the proof of its index contents (a
-    device sync)."""
-    q_rope, out, freqs, gamma, k_cache, kv_input, kv_output, k_scale, errors = tensors
+def _check(addressing, tensors, indices, options, epsilon, *, contents: bool) -> None:
+    """``check_arguments`` of a call, then if ``contents`` the proof of its index contents and
+    its scales (a device sync)."""
+    q_rope, out, freqs, gamma, k_cache, kv_input, kv_output, k_scale, errors, q_nope, \
+        q_nope_out, q_scale = tensors
     names, freqs_name = (SLOTS, "cos_sin_cache") if addressing == "slots" else (
         OFFSETS, "freqs_cis")
     check_arguments(q_rope, freqs, gamma, k_cache, dict(zip(names, indices)), out=out,
                     kv_input=kv_input, kv_output=kv_output, k_scale=k_scale, errors=errors,
-                    epsilon=epsilon, freqs_name=freqs_name)
+                    q_nope=q_nope, q_nope_out=q_nope_out, q_scale=q_scale,
+                    cache_format=options[4], epsilon=epsilon, freqs_name=freqs_name)
+    if contents:
+        check_scales(k_scale=k_scale, q_scale=q_scale)
     if contents and addressing == "slots":
         check_slot_contents(*indices, freqs, k_cache)
     elif contents:
@@ -237,38 +247,40 @@ def _check(addressing, tensors, indices, epsilon, *, contents: bool) -> None:
 def _run(addressing, tensors, indices, options, epsilon, schedule):
     """Launch the kernel of the call's key (``dispatch.CallKey``'s fields, in order) on these
     tensors. Its alignment is the largest power of two up to 16 dividing every data pointer
-    and row stride, in bytes (``freqs`` and ``gamma`` are compact, and ``out``, ``kv_input``
-    and ``kv_output`` share q's element size, or the kernel's entry refuses them)."""
-    q_rope, out, freqs, gamma, k_cache, kv_input, kv_output, k_scale, errors = tensors
-    shape, dtype, cache_shape, cache_dtype = q_rope.shape, q_rope.dtype, k_cache.shape, \
-        k_cache.dtype
+    and row stride, in bytes (``freqs`` and ``gamma`` are compact, and ``kv_input``,
+    ``kv_output`` and ``q_nope`` share q's element size, ``q_nope_out`` out's, or the
+    kernel's entry refuses them)."""
+    q_rope, out, freqs, gamma, k_cache, kv_input, kv_output, k_scale, errors, q_nope, \
+        q_nope_out, q_scale = tensors
+    shape, dtype, cache_dtype = q_rope.shape, q_rope.dtype, k_cache.dtype
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=q_rope.device)
     if shape[0] == 0:
         return out
-    freqs_dtype, size = freqs.dtype, _ITEMSIZE[dtype]
+    freqs_dtype, size, out_size = freqs.dtype, _ITEMSIZE[dtype], _ITEMSIZE[out.dtype]
     q0, q1, _ = q_rope.stride()
     o0, o1, _ = out.stride()
     k0, k1, _ = k_cache.stride()
-    bits = ((q0 | q1 | o0 | o1) * size | (k0 | k1) * _ITEMSIZE[cache_dtype]
+    bits = ((q0 | q1) * size | (o0 | o1) * out_size | (k0 | k1) * _ITEMSIZE[cache_dtype]
             | shape[2] * _ITEMSIZE[freqs_dtype] | q_rope.data_ptr() | out.data_ptr()
             | k_cache.data_ptr() | freqs.data_ptr() | gamma.data_ptr() | _VECTOR_BYTES)
     if kv_input is not None:
         bits |= kv_input.stride()[0] * size | kv_input.data_ptr()
     if kv_output is not None:
         bits |= kv_output.stride()[0] * size | kv_output.data_ptr()
-    # gamma's length is D where it is right, and the entry refuses it where it is not
-    key = (q_rope.get_device(), dtype, shape[1], shape[2], cache_shape[2] - shape[2],
-           cache_shape[1], cache_dtype, freqs_dtype, gamma.dtype,
+    if q_nope is not None:
+        n0, n1, _ = q_nope.stride()
+        bits |= (n0 | n1) * size | q_nope.data_ptr()
+    if q_nope_out is not None:
+        n0, n1, _ = q_nope_out.stride()
+        bits |= (n0 | n1) * out_size | q_nope_out.data_ptr()
+    key = (q_rope.get_device(), dtype, shape[1], shape[2], gamma.shape[0], k_cache.shape[1],
+           cache_dtype, out.dtype, freqs_dtype, gamma.dtype,
            (indices[0].dtype, indices[1].dtype), addressing, *options, kv_input is not None,
-           kv_output is not None, bits & -bits, schedule)
+           kv_output is not None, q_nope is not None, bits & -bits, schedule)
     entry = KERNELS.get(key) or lookup(key)
-    if k_scale is None:
-        k_scale = entry.unit_scale
-    elif entry.unit_scale is None:
-        raise ValueError("k_scale applies to an fp8 k_cache only")
-    elif k_scale.dim() != 1:
-        k_scale = k_scale.reshape(1)
+    k_scale = entry.scale("k_scale", k_scale)
+    q_scale = entry.scale("q_scale", q_scale)
     if errors is None:
         errors = entry.errors
     elif errors.dim() != 1:
@@ -276,6 +288,6 @@ def _run(addressing, tensors, indices, options, epsilon, schedule):
     offsets, table, lengths = indices if addressing == "offsets" else (None, None, None)
     positions, slots = indices if addressing == "slots" else (None, None)
     entry.kernel(shape[0])(*entry.arguments((
-        q_rope, out, kv_input, kv_output, offsets, freqs, gamma, k_cache, k_scale, table,
-        lengths, positions, slots, errors, float(epsilon))))
+        q_rope, out, q_nope, q_nope_out, kv_input, kv_output, offsets, freqs, gamma, k_cache,
+        k_scale, q_scale, table, lengths, positions, slots, errors, float(epsilon))))
     return out

@@ -54,6 +54,20 @@ def _contiguous(shape, strides) -> bool:
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+def _interleaved(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold disjoint columns of the same rows (the rule of the
+    kernel's entry, ``compiler/overlap_check.py``)."""
+    if a.dim() < 2 or a.dim() != b.dim():
+        return False
+    outer = [s * a.itemsize for s in a.stride()[:-1]]
+    row = outer[-1]
+    if row <= 0 or outer != [s * b.itemsize for s in b.stride()[:-1]] or any(
+            s % row for s in outer):
+        return False
+    d = (b.data_ptr() - a.data_ptr()) % row
+    return a.shape[-1] * a.itemsize <= d and d + b.shape[-1] * b.itemsize <= row
+
+
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     """``[first, last + 1)`` byte addresses of a tensor's elements (empty: ``(0, 0)``)."""
     start, last = tensor.data_ptr(), 1
@@ -64,30 +78,31 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + last * tensor.itemsize
 
 
-WRITTEN = ("out", "k_cache", "kv_output", "errors")  # the tensors the op writes
+WRITTEN = ("out", "q_nope_out", "k_cache", "kv_output", "errors")  # what the op writes
 
 
 def _check_no_overlap(spans: list) -> None:
     """No tensor named in ``WRITTEN`` may share memory with another of ``spans`` (``(name,
-    start, end)``, q_rope first), but ``out`` may be ``q_rope`` itself."""
-    q_start = spans[0][1]
+    tensor, start, end)``, q_rope first), but ``out`` may be ``q_rope`` itself, and column
+    slices of one buffer may interleave (``_interleaved``)."""
+    q_start = spans[0][2]
     written = [span for name in WRITTEN for span in spans if span[0] == name]
-    for name, start, end in written:
+    for name, tensor, start, end in written:
         if start == end:
             continue
-        for other, other_start, other_end in spans:
+        for other, other_tensor, other_start, other_end in spans:
             if (start < other_end and other_start < end and other != name
-                    and not (name == "out" and other == "q_rope" and start == q_start)):
+                    and not (name == "out" and other == "q_rope" and start == q_start)
+                    and not _interleaved(tensor, other_tensor)):
                 raise ValueError(f"{name} overlaps {other} in memory: the op writes {name} "
                                  f"while it reads {other}; give {name} memory of its own")
 
 
-def _named(q_rope, freqs_cis, gamma, k_cache, index_items, *, out, kv_input, kv_output,
-           k_scale, errors, freqs_name: str) -> tuple:
-    """``(name, tensor)`` of every tensor argument (None if not given), q_rope first."""
-    return (("q_rope", q_rope), (freqs_name, freqs_cis), ("gamma", gamma), ("k_cache", k_cache),
-            *index_items, ("out", out), ("kv_input", kv_input), ("kv_output", kv_output),
-            ("k_scale", k_scale), ("errors", errors))
+def _named(q_rope, freqs_cis, gamma, k_cache, index_items, **tensors) -> tuple:
+    """``(name, tensor)`` of every tensor argument (None if not given), q_rope first
+    (``tensors``: the keyword tensors, by name)."""
+    return (("q_rope", q_rope), (tensors.pop("freqs_name"), freqs_cis), ("gamma", gamma),
+            ("k_cache", k_cache), *index_items, *tensors.items())
 
 
 def _check_one_element(name: str, value, dtype: torch.dtype) -> None:
@@ -101,9 +116,21 @@ def _check_one_element(name: str, value, dtype: torch.dtype) -> None:
                          f"{tuple(value.shape)}")
 
 
-def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale) -> None:
+def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale,
+                cache_format: str) -> None:
     """The write-through tensors (``kv_input``, ``kv_output``, ``k_scale``) and the cache
-    dtype each form allows (q's; fp8 too, write-through)."""
+    dtype each form allows (q's; fp8 too, write-through; uint8 for fp8_ds_mla)."""
+    if cache_format not in form.CACHE_FORMATS:
+        raise ValueError(f"cache_format must be one of {form.CACHE_FORMATS}, got "
+                         f"{cache_format!r}")
+    ds_mla = cache_format == "fp8_ds_mla"
+    if ds_mla != (cache_dtype == torch.uint8):
+        raise TypeError("k_cache must be uint8 exactly for cache_format='fp8_ds_mla', got "
+                        f"{dtype_name(cache_dtype)} with cache_format={cache_format!r}")
+    if ds_mla and (kv_input is None or k_scale is not None or q_dtype == torch.float32):
+        raise ValueError("the fp8_ds_mla cache needs the write-through form (kv_input), a "
+                         "bfloat16 or float16 q (its rope part is stored in q's dtype) and "
+                         "no k_scale (its tiles carry their own scales)")
     if kv_input is None:
         for name, value in (("kv_output", kv_output), ("k_scale", k_scale)):
             if value is not None:
@@ -126,27 +153,72 @@ def _check_form(q_shape, q_dtype, cache_dtype, kv_input, kv_output, k_scale) -> 
                              f"{tuple(shape)}")
 
 
+def _check_out(q_rope, q_shape, q_strides, out, q_scale):
+    """``out`` (q's dtype, or fp8 with an optional ``q_scale``); returns its dtype."""
+    if out is None:
+        if q_scale is not None:
+            raise ValueError("q_scale applies to an fp8 out only")
+        return q_rope.dtype
+    out_shape, out_strides = _checked_layout("out", out, 3, (q_rope.dtype, *FP8_DTYPES),
+                                             "of q_rope or fp8:")
+    if out_shape != q_shape:
+        raise ValueError(f"out must have the shape of q_rope {tuple(q_shape)}, got "
+                         f"{tuple(out_shape)}")
+    if out.data_ptr() == q_rope.data_ptr() and q_rope.numel() and (
+            out_strides != q_strides or out.dtype != q_rope.dtype):
+        raise ValueError("out starts where q_rope does but has other strides or another "
+                         "dtype: pass q_rope itself for an in-place update")
+    if q_scale is not None:
+        if out.dtype not in FP8_DTYPES:
+            raise ValueError("q_scale applies to an fp8 out only")
+        _check_one_element("q_scale", q_scale, torch.float32)
+    return out.dtype
+
+
+def _check_q_nope(q_shape, q_dtype, out_dtype, kv_norm_dim: int, q_nope, q_nope_out) -> None:
+    """``q_nope [n, H, D]`` in q's dtype and ``q_nope_out`` of its shape in out's dtype, both
+    or neither."""
+    if (q_nope is None) != (q_nope_out is None):
+        raise ValueError("q_nope and q_nope_out go together: pass both or neither")
+    if q_nope is None:
+        return
+    expected = (q_shape[0], q_shape[1], kv_norm_dim)
+    for name, tensor, dtype, rule in (("q_nope", q_nope, q_dtype, "of q_rope"),
+                                      ("q_nope_out", q_nope_out, out_dtype, "of out")):
+        shape, _ = _checked_layout(name, tensor, 3, (dtype,), rule)
+        if tuple(shape) != expected:
+            raise ValueError(f"{name} must have shape [tokens, heads, kv_norm_dim] = "
+                             f"{list(expected)} (q_rope's and gamma's sizes), got "
+                             f"{list(shape)}")
+
+
+def check_scales(**scales) -> None:
+    """Raise ValueError unless each given scale (a one-element tensor) is finite and
+    positive (reads it: a device sync)."""
+    for name, scale in scales.items():
+        if scale is not None:
+            value = float(scale.reshape(()).item())
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be finite and positive, got {value}")
+
+
 def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, *, out=None,
-                    kv_input=None, kv_output=None, k_scale=None, errors=None, epsilon=1e-6,
-                    freqs_name: str = "freqs_cis") -> None:
+                    kv_input=None, kv_output=None, k_scale=None, errors=None, q_nope=None,
+                    q_nope_out=None, q_scale=None, cache_format: str = "plain",
+                    epsilon=1e-6, freqs_name: str = "freqs_cis") -> None:
     """Raise TypeError/ValueError naming the argument for any malformed input. ``index``
     maps the names of ``form.OFFSETS`` or of ``form.SLOTS`` to their tensors;
     ``freqs_name`` is what the caller calls the cos/sin table."""
     q_shape, q_strides = _checked_layout("q_rope", q_rope, 3, DATA_DTYPES)
     freqs_shape, freqs_strides = _checked_layout(freqs_name, freqs_cis, 2, FREQS_DTYPES)
     gamma_shape, gamma_strides = _checked_layout("gamma", gamma, 1, DATA_DTYPES)
-    cache_shape, _ = _checked_layout("k_cache", k_cache, 3, (q_rope.dtype, *FP8_DTYPES),
-                                     "of q_rope or fp8:")
-    _check_form(q_shape, q_rope.dtype, k_cache.dtype, kv_input, kv_output, k_scale)
-    if out is not None:
-        out_shape, out_strides = _checked_layout("out", out, 3, (q_rope.dtype,), "of q_rope")
-        if out_shape != q_shape:
-            raise ValueError(f"out must have the shape of q_rope {tuple(q_shape)}, got "
-                             f"{tuple(out_shape)}")
-        if (out_strides != q_strides and out.data_ptr() == q_rope.data_ptr()
-                and q_rope.numel()):
-            raise ValueError("out starts where q_rope does but has other strides: pass q_rope "
-                             "itself for an in-place update")
+    cache_shape, _ = _checked_layout("k_cache", k_cache, 3,
+                                     (q_rope.dtype, *FP8_DTYPES, torch.uint8),
+                                     "of q_rope, fp8 or uint8 (fp8_ds_mla):")
+    _check_form(q_shape, q_rope.dtype, k_cache.dtype, kv_input, kv_output, k_scale,
+                cache_format)
+    out_dtype = _check_out(q_rope, q_shape, q_strides, out, q_scale)
+    _check_q_nope(q_shape, q_rope.dtype, out_dtype, gamma_shape[0], q_nope, q_nope_out)
 
     if errors is not None:
         _check_one_element("errors", errors, torch.int32)
@@ -164,8 +236,10 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, *, out=None,
     kv_norm_dim = gamma_shape[0]
     if kv_norm_dim <= 0:
         raise ValueError("gamma must not be empty")
-    for name, rows in (("k_cache", k_cache), ("kv_input", kv_input),
-                       ("kv_output", kv_output)):
+    if cache_format == "fp8_ds_mla":
+        _check_ds_mla_row(cache_shape[2], kv_norm_dim, rope_dim)
+    for name, rows in (("k_cache", k_cache if cache_format == "plain" else None),
+                       ("kv_input", kv_input), ("kv_output", kv_output)):
         if rows is not None and rows.shape[-1] != kv_norm_dim + rope_dim:
             raise ValueError(f"{name} rows must hold kv_norm_dim + rope_dim = {kv_norm_dim} "
                              f"+ {rope_dim} elements (gamma and q_rope's sizes), got shape "
@@ -186,6 +260,7 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, *, out=None,
     device = q_rope.get_device()  # an int: cheaper than comparing torch.device objects
     named = _named(q_rope, freqs_cis, gamma, k_cache, index.items(), out=out,
                    kv_input=kv_input, kv_output=kv_output, k_scale=k_scale, errors=errors,
+                   q_nope=q_nope, q_nope_out=q_nope_out, q_scale=q_scale,
                    freqs_name=freqs_name)
     for name, tensor in named[1:]:
         if tensor is not None:
@@ -194,7 +269,20 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, *, out=None,
             if not same:
                 raise ValueError(f"{name} is on {tensor.device} but q_rope is on "
                                  f"{q_rope.device}: all tensors must be on one device")
-    _check_no_overlap([(name, *_span(tensor)) for name, tensor in named if tensor is not None])
+    _check_no_overlap([(name, tensor, *_span(tensor)) for name, tensor in named
+                       if tensor is not None])
+
+
+def _check_ds_mla_row(row_bytes: int, kv_norm_dim: int, rope_dim: int) -> None:
+    """An fp8_ds_mla row: ``D`` e4m3 bytes, a float32 scale per 128, ``R`` 16-bit values."""
+    if kv_norm_dim % form.DS_MLA_TILE:
+        raise ValueError(f"the fp8_ds_mla cache quantizes tiles of {form.DS_MLA_TILE}: "
+                         f"gamma's length (kv_norm_dim) must be a multiple, got {kv_norm_dim}")
+    expected = kv_norm_dim + 4 * kv_norm_dim // form.DS_MLA_TILE + 2 * rope_dim
+    if row_bytes != expected:
+        raise ValueError(f"k_cache rows must hold the fp8_ds_mla row of D + 4 D/128 + 2 R = "
+                         f"{expected} bytes (D = {kv_norm_dim}, R = {rope_dim}), got "
+                         f"{row_bytes}")
 
 
 def _check_offsets(input_row_offsets, lookup_table, cache_lengths) -> None:

@@ -41,6 +41,7 @@ class CallKey(NamedTuple):
     kv_norm_dim: int
     page_size: int
     cache_dtype: torch.dtype
+    out_dtype: torch.dtype
     freqs_dtype: torch.dtype
     gamma_dtype: torch.dtype
     index_dtypes: tuple  # of the first two index tensors (offsets and table, or positions
@@ -50,8 +51,11 @@ class CallKey(NamedTuple):
     freqs_layout: str
     norm_rounding: str
     pdl: bool | str
+    cache_format: str
+    tile_scale: str
     write_through: bool
     kv_output: bool
+    q_nope: bool
     alignment: int
     schedule: object  # a schedule config to use instead of the decided one, or None
 
@@ -62,6 +66,10 @@ def form_of(key: CallKey) -> Form:
         raise ValueError(f"pdl must be False, True or {EARLY_INDICES!r}, got {key.pdl!r}")
     if not isinstance(key.interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {key.interleaved!r}")
+    if (key.cache_dtype == torch.uint8) != (key.cache_format == "fp8_ds_mla"):
+        raise TypeError("k_cache must be uint8 exactly for cache_format='fp8_ds_mla' (its "
+                        f"656-byte rows), got {dtype_name(key.cache_dtype)} with "
+                        f"cache_format={key.cache_format!r}")
     first, second = (dtype_name(d) for d in key.index_dtypes)
     index = ({"positions_dtype": first, "slots_dtype": second} if key.addressing == "slots"
              else {"offsets_dtype": first})
@@ -70,7 +78,11 @@ def form_of(key: CallKey) -> Form:
         dtype=dtype_name(key.dtype), num_q_heads=key.num_q_heads, rope_dim=key.rope_dim,
         kv_norm_dim=key.kv_norm_dim, page_size=key.page_size, interleaved=key.interleaved,
         write_through=key.write_through, kv_output=key.kv_output,
-        cache_dtype=None if key.cache_dtype == key.dtype else dtype_name(key.cache_dtype),
+        cache_dtype=None if key.cache_dtype in (key.dtype, torch.uint8) else dtype_name(
+            key.cache_dtype),
+        cache_format=key.cache_format, tile_scale=key.tile_scale,
+        out_dtype=None if key.out_dtype == key.dtype else dtype_name(key.out_dtype),
+        q_nope=key.q_nope,
         pdl=bool(key.pdl) and gpu, pdl_early_indices=key.pdl == EARLY_INDICES and gpu,
         addressing=key.addressing, freqs_layout=key.freqs_layout,
         norm_rounding=key.norm_rounding, freqs_dtype=dtype_name(key.freqs_dtype),
@@ -84,10 +96,12 @@ def key_of(form: Form, device: torch.device, schedule=None) -> CallKey:
     return CallKey(
         -1 if device.type == "cpu" else device.index, getattr(torch, form.dtype),
         form.num_q_heads, form.rope_dim, form.kv_norm_dim, form.page_size,
-        getattr(torch, form.cache_element), getattr(torch, form.freqs_dtype),
-        getattr(torch, form.gamma_dtype), tuple(getattr(torch, d) for d in index),
-        form.addressing, form.interleaved, form.freqs_layout, form.norm_rounding,
-        form.pdl_mode, form.write_through, form.kv_output, form.alignment, schedule)
+        getattr(torch, form.cache_element), getattr(torch, form.out_element),
+        getattr(torch, form.freqs_dtype), getattr(torch, form.gamma_dtype),
+        tuple(getattr(torch, d) for d in index), form.addressing, form.interleaved,
+        form.freqs_layout, form.norm_rounding, form.pdl_mode, form.cache_format,
+        form.tile_scale, form.write_through, form.kv_output, form.q_nope, form.alignment,
+        schedule)
 
 
 @dataclasses.dataclass
@@ -97,12 +111,23 @@ class Prepared:
     form: Form
     target: object  # tvm.target.Target
     errors: torch.Tensor  # the error counter of calls that pass none (its count is not read)
-    unit_scale: torch.Tensor | None  # ``k_scale`` of fp8 calls that pass none: 1
+    unit_scales: dict  # the scales the form takes (``k_scale``, ``q_scale``) -> 1, for calls
+    # that pass none
     arguments: Callable  # PARAMETERS-ordered values -> the kernel's arguments
     thresholds: tuple[int, ...]  # token counts from which the next bucket serves
     configs: tuple  # the schedule config of each bucket
     kernels: list  # the kernel of each bucket, None until built
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def scale(self, name: str, given: torch.Tensor | None) -> torch.Tensor | None:
+        """The scale tensor ``name`` a call passes as the kernel takes it (1 if not given);
+        ValueError if the form takes none."""
+        unit = self.unit_scales.get(name)
+        if given is None:
+            return unit
+        if unit is None:
+            raise ValueError(f"{name} applies to an fp8 {SCALED[name]} only")
+        return given if given.dim() == 1 else given.reshape(1)
 
     def kernel(self, tokens: int) -> Callable:
         """The kernel of the bucket of ``tokens`` tokens (built on first use)."""
@@ -121,6 +146,7 @@ class Prepared:
 
 
 KERNELS: dict[tuple, Prepared] = {}  # the kernel map
+SCALED = {"k_scale": "k_cache", "q_scale": "out"}  # what each scale divides
 _preparing = threading.Lock()
 
 
@@ -154,9 +180,10 @@ def _prepared(key: CallKey) -> Prepared:
     configs = _bucket_configs(form, device, target, key.schedule)
     buckets = sorted(configs)
     picked = [PARAMETERS.index(name) for name in parameters(form)]
+    scales = {name: torch.ones(1, dtype=torch.float32, device=device)
+              for name in SCALED if name in parameters(form)}
     return Prepared(
-        form, target, torch.zeros(1, dtype=torch.int32, device=device),
-        torch.ones(1, dtype=torch.float32, device=device) if form.cache_dtype else None,
+        form, target, torch.zeros(1, dtype=torch.int32, device=device), scales,
         operator.itemgetter(*picked), thresholds(buckets),
         tuple(configs[b] for b in buckets), [None] * len(buckets))
 

@@ -32,7 +32,9 @@ OFFSETS_DTYPES = ("uint32", "int32")
 INDEX_DTYPES = ("int64", "int32")  # positions and slot_mapping
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1,
-            "int64": 8, "int32": 4, "uint32": 4}
+            "uint8": 1, "int64": 8, "int32": 4, "uint32": 4}
+CACHE_FORMATS = ("plain", "fp8_ds_mla")
+DS_MLA_TILE = 128  # fp8_ds_mla: latent values per float32 scale
 ALIGNMENTS = (16, 8, 4, 2, 1)
 
 
@@ -82,6 +84,15 @@ class Form:
     kv_output : the write-through form also writes each new row to ``kv_output``.
     cache_dtype : ``k_cache``'s dtype where it is not ``dtype``: fp8 (write-through only),
         each value computed in ``dtype`` and stored as ``fp8(saturate(value / k_scale))``.
+    cache_format : ``"plain"`` (a row of ``D + R`` values) or ``"fp8_ds_mla"`` (DeepSeek-V3.2's
+        row of ``D + 4 D/128 + 2 R`` bytes in a uint8 cache: the latent in e4m3 per tile of
+        128 values, the tiles' float32 scales, the rope part in ``dtype``; write-through).
+    tile_scale : fp8_ds_mla's tile scales: ``"raw"`` (``amax / 448``, vLLM's) or ``"pow2"``
+        (rounded up to a power of two, FlashMLA's reference).
+    out_dtype : the roped q's output dtype where it is not ``dtype``: fp8, each value stored as
+        ``fp8(saturate(value / q_scale))`` (the fp8 attention query).
+    q_nope : the op also copies ``q_nope [n, H, D]`` to ``q_nope_out`` (in ``out_dtype``), the
+        attention query's other columns.
     pdl : programmatic dependent launch (sm_90+, ``compiler/grid_dependency.py``): the kernel
         may start while the one before still runs, and waits for it before any memory
         access.
@@ -118,6 +129,16 @@ class Form:
         "--kv-output", "kv-output", "with --write-through: the new rows go to kv_output too"))
     cache_dtype: str | None = field(default=None, metadata=_choice(
         (None, *FP8_DTYPES), ("--cache-dtype",), "an fp8 cache (with --write-through)"))
+    cache_format: str = field(default="plain", metadata=_choice(
+        CACHE_FORMATS, ("--cache-format",), "the cache row's format (with --write-through)",
+        key=lambda form, value: "" if value == "plain" else "ds-mla"))
+    tile_scale: str = field(default="raw", metadata=_choice(
+        ("raw", "pow2"), ("--tile-scale",), "fp8_ds_mla's tile scales"))
+    out_dtype: str | None = field(default=None, metadata=_choice(
+        (None, *FP8_DTYPES), ("--out-dtype",), "an fp8 roped q (the fp8 attention query)",
+        key=lambda form, value: "" if value is None else f"q-{value}"))
+    q_nope: bool = field(default=False, metadata=_switch(
+        "--q-nope", "q-nope", "also write q_nope to q_nope_out (the whole attention query)"))
     pdl: bool = field(default=False, metadata=_switch(
         "--pdl", "pdl", "programmatic dependent launch (sm_90+)"))
     pdl_early_indices: bool = field(default=False, metadata=_switch(
@@ -163,9 +184,11 @@ class Form:
             if "choices" in entry.metadata and value not in entry.metadata["choices"]:
                 raise ValueError(f"{entry.name} must be one of {entry.metadata['choices']}, "
                                  f"got {value!r}")
-        for name in ("num_q_heads", "rope_dim", "kv_norm_dim", "page_size"):
+        for name in ("num_q_heads", "kv_norm_dim", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rope_dim < 0:
+            raise ValueError(f"rope_dim must be 0 or positive, got {self.rope_dim}")
         if self.rope_dim % 2:
             raise ValueError(f"rope_dim must be even, got {self.rope_dim}")
         if self.page_size & (self.page_size - 1):
@@ -175,8 +198,29 @@ class Form:
         if self.cache_dtype is not None and not self.write_through:
             raise ValueError("an fp8 cache needs the write-through form (normalizing a "
                              "latent already quantized in the cache would be lossy)")
+        if self.ds_mla:
+            self._check_ds_mla()
+        elif self.tile_scale != "raw":
+            raise ValueError("tile_scale applies to the fp8_ds_mla cache format only")
         if self.pdl_early_indices and not self.pdl:
             raise ValueError("pdl_early_indices needs pdl")
+
+    def _check_ds_mla(self) -> None:
+        if not self.write_through:
+            raise ValueError("the fp8_ds_mla cache format needs the write-through form "
+                             "(kv_input)")
+        if self.cache_dtype is not None:
+            raise ValueError("the fp8_ds_mla cache format takes a uint8 k_cache (its own fp8 "
+                             "values and scales), not an fp8 cache_dtype")
+        if self.dtype == "float32":
+            raise ValueError("the fp8_ds_mla row keeps the rope part in 16 bits: q must be "
+                             "bfloat16 or float16, got float32")
+        if self.kv_norm_dim % DS_MLA_TILE:
+            raise ValueError(f"the fp8_ds_mla row quantizes tiles of {DS_MLA_TILE}: "
+                             f"kv_norm_dim must be a multiple, got {self.kv_norm_dim}")
+        if self.alignment < 4:
+            raise ValueError("the fp8_ds_mla row holds float32 scales: every pointer and row "
+                             "stride must be a multiple of 4 bytes")
 
     def key(self) -> str:
         """The form's name in tuning records: each field's token, in field order
@@ -190,9 +234,39 @@ class Form:
         return max(self.alignment // ITEMSIZE[dtype], 1)
 
     @property
+    def ds_mla(self) -> bool:
+        """The cache holds fp8_ds_mla rows."""
+        return self.cache_format == "fp8_ds_mla"
+
+    @property
     def cache_element(self) -> str:
         """The dtype of ``k_cache``'s elements."""
-        return self.cache_dtype or self.dtype
+        return "uint8" if self.ds_mla else self.cache_dtype or self.dtype
+
+    @property
+    def out_element(self) -> str:
+        """The dtype of the roped q's output (and ``q_nope_out``)."""
+        return self.out_dtype or self.dtype
+
+    @property
+    def cache_row(self) -> int:
+        """Elements of ``k_cache``'s dtype in one cache row: ``D + R``, or fp8_ds_mla's
+        ``D + 4 D/128 + 2 R`` bytes."""
+        if self.ds_mla:
+            return self.kv_norm_dim + 4 * self.scale_tiles + 2 * self.rope_dim
+        return self.row_width
+
+    @property
+    def rope_offset(self) -> int:
+        """Where a cache row's rope part starts, in elements of q's dtype: ``D``, or after
+        fp8_ds_mla's latent bytes and scales."""
+        return (self.kv_norm_dim + 4 * self.scale_tiles) // 2 if self.ds_mla else \
+            self.kv_norm_dim
+
+    @property
+    def scale_tiles(self) -> int:
+        """fp8_ds_mla: tiles (float32 scales) of a row's latent."""
+        return self.kv_norm_dim // DS_MLA_TILE
 
     @property
     def row_width(self) -> int:

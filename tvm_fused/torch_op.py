@@ -32,7 +32,8 @@ from .form import EARLY_INDICES
 
 NAMESPACE = "tvm_fused"
 ENTRY_POINTS = (fused_rope_rmsnorm, fused_rope_rmsnorm_slots)
-MUTATED = ("k_cache", "kv_output", "errors")  # what every variant writes, besides q's output
+# what every variant writes (those given), besides q's output
+MUTATED = ("k_cache", "kv_output", "q_nope_out", "errors")
 NOT_IN_OPS = ("out", "validate", "schedule")  # per variant, or Python-only
 PDL = {"off": False, "on": True, EARLY_INDICES: EARLY_INDICES}
 # annotation of an entry point's parameter -> its type in a schema

@@ -7,11 +7,13 @@ accessed. ``row(t)`` is cache row ``k_cache[slot[t] // page_size, slot[t] % page
 
 from __future__ import annotations
 
+import tvm
 from tvm.script import tirx as T
 
-from .exact_math import round_to
+from ..form import DS_MLA_TILE, ITEMSIZE
+from .exact_math import div_rn, round_to
 from .fp8 import saturating_fp8
-from .layout import Layout, f32
+from .layout import Layout, declare, f32
 from .locate import ERROR, OK, freqs_stage, locate_stage
 
 
@@ -26,13 +28,17 @@ def q_branch(layout: Layout):
     H, R2, TWO, ZERO, ONE, dtype = (layout.H, layout.R2, layout.TWO, layout.ZERO, layout.ONE,
                                     layout.dtype)
 
+    odtype = layout.odtype
+
     @T.macro
-    def branch(n, q_pairs, out_pairs, freqs_pairs, index):
+    def branch(n, q_pairs, out_pairs, freqs_pairs, q_scale, index):
         q_pos = T.sblock_alloc_buffer((n,), "int64")
         q_state = T.sblock_alloc_buffer((n,), "int32")
         q_freqs = T.sblock_alloc_buffer((n, R2, TWO), layout.fdtype)
         q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
         q_out = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
+        if odtype != dtype:
+            q_quantized = T.sblock_alloc_buffer((n, H, R2, TWO), odtype)
         locate_stage(layout)("q_locate", n, index, q_pos, None, q_state)
         freqs_stage(layout)("q_freqs", n, q_pos, q_freqs, freqs_pairs)
         for t, h, j, p in T.grid(n, H, R2, TWO):
@@ -48,11 +54,68 @@ def q_branch(layout: Layout):
                 q_out[vt, vh, vj, vp] = T.Cast(dtype, _rotate(
                     f32(q_in[vt, vh, vj, ZERO]), f32(q_in[vt, vh, vj, ONE]),
                     f32(q_freqs[vt, vj, ZERO]), f32(q_freqs[vt, vj, ONE]), vp))
+        if odtype != dtype:
+            for t, h, j, p in T.grid(n, H, R2, TWO):
+                with T.sblock("q_quant"):
+                    vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
+                    q_quantized[vt, vh, vj, vp] = saturating_fp8(
+                        odtype, layout.scaled(q_out[vt, vh, vj, vp], q_scale))
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_store"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
                 if q_state[vt] == OK:
-                    out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
+                    if odtype != dtype:
+                        out_pairs[vt, vh, vj, vp] = q_quantized[vt, vh, vj, vp]
+                    else:
+                        out_pairs[vt, vh, vj, vp] = q_out[vt, vh, vj, vp]
+    return branch
+
+
+def nope_copy_dtype(form) -> str:
+    """The dtype in which the nope branch moves ``q_nope`` (a copy, without an fp8 query):
+    4-byte words where the alignment allows (CUDA's codegen names no vector of 8 16-bit
+    values), else q's dtype."""
+    if form.out_dtype is None and form.alignment >= 4:
+        return "uint32"
+    return form.dtype
+
+
+def _words(name: str, buffer, dtype: str):
+    """A view of ``buffer`` ``[n, H, D]`` (row strides multiples of the unit) in ``dtype``'s
+    units."""
+    if dtype == buffer.dtype:
+        return buffer
+    ratio = T.int64(tvm.DataType(dtype).bits // buffer.dtype.bits)
+    n, heads, dims = buffer.shape
+    s0, s1, _ = buffer.strides
+    return declare(name, (n, heads, dims // ratio), dtype, data=buffer.data,
+                   elem_offset=buffer.elem_offset // ratio,
+                   strides=(s0 // ratio, s1 // ratio, T.int64(1)))
+
+
+def nope_branch(layout: Layout):
+    """``q_nope_out[t] = q_nope[t]`` (an fp8 output: ``fp8(saturate(value / q_scale))``) for
+    every OK token t: the attention query's other columns, located like q's. A copy with no
+    staging: the store reads ``q_nope`` itself, only for OK tokens."""
+    H, odtype, unit = layout.H, layout.odtype, nope_copy_dtype(layout.form)
+    fp8 = odtype != layout.dtype
+    width = T.int64(layout.form.kv_norm_dim * ITEMSIZE[layout.dtype] // ITEMSIZE.get(unit, 2))
+
+    @T.macro
+    def branch(n, q_nope, q_nope_out, q_scale, index):
+        source = T.meta_var(_words("q_nope_words", q_nope, unit))
+        target = T.meta_var(_words("q_nope_out_words", q_nope_out, odtype if fp8 else unit))
+        nope_state = T.sblock_alloc_buffer((n,), "int32")
+        locate_stage(layout)("nope_locate", n, index, None, None, nope_state)
+        for t, h, c in T.grid(n, H, width):
+            with T.sblock("nope_store"):
+                vt, vh, vc = T.axis.remap("SSS", [t, h, c])
+                if nope_state[vt] == OK:
+                    if fp8:
+                        target[vt, vh, vc] = saturating_fp8(
+                            odtype, layout.scaled(source[vt, vh, vc], q_scale))
+                    else:
+                        target[vt, vh, vc] = source[vt, vh, vc]
     return branch
 
 
@@ -120,8 +183,10 @@ def norm_branch(layout: Layout):
     place, else ``kv_input[t, :D]``; an fp8 cache stores ``norm_quant``'s values."""
     PS, D, dtype, gdtype, cdtype = layout.PS, layout.D, layout.dtype, layout.gdtype, layout.cdtype
 
+    quantized = layout.fp8 or layout.ds_mla
+
     @T.macro
-    def branch(n, norm_source, k_rows, output_rows, gamma, epsilon, k_scale, index):
+    def branch(n, norm_source, k_rows, k_scales, output_rows, gamma, epsilon, k_scale, index):
         norm_pos = T.sblock_alloc_buffer((n,), "int64")
         norm_slot = T.sblock_alloc_buffer((n,), "int64")
         norm_in = T.sblock_alloc_buffer((n, D), dtype)
@@ -130,6 +195,9 @@ def norm_branch(layout: Layout):
         norm_out = T.sblock_alloc_buffer((n, D), dtype)
         if layout.fp8:
             norm_quantized = T.sblock_alloc_buffer((n, D), cdtype)
+        if layout.ds_mla:
+            norm_quantized = T.sblock_alloc_buffer((n, D), DS_MLA_FP8)
+            tile_scales = T.sblock_alloc_buffer((n, layout.TILES), "float32")
         locate_stage(layout)("norm_locate", n, index, norm_pos, norm_slot, None)
         for t, c in T.grid(n, D):
             with T.sblock("norm_load"):
@@ -172,11 +240,13 @@ def norm_branch(layout: Layout):
                     vt, vc = T.axis.remap("SS", [t, c])
                     norm_quantized[vt, vc] = saturating_fp8(
                         cdtype, layout.scaled(norm_out[vt, vc], k_scale))
+        if layout.ds_mla:
+            tile_stages(layout)(n, norm_out, tile_scales, norm_quantized)
         for t, c in T.grid(n, D):
             with T.sblock("norm_store"):
                 vt, vc = T.axis.remap("SS", [t, c])
                 if index.in_cache(norm_slot[vt]):
-                    if layout.fp8:
+                    if quantized:
                         k_rows[norm_slot[vt] // PS, norm_slot[vt] % PS, vc] = norm_quantized[
                             vt, vc]
                     else:
@@ -184,7 +254,65 @@ def norm_branch(layout: Layout):
                 if output_rows is not None:
                     if norm_slot[vt] < index.end:  # the token is OK
                         output_rows[vt, vc] = norm_out[vt, vc]
+        if layout.ds_mla:
+            for t, i in T.grid(n, layout.TILES):
+                with T.sblock("norm_scale_store"):
+                    vt, vi = T.axis.remap("SS", [t, i])
+                    if index.in_cache(norm_slot[vt]):
+                        k_scales[norm_slot[vt] // PS, norm_slot[vt] % PS, vi] = tile_scales[
+                            vt, vi]
     return branch
+
+
+DS_MLA_FP8 = "float8_e4m3fn"
+_FLT_MIN = 2.0**-126  # the smallest normal float32
+_CANONICAL_NAN = 0x7FC00000  # a quiet float32 NaN, sign clear
+
+
+def _tile_scale(rule: str, amax):
+    """The float32 scale of a tile whose finite values reach ``amax``: ``max(amax / 448,
+    FLT_MIN)`` (``"raw"``), or ``2^ceil(log2(max(amax / 448, 1e-4)))`` (``"pow2"``, on the
+    bits: the exponent, one up where any mantissa bit is set)."""
+    ratio = div_rn(amax, T.float32(448))
+    if rule == "raw":
+        return T.max(ratio, T.float32(_FLT_MIN))
+    bits = T.reinterpret("uint32", T.max(ratio, T.float32(1e-4)))
+    exponent = (bits >> T.uint32(23)) + T.Cast("uint32", (bits & T.uint32(0x7FFFFF)) != 0)
+    return T.reinterpret("float32", exponent << T.uint32(23))
+
+
+def tile_stages(layout: Layout):
+    """fp8_ds_mla's quantization of the normed rows ``values [n, D]`` (q's dtype) by tiles of
+    128: ``amax[t, i]`` over the tile's finite values (a reduction over the whole row, the
+    other tiles' values counting 0, so that a GPU schedule reduces it like the sum of
+    squares), its scale (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``
+    (NaN for a non-finite value)."""
+    D, TILES, TILE = layout.D, layout.TILES, T.int64(DS_MLA_TILE)
+    rule = layout.form.tile_scale
+    nan = T.reinterpret("float32", T.uint32(_CANONICAL_NAN))
+
+    @T.macro
+    def stages(n, values, scales, quantized):
+        amax = T.sblock_alloc_buffer((n, TILES), "float32")
+        for t, i, c in T.grid(n, TILES, D):
+            with T.sblock("norm_tile_amax"):
+                vt, vi, vc = T.axis.remap("SSR", [t, i, c])
+                with T.init():
+                    amax[vt, vi] = T.min_value("float32")
+                value = T.meta_var(f32(values[vt, vc]))
+                amax[vt, vi] = T.max(amax[vt, vi], T.Select(
+                    T.isfinite(value) and vc // TILE == vi, T.fabs(value), T.float32(0)))
+        for t, i in T.grid(n, TILES):
+            with T.sblock("norm_tile_scale"):
+                vt, vi = T.axis.remap("SS", [t, i])
+                scales[vt, vi] = _tile_scale(rule, amax[vt, vi])
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_quant"):
+                vt, vc = T.axis.remap("SS", [t, c])
+                value = T.meta_var(f32(values[vt, vc]))
+                quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, T.Select(
+                    T.isfinite(value), div_rn(value, scales[vt, vc // TILE]), nan))
+    return stages
 
 
 def count_branch(layout: Layout):

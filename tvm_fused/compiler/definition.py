@@ -69,7 +69,7 @@ from tvm.script.ir_builder import IRBuilder
 
 from ..form import ITEMSIZE, Form
 from .block_groups import BLOCK_GROUPS
-from .branches import count_branch, k_branch, norm_branch, q_branch
+from .branches import count_branch, k_branch, nope_branch, norm_branch, q_branch
 from .grid_dependency import GRID_DEPENDENCY
 from .layout import Layout
 from .locate import Index
@@ -79,16 +79,18 @@ OP_NAME = "fused_rope_rmsnorm"
 
 # every parameter a kernel may have, in call order: those a form has (``parameters``) are
 # its kernel's arguments
-PARAMETERS = ("q_rope", "q_rope_output", "kv_input", "kv_output", "offsets", "freqs_cis",
-              "gamma", "k_cache", "k_scale", "lookup_table", "cache_lengths", "positions",
-              "slot_mapping", "errors", "epsilon")
+PARAMETERS = ("q_rope", "q_rope_output", "q_nope", "q_nope_out", "kv_input", "kv_output",
+              "offsets", "freqs_cis", "gamma", "k_cache", "k_scale", "q_scale", "lookup_table",
+              "cache_lengths", "positions", "slot_mapping", "errors", "epsilon")
 
 
 def parameters(form: Form) -> tuple[str, ...]:
     """The names of the kernel's parameters for ``form``, in call order."""
     offsets, slots = form.addressing == "offsets", form.addressing == "slots"
     present = {"kv_input": form.write_through, "kv_output": form.kv_output,
+               "q_nope": form.q_nope, "q_nope_out": form.q_nope,
                "offsets": offsets, "k_scale": form.cache_dtype is not None,
+               "q_scale": form.out_dtype is not None,
                "lookup_table": offsets, "cache_lengths": offsets, "positions": slots,
                "slot_mapping": slots}
     return tuple(name for name in PARAMETERS if present.get(name, True))
@@ -99,25 +101,29 @@ def _symbols() -> dict:
     multi-layer cache spans more than 2^31 elements)."""
     return {name: tvm.tirx.Var(name, "int64") for name in (
         "n", "batch", "max_seq_len", "num_pages", "max_pages", "m", "s", "qs0", "qs1", "os0",
-        "os1", "is0", "vs0", "ks0", "ks1", "ls0")}
+        "os1", "ns0", "ns1", "nos0", "nos1", "is0", "vs0", "ks0", "ks1", "ls0")}
 
 
 def _declarations(layout: Layout, v: dict) -> dict:
     """``name -> (shape, dtype, strides, data alignment)`` of every tensor parameter."""
-    form, dtype, one = layout.form, layout.dtype, layout.ONE
+    form, dtype, odtype, one = layout.form, layout.dtype, layout.odtype, layout.ONE
     H, R, D, W = layout.H, layout.R, layout.D, layout.W
     return {
         "q_rope": ((v["n"], H, R), dtype, (v["qs0"], v["qs1"], one), layout.align(dtype)),
-        "q_rope_output": ((v["n"], H, R), dtype, (v["os0"], v["os1"], one),
-                          layout.align(dtype)),
+        "q_rope_output": ((v["n"], H, R), odtype, (v["os0"], v["os1"], one),
+                          layout.align(odtype)),
+        "q_nope": ((v["n"], H, D), dtype, (v["ns0"], v["ns1"], one), layout.align(dtype)),
+        "q_nope_out": ((v["n"], H, D), odtype, (v["nos0"], v["nos1"], one),
+                       layout.align(odtype)),
         "kv_input": ((v["n"], W), dtype, (v["is0"], one), layout.align(dtype)),
         "kv_output": ((v["n"], W), dtype, (v["vs0"], one), layout.align(dtype)),
         "offsets": ((v["batch"] + one,), form.offsets_dtype, None, 4),
         "freqs_cis": ((v["max_seq_len"], R), layout.fdtype, None, layout.align(layout.fdtype)),
         "gamma": ((D,), layout.gdtype, None, layout.align(layout.gdtype)),
-        "k_cache": ((v["num_pages"], layout.PS, W), layout.cdtype, (v["ks0"], v["ks1"], one),
-                    layout.align(layout.cdtype)),
+        "k_cache": ((v["num_pages"], layout.PS, layout.CW), layout.cdtype,
+                    (v["ks0"], v["ks1"], one), layout.align(layout.cdtype)),
         "k_scale": ((one,), "float32", None, 4),
+        "q_scale": ((one,), "float32", None, 4),
         "lookup_table": ((v["batch"], v["max_pages"]), "int32", (v["ls0"], one), 4),
         "cache_lengths": ((v["batch"],), "int32", None, 4),
         "positions": ((v["m"],), form.positions_dtype, None, ITEMSIZE[form.positions_dtype]),
@@ -128,7 +134,8 @@ def _declarations(layout: Layout, v: dict) -> dict:
 
 def _handle_name(name: str) -> str:
     """The name of a tensor parameter's handle (as the PrimFunc prints it)."""
-    short = {"q_rope": "q", "q_rope_output": "out", "freqs_cis": "freqs", "k_cache": "k",
+    short = {"q_rope": "q", "q_rope_output": "out", "q_nope_out": "nope_out",
+             "freqs_cis": "freqs", "k_cache": "k",
              "lookup_table": "lookup", "cache_lengths": "lengths", "slot_mapping": "slots"}
     return f"{short.get(name, name)}_handle"
 
@@ -169,22 +176,28 @@ def _func_attrs(form: Form) -> dict:
     index_names = (["positions", "slot_mapping"] if form.addressing == "slots"
                    else ["offsets", "lookup_table", "cache_lengths"])
     early = {GRID_DEPENDENCY: index_names if form.pdl_early_indices else []} if form.pdl else {}
-    written = ["q_rope_output", "k_cache", *(["kv_output"] if form.kv_output else []), "errors"]
+    written = ["q_rope_output", *(["q_nope_out"] if form.q_nope else []), "k_cache",
+               *(["kv_output"] if form.kv_output else []), "errors"]
+    # the output of q may be q itself (same dtype only)
+    alias = {} if form.out_dtype else {ALIAS: ["q_rope_output", "q_rope"]}
     return {"global_symbol": OP_NAME, BLOCK_GROUPS: ["k_cache", "kv_output"], **early,
-            WRITTEN: written,
-            ALIAS: ["q_rope_output", "q_rope"]}
+            WRITTEN: written, **alias}
 
 
 # fmt: off
 def _entry_checks(layout: Layout):
     """A macro asserting what the kernel was built for (see the module's docstring)."""
-    dtype, cdtype = layout.dtype, layout.cdtype
+    dtype, cdtype, odtype = layout.dtype, layout.cdtype, layout.odtype
 
     @T.macro
     def checks(a):
         assert layout.multiples(dtype, a.qs0, a.qs1), layout.refusal("q_rope", dtype)
-        assert layout.multiples(dtype, a.os0, a.os1), layout.refusal("q_rope_output", dtype)
+        assert layout.multiples(odtype, a.os0, a.os1), layout.refusal("q_rope_output", odtype)
         assert layout.multiples(cdtype, a.ks0, a.ks1), layout.refusal("k_cache", cdtype)
+        if layout.form.q_nope:
+            assert layout.multiples(dtype, a.ns0, a.ns1), layout.refusal("q_nope", dtype)
+            assert layout.multiples(odtype, a.nos0, a.nos1), layout.refusal("q_nope_out",
+                                                                           odtype)
         if layout.write_through:
             assert layout.multiples(dtype, a.is0), layout.refusal("kv_input", dtype)
         if layout.kv_output:
@@ -198,39 +211,48 @@ def _entry_checks(layout: Layout):
 
 
 def _branches(layout: Layout):
-    """A macro making the views the branches address, then calling them."""
-    R2, TWO, dtype, cdtype = layout.R2, layout.TWO, layout.dtype, layout.cdtype
+    """A macro making the views the branches address, then calling them (no rope branch
+    without rope dims; the nope branch only with ``q_nope``)."""
+    R2, TWO, dtype, odtype = layout.R2, layout.TWO, layout.dtype, layout.odtype
 
     @T.macro
     def body(a):
         index = T.meta_var(Index(a.offsets, a.cache_lengths, a.lookup_table, a.positions,
                                  a.slot_mapping, a.max_seq_len, a.num_pages * layout.PS))
-        q_pairs = T.decl_buffer((a.n, layout.H, R2, TWO), dtype, data=a.q_rope.data,
-                                elem_offset=a.q_rope.elem_offset,
-                                strides=layout.pair_strides(a.qs0, a.qs1))
-        out_pairs = T.decl_buffer((a.n, layout.H, R2, TWO), dtype, data=a.q_rope_output.data,
-                                  elem_offset=a.q_rope_output.elem_offset,
-                                  strides=layout.pair_strides(a.os0, a.os1))
-        freqs_pairs = T.decl_buffer((a.max_seq_len, R2, TWO), layout.fdtype,
-                                    data=a.freqs_cis.data, elem_offset=a.freqs_cis.elem_offset,
-                                    strides=layout.freqs_strides)
-        k_rows, k_pairs = T.meta_var(layout.row_views("k", a.k_cache, cdtype, a.ks0, a.ks1))
-        q_branch(layout)(a.n, q_pairs, out_pairs, freqs_pairs, index)
+        k_rows, k_pairs, k_scales = T.meta_var(layout.cache_views(a.k_cache, a.ks0, a.ks1))
+        if layout.rope:
+            q_pairs = T.decl_buffer((a.n, layout.H, R2, TWO), dtype, data=a.q_rope.data,
+                                    elem_offset=a.q_rope.elem_offset,
+                                    strides=layout.pair_strides(a.qs0, a.qs1))
+            out_pairs = T.decl_buffer((a.n, layout.H, R2, TWO), odtype,
+                                      data=a.q_rope_output.data,
+                                      elem_offset=a.q_rope_output.elem_offset,
+                                      strides=layout.pair_strides(a.os0, a.os1, dtype=odtype))
+            freqs_pairs = T.decl_buffer((a.max_seq_len, R2, TWO), layout.fdtype,
+                                        data=a.freqs_cis.data,
+                                        elem_offset=a.freqs_cis.elem_offset,
+                                        strides=layout.freqs_strides)
+            q_branch(layout)(a.n, q_pairs, out_pairs, freqs_pairs, a.q_scale, index)
+        if layout.form.q_nope:
+            nope_branch(layout)(a.n, a.q_nope, a.q_nope_out, a.q_scale, index)
         if layout.write_through:  # the k and norm branches read kv_input (and write kv_output)
             input_rows, input_pairs = T.meta_var(layout.row_views("input", a.kv_input, dtype,
                                                                   a.is0))
             output_rows, output_pairs = T.meta_var(layout.row_views("output", a.kv_output,
                                                                     dtype, a.vs0))
-            k_branch(layout)(a.n, input_pairs, k_pairs, output_pairs, freqs_pairs, a.k_scale,
-                             index)
-            norm_branch(layout)(a.n, input_rows, k_rows, output_rows, a.gamma, a.epsilon,
-                                a.k_scale, index)
+            if layout.rope:
+                k_branch(layout)(a.n, input_pairs, k_pairs, output_pairs, freqs_pairs,
+                                 a.k_scale, index)
+            norm_branch(layout)(a.n, input_rows, k_rows, k_scales, output_rows, a.gamma,
+                                a.epsilon, a.k_scale, index)
         else:  # the k and norm branches update the cache rows in place, through views that
             # read them (a stage pipeline: a row is stored after the stages before read it)
             k_in_rows, k_in_pairs = T.meta_var(layout.row_views("k_in", a.k_cache, dtype,
                                                                 a.ks0, a.ks1))
-            k_branch(layout)(a.n, k_in_pairs, k_pairs, None, freqs_pairs, None, index)
-            norm_branch(layout)(a.n, k_in_rows, k_rows, None, a.gamma, a.epsilon, None, index)
+            if layout.rope:
+                k_branch(layout)(a.n, k_in_pairs, k_pairs, None, freqs_pairs, None, index)
+            norm_branch(layout)(a.n, k_in_rows, k_rows, None, None, a.gamma, a.epsilon, None,
+                                index)
         count_branch(layout)(a.n, a.errors, index)
     return body
 

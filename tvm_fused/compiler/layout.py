@@ -32,10 +32,13 @@ class Layout:
             form.num_q_heads, form.rope_dim, form.kv_norm_dim, form.page_size,
             form.row_width, form.rope_dim // 2))
         self.ZERO, self.ONE, self.TWO, self.NONE = (T.int64(v) for v in (0, 1, 2, -1))
+        self.CW, self.TILES = T.int64(form.cache_row), T.int64(max(form.scale_tiles, 1))
         self.dtype, self.gdtype, self.fdtype = form.dtype, form.gamma_dtype, form.freqs_dtype
-        self.cdtype = form.cache_element
+        self.cdtype, self.odtype = form.cache_element, form.out_element
         self.write_through, self.kv_output = form.write_through, form.kv_output
-        self.fp8 = form.cache_dtype is not None
+        self.fp8 = form.cache_dtype is not None  # a per-tensor fp8 cache (``k_scale``)
+        self.ds_mla = form.ds_mla
+        self.rope = form.rope_dim > 0
         self.slots = form.addressing == "slots"
         self.round_once = form.norm_rounding == "once"
         # the pair view's strides of (pair j, element p): adjacent, or R/2 apart (NeoX)
@@ -84,6 +87,29 @@ class Layout:
                         elem_offset=rows.elem_offset + self.D,
                         strides=self.pair_strides(*strides, dtype=dtype))
         return whole, pairs
+
+    def cache_views(self, k_cache, ks0, ks1) -> tuple:
+        """The views of ``k_cache`` the stores write: ``(k_rows, k_pairs, k_scales)``, the
+        latent as rows ``[..., W]`` (of which the first ``D`` are the latent), the rope part
+        as pairs ``[..., R/2, 2]`` in the rope dtype, and the tile scales ``[..., D/128]``
+        float32 (None but for fp8_ds_mla, whose uint8 row holds the latent as e4m3 bytes,
+        then the scales, then the rope part in ``dtype``)."""
+        if not self.ds_mla:
+            return (*self.row_views("k", k_cache, self.cdtype, ks0, ks1), None)
+        lead = tuple(k_cache.shape[:-1])
+        start = k_cache.elem_offset  # bytes
+        scales_at = self.form.kv_norm_dim  # bytes into the row
+        rope_at = scales_at + 4 * self.form.scale_tiles
+        latent = declare("k_rows", (*lead, self.D), "float8_e4m3fn", data=k_cache.data,
+                         elem_offset=start, strides=(
+                             self.aligned(ks0, "uint8"), self.aligned(ks1, "uint8"), self.ONE))
+        scales = declare("k_scales", (*lead, self.TILES), "float32", data=k_cache.data,
+                         elem_offset=start // T.int64(4) + T.int64(scales_at // 4),
+                         strides=(ks0 // T.int64(4), ks1 // T.int64(4), self.ONE))
+        pairs = declare("k_pairs", (*lead, self.R2, self.TWO), self.dtype, data=k_cache.data,
+                        elem_offset=start // self.TWO + T.int64(rope_at // 2),
+                        strides=self.pair_strides(ks0 // self.TWO, ks1 // self.TWO))
+        return latent, pairs, scales
 
     def scaled(self, value, k_scale):
         """``value`` (q's dtype) over the cache's scale, correctly rounded float32 (the value

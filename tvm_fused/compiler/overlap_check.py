@@ -9,7 +9,9 @@ to the entry of a PrimFunc with a ``WRITTEN`` attribute (the names of the tensor
 it writes), after the arguments are bound, for each written tensor ``w`` and every other
 tensor argument ``o``, an assertion that the byte ranges ``[start, start + extent)`` of the
 two (``extent``: ``(1 + sum((shape_i - 1) * stride_i)) * itemsize``, none when a dim is 0)
-are disjoint. ``ALIAS`` names one pair ``(w, o)`` that may start at the same address (an
+are disjoint, or interleave (``_interleaved``: column slices of one buffer, such as the
+two parts of a head-padded attention query ``buf[:, :H, :D]`` and ``buf[:, :H, D:]``).
+``ALIAS`` names one pair ``(w, o)`` that may start at the same address (an
 in-place update), when ``w`` then has ``o``'s strides too. A refused call raises
 ``ValueError`` before the launch.
 """
@@ -38,6 +40,8 @@ class _Span:
     def __init__(self, buffer, handle):
         self.name = buffer.name
         self.strides = list(buffer.strides)
+        self.shape = list(buffer.shape)
+        self.itemsize = buffer.dtype.bits // 8
         self.decl, self.start = data_pointer(handle, f"{buffer.name}_start")
         shape = list(buffer.shape)
         if self.strides:
@@ -52,6 +56,29 @@ class _Span:
             self.filled = tvm.tirx.And(self.filled, d > 0)
 
 
+def _interleaved(w: _Span, o: _Span):
+    """Whether ``w`` and ``o`` hold disjoint columns of the same rows: equal byte strides
+    (but the last, 1), each a multiple of the innermost (a row), and ``o``'s columns, at
+    ``d = (o.start - w.start) mod row`` bytes past ``w``'s, after ``w``'s and within the row.
+    False where either has no strides or their ranks differ."""
+    rank = len(w.shape)
+    if rank < 2 or rank != len(o.shape) or not w.strides or not o.strides:
+        return tvm.tirx.const(False, "bool")
+    outer_w = [_u64(s) * w.itemsize for s in w.strides[:-1]]
+    outer_o = [_u64(s) * o.itemsize for s in o.strides[:-1]]
+    row = outer_w[-1]
+    same = row > tvm.tirx.const(0, _U64)
+    for sw, so in zip(outer_w, outer_o):
+        same = tvm.tirx.And(same, sw == so)
+    safe_row = tvm.tirx.Max(row, tvm.tirx.const(1, _U64))
+    for sw in outer_w[:-1]:
+        same = tvm.tirx.And(same, sw % safe_row == tvm.tirx.const(0, _U64))
+    d = (o.start % safe_row + safe_row - w.start % safe_row) % safe_row
+    width_w = _u64(w.shape[-1]) * w.itemsize
+    width_o = _u64(o.shape[-1]) * o.itemsize
+    return tvm.tirx.And(same, tvm.tirx.And(width_w <= d, d + width_o <= row))
+
+
 def _checks(spans: dict, written: list, alias) -> list:
     """Assertions that each written span is disjoint from every other."""
     checks = []
@@ -60,8 +87,9 @@ def _checks(spans: dict, written: list, alias) -> list:
         for other, o in spans.items():
             if other == name:
                 continue
-            overlap = tvm.tirx.And(tvm.tirx.And(w.filled, o.filled),
-                                   tvm.tirx.And(w.start < o.end, o.start < w.end))
+            overlap = tvm.tirx.And(tvm.tirx.And(w.filled, o.filled), tvm.tirx.And(
+                tvm.tirx.And(w.start < o.end, o.start < w.end),
+                tvm.tirx.Not(_interleaved(w, o))))
             message = (f"{name} overlaps {other} in memory: the op writes {name} while it "
                        f"reads {other}")
             if alias is not None and (name, other) == alias:
