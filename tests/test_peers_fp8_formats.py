@@ -5,10 +5,11 @@
 The Triton kernels run in Triton's CPU interpreter in a subprocess (``TRITON_INTERPRET=1``)
 with ``tests/test_engine_triton.py``'s shims (torch's nearest-even fp32 -> bf16 / fp8 casts
 where the interpreter's truncate, fp32 scalars, Liger's ``rsqrt``) and an exact bf16 -> fp32
-upcast of subnormals, none touching the kernels' code. The 656-byte row is built here from its definition (the SPEC's
-"DeepSeek-V3.2's fp8_ds_mla cache row"): tile amax over finite values, the raw or
-power-of-two scale, float32 division, saturation, and an e4m3 encoder of its own (nearest
-even over the 127 positive codes, NaN as 0x7F), so the row is compared byte for byte.
+upcast of subnormals, none touching the kernels' code. The 656-byte row is built here from
+its definition (the SPEC's "DeepSeek-V3.2's fp8_ds_mla cache row"): tile amax over finite
+values, the raw or power-of-two scale, float32 division, saturation, and an e4m3 encoder of
+its own (nearest even over the 127 positive codes, NaN as 0x7F), so the row is compared
+byte for byte.
 Values that pass through the chains' float32 RMSNorm and rotary are compared with float64
 at one bf16 ulp; the quantized bytes are then checked exactly against the reference applied
 to the chain's own bf16 values.

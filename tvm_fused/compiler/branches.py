@@ -285,9 +285,9 @@ def tile_stages(layout: Layout):
     """fp8_ds_mla's quantization of the normed rows ``values [n, D]`` (q's dtype) by tiles of
     128: ``amax[t, i]`` over the tile's finite values (a reduction over the whole row, the
     other tiles' values counting 0, so that a GPU schedule reduces it like the sum of
-    squares), its scale (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``
+    squares; each value rounded to q's dtype first, as ``kv_output`` holds it), its scale (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``
     (NaN for a non-finite value)."""
-    D, TILES, TILE = layout.D, layout.TILES, T.int64(DS_MLA_TILE)
+    D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
     rule = layout.form.tile_scale
     nan = T.reinterpret("float32", T.uint32(_CANONICAL_NAN))
 
@@ -299,7 +299,7 @@ def tile_stages(layout: Layout):
                 vt, vi, vc = T.axis.remap("SSR", [t, i, c])
                 with T.init():
                     amax[vt, vi] = T.min_value("float32")
-                value = T.meta_var(f32(values[vt, vc]))
+                value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
                 amax[vt, vi] = T.max(amax[vt, vi], T.Select(
                     T.isfinite(value) and vc // TILE == vi, T.fabs(value), T.float32(0)))
         for t, i in T.grid(n, TILES):
@@ -309,7 +309,7 @@ def tile_stages(layout: Layout):
         for t, c in T.grid(n, D):
             with T.sblock("norm_quant"):
                 vt, vc = T.axis.remap("SS", [t, c])
-                value = T.meta_var(f32(values[vt, vc]))
+                value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
                 quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, T.Select(
                     T.isfinite(value), div_rn(value, scales[vt, vc // TILE]), nan))
     return stages

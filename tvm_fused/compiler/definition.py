@@ -101,7 +101,7 @@ def _symbols() -> dict:
     multi-layer cache spans more than 2^31 elements)."""
     return {name: tvm.tirx.Var(name, "int64") for name in (
         "n", "batch", "max_seq_len", "num_pages", "max_pages", "m", "s", "qs0", "qs1", "os0",
-        "os1", "ns0", "ns1", "nos0", "nos1", "is0", "vs0", "ks0", "ks1", "ls0")}
+        "os1", "ns0", "ns1", "nos0", "nos1", "is0", "vs0", "ks0", "ks1", "ls0", "fs0")}
 
 
 def _declarations(layout: Layout, v: dict) -> dict:
@@ -118,7 +118,9 @@ def _declarations(layout: Layout, v: dict) -> dict:
         "kv_input": ((v["n"], W), dtype, (v["is0"], one), layout.align(dtype)),
         "kv_output": ((v["n"], W), dtype, (v["vs0"], one), layout.align(dtype)),
         "offsets": ((v["batch"] + one,), form.offsets_dtype, None, 4),
-        "freqs_cis": ((v["max_seq_len"], R), layout.fdtype, None, layout.align(layout.fdtype)),
+        # compact; without rope columns any strides (torch gives an empty table odd ones)
+        "freqs_cis": ((v["max_seq_len"], R), layout.fdtype,
+                      None if layout.rope else (v["fs0"], one), layout.align(layout.fdtype)),
         "gamma": ((D,), layout.gdtype, None, layout.align(layout.gdtype)),
         "k_cache": ((v["num_pages"], layout.PS, layout.CW), layout.cdtype,
                     (v["ks0"], v["ks1"], one), layout.align(layout.cdtype)),

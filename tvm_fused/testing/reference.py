@@ -63,14 +63,48 @@ def interleaved_table(table: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.stack((cos, sin), dim=-1).flatten(-2)
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype, k_scale: torch.Tensor | None) -> torch.Tensor:
-    """``dtype(saturate(float32(x) / k_scale))`` for an fp8 ``dtype``; ``x`` unchanged for any
-    other (``k_scale``: a one-element float32 tensor, or None for 1)."""
+def quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """``dtype(saturate(float32(x) / scale))`` for an fp8 ``dtype``; ``x`` unchanged for any
+    other (``scale``: a one-element float32 tensor, ``k_scale`` or ``q_scale``, or None for
+    1)."""
     if dtype.itemsize != 1:
         return x.to(dtype)
     limit = torch.finfo(dtype).max
-    scale = 1.0 if k_scale is None else k_scale.detach().cpu().to(torch.float32).reshape(())
+    scale = 1.0 if scale is None else scale.detach().cpu().to(torch.float32).reshape(())
     return (x.to(torch.float32) / scale).clamp(-limit, limit).to(dtype)
+
+
+DS_MLA_TILE = 128
+E4M3_MAX = 448.0
+
+
+def ds_mla_tile_scales(latent: torch.Tensor, tile_scale: str = "raw") -> torch.Tensor:
+    """The float32 scale of each 128-value tile of ``latent [n, D]`` (SPEC.md, "fp8_ds_mla"):
+    ``amax / 448`` floored at the smallest normal (``"raw"``), or ``2^ceil(log2(max(amax /
+    448, 1e-4)))`` (``"pow2"``, the exponent found in float64, where it is exact); ``amax``
+    over the tile's finite values."""
+    values = latent.to(torch.float32).reshape(latent.shape[0], -1, DS_MLA_TILE)
+    magnitude = torch.where(values.isfinite(), values.abs(), torch.zeros_like(values))
+    ratio = magnitude.amax(-1) / torch.tensor(E4M3_MAX, dtype=torch.float32)
+    if tile_scale == "raw":
+        return ratio.clamp_min(torch.finfo(torch.float32).tiny)
+    floored = ratio.clamp_min(torch.tensor(1e-4, dtype=torch.float32)).to(torch.float64)
+    return torch.exp2(torch.ceil(torch.log2(floored))).to(torch.float32)
+
+
+def ds_mla_rows(rows: torch.Tensor, kv_norm_dim: int, tile_scale: str = "raw") -> torch.Tensor:
+    """The fp8_ds_mla bytes ``uint8 [n, D + 4 D/128 + 2 R]`` of the rows ``[n, D + R]`` (q's
+    16-bit dtype): the latent as e4m3 of ``value / its tile's scale`` (float32 division,
+    saturated, nearest even; a non-finite value as the NaN ``0x7F``), the scales as
+    little-endian float32, the rope part's own bytes."""
+    latent, rope_part = rows[:, :kv_norm_dim], rows[:, kv_norm_dim:]
+    scales = ds_mla_tile_scales(latent, tile_scale)
+    values = latent.to(torch.float32)
+    divided = values / scales.repeat_interleave(DS_MLA_TILE, dim=-1)
+    codes = divided.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    codes = torch.where(values.isfinite(), codes, torch.full_like(codes, 0x7F))
+    return torch.cat((codes, scales.contiguous().view(torch.uint8),
+                      rope_part.contiguous().view(torch.uint8)), dim=-1)
 
 
 class ReferenceOutputs(NamedTuple):
@@ -124,10 +158,12 @@ def reference_outputs(
     interleaved: bool = True,
     freqs_layout: str = "interleaved",
     norm_rounding: str = "before_gamma",
+    tile_scale: str = "raw",
     compute_dtype: torch.dtype = torch.float64,
 ) -> ReferenceOutputs:
     """What the op writes for the located ``tokens`` (``kv_input``: the write-through form;
-    ``freqs_layout`` of ``freqs_cis``; ``norm_rounding`` as for ``rmsnorm``)."""
+    ``freqs_layout`` of ``freqs_cis``; ``norm_rounding`` as for ``rmsnorm``; a uint8
+    ``k_cache`` holds fp8_ds_mla rows, with ``tile_scale``). ``R`` may be 0."""
     n_real = tokens.pos.numel()
     dtype = q_rope.dtype
     kv_norm_dim = gamma.shape[0]
@@ -135,7 +171,8 @@ def reference_outputs(
     q_out = q_rope.cpu()[:n_real].clone()
     written = tokens.q_written
     q = q_out[written].to(compute_dtype)
-    q_out[written] = rope(q, freqs[tokens.pos[written]][:, None, :], interleaved).to(dtype)
+    if q.shape[-1]:
+        q_out[written] = rope(q, freqs[tokens.pos[written]][:, None, :], interleaved).to(dtype)
 
     k_out = k_cache.cpu().clone()
     cached = tokens.row_written
@@ -145,10 +182,14 @@ def reference_outputs(
     else:
         computed, source = written, kv_input.cpu()[:n_real][written]
     rows = torch.zeros((n_real, source.shape[1]), dtype=dtype)
+    rope_part = source[:, kv_norm_dim:].to(compute_dtype)
+    if rope_part.shape[-1]:
+        rope_part = rope(rope_part, freqs[tokens.pos[computed]], interleaved)
     rows[computed] = torch.cat((
         rmsnorm(source[:, :kv_norm_dim], gamma.cpu(), epsilon, dtype, compute_dtype,
-                norm_rounding),
-        rope(source[:, kv_norm_dim:].to(compute_dtype), freqs[tokens.pos[computed]],
-             interleaved).to(dtype)), dim=-1)
-    k_out[page, slot] = quantize(rows[cached], k_cache.dtype, k_scale)
+                norm_rounding), rope_part.to(dtype)), dim=-1)
+    if k_cache.dtype == torch.uint8:  # fp8_ds_mla rows
+        k_out[page, slot] = ds_mla_rows(rows[cached], kv_norm_dim, tile_scale)
+    else:
+        k_out[page, slot] = quantize(rows[cached], k_cache.dtype, k_scale)
     return ReferenceOutputs(q_out, k_out, rows)
