@@ -259,8 +259,8 @@ def norm_branch(layout: Layout):
                 with T.sblock("norm_scale_store"):
                     vt, vi = T.axis.remap("SS", [t, i])
                     if index.in_cache(norm_slot[vt]):
-                        k_scales[norm_slot[vt] // PS, norm_slot[vt] % PS, vi] = tile_scales[
-                            vt, vi]
+                        k_scales[norm_slot[vt] // PS, norm_slot[vt] % PS, vi] = tile_of(
+                            tile_scales, vt, vi, layout.form.scale_tiles)
     return branch
 
 
@@ -281,14 +281,25 @@ def _tile_scale(rule: str, amax):
     return T.reinterpret("float32", exponent << T.uint32(23))
 
 
+def tile_of(buffer, vt, tile, tiles: int):
+    """``buffer[vt, tile]`` read at constant indices only, a select among the ``tiles``: on
+    the GPU a thread's tile depends on its index, and a register array indexed by it would
+    live in local memory."""
+    value = buffer[vt, T.int64(tiles - 1)]
+    for i in reversed(range(tiles - 1)):
+        value = T.Select(tile == T.int64(i), buffer[vt, T.int64(i)], value)
+    return value
+
+
 def tile_stages(layout: Layout):
     """fp8_ds_mla's quantization of the normed rows ``values [n, D]`` (q's dtype) by tiles of
     128: ``amax[t, i]`` over the tile's finite values (a reduction over the whole row, the
     other tiles' values counting 0, so that a GPU schedule reduces it like the sum of
-    squares; each value rounded to q's dtype first, as ``kv_output`` holds it), its scale (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``
-    (NaN for a non-finite value)."""
+    squares; each value rounded to q's dtype first, as ``kv_output`` holds it), its scale
+    (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))`` (NaN for a
+    non-finite value)."""
     D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
-    rule = layout.form.tile_scale
+    rule, tiles = layout.form.tile_scale, layout.form.scale_tiles
     nan = T.reinterpret("float32", T.uint32(_CANONICAL_NAN))
 
     @T.macro
@@ -311,7 +322,8 @@ def tile_stages(layout: Layout):
                 vt, vc = T.axis.remap("SS", [t, c])
                 value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
                 quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, T.Select(
-                    T.isfinite(value), div_rn(value, scales[vt, vc // TILE]), nan))
+                    T.isfinite(value), div_rn(value, tile_of(scales, vt, vc // TILE, tiles)),
+                    nan))
     return stages
 
 
