@@ -69,6 +69,10 @@ def test_bytes_per_op_follow_the_form():
     assert bytes_moved(_form(True, heads=128), 3) == in_place
     assert bytes_moved(_form(True, heads=128, kv_output=True), 3) == in_place + 3 * row
     assert bytes_moved(_form(True, "float8_e4m3fn", heads=128), 3) == in_place - 3 * 576
+    ds_mla = Form(num_q_heads=128, write_through=True, cache_format="fp8_ds_mla")
+    assert bytes_moved(ds_mla, 3) == in_place - 3 * (row - 656)
+    fp8_query = Form(num_q_heads=128, out_dtype="float8_e4m3fn", q_nope=True)
+    assert bytes_moved(fp8_query, 3) == in_place - 3 * q // 4 + 3 * 128 * 512 * (2 + 1)
 
 
 NAMES = ("tvm-fused default", COPY_THEN_IN_PLACE, "triton fused", "torch.compile",

@@ -15,9 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tvm_fused import fused_rope_rmsnorm, fused_rope_rmsnorm_slots
-from tvm_fused.testing.compare import ulp
-from tvm_fused.testing.inputs import rope_freqs, split_table
+from tvm_fused import Form, fused_rope_rmsnorm, fused_rope_rmsnorm_slots
+from tvm_fused.testing.compare import run_and_check, ulp
+from tvm_fused.testing.inputs import inputs_for, rope_freqs, split_table
 from tvm_fused.testing.reference import (
     ds_mla_rows,
     ds_mla_tile_scales,
@@ -94,7 +94,9 @@ class Case:
     def reference(self, addressing, tile_scale="raw"):
         return reference_outputs(self.tokens(addressing), self.q[..., D:].cpu(),
                                  self.freqs.cpu(), self.gamma.cpu(), self.k_cache.cpu(),
-                                 kv_input=self.kv_input.cpu(), tile_scale=tile_scale)
+                                 kv_input=self.kv_input.cpu(), tile_scale=tile_scale,
+                                 cache_format="fp8_ds_mla" if self.k_cache.dtype == torch.uint8
+                                 else "plain")
 
 
 def _assert_close_bf16(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -299,3 +301,35 @@ def test_query_misuse_is_named(options, message):
     with pytest.raises(ValueError, match=message):
         case.call("slots", k_cache=k_cache, **options)
     assert torch.equal(k_cache, case.k_cache)
+
+
+FORMS = {
+    "ds-mla-offsets": Form(num_q_heads=4, page_size=16, write_through=True,
+                           cache_format="fp8_ds_mla"),
+    "ds-mla-pow2-slots-no-kv-output": Form(num_q_heads=4, page_size=16, write_through=True,
+                                           cache_format="fp8_ds_mla", tile_scale="pow2",
+                                           addressing="slots", freqs_layout="split"),
+    "fp8-query-ds-mla": Form(num_q_heads=12, page_size=16, write_through=True,
+                             cache_format="fp8_ds_mla", out_dtype="float8_e4m3fn",
+                             q_nope=True, addressing="slots"),
+    "e5m2-query-fp8-cache": Form(num_q_heads=8, page_size=16, write_through=True,
+                                 cache_dtype="float8_e4m3fn", out_dtype="float8_e5m2",
+                                 q_nope=True),
+    "bf16-query-in-place": Form(num_q_heads=6, page_size=16, q_nope=True),
+    "nope-mla": Form(num_q_heads=16, page_size=16, rope_dim=0, write_through=True,
+                     q_nope=True, addressing="slots"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", FORMS)
+def test_each_form_against_the_reference(device, name):
+    """Each new form from its description (``inputs_for``, ``run_and_check``, what ``python
+    -m tvm_fused run`` does): decode and prefill requests, guards around every tensor, a
+    head-padded query buffer with ``q_nope``."""
+    form = FORMS[name]
+    inputs = inputs_for(form, [3, 1, 0, 17], [5, 40, 3, 0], padding_rows=2, device=device)
+    out_dtype = getattr(torch, form.out_element)
+    report = run_and_check(inputs, out_dtype=out_dtype, kv_output="no-kv-output" not in name,
+                           q_scale=0.375 if form.out_dtype else None, validate=True)
+    assert report.ok, report.summary()

@@ -441,12 +441,14 @@ def test_fp8_query_chain_refuses_a_short_buffer():
         concat_quant_fp8(q_nope, q[..., 128:], torch.ones(1), storage[:, :2].view(E4M3))
 
 
+@pytest.mark.parametrize("dynamic", ["tokens", True], ids=["dynamic-tokens", "dynamic"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_fp8_query_chain_compiled(device):
-    """``torch.compile(dynamic=True)`` of the chain (exact casts) writes the same bytes."""
+def test_fp8_query_chain_compiled(device, dynamic):
+    """``torch.compile`` of the chain (exact casts; the token count dynamic, or every size)
+    writes the same bytes."""
     from benchmarks.peers.fp8_query_chain import compiled_fp8_query_chain
 
-    check_fp8_query(compiled_fp8_query_chain, device, True, 0.37)
+    check_fp8_query(compiled_fp8_query_chain, device, True, 0.37, dynamic=dynamic)
 
 
 @pytest.mark.gpu

@@ -31,10 +31,16 @@ def _form_of(args: argparse.Namespace) -> form.Form:
         raise UsageError(str(error)) from None
 
 
+QUERY_SCALE = 0.5  # q_scale of ``run``'s fp8 queries
+
+
 def _describe(op: form.Form) -> str:
+    cache = "an fp8_ds_mla" if op.ds_mla else f"a {op.cache_element}"
     latent = "in place" if not op.write_through else (
-        f"write-through into a {op.cache_element} cache"
-        + (" and kv_output" if op.kv_output else ""))
+        f"write-through into {cache} cache" + (" and kv_output" if op.kv_output else ""))
+    if op.out_dtype or op.q_nope:
+        latent += (f", the {'whole ' if op.q_nope else ''}attention query in "
+                   f"{op.out_element}")
     return (f"{op.num_q_heads} heads, rope_dim {op.rope_dim}, kv_norm_dim {op.kv_norm_dim}, "
             f"page size {op.page_size}, {op.dtype}, {'interleaved' if op.interleaved else 'NeoX'}"
             f", {latent}, addressed by {op.addressing}, {op.freqs_layout} cos/sin table, "
@@ -71,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
                         device=device)
     print(f"device: {name}")
     print(f"op: {_describe(op)}; {args.tokens} tokens in {requests} requests")
+    out_dtype = getattr(torch, op.out_element)
     report = run_and_check(inputs.clone(), interleaved=op.interleaved, kv_output=op.kv_output,
-                           pdl=op.pdl_mode)
+                           pdl=op.pdl_mode, out_dtype=out_dtype,
+                           q_scale=QUERY_SCALE if op.out_dtype else None)
     print(f"check: {report.summary()}")
     if not report.ok:
         return 1
@@ -87,7 +95,12 @@ def _time(inputs, op: form.Form, reps: int, gpu_name: str) -> None:
 
     from .timing import bytes_moved, time_cuda
 
-    out = torch.empty_like(inputs.q_rope)
+    out_dtype = getattr(torch, op.out_element)
+    out = torch.empty_like(inputs.q_rope, dtype=out_dtype)
+    query = {}
+    if op.q_nope:
+        query = {"q_nope": inputs.q_nope,
+                 "q_nope_out": torch.empty_like(inputs.q_nope, dtype=out_dtype)}
     kv_output = torch.empty_like(inputs.kv_input) if op.kv_output else None
     moved = bytes_moved(op, inputs.q_rope.shape[0])
     src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
@@ -95,7 +108,7 @@ def _time(inputs, op: form.Form, reps: int, gpu_name: str) -> None:
     timings = {
         "tvm-fused": time_cuda(lambda: inputs.call(
             kv_output=kv_output, out=out, interleaved=op.interleaved, pdl=op.pdl_mode,
-            validate=False), reps=reps),
+            validate=False, **query), reps=reps),
         "copy of as many bytes": time_cuda(lambda: dst.copy_(src), reps=reps),
     }
     for label, timing in timings.items():

@@ -76,12 +76,16 @@ def time_graph(fn, reps: int = 50, calls: int = 1) -> Timing:
 
 def bytes_moved(form: Form, tokens: int) -> int:
     """Bytes a call of ``form`` on ``tokens`` tokens must move: q's rope part read and
-    written, each new row read (from the cache in place, from ``kv_input`` write-through)
-    and written to the cache (in its dtype) and to ``kv_output`` if the form has one, the
-    table row read, and gamma once."""
-    size = ITEMSIZE[form.dtype]
-    row = form.row_width
-    row_bytes = row * (size + ITEMSIZE[form.cache_element] + form.kv_output * size)
-    per_token = (2 * form.num_q_heads * form.rope_dim * size + row_bytes
-                 + form.rope_dim * ITEMSIZE[form.freqs_dtype])
+    written (in ``out``'s dtype), ``q_nope`` read and written likewise if the form copies it,
+    each new row read (from the cache in place, from ``kv_input`` write-through) and written
+    to the cache (``cache_row`` elements of its dtype: fp8_ds_mla's 656 bytes) and to
+    ``kv_output`` if the form has one, the table row read, and gamma once."""
+    size, out_size = ITEMSIZE[form.dtype], ITEMSIZE[form.out_element]
+    heads = form.num_q_heads
+    row_bytes = (form.row_width * (size + form.kv_output * size)
+                 + form.cache_row * ITEMSIZE[form.cache_element])
+    query = heads * form.rope_dim * (size + out_size)
+    if form.q_nope:
+        query += heads * form.kv_norm_dim * (size + out_size)
+    per_token = query + row_bytes + form.rope_dim * ITEMSIZE[form.freqs_dtype]
     return tokens * per_token + form.kv_norm_dim * ITEMSIZE[form.gamma_dtype]

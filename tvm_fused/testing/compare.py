@@ -22,8 +22,8 @@ import dataclasses
 import torch
 
 from ..tokens import locate_slots, locate_tokens
-from .inputs import OpInputs, q_like, rows_like
-from .reference import quantize, reference_outputs
+from .inputs import OpInputs, guarded, rows_like
+from .reference import ds_mla_rows, quantize, reference_outputs
 
 F32_EPS = 2.0**-24
 
@@ -165,6 +165,30 @@ def _fp8_mismatches(actual: torch.Tensor, reference: torch.Tensor, tol: torch.Te
     return int(off.sum())
 
 
+def _ds_mla_mismatches(actual: torch.Tensor, reference: torch.Tensor, tol: torch.Tensor,
+                       before: OpInputs, own_values: torch.Tensor | None) -> int:
+    """Bytes of fp8_ds_mla rows ``actual [m, 656]`` off: where ``own_values`` (the op's rows
+    before quantizing) are known, every byte not exactly their quantization; else the rope
+    part and each decoded latent value (``e4m3 * scale``) farther from the ``reference`` rows
+    than their tolerance plus half an e4m3 step (``before``: the inputs, for the dims, q's
+    dtype and the tile scales' rule)."""
+    d = before.gamma.shape[0]
+    if own_values is not None:
+        return int((actual != ds_mla_rows(own_values, d, before.tile_scale)).sum())
+    tiles = d // 128
+    rope = actual[:, d + 4 * tiles:].contiguous().view(before.q_rope.dtype)
+    scales = actual[:, d:d + 4 * tiles].contiguous().view(torch.float32)
+    decoded = (actual[:, :d].contiguous().view(torch.float8_e4m3fn).to(torch.float64)
+               * scales.repeat_interleave(128, dim=-1).to(torch.float64))
+    expected = reference.to(torch.float64)
+    latent_tol = tol[:, :d] + expected[:, :d].abs() * 2.0**-4 + scales.repeat_interleave(
+        128, dim=-1).to(torch.float64) * 2.0**-10
+    off = (decoded - expected[:, :d]).abs() > latent_tol
+    off |= decoded.isnan() != expected[:, :d].isnan()
+    rope_off = (rope.to(torch.float64) - expected[:, d:]).abs() > tol[:, d:]
+    return int(off.sum() + rope_off.sum())
+
+
 def located(inputs: OpInputs):
     """The reference's tokens of ``inputs``, by their addressing (on the CPU)."""
     num_pages, page_size = inputs.k_cache.shape[:2]
@@ -179,7 +203,9 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
               out_storage_before: torch.Tensor | None = None, *, in_place: bool = False,
               epsilon: float = 1e-6, interleaved: bool = True,
               errors_counted: int | None = None, kv_output: torch.Tensor | None = None,
-              kv_output_storage_before: torch.Tensor | None = None) -> CheckReport:
+              kv_output_storage_before: torch.Tensor | None = None,
+              q_nope_out: torch.Tensor | None = None,
+              q_scale: torch.Tensor | None = None) -> CheckReport:
     """Compare a run of the op with the reference.
 
     ``before`` is a copy of the inputs taken before the call, ``after`` the inputs after it,
@@ -188,9 +214,12 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     if that is its whole storage; None if the op made ``out``: it has no rows to keep);
     ``errors_counted`` what the op added to its error counter (None: not counted);
     ``kv_output`` the write-through call's ``kv_output`` and ``kv_output_storage_before`` a
-    copy of its whole storage before the call. Written rows are compared with the float64
-    reference; every other element of every storage (padding and error rows, other layers,
-    row padding, the guards around each tensor, all of ``kv_input``) must be bit-identical
+    copy of its whole storage before the call; ``q_nope_out`` the call's (in ``out``'s
+    storage, whose copy ``out_storage_before`` is) and ``q_scale`` its fp8 query's scale.
+    Written rows are compared with the float64 reference (an fp8 ``out``: the fp8 rounding
+    of a value within tolerance; ``q_nope_out``: exactly ``q_nope``, quantized alike); every
+    other element of every storage (padding and error rows, other layers, row padding,
+    padded heads, the guards around each tensor, all of ``kv_input``) must be bit-identical
     to before. Compared on the CPU.
     """
     out_storage = whole_storage(out).cpu()
@@ -207,7 +236,19 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     q_in = before.q_rope[written].to(torch.float64)
     q_ref = reference.q[written].to(torch.float64)
     q_tol = ulp(q_ref, dtype) + 4 * F32_EPS * _pair_magnitude(q_in, interleaved)
-    q_error = _score(out[written], q_ref, q_tol)
+    fp8_mismatches = 0
+    if out.dtype == dtype:
+        q_error = _score(out[written], q_ref, q_tol)
+    else:  # an fp8 query
+        q_error = 0.0
+        fp8_mismatches += _fp8_mismatches(out[written], q_ref, q_tol, q_scale, None)
+    if q_nope_out is not None:
+        q_nope_out = _view(q_nope_out, out_storage)
+        expected = quantize(before.q_nope[written], out.dtype, q_scale)
+        fp8_mismatches += int((q_nope_out[written].view(torch.uint8 if out.dtype.itemsize == 1
+                                                        else torch.int16)
+                               != expected.view(torch.uint8 if out.dtype.itemsize == 1
+                                                else torch.int16)).sum())
 
     # the new rows: where they came from, the reference's values and their tolerances
     cached = tokens.row_written
@@ -224,7 +265,6 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     tol = row_tol(rows_ref, source)
 
     rope_error = norm_error = 0.0
-    fp8_mismatches = 0
     cache_rows = after.k_cache[page, slot]
     if after.k_cache.dtype == dtype:
         rope_error, norm_error = row_tol.scores(cache_rows, rows_ref[cached], tol[cached])
@@ -238,9 +278,12 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
         own_values = kv_output[:n_real][cached]
         rows_same = _storage_as_expected(kv_output_storage, kv_output_storage_before.cpu(),
                                          kv_output, written, kv_output[written])
-    if after.k_cache.dtype != dtype:
-        fp8_mismatches = _fp8_mismatches(cache_rows, rows_ref[cached], tol[cached],
-                                         before.k_scale, own_values)
+    if before.cache_format == "fp8_ds_mla":
+        fp8_mismatches += _ds_mla_mismatches(cache_rows, rows_ref[cached], tol[cached],
+                                             before, own_values)
+    elif after.k_cache.dtype != dtype:
+        fp8_mismatches += _fp8_mismatches(cache_rows, rows_ref[cached], tol[cached],
+                                          before.k_scale, own_values)
     if before.kv_input is not None:
         rows_same &= _same_bits(after.kv_storage, before.kv_storage)
 
@@ -254,36 +297,65 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
     else:  # q is read only
         q_same = _same_bits(after.q_storage, before.q_storage)
         if out_storage_before is not None:
-            q_same &= _storage_as_expected(out_storage, out_storage_before.cpu(), out,
-                                           written, out[written])
+            expected = whole_storage(out_storage_before.cpu().clone())
+            _view(out, expected)[written] = out[written]
+            if q_nope_out is not None:
+                _view(q_nope_out, expected)[written] = q_nope_out[written]
+            q_same &= _same_bits(out_storage, expected)
+        if before.q_nope is not None:
+            q_same &= torch.equal(after.q_nope, before.q_nope)
     counted = tokens.errors if errors_counted is None else errors_counted
     return CheckReport(q_error, rope_error, norm_error, fp8_mismatches, cache_same, q_same,
                        rows_same, counted, tokens.errors)
+
+
+def _query_buffer(inputs: OpInputs, out_dtype: torch.dtype, out_columns, gen):
+    """``(out, q_nope_out)`` of random values (bytes, for fp8) inside guards: with
+    ``inputs.q_nope``, the two column slices of a head-padded attention query ``[n, H + 2, D
+    + R]`` (an fp8 decode kernel's input); else ``out`` alone, columns ``out_columns =
+    (width, start)`` of a ``[n, H, width]`` tensor, and None."""
+    q = inputs.q_rope
+    n, heads, rope_dim = q.shape
+    nope = 0 if inputs.q_nope is None else inputs.q_nope.shape[2]
+    width, start = (nope + rope_dim, nope) if nope else out_columns or (rope_dim, 0)
+    padded = heads + 2 if nope else heads
+    fp8 = out_dtype.itemsize == 1
+    storage, whole = guarded((n, padded, width), torch.uint8 if fp8 else out_dtype, gen)
+    if fp8:
+        storage, whole = storage.view(out_dtype), whole.view(out_dtype)
+    whole = _view(whole, storage.to(q.device))
+    out = whole[:, :heads, start:start + rope_dim]
+    return out, (whole[:, :heads, :nope] if nope else None)
 
 
 def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool = True,
                   epsilon: float = 1e-6, validate: bool | None = None, schedule=None,
                   pdl: bool | str = False,
                   out_columns: tuple[int, int] | None = None, kv_output: bool = True,
-                  kv_output_columns: tuple[int, int] | None = None) -> CheckReport:
+                  kv_output_columns: tuple[int, int] | None = None,
+                  out_dtype: torch.dtype | None = None,
+                  q_scale: float | None = None) -> CheckReport:
     """Run the op (``inputs.call``) on ``inputs`` (updating them) and check the result.
 
     The output is ``q_rope`` itself if ``in_place``, else random values inside guards of
     their own, so that rows the op must not write are recognizable: columns ``(width,
     start)`` of a wider tensor if ``out_columns`` says so. Write-through inputs get a
     ``kv_output`` made the same way (``kv_output_columns``), unless ``kv_output`` is False.
+    With ``inputs.q_nope``, ``out`` and ``q_nope_out`` are the column slices of one
+    head-padded attention query. ``out_dtype`` (default q's) may be fp8, with ``q_scale``.
     The op's error counter must count the reference's error tokens. ``schedule`` overrides
     the GPU schedule, ``pdl`` the launch.
     """
     before = inputs.clone()
     q = inputs.q_rope
     gen = torch.Generator().manual_seed(1)
+    q_nope_out = None
     if in_place:
         out = q
     else:
-        storage, out = q_like(*q.shape, out_columns or (q.shape[2], 0), q.dtype, gen)
-        out = _view(out, storage.to(q.device))
+        out, q_nope_out = _query_buffer(inputs, out_dtype or q.dtype, out_columns, gen)
     out_storage_before = whole_storage(out).clone()
+    scale = None if q_scale is None else torch.tensor([q_scale], device=q.device)
     rows = rows_storage_before = None
     if inputs.kv_input is not None and kv_output:
         n, width = inputs.kv_input.shape
@@ -291,8 +363,12 @@ def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool
         rows = _view(rows, storage.to(q.device))
         rows_storage_before = whole_storage(rows).clone()
     errors = torch.zeros(1, dtype=torch.int32, device=inputs.q_rope.device)
+    query = {} if inputs.q_nope is None else {"q_nope": inputs.q_nope,
+                                              "q_nope_out": q_nope_out}
     result = inputs.call(kv_output=rows, out=out, errors=errors, epsilon=epsilon,
-                         interleaved=interleaved, validate=validate, schedule=schedule, pdl=pdl)
+                         interleaved=interleaved, validate=validate, schedule=schedule, pdl=pdl,
+                         q_scale=scale, **query)
     return check_run(before, inputs, result, out_storage_before, in_place=in_place,
                      epsilon=epsilon, interleaved=interleaved, errors_counted=int(errors.item()),
-                     kv_output=rows, kv_output_storage_before=rows_storage_before)
+                     kv_output=rows, kv_output_storage_before=rows_storage_before,
+                     q_nope_out=q_nope_out, q_scale=scale)

@@ -54,6 +54,9 @@ class OpInputs:
     slot_mapping: torch.Tensor | None = None
     freqs_layout: str = "interleaved"
     norm_rounding: str = "before_gamma"
+    q_nope: torch.Tensor | None = None
+    cache_format: str = "plain"
+    tile_scale: str = "raw"
 
     @property
     def engine(self) -> bool:
@@ -75,9 +78,12 @@ class OpInputs:
         return {"kv_input": self.kv_input, "k_scale": self.k_scale}
 
     def options(self) -> dict:
-        """Keyword arguments of the entry point and the reference for the table layout and
-        the RMSNorm's rounding."""
-        return {"freqs_layout": self.freqs_layout, "norm_rounding": self.norm_rounding}
+        """Keyword arguments of the entry point and the reference for the table layout, the
+        RMSNorm's rounding and the cache row's format."""
+        options = {"freqs_layout": self.freqs_layout, "norm_rounding": self.norm_rounding}
+        if self.cache_format != "plain":
+            options.update(cache_format=self.cache_format, tile_scale=self.tile_scale)
+        return options
 
     def call(self, **kwargs) -> torch.Tensor:
         """The op's entry point on these inputs (their form and options, and ``kwargs``)."""
@@ -108,12 +114,16 @@ class OpInputs:
         def maybe(tensor):
             return None if tensor is None else copy(tensor)
 
+        q_nope = None
+        if self.q_nope is not None:
+            q_nope = view(self.q_nope, copy(self.q_nope.new_empty(0).set_(
+                self.q_nope.untyped_storage())))
         return OpInputs(view(self.q_rope, q_storage), copy(self.input_row_offsets),
                         copy(self.freqs_cis), copy(self.gamma), view(self.k_cache, cache_storage),
                         copy(self.lookup_table), copy(self.cache_lengths), q_storage,
                         cache_storage, kv_input, kv_storage, maybe(self.k_scale),
                         maybe(self.positions), maybe(self.slot_mapping), self.freqs_layout,
-                        self.norm_rounding)
+                        self.norm_rounding, q_nope, self.cache_format, self.tile_scale)
 
 
 def rope_freqs(max_seq_len: int, rope_dim: int, dtype=torch.float32) -> torch.Tensor:
@@ -126,8 +136,11 @@ def rope_freqs(max_seq_len: int, rope_dim: int, dtype=torch.float32) -> torch.Te
 def guarded(shape, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor,
                                                                         torch.Tensor]:
     """``(storage, view)``: a contiguous random ``view`` of ``shape`` inside a flat random
-    ``storage`` with ``GUARD`` more elements on each side."""
+    ``storage`` with ``GUARD`` more elements on each side (random bytes for uint8)."""
     numel = math.prod(shape)
+    if dtype == torch.uint8:
+        storage = torch.randint(0, 256, (numel + 2 * GUARD,), dtype=dtype, generator=gen)
+        return storage, storage[GUARD:GUARD + numel].view(shape)
     storage = torch.randn(numel + 2 * GUARD, generator=gen).to(dtype)
     return storage, storage[GUARD:GUARD + numel].view(shape)
 
@@ -164,7 +177,10 @@ def make_inputs(
     offsets_dtype: torch.dtype = torch.uint32,
     write_through: bool = False,
     cache_dtype: torch.dtype | None = None,
+    cache_format: str = "plain",
+    tile_scale: str = "raw",
     k_scale: float | None = None,
+    q_nope: bool = False,
     kv_columns: tuple[int, int] | None = None,
     padding_rows: int = 0,
     strided_q: bool = True,
@@ -188,7 +204,10 @@ def make_inputs(
     stride; ``layers > 1`` makes ``k_cache`` layer ``layers // 2`` of a multi-layer cache.
     ``write_through`` adds ``kv_input``: columns ``kv_columns = (width, start)`` of a random
     projection output, by default ``(1536 + D + R, 1536)``. ``cache_dtype`` (default: dtype)
-    may be fp8 (write-through only), with ``k_scale`` (None: no scale tensor).
+    may be fp8 (write-through only), with ``k_scale`` (None: no scale tensor);
+    ``cache_format="fp8_ds_mla"`` makes a uint8 cache of random bytes with rows of ``D +
+    4 D/128 + 2 R`` bytes (write-through, ``tile_scale``). ``q_nope`` adds the attention
+    query's nope part ``[n, H, D]``, a transposed view.
     """
     if len(new_tokens) != len(cache_lengths):
         raise ValueError("new_tokens and cache_lengths need one entry per request")
@@ -216,10 +235,12 @@ def make_inputs(
         lookup_table[b, first:count] = order[used:used + count - first]
         used += count - first
 
-    cache_storage, cache = guarded(
-        (num_pages, layers, page_size, row_width or kv_norm_dim + rope_dim),
-        cache_dtype or dtype, gen)
-    k_cache = cache[:, layers // 2, :, :kv_norm_dim + rope_dim]
+    ds_mla = cache_format == "fp8_ds_mla"
+    row = kv_norm_dim + 4 * kv_norm_dim // 128 + 2 * rope_dim if ds_mla else \
+        kv_norm_dim + rope_dim
+    cache_storage, cache = guarded((num_pages, layers, page_size, row_width or row),
+                                   torch.uint8 if ds_mla else cache_dtype or dtype, gen)
+    k_cache = cache[:, layers // 2, :, :row]
     gamma = (1 + 0.25 * torch.randn(kv_norm_dim, generator=gen)).to(gamma_dtype or dtype)
     offsets = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int64)
     inputs = OpInputs(
@@ -232,7 +253,12 @@ def make_inputs(
         cache_lengths=torch.tensor(cache_lengths, dtype=torch.int32),
         q_storage=q_storage,
         cache_storage=cache_storage,
+        cache_format=cache_format,
+        tile_scale=tile_scale,
     )
+    if q_nope:
+        _, heads_first = guarded((num_q_heads, rows, kv_norm_dim), dtype, gen)
+        inputs.q_nope = heads_first.transpose(0, 1)
     if write_through:
         width = kv_norm_dim + rope_dim
         inputs.kv_storage, inputs.kv_input = rows_like(
@@ -293,7 +319,9 @@ def inputs_for(form: Form, new_tokens: list[int], cache_lengths: list[int],
         gamma_dtype=getattr(torch, form.gamma_dtype),
         freqs_dtype=getattr(torch, form.freqs_dtype),
         offsets_dtype=getattr(torch, form.offsets_dtype), write_through=form.write_through,
-        cache_dtype=getattr(torch, form.cache_element), **options)
+        cache_dtype=None if form.ds_mla else getattr(torch, form.cache_element),
+        cache_format=form.cache_format, tile_scale=form.tile_scale, q_nope=form.q_nope,
+        **options)
     inputs = with_options(inputs, freqs_layout=form.freqs_layout,
                           norm_rounding=form.norm_rounding)
     if form.addressing == "slots":

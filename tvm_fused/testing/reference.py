@@ -158,12 +158,14 @@ def reference_outputs(
     interleaved: bool = True,
     freqs_layout: str = "interleaved",
     norm_rounding: str = "before_gamma",
+    cache_format: str = "plain",
     tile_scale: str = "raw",
     compute_dtype: torch.dtype = torch.float64,
 ) -> ReferenceOutputs:
     """What the op writes for the located ``tokens`` (``kv_input``: the write-through form;
-    ``freqs_layout`` of ``freqs_cis``; ``norm_rounding`` as for ``rmsnorm``; a uint8
-    ``k_cache`` holds fp8_ds_mla rows, with ``tile_scale``). ``R`` may be 0."""
+    ``freqs_layout`` of ``freqs_cis``; ``norm_rounding`` as for ``rmsnorm``;
+    ``cache_format="fp8_ds_mla"``: a uint8 ``k_cache`` of such rows, with ``tile_scale``).
+    ``R`` may be 0."""
     n_real = tokens.pos.numel()
     dtype = q_rope.dtype
     kv_norm_dim = gamma.shape[0]
@@ -188,7 +190,7 @@ def reference_outputs(
     rows[computed] = torch.cat((
         rmsnorm(source[:, :kv_norm_dim], gamma.cpu(), epsilon, dtype, compute_dtype,
                 norm_rounding), rope_part.to(dtype)), dim=-1)
-    if k_cache.dtype == torch.uint8:  # fp8_ds_mla rows
+    if cache_format == "fp8_ds_mla":
         k_out[page, slot] = ds_mla_rows(rows[cached], kv_norm_dim, tile_scale)
     else:
         k_out[page, slot] = quantize(rows[cached], k_cache.dtype, k_scale)
