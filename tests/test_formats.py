@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tvm_fused import Form, fused_rope_rmsnorm, fused_rope_rmsnorm_slots
-from tvm_fused.testing.compare import run_and_check, ulp
+from tvm_fused.testing.compare import check_run, run_and_check, ulp, whole_storage
 from tvm_fused.testing.inputs import inputs_for, rope_freqs, split_table
 from tvm_fused.testing.reference import (
     ds_mla_rows,
@@ -333,3 +333,27 @@ def test_each_form_against_the_reference(device, name):
     report = run_and_check(inputs, out_dtype=out_dtype, kv_output="no-kv-output" not in name,
                            q_scale=0.375 if form.out_dtype else None, validate=True)
     assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize("where", ["latent byte", "scale byte", "rope byte", "q_nope_out"])
+def test_the_check_sees_one_wrong_byte(where):
+    """``check_run`` fails a run whose written rows are one byte off, in each part."""
+    form = FORMS["fp8-query-ds-mla"]
+    inputs = inputs_for(form, [2, 1], [5, 40])
+    before = inputs.clone()
+    kv_output = torch.zeros(inputs.kv_input.shape, dtype=BF16)
+    buffer = torch.zeros(3, form.num_q_heads + 2, D + R, dtype=torch.float8_e4m3fn)
+    out, q_nope_out = buffer[:, :form.num_q_heads, D:], buffer[:, :form.num_q_heads, :D]
+    storage_before = whole_storage(out).clone()
+    inputs.call(kv_output=kv_output, out=out, q_nope=inputs.q_nope, q_nope_out=q_nope_out)
+    slot = int(inputs.slot_mapping[0])
+    row = inputs.k_cache[slot // form.page_size, slot % form.page_size]
+    column = {"latent byte": 5, "scale byte": D + 2, "rope byte": ROW - 1}.get(where)
+    if column is None:
+        q_nope_out.view(torch.uint8)[0, 0, 3] ^= 1
+    else:
+        row[column] ^= 1
+    report = check_run(before, inputs, out, storage_before, kv_output=kv_output,
+                       kv_output_storage_before=torch.zeros_like(kv_output),
+                       q_nope_out=q_nope_out)
+    assert report.fp8_mismatches == 1 and not report.ok, report.summary()

@@ -117,7 +117,7 @@ BAD_FORMS = {
     "fp16 k_scale": ("fp8-e4m3", lambda i: {"k_scale": torch.ones(1).half()}, TypeError,
                      "k_scale must be a float32"),
     "fp16 cache": ("write-through", lambda i: {"k_cache": i.k_cache.half()}, TypeError,
-                   "k_cache must have dtype of q_rope or fp8"),
+                   "k_cache must have dtype of q_rope, fp8 or uint8"),
     "kv_input of fp32": ("write-through", lambda i: {"kv_input": i.kv_input.float()},
                          TypeError, "kv_input must have dtype"),
     "kv_input one row short": ("write-through", lambda i: {"kv_input": i.kv_input[:-1]},

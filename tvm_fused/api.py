@@ -98,10 +98,26 @@ def fused_rope_rmsnorm(
         1): the cache stores ``value / k_scale``.
     epsilon : RMSNorm epsilon, finite and non-negative.
     out : ``[n, H, R]`` in q's dtype, receives roped q; may be ``q_rope`` itself, else must
-        not overlap any other argument. A new contiguous tensor if None (its padding and
-        error rows are left uninitialized).
+        not overlap any other argument (but column slices of one buffer interleave: see
+        ``q_nope_out``). A new contiguous tensor if None (its padding and error rows are
+        left uninitialized). fp8 (``float8_e4m3fn`` or ``float8_e5m2``): the fp8 attention
+        query, each value ``fp8(saturate(value / q_scale))`` of the roped value in q's dtype.
+    q_scale : a one-element float32 tensor, finite and positive (an fp8 ``out`` only;
+        default 1).
+    q_nope, q_nope_out : ``[n, H, D]``, in q's and in ``out``'s dtype, any strides with a
+        contiguous last dim (both or neither): the op also writes ``q_nope_out[t] =
+        q_nope[t]`` (quantized like ``out``) for every token whose q row it writes. With
+        ``out = buf[:, :H, D:]`` and ``q_nope_out = buf[:, :H, :D]`` of one ``[n, H_pad, D +
+        R]`` buffer, one launch writes the whole attention query of an MLA decode kernel.
     errors : a one-element int32 tensor on the op's device, or None; the number of error
         tokens is added to it, on the device (no sync).
+    cache_format : ``"plain"`` (rows of ``D + R`` values) or ``"fp8_ds_mla"``: DeepSeek-V3.2's
+        row in a ``uint8 [num_pages, page_size, D + 4 D/128 + 2 R]`` cache (656 bytes for
+        DeepSeek; any page stride), written by the write-through form: the normed latent in
+        e4m3 per tile of 128 values, the tiles' float32 scales, the roped rope part in q's
+        dtype (bf16 or fp16). No ``k_scale``.
+    tile_scale : fp8_ds_mla's tile scales: ``"raw"`` (``max(amax / 448, FLT_MIN)``, vLLM's)
+        or ``"pow2"`` (``2^ceil(log2(max(amax / 448, 1e-4)))``, FlashMLA's reference).
     interleaved, freqs_layout, norm_rounding, pdl, validate, schedule : see the module.
 
     Returns
@@ -168,7 +184,8 @@ def fused_rope_rmsnorm_slots(
         ``freqs_layout="interleaved"``.
     k_cache : ``[num_pages, page_size, D + R]`` (vLLM: ``[num_blocks, block_size, 576]``;
         SGLang: ``kv_buffer [size, 1, 576]``), q's dtype or fp8 (write-through; a ``.view``
-        of an engine's uint8 cache).
+        of an engine's uint8 cache), or vLLM's uint8 ``fp8_ds_mla`` cache ``[num_blocks,
+        block_size, 656]`` with ``cache_format="fp8_ds_mla"``.
 
     Everything else is as for ``fused_rope_rmsnorm``.
 

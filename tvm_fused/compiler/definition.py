@@ -24,6 +24,8 @@ page_size]``:
                                                * gamma[c]), one rounding)
                  [norm_quant]
                  norm_store  t, c              row(t)[c] = y[t, c]
+    nope branch  nope_locate, [nope_quant,] nope_store  t, h, c
+                                               q_nope_out[t, h, c] = q_nope[t, h, c]  (if OK)
     count branch count_locate, count_errors  t errors[0] += 1 if token t is an ERROR
 
 What each field of the form changes:
@@ -34,6 +36,12 @@ What each field of the form changes:
 - ``cache_dtype`` (fp8): a stage per branch, ``k_quant`` and ``norm_quant``
   (``fp8(saturate(out / k_scale))``), between the last compute stage and the store: the
   value is first rounded to ``dtype``, as SPEC.md asks;
+- ``cache_format="fp8_ds_mla"``: the cache is uint8 rows viewed three ways (``Layout.
+  cache_views``: the latent as e4m3, the tile scales as float32, the rope part in q's
+  dtype); the norm branch gains ``norm_tile_amax`` (a reduction per tile over the row),
+  ``norm_tile_scale``, ``norm_quant`` and ``norm_scale_store`` (``branches.tile_stages``);
+- ``out_dtype`` (fp8): ``q_quant`` between ``q_rope`` and ``q_store``, by ``q_scale``;
+  ``q_nope``: the nope branch; ``rope_dim`` 0: no q and k branches;
 - ``addressing``: the locate stages' body (``locate.py``), either way giving every branch
   the same per-token values: the position and one slot, ``page * page_size + row``;
 - ``freqs_layout`` and ``interleaved``: the strides of the pair views of the table and of
@@ -221,7 +229,6 @@ def _branches(layout: Layout):
     def body(a):
         index = T.meta_var(Index(a.offsets, a.cache_lengths, a.lookup_table, a.positions,
                                  a.slot_mapping, a.max_seq_len, a.num_pages * layout.PS))
-        k_rows, k_pairs, k_scales = T.meta_var(layout.cache_views(a.k_cache, a.ks0, a.ks1))
         if layout.rope:
             q_pairs = T.decl_buffer((a.n, layout.H, R2, TWO), dtype, data=a.q_rope.data,
                                     elem_offset=a.q_rope.elem_offset,
@@ -234,6 +241,10 @@ def _branches(layout: Layout):
                                         data=a.freqs_cis.data,
                                         elem_offset=a.freqs_cis.elem_offset,
                                         strides=layout.freqs_strides)
+        # the cache's views after q's (the order keeps earlier forms' TensorIR, and with it
+        # their tuning records' workload hashes, as they were)
+        k_rows, k_pairs, k_scales = T.meta_var(layout.cache_views(a.k_cache, a.ks0, a.ks1))
+        if layout.rope:
             q_branch(layout)(a.n, q_pairs, out_pairs, freqs_pairs, a.q_scale, index)
         if layout.form.q_nope:
             nope_branch(layout)(a.n, a.q_nope, a.q_nope_out, a.q_scale, index)
