@@ -146,30 +146,34 @@ def test_vllm_steps_in_triton_match_the_torch_steps_in_the_interpreter():
     _interpret(COMPOSITION)
 
 
+def compile_sm90_ptx(kernel, constants: dict, types: dict) -> str:
+    """The PTX of a Triton ``kernel`` for sm_90 (no GPU needed): ``constants`` its constexpr
+    values, ``types`` its pointers' types (other arguments i32)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32")
+                 for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={
+        (kernel.arg_names.index(name),): value for name, value in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
 @pytest.mark.parametrize("cache", ["bf16", "fp8e4nv"])
 def test_engine_kernels_compile_for_sm90(cache):
     """The rotary and cache kernels through Triton's compiler for sm_90 (no GPU needed),
     which the interpreter skips; the fp8 cast is the GPU's nearest-even saturating one."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    pytest.importorskip("triton")
     from benchmarks.peers.engine_triton import _concat_and_cache_kernel, _rotary_kernel
 
-    def compile_ptx(kernel, constants: dict, types: dict) -> str:
-        signature = {name: "constexpr" if name in constants else types.get(name, "i32")
-                     for name in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs={
-            (kernel.arg_names.index(name),): value for name, value in constants.items()})
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-
-    rotary = compile_ptx(_rotary_kernel, {
+    rotary = compile_sm90_ptx(_rotary_kernel, {
         "NUM_Q_HEADS": 128, "BLOCK_Q": 128, "NUM_K_HEADS": 1, "BLOCK_K": 1, "ROT_DIM": 64,
-        "HALF": 32, "HAS_KEY": True}, {"positions_ptr": "*i64", "q_ptr": "*bf16",
+        "HALF": 32, "HAS_KEY": True, "IS_NEOX": False}, {"positions_ptr": "*i64", "q_ptr": "*bf16",
                                        "k_ptr": "*bf16", "cos_sin_ptr": "*bf16"})
     assert "cvt.rn.bf16" in rotary
     quantize = cache != "bf16"
-    cached = compile_ptx(_concat_and_cache_kernel, {
+    cached = compile_sm90_ptx(_concat_and_cache_kernel, {
         "KV_DIM": 512, "BLOCK_KV": 512, "PE_DIM": 64, "BLOCK_PE": 64, "QUANTIZE": quantize,
         "HAS_SCALE": quantize, "CACHE_MAX": 448.0 if quantize else 0.0}, {
         "kv_c_ptr": "*bf16", "k_pe_ptr": "*bf16", "cache_ptr": f"*{cache}",

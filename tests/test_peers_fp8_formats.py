@@ -26,7 +26,7 @@ import torch
 
 from tvm_fused.testing.compare import agreement
 
-from .test_engine_triton import SHIMS
+from .test_engine_triton import SHIMS, compile_sm90_ptx
 
 ROOT = Path(__file__).resolve().parents[1]
 D, R, TILE = 512, 64, 128
@@ -323,30 +323,21 @@ def test_ds_mla_kernels_compile_for_sm90():
     """The writer and the NeoX rotary through Triton's compiler for sm_90 (no GPU needed),
     which the interpreter skips: the division is IEEE, the fp8 cast nearest-even saturating
     (the e4m3 pair conversion)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from benchmarks.peers.ds_mla_chain import _ds_mla_row_kernel, _rotary_neox_kernel
-
-    def compile_ptx(kernel, constants: dict, types: dict) -> str:
-        signature = {name: "constexpr" if name in constants else types.get(name, "i32")
-                     for name in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs={
-            (kernel.arg_names.index(name),): value for name, value in constants.items()})
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    pytest.importorskip("triton")
+    from benchmarks.peers.ds_mla_chain import _ds_mla_row_kernel
+    from benchmarks.peers.engine_triton import _rotary_kernel
 
     for pow2 in (False, True):
-        ptx = compile_ptx(_ds_mla_row_kernel, {
+        ptx = compile_sm90_ptx(_ds_mla_row_kernel, {
             "KV_DIM": D, "NUM_TILES": 4, "BLOCK_TILES": 4, "TILE_SIZE": TILE, "PE_DIM": R,
             "BLOCK_PE": R, "POW2": pow2}, {"kv_c_ptr": "*bf16", "k_pe_ptr": "*bf16",
                                           "cache_ptr": "*u8", "slots_ptr": "*i64"})
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
         assert "div.rn.f32" in ptx
-    rotary = compile_ptx(_rotary_neox_kernel, {
-        "NUM_Q_HEADS": 128, "BLOCK_Q": 128, "NUM_K_HEADS": 1, "BLOCK_K": 1, "HALF": 32,
-        "HAS_KEY": True}, {"positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16",
-                           "cos_sin_ptr": "*fp32"})
+    rotary = compile_sm90_ptx(_rotary_kernel, {
+        "NUM_Q_HEADS": 128, "BLOCK_Q": 128, "NUM_K_HEADS": 1, "BLOCK_K": 1, "ROT_DIM": 64,
+        "HALF": 32, "HAS_KEY": True, "IS_NEOX": True}, {
+            "positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "cos_sin_ptr": "*fp32"})
     assert "cvt.rn.bf16" in rotary
 
 

@@ -8,11 +8,12 @@ plain and fp8 caches (no host sync, CUDA-graph capturable).
    rounded once on the store. ``kv_c = kv_input[:, :D]`` (a column slice, its row stride
    kept) -> a new contiguous ``[T, D]``.
 2. ``rotary_emb``: ``engine_triton.rotary_embedding_`` (vLLM's ``rotary_embedding``, GPT-J
-   pairs ``(x[2j], x[2j+1])``), or with ``interleaved=False`` this module's NeoX twin
-   (pairs ``(x[j], x[j + R/2])``, same math): one launch, one program per token, in place on
-   ``q_pe [T, H, R]`` and on ``k_pe = kv_input[:, D:]`` (which vLLM's in-place kernel thus
-   modifies), float32 math rounded once; ``cos_sin_cache [max_position, R]`` (bf16 or
-   float32; cosines in ``[0, R/2)``, sines in ``[R/2, R)``) at ``positions[t]``.
+   pairs ``(x[2j], x[2j+1])``), or with ``interleaved=False`` its NeoX pairs
+   ``(x[j], x[j + R/2])`` (``is_neox=True``, same math): one launch, one program per
+   token, in place on ``q_pe [T, H, R]`` and on ``k_pe = kv_input[:, D:]`` (which vLLM's
+   in-place kernel thus modifies), float32 math rounded once; ``cos_sin_cache
+   [max_position, R]`` (bf16 or float32; cosines in ``[0, R/2)``, sines in ``[R/2, R)``)
+   at ``positions[t]``.
 3. ``concat_and_cache_ds_mla``: a Triton row writer in the manner of vLLM's CUDA
    ``concat_and_cache_ds_mla_kernel``: one program per token of ``slot_mapping``
    (``num_tokens <= T``); a negative slot returns at once (``PAD_SLOT_ID``); else the row at
@@ -50,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .engine_triton import _heads_view, rotary_embedding_
+from .engine_triton import rotary_embedding_
 
 TILE = 128  # values per fp8 tile (one float32 scale each)
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
@@ -64,68 +65,6 @@ def ds_mla_row_bytes(kv_lora_rank: int = 512, rope_dim: int = 64, rope_itemsize:
     """Bytes of one ``fp8_ds_mla`` row: ``D`` fp8 values, ``D / 128`` float32 scales, ``R``
     16-bit rope values (656 for DeepSeek-V3.2's 512 + 64)."""
     return kv_lora_rank + 4 * (kv_lora_rank // TILE) + rope_itemsize * rope_dim
-
-
-@triton.jit
-def _rotary_neox_heads(base, head_stride, cos, sin, NUM_HEADS: tl.constexpr,
-                       BLOCK_HEADS: tl.constexpr, HALF: tl.constexpr):
-    """Rotate, in place, the NeoX pairs ``(x[j], x[j + HALF])`` of ``NUM_HEADS`` rows at
-    ``base + h * head_stride``: float32 math, one rounding to the tensor's dtype."""
-    heads = tl.arange(0, BLOCK_HEADS)
-    j = tl.arange(0, HALF)
-    mask = heads[:, None] < NUM_HEADS
-    ptrs = base + heads[:, None].to(tl.int64) * head_stride + j[None, :]
-    x0 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    y0 = x0 * cos[None, :] - x1 * sin[None, :]
-    y1 = x1 * cos[None, :] + x0 * sin[None, :]
-    tl.store(ptrs, y0.to(base.dtype.element_ty), mask=mask)  # fp downcast: nearest even
-    tl.store(ptrs + HALF, y1.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rotary_neox_kernel(positions_ptr, q_ptr, k_ptr, cos_sin_ptr, q_s0, q_s1, k_s0, k_s1,
-                        table_s0, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr,
-                        NUM_K_HEADS: tl.constexpr, BLOCK_K: tl.constexpr,
-                        HALF: tl.constexpr, HAS_KEY: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    j = tl.arange(0, HALF)
-    row = cos_sin_ptr + pos * table_s0
-    cos = tl.load(row + j).to(tl.float32)
-    sin = tl.load(row + HALF + j).to(tl.float32)
-    _rotary_neox_heads(q_ptr + token * q_s0, q_s1, cos, sin, NUM_Q_HEADS, BLOCK_Q, HALF)
-    if HAS_KEY:
-        _rotary_neox_heads(k_ptr + token * k_s0, k_s1, cos, sin, NUM_K_HEADS, BLOCK_K, HALF)
-
-
-def rotary_neox_(positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor | None,
-                 cos_sin_cache: torch.Tensor) -> None:
-    """``engine_triton.rotary_embedding_`` with NeoX pairs (vLLM's ``is_neox=True``): the
-    same arguments (``q_pe [T, H, R]``, ``k_pe [T, R]`` / ``[T, Hk, R]`` or None, in place;
-    ``positions [T]`` int64/int32; ``cos_sin_cache [max_position, R]`` bf16/float32, cosines
-    then sines), ONE launch, one program per token."""
-    tokens = positions.shape[0]
-    q = _heads_view(q_pe, "q_pe")
-    k = None if k_pe is None else _heads_view(k_pe, "k_pe")
-    rot_dim = cos_sin_cache.shape[-1]
-    for name, x in (("q_pe", q), ("k_pe", k)):
-        if x is not None and (x.shape[0] != tokens or x.shape[-1] != rot_dim):
-            raise ValueError(f"{name}: expected [{tokens}, heads, {rot_dim}], "
-                             f"got {tuple(x.shape)}")
-    if cos_sin_cache.stride(-1) != 1:
-        raise ValueError("cos_sin_cache: its last dim must be contiguous")
-    if tokens == 0:
-        return
-    k_or_q = q if k is None else k
-    block_q = triton.next_power_of_2(q.shape[1])
-    block_k = triton.next_power_of_2(k_or_q.shape[1])
-    num_warps = max(1, min(8, block_q * rot_dim // 256))
-    _rotary_neox_kernel[(tokens,)](
-        positions, q, k_or_q, cos_sin_cache, q.stride(0), q.stride(1), k_or_q.stride(0),
-        k_or_q.stride(1), cos_sin_cache.stride(0), NUM_Q_HEADS=q.shape[1], BLOCK_Q=block_q,
-        NUM_K_HEADS=k_or_q.shape[1], BLOCK_K=block_k, HALF=rot_dim // 2,
-        HAS_KEY=k is not None, num_warps=num_warps)
 
 
 @triton.jit
@@ -230,7 +169,6 @@ def ds_mla_chain(q_pe: torch.Tensor, positions: torch.Tensor, slot_mapping: torc
                          f"{tuple(gamma.shape)} {gamma.dtype}")
     kv_c, k_pe = kv_input.split([kv_dim, rope_dim], dim=-1)
     kv_c_normed = rms_norm_forward(kv_c, gamma, epsilon, 0.0, "llama", None)[0]
-    rotary = rotary_embedding_ if interleaved else rotary_neox_
-    rotary(positions, q_pe, k_pe, cos_sin_cache)
+    rotary_embedding_(positions, q_pe, k_pe, cos_sin_cache, is_neox=not interleaved)
     concat_and_cache_ds_mla(kv_c_normed, k_pe, kv_cache_u8, slot_mapping, tile_scale)
     return q_pe, kv_c_normed, k_pe

@@ -60,20 +60,46 @@ def _rotate_heads(base, head_stride, cos, sin, NUM_HEADS: tl.constexpr,
 
 
 @triton.jit
+def _rotate_neox_heads(base, head_stride, cos, sin, NUM_HEADS: tl.constexpr,
+                       BLOCK_HEADS: tl.constexpr, HALF: tl.constexpr):
+    """Rotate, in place, the NeoX pairs ``(x[j], x[j + HALF])`` of ``NUM_HEADS`` rows at
+    ``base + h * head_stride``: float32 math, one rounding to the tensor's dtype."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    j = tl.arange(0, HALF)
+    mask = heads[:, None] < NUM_HEADS
+    ptrs = base + heads[:, None].to(tl.int64) * head_stride + j[None, :]
+    x0 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    y0 = x0 * cos[None, :] - x1 * sin[None, :]
+    y1 = x1 * cos[None, :] + x0 * sin[None, :]
+    tl.store(ptrs, y0.to(base.dtype.element_ty), mask=mask)  # fp downcast: nearest even
+    tl.store(ptrs + HALF, y1.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate(base, head_stride, cos, sin, NUM_HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+            ROT_DIM: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
+    if IS_NEOX:
+        _rotate_neox_heads(base, head_stride, cos, sin, NUM_HEADS, BLOCK_HEADS, HALF)
+    else:
+        _rotate_heads(base, head_stride, cos, sin, NUM_HEADS, BLOCK_HEADS, ROT_DIM, HALF)
+
+
+@triton.jit
 def _rotary_kernel(positions_ptr, q_ptr, k_ptr, cos_sin_ptr, q_s0, q_s1, k_s0, k_s1,
                    table_s0, NUM_Q_HEADS: tl.constexpr, BLOCK_Q: tl.constexpr,
                    NUM_K_HEADS: tl.constexpr, BLOCK_K: tl.constexpr, ROT_DIM: tl.constexpr,
-                   HALF: tl.constexpr, HAS_KEY: tl.constexpr):
+                   HALF: tl.constexpr, HAS_KEY: tl.constexpr, IS_NEOX: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     j = tl.arange(0, HALF)
     row = cos_sin_ptr + pos * table_s0
     cos = tl.load(row + j).to(tl.float32)
     sin = tl.load(row + HALF + j).to(tl.float32)
-    _rotate_heads(q_ptr + token * q_s0, q_s1, cos, sin, NUM_Q_HEADS, BLOCK_Q, ROT_DIM, HALF)
+    _rotate(q_ptr + token * q_s0, q_s1, cos, sin, NUM_Q_HEADS, BLOCK_Q, ROT_DIM, HALF, IS_NEOX)
     if HAS_KEY:
-        _rotate_heads(k_ptr + token * k_s0, k_s1, cos, sin, NUM_K_HEADS, BLOCK_K, ROT_DIM,
-                      HALF)
+        _rotate(k_ptr + token * k_s0, k_s1, cos, sin, NUM_K_HEADS, BLOCK_K, ROT_DIM, HALF,
+                IS_NEOX)
 
 
 def _heads_view(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -87,9 +113,10 @@ def _heads_view(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def rotary_embedding_(positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor | None,
-                      cos_sin_cache: torch.Tensor) -> None:
-    """vLLM's ``rotary_embedding`` (GPT-J pairs), in place on ``q_pe [T, H, R]`` and
-    ``k_pe [T, R]`` / ``[T, Hk, R]`` (or None): ONE launch, one program per token;
+                      cos_sin_cache: torch.Tensor, is_neox: bool = False) -> None:
+    """vLLM's ``rotary_embedding``, in place on ``q_pe [T, H, R]`` and ``k_pe [T, R]`` /
+    ``[T, Hk, R]`` (or None): ONE launch, one program per token; GPT-J pairs
+    ``(x[2j], x[2j + 1])``, or NeoX pairs ``(x[j], x[j + R/2])`` with ``is_neox``;
     ``positions [T]`` int64/int32, ``cos_sin_cache [max_position, R]`` bf16/float32 with
     the cosines in ``[0, R/2)`` and the sines in ``[R/2, R)``. Strided views are fine (the
     last dim contiguous)."""
@@ -113,7 +140,7 @@ def rotary_embedding_(positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.T
         positions, q, k_or_q, cos_sin_cache, q.stride(0), q.stride(1), k_or_q.stride(0),
         k_or_q.stride(1), cos_sin_cache.stride(0), NUM_Q_HEADS=q.shape[1], BLOCK_Q=block_q,
         NUM_K_HEADS=k_or_q.shape[1], BLOCK_K=block_k, ROT_DIM=rot_dim, HALF=rot_dim // 2,
-        HAS_KEY=k is not None, num_warps=num_warps)
+        HAS_KEY=k is not None, IS_NEOX=is_neox, num_warps=num_warps)
 
 
 @triton.jit

@@ -99,7 +99,7 @@ def nope_branch(layout: Layout):
     staging: the store reads ``q_nope`` itself, only for OK tokens."""
     H, odtype, unit = layout.H, layout.odtype, nope_copy_dtype(layout.form)
     fp8 = odtype != layout.dtype
-    width = T.int64(layout.form.kv_norm_dim * ITEMSIZE[layout.dtype] // ITEMSIZE.get(unit, 2))
+    width = T.int64(layout.form.kv_norm_dim * ITEMSIZE[layout.dtype] // ITEMSIZE[unit])
 
     @T.macro
     def branch(n, q_nope, q_nope_out, q_scale, index):
@@ -186,7 +186,9 @@ def norm_branch(layout: Layout):
     quantized = layout.fp8 or layout.ds_mla
 
     @T.macro
-    def branch(n, norm_source, k_rows, k_scales, output_rows, gamma, epsilon, k_scale, index):
+    def branch(n, norm_source, cache_rows, output_rows, gamma, epsilon, k_scale, index):
+        # the cache's row view and (fp8_ds_mla) its tile scales' view
+        k_rows, k_scales = T.meta_var(cache_rows)
         norm_pos = T.sblock_alloc_buffer((n,), "int64")
         norm_slot = T.sblock_alloc_buffer((n,), "int64")
         norm_in = T.sblock_alloc_buffer((n, D), dtype)

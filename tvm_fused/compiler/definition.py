@@ -256,7 +256,7 @@ def _branches(layout: Layout):
             if layout.rope:
                 k_branch(layout)(a.n, input_pairs, k_pairs, output_pairs, freqs_pairs,
                                  a.k_scale, index)
-            norm_branch(layout)(a.n, input_rows, k_rows, k_scales, output_rows, a.gamma,
+            norm_branch(layout)(a.n, input_rows, (k_rows, k_scales), output_rows, a.gamma,
                                 a.epsilon, a.k_scale, index)
         else:  # the k and norm branches update the cache rows in place, through views that
             # read them (a stage pipeline: a row is stored after the stages before read it)
@@ -264,8 +264,8 @@ def _branches(layout: Layout):
                                                                 a.ks0, a.ks1))
             if layout.rope:
                 k_branch(layout)(a.n, k_in_pairs, k_pairs, None, freqs_pairs, None, index)
-            norm_branch(layout)(a.n, k_in_rows, k_rows, None, None, a.gamma, a.epsilon, None,
-                                index)
+            norm_branch(layout)(a.n, k_in_rows, (k_rows, None), None, a.gamma, a.epsilon,
+                                None, index)
         count_branch(layout)(a.n, a.errors, index)
     return body
 
