@@ -8,6 +8,9 @@
 The write-through form against the in-place op, bf16 and fp8 caches, 128 and 16 heads:
   python -m benchmarks suite --form in-place,write-through \\
       --cache-dtype bfloat16,float8_e4m3fn --heads 128,16 --csv wt.csv
+DeepSeek-V3.2's cache row and the whole fp8 attention query against vLLM's chain:
+  python -m benchmarks suite --form write-through,fp8-query \\
+      --cache-dtype float8_e4m3fn,fp8_ds_mla --csv formats.csv
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import sys
 from pathlib import Path
 
 from tvm_fused.form import DTYPES, FP8_DTYPES
+
+DS_MLA = "fp8_ds_mla"  # the cache format a --cache-dtype may name
 
 
 def _names(value: str) -> list[str]:
@@ -47,7 +52,7 @@ def suite_parts(args: argparse.Namespace) -> tuple:
     caches = _names(args.cache_dtype) or [args.dtype]
     names = _names(args.providers)
     for what, given, known in (("form", forms, FORMS), ("provider", names, ALL_PROVIDERS),
-                               ("cache dtype", caches, (args.dtype, *FP8_DTYPES))):
+                               ("cache dtype", caches, (args.dtype, *FP8_DTYPES, DS_MLA))):
         unknown = [value for value in given if value not in known]
         if unknown:
             raise ValueError(f"unknown {what} {', '.join(unknown)}: choose from "
@@ -55,13 +60,14 @@ def suite_parts(args: argparse.Namespace) -> tuple:
     tokens = tuple(int(t) for t in _names(args.tokens)) or DECODE_TOKENS + PREFILL_TOKENS
     parts = tuple(
         Part(int(heads), not args.neox, tokens, tuple(names) or PROVIDERS[form],
-             write_through=form == "write-through",
-             cache_dtype=None if cache == args.dtype else cache,
-             kv_output=args.kv_output and form == "write-through")
+             write_through=form != "in-place",
+             cache_dtype=None if cache in (args.dtype, DS_MLA) else cache,
+             kv_output=args.kv_output and form == "write-through",
+             cache_format=DS_MLA if cache == DS_MLA else "plain", fp8_query=form == "fp8-query")
         for heads in _names(args.heads or "128") for form in forms for cache in caches
-        if form == "write-through" or cache == args.dtype)
+        if form != "in-place" or cache == args.dtype)
     if not parts:
-        raise ValueError("an fp8 cache needs --form write-through")
+        raise ValueError("an fp8 or fp8_ds_mla cache needs --form write-through or fp8-query")
     return parts
 
 
@@ -121,10 +127,12 @@ def parser() -> argparse.ArgumentParser:
     suite_parser.add_argument("--neox", action="store_true", help="NeoX (half-split) pairs")
     suite_parser.add_argument("--form", default="",
                               help="comma-separated forms of the op: in-place (default), "
-                                   "write-through (the latent from kv_input)")
+                                   "write-through (the latent from kv_input), fp8-query "
+                                   "(write-through, writing the whole fp8 attention query)")
     suite_parser.add_argument("--cache-dtype", default="",
                               help="comma-separated cache dtypes: --dtype's (default), "
-                                   f"{', '.join(FP8_DTYPES)} (write-through only)")
+                                   f"{', '.join(FP8_DTYPES)} or {DS_MLA} (DeepSeek-V3.2's "
+                                   "row; these with write-through or fp8-query only)")
     suite_parser.add_argument("--kv-output", action="store_true",
                               help="the write-through form also writes kv_output")
     suite_parser.add_argument("--dtype", choices=DTYPES,

@@ -30,8 +30,8 @@ import tvm
 
 from tvm_fused import Form, fused_rope_rmsnorm, fused_rope_rmsnorm_slots
 from tvm_fused.schedules.config import default_for_tokens
-from tvm_fused.testing.compare import CheckReport, check_run
-from tvm_fused.testing.inputs import OpInputs, inputs_for
+from tvm_fused.testing.compare import CheckReport, check_run, query_buffer, whole_storage
+from tvm_fused.testing.inputs import OpInputs, inputs_for, split_table
 from tvm_fused.timing import bytes_moved, time_cuda, time_graph
 from tvm_fused.tuning import decisions
 from tvm_fused.tuning.buckets import bucket_case, nearest_bucket
@@ -52,15 +52,19 @@ PREFIX_POOL_PAGES = 64  # decode contexts share cached pages: 256 long requests 
 COPY_BYTES = 1 << 30
 STEADY_CALLS = 50  # calls per graph of the steady-state figure: a decode step's layers
 FP8_K_SCALE = 0.5  # k_scale of fp8 caches (its value does not change the time)
+Q_SCALE = 0.5  # q_scale of the fp8 attention query
 
-FORMS = ("in-place", "write-through")
+# in place; write-through; write-through writing the whole fp8 attention query
+FORMS = ("in-place", "write-through", "fp8-query")
 COPY_THEN_IN_PLACE = "copy + tvm-fused in-place"
+ENGINE_CHAIN = "vllm chain (triton)"
 # the providers of each form, in the order they are timed
 PROVIDERS = {
     "in-place": ("tvm-fused tuned", "tvm-fused default", "triton fused", "liger",
                  "torch.compile", "torch eager"),
     "write-through": ("tvm-fused tuned", "tvm-fused default", COPY_THEN_IN_PLACE,
-                      "triton fused", "torch.compile", "torch eager"),
+                      ENGINE_CHAIN, "triton fused", "torch.compile", "torch eager"),
+    "fp8-query": ("tvm-fused tuned", "tvm-fused default", ENGINE_CHAIN),
 }
 ALL_PROVIDERS = tuple(dict.fromkeys(PROVIDERS["in-place"] + PROVIDERS["write-through"]))
 
@@ -71,9 +75,14 @@ PEER_OPTIONS = {"addressing": "offsets", "freqs_layout": "interleaved",
                 "norm_rounding": "before_gamma"}
 
 
+def cache_name(form: Form) -> str:
+    """``form``'s cache: its dtype, or ``"fp8_ds_mla"``."""
+    return form.cache_format if form.ds_mla else form.cache_element
+
+
 def form_name(form: Form) -> str:
-    """Where ``form``'s latent comes from, one of ``FORMS``."""
-    return FORMS[form.write_through]
+    """Where ``form``'s latent comes from and what it writes of q, one of ``FORMS``."""
+    return FORMS[2] if form.q_nope else FORMS[form.write_through]
 
 
 @dataclasses.dataclass
@@ -82,13 +91,25 @@ class Call:
     roped q; ``kv_output`` ``[n, D + R]`` in q's dtype for the new rows (None: not asked
     for); each real token's ``positions`` and cache ``slots`` (int64 ``[n_real]``: freqs
     row, ``page * page_size + offset``), computed before timing, as a serving engine's
-    scheduler computes its ``slot_mapping``."""
+    scheduler computes its ``slot_mapping``; the table as vLLM keeps it (``cos_sin_cache
+    [P, R]``: cosines, then sines; made once, as at model load). With the fp8 attention
+    query (``inputs.q_nope``), ``out`` and ``q_nope_out`` are the column slices of one fp8
+    ``[n, H + 2, D + R]`` buffer and ``q_scale`` its scale (float32 ``[1]``)."""
 
     inputs: OpInputs
     out: torch.Tensor
     kv_output: torch.Tensor | None
     positions: torch.Tensor
     slots: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    q_nope_out: torch.Tensor | None = None
+    q_scale: torch.Tensor | None = None
+
+    def query(self) -> torch.Tensor:
+        """The fp8 attention query ``[n, H, D + R]`` (its real heads), whose column slices
+        ``q_nope_out`` and ``out`` are."""
+        return self.q_nope_out.as_strided((*self.out.shape[:2], self.q_nope_out.shape[2]
+                                           + self.out.shape[2]), self.q_nope_out.stride())
 
 
 Provider = Callable[[Call], None]
@@ -106,15 +127,24 @@ def sweep_inputs(form: Form, tokens: int, device="cuda") -> OpInputs:
                       prefix_pool=PREFIX_POOL_PAGES, device=device)
 
 
-def new_call(inputs: OpInputs, kv_output: bool, addressing: tuple) -> Call:
-    """A call on ``inputs`` with random ``out`` (and ``kv_output`` if asked), each its own
-    whole storage; ``addressing``: ``(positions, slots)`` from ``engine_addressing``."""
+def new_call(inputs: OpInputs, form: Form, addressing: tuple) -> Call:
+    """A call on ``inputs`` (of ``form``) with random ``out`` (and ``kv_output`` if the form
+    has it), each its own whole storage, or with the form's fp8 attention query, random
+    bytes in one buffer (``Call``); ``addressing``: ``(positions, slots)`` from
+    ``engine_addressing``."""
     q = inputs.q_rope
     rows = None
-    if kv_output:
+    if form.kv_output:
         rows = torch.randn(inputs.kv_input.shape, dtype=q.dtype, device=q.device)
-    return Call(inputs, torch.randn(q.shape, dtype=q.dtype, device=q.device), rows,
-                *addressing)
+    table = split_table(inputs.freqs_cis) if inputs.freqs_layout == "interleaved" \
+        else inputs.freqs_cis
+    if not form.out_dtype:
+        return Call(inputs, torch.randn(q.shape, dtype=q.dtype, device=q.device), rows,
+                    *addressing, table)
+    out, q_nope_out = query_buffer(inputs, getattr(torch, form.out_dtype), None,
+                                   torch.Generator().manual_seed(0))
+    q_scale = torch.tensor([Q_SCALE], dtype=torch.float32, device=q.device)
+    return Call(inputs, out, rows, *addressing, table, q_nope_out, q_scale)
 
 
 def engine_addressing(inputs: OpInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +168,10 @@ def tvm_provider(form: Form, schedule=None) -> Provider:
     fused = _tvm_fused(form, schedule)
 
     def run(call: Call) -> None:
-        fused(*call.inputs.args(), **call.inputs.latent(), kv_output=call.kv_output,
-              out=call.out)
+        query = {} if call.q_nope_out is None else {"q_nope": call.inputs.q_nope,
+                                                    "q_nope_out": call.q_nope_out}
+        fused(*call.inputs.args(), **call.inputs.latent(), **call.inputs.options(),
+              kv_output=call.kv_output, out=call.out, q_scale=call.q_scale, **query)
 
     return run
 
@@ -156,6 +188,33 @@ def copy_then_in_place(form: Form, schedule=None) -> Provider:
         write_cache_rows(inputs.k_cache, call.slots, inputs.kv_input[:call.slots.shape[0]])
         fused(*inputs.args(), out=call.out)
 
+    return run
+
+
+def engine_chain(form: Form) -> Provider:
+    """vLLM's launches for ``form`` (write-through, no ``kv_output``; PEER_OPTIONS), its
+    Triton kernels (``engine_triton.vllm_mla_chain_triton``): Liger's RMSNorm, the rotary
+    in place on q's rope part and the latent's, the cache writer of the form's cache (bf16,
+    per-tensor fp8 or fp8_ds_mla); with the fp8 attention query, then the concat +
+    quantize compiled by Inductor (``fp8_query_chain.compiled_concat_quant_fp8``). It
+    modifies its inputs (``MODIFIES_INPUTS``): the roped q is ``q_rope`` itself, unless
+    the query is written."""
+    from .peers.engine_triton import vllm_mla_chain_triton
+    from .peers.fp8_query_chain import compiled_concat_quant_fp8
+
+    cache = "fp8_ds_mla" if form.ds_mla else {None: "auto", "float8_e4m3fn": "fp8_e4m3",
+                                              "float8_e5m2": "fp8_e5m2"}[form.cache_dtype]
+
+    def run(call: Call) -> None:
+        inputs = call.inputs
+        vllm_mla_chain_triton(inputs.q_rope, inputs.kv_input, call.cos_sin_cache,
+                              inputs.gamma, inputs.k_cache, call.slots, call.positions,
+                              cache, inputs.k_scale, is_neox=not form.interleaved,
+                              tile_scale=form.tile_scale)
+        if call.q_nope_out is not None:
+            compiled_concat_quant_fp8(inputs.q_nope, inputs.q_rope, call.q_scale, call.query())
+
+    run.MODIFIES_INPUTS = True
     return run
 
 
@@ -215,15 +274,19 @@ def providers(form: Form, tokens: int, names: tuple[str, ...]) -> dict[str, Prov
         "tvm-fused tuned": lambda: tvm_provider(form),  # the runtime's choice
         "tvm-fused default": lambda: tvm_provider(form, default),
         COPY_THEN_IN_PLACE: lambda: copy_then_in_place(form, default),
+        ENGINE_CHAIN: lambda: engine_chain(form),
         "triton fused": lambda: triton_provider(interleaved),
         "liger": lambda: _with_token_count(_liger(), interleaved),
         "torch.compile": lambda: wrap(_compiled(torch_op), interleaved),
         "torch eager": lambda: wrap(torch_op, interleaved),
     }
     peers = all(getattr(form, name) == value for name, value in PEER_OPTIONS.items())
-    available = {"tvm-fused tuned": bool(decided), "liger": peers and not interleaved,
-                 COPY_THEN_IN_PLACE: form.cache_dtype is None and not form.kv_output,
-                 "triton fused": peers, "torch.compile": peers, "torch eager": peers}
+    plain = peers and not form.ds_mla  # the fused peers write plain rows only
+    available = {"tvm-fused tuned": bool(decided), "liger": plain and not interleaved,
+                 COPY_THEN_IN_PLACE: form.cache_dtype is None and not (form.kv_output
+                                                                        or form.ds_mla),
+                 ENGINE_CHAIN: peers and not form.kv_output and form.dtype == form.gamma_dtype,
+                 "triton fused": plain, "torch.compile": plain, "torch eager": plain}
     return {name: makers[name]() for name in names
             if name in PROVIDERS[form_name(form)] and available.get(name, True)}
 
@@ -293,22 +356,34 @@ def host_us(fn, calls: int = 50, batches: int = 7) -> float:
 def check_provider(name: str, provider: Provider, base: OpInputs,
                    form: Form) -> tuple[Call, CheckReport | None]:
     """Warm ``provider`` up on a scratch copy of ``base`` (inputs of ``form``), then run it
-    on a fresh copy and check it (``kv_output`` too, if the form has it). Returns ``(call,
-    report)``; report is None past ``CHECK_MAX_TOKENS`` tokens; ``AssertionError`` if the
-    check fails."""
+    on a fresh copy and check it (``kv_output`` too, if the form has it). A provider that
+    ``MODIFIES_INPUTS`` (vLLM's in-place rotary) is checked with its roped q in ``q_rope``
+    (unless it writes the fp8 query) and the inputs it ropes restored before the check.
+    Returns ``(call, report)``; report is None past ``CHECK_MAX_TOKENS`` tokens;
+    ``AssertionError`` if the check fails."""
     tokens = base.q_rope.shape[0]
     addressing = engine_addressing(base)
-    provider(new_call(base.clone(), form.kv_output, addressing))
-    call = new_call(base.clone(), form.kv_output, addressing)
-    out_before = call.out.clone()  # out and kv_output are their whole storages
+    provider(new_call(base.clone(), form, addressing))
+    call = new_call(base.clone(), form, addressing)
+    modifies = getattr(provider, "MODIFIES_INPUTS", False)
+    in_place = modifies and call.q_nope_out is None
+    if in_place:
+        call.out = call.inputs.q_rope
+    out_before = whole_storage(call.out).clone()
     rows_before = None if call.kv_output is None else call.kv_output.clone()
     provider(call)
     if call.out.is_cuda:
         torch.cuda.synchronize()
     if tokens > CHECK_MAX_TOKENS:
         return call, None
-    report = check_run(base, call.inputs, call.out, out_before, interleaved=form.interleaved,
-                       kv_output=call.kv_output, kv_output_storage_before=rows_before)
+    if modifies:
+        call.inputs.kv_storage.copy_(base.kv_storage)
+        if not in_place:
+            call.inputs.q_storage.copy_(base.q_storage)
+    report = check_run(base, call.inputs, call.out, out_before, in_place=in_place,
+                       interleaved=form.interleaved, kv_output=call.kv_output,
+                       kv_output_storage_before=rows_before, q_nope_out=call.q_nope_out,
+                       q_scale=call.q_scale)
     if not report.ok:
         raise AssertionError(f"{name} is wrong at {tokens} tokens: {report.summary()}")
     return call, report
@@ -337,7 +412,7 @@ def measure(form: Form, tokens: int, provider_map: dict[str, Provider], copy_tb_
     same_bytes_copy = copy_us(moved, reps)
     decode = tokens <= DECODE_MAX
     pairing = "gptj" if form.interleaved else "neox"
-    what = (f"{gpu} | {form_name(form)} {form.cache_element} cache"
+    what = (f"{gpu} | {form_name(form)} {cache_name(form)} cache"
             f"{' +kv_output' * form.kv_output} | {pairing} {form.num_q_heads:3d} heads | "
             f"{tokens:6d} tok")
     rows = []
@@ -347,7 +422,7 @@ def measure(form: Form, tokens: int, provider_map: dict[str, Provider], copy_tb_
         except Exception as error:
             log(f"{what} | {name:<25} FAILED: {error!r}"[:2000])
             failures.append(f"{name} at {tokens} tokens, {form.num_q_heads} heads, "
-                            f"{form_name(form)}, {form.cache_element} cache"
+                            f"{form_name(form)}, {cache_name(form)} cache"
                             f"{', kv_output' * form.kv_output}: {error!r}")
             continue
 
@@ -361,7 +436,7 @@ def measure(form: Form, tokens: int, provider_map: dict[str, Provider], copy_tb_
         tb_s = moved / timing.median_us / 1e6
         row = Row(gpu, name, pairing, form.num_q_heads, tokens,
                   "decode" if decode else "prefill", form.dtype, form_name(form),
-                  form.cache_element, form.kv_output, timing.median_us, timing.p20_us,
+                  cache_name(form), form.kv_output, timing.median_us, timing.p20_us,
                   timing.p80_us, graph_us, steady_us, host, tb_s, tb_s / copy_tb_s,
                   same_bytes_copy,
                   report is not None, report.q_error if report else math.nan,
@@ -392,7 +467,9 @@ class Part:
     """One sweep of the suite: ``heads`` q heads, GPT-J pairs if ``interleaved``, each of
     ``tokens``, each provider of ``providers`` that exists for it, in the write-through form
     if ``write_through`` (else in place) with a cache of ``cache_dtype`` (None: q's dtype;
-    else fp8, write-through only), writing ``kv_output`` too if asked (write-through only).
+    else fp8, write-through only) or of ``cache_format`` (``"fp8_ds_mla"``: write-through),
+    writing ``kv_output`` too if asked, and the whole fp8 attention query if ``fp8_query``
+    (both write-through only).
     """
 
     heads: int
@@ -403,16 +480,21 @@ class Part:
     write_through: bool = False
     cache_dtype: str | None = None
     kv_output: bool = False
+    cache_format: str = "plain"
+    fp8_query: bool = False
 
     def __post_init__(self) -> None:
         self.form(Form())  # Form refuses what no form has (ValueError)
 
     def form(self, base: Form) -> Form:
-        """``base`` with this part's heads, pairing, latent source, cache dtype and
-        ``kv_output``."""
+        """``base`` with this part's heads, pairing, latent source, cache dtype and format,
+        ``kv_output``, and the whole fp8 attention query (``q_nope``, an fp8 ``out``) if
+        ``fp8_query``."""
         return dataclasses.replace(base, num_q_heads=self.heads, interleaved=self.interleaved,
                                    write_through=self.write_through,
-                                   cache_dtype=self.cache_dtype, kv_output=self.kv_output)
+                                   cache_dtype=self.cache_dtype, kv_output=self.kv_output,
+                                   cache_format=self.cache_format, q_nope=self.fp8_query,
+                                   out_dtype="float8_e4m3fn" if self.fp8_query else None)
 
 
 # the sweep of the README's performance section (in place)

@@ -18,7 +18,7 @@ form = Form()
 cases = []
 for tokens in TOKENS:
     inputs = sweep_inputs(form, tokens)
-    call = new_call(inputs, form.kv_output, engine_addressing(inputs))
+    call = new_call(inputs, form, engine_addressing(inputs))
     for name, provider in providers(form, tokens, NAMES).items():
         for _ in range(3):
             provider(call)

@@ -13,12 +13,14 @@ from benchmarks.suite import (
     COPY_THEN_IN_PLACE,
     DECODE_MAX,
     DECODE_TOKENS,
+    ENGINE_CHAIN,
     FP8_K_SCALE,
     PEER_OPTIONS,
     PREFILL_TOKENS,
     PROVIDERS,
     SUITE,
     Part,
+    cache_name,
     check_provider,
     copy_then_in_place,
     form_name,
@@ -28,6 +30,8 @@ from benchmarks.suite import (
 )
 from tvm_fused.form import Form
 from tvm_fused.timing import bytes_moved
+
+from .test_engine_triton import SHIMS, _interpret
 
 
 def _form(write_through=False, cache_dtype=None, heads=2, kv_output=False) -> Form:
@@ -77,6 +81,7 @@ def test_bytes_per_op_follow_the_form():
 
 NAMES = ("tvm-fused default", COPY_THEN_IN_PLACE, "triton fused", "torch.compile",
          "torch eager")
+ALL_NAMES = (*NAMES, "liger", ENGINE_CHAIN)
 
 
 @pytest.mark.parametrize("write_through, cache_dtype, kv_output, copy", [
@@ -98,6 +103,63 @@ def test_peers_exist_only_in_the_options_they_take(option, value):
     form = dataclasses.replace(_form(True), **{option: value})
     assert value != PEER_OPTIONS[option]
     assert list(providers(form, 8, NAMES)) == ["tvm-fused default", COPY_THEN_IN_PLACE]
+
+
+def _format_form(cache_format="fp8_ds_mla", cache_dtype=None, fp8_query=False,
+                 heads=4) -> Form:
+    return Part(heads, True, (), (), write_through=True, cache_dtype=cache_dtype,
+                cache_format=cache_format, fp8_query=fp8_query).form(Form())
+
+
+FORMAT_FORMS = {"ds_mla": ("fp8_ds_mla", None, False),
+                "fp8-query-ds_mla": ("fp8_ds_mla", None, True),
+                "fp8-query-fp8": ("plain", "float8_e4m3fn", True)}
+
+
+@pytest.mark.parametrize("form_args", FORMAT_FORMS.values(), ids=FORMAT_FORMS)
+def test_format_forms_have_tvm_fused_and_vllms_chain(form_args):
+    """DeepSeek-V3.2's row and the fp8 attention query: tvm-fused and vLLM's chain, no fused
+    peer (they write neither)."""
+    form = _format_form(*form_args)
+    assert form_name(form) == ("fp8-query" if form.q_nope else "write-through")
+    assert list(providers(form, 8, ALL_NAMES)) == ["tvm-fused default", ENGINE_CHAIN]
+
+
+@pytest.mark.parametrize("tokens", [3, 600])
+@pytest.mark.parametrize("form_args", FORMAT_FORMS.values(), ids=FORMAT_FORMS)
+def test_tvm_fused_passes_the_suites_check_in_the_new_formats(form_args, tokens):
+    """The suite's call of tvm-fused (its CPU schedule) writes the fp8_ds_mla rows and the
+    fp8 query into its head-padded buffer as the float64 reference says."""
+    form = _format_form(*form_args)
+    base = sweep_inputs(form, tokens, device="cpu")
+    call, report = check_provider("tvm-fused", tvm_provider(form), base, form)
+    assert report.ok and (call.q_nope_out is not None) == form.q_nope
+    if form.q_nope:
+        assert call.out.dtype == torch.float8_e4m3fn and call.query().shape[-1] == 576
+
+
+ENGINE_CHAIN_CHECK = SHIMS + """
+import dataclasses
+from benchmarks.suite import Part, check_provider, engine_chain, sweep_inputs
+from tvm_fused.form import Form
+
+for cache_format, cache_dtype, fp8_query, interleaved in [
+        ("fp8_ds_mla", None, False, True), ("fp8_ds_mla", None, True, False),
+        ("plain", "float8_e4m3fn", True, True), ("plain", None, False, True)]:
+    form = Part(4, interleaved, (), (), write_through=True, cache_dtype=cache_dtype,
+                cache_format=cache_format, fp8_query=fp8_query).form(Form())
+    base = sweep_inputs(form, 3, device="cpu")
+    _, report = check_provider("chain", engine_chain(form), base, form)
+    assert report.ok, report.summary()
+    print(cache_format, cache_dtype, fp8_query, "ok")
+"""
+
+
+def test_vllms_chain_passes_the_suites_check_in_the_interpreter():
+    """vLLM's chain (Liger's RMSNorm, the Triton rotary, the row writer, and for the fp8
+    query Inductor's concat + quantize) in Triton's CPU interpreter: the suite's check
+    against the float64 reference passes for each cache format, both pairings."""
+    assert _interpret(ENGINE_CHAIN_CHECK).count(" ok") == 4
 
 
 @pytest.mark.parametrize("cache_dtype, kv_output, tokens", [
@@ -185,10 +247,15 @@ def test_command_line_parts():
                     "--tokens", "1,64", "--neox")
     assert part == Part(128, False, (1, 64), ("torch eager", "triton fused"),
                         write_through=True)
+    assert [(form_name(p.form(Form())), cache_name(p.form(Form())))
+            for p in _parts("--form", "write-through,fp8-query", "--cache-dtype",
+                            "float8_e4m3fn,fp8_ds_mla")] == [
+        (form, cache) for form in ("write-through", "fp8-query")
+        for cache in ("float8_e4m3fn", "fp8_ds_mla")]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--cache-dtype", "float8_e4m3fn"), "an fp8 cache needs --form write-through"),
+    (("--cache-dtype", "fp8_ds_mla"), "an fp8 or fp8_ds_mla cache needs --form write-through"),
     (("--form", "write-through", "--cache-dtype", "float16"), "unknown cache dtype float16"),
     (("--providers", "tvm-fused default,vllm"), "unknown provider vllm"),
     (("--form", "out-of-place"), "unknown form out-of-place"),

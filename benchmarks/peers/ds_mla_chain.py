@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .engine_triton import rotary_embedding_
+from .engine_triton import vllm_mla_chain_triton
 
 TILE = 128  # values per fp8 tile (one float32 scale each)
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
@@ -157,8 +157,6 @@ def ds_mla_chain(q_pe: torch.Tensor, positions: torch.Tensor, slot_mapping: torc
     656]`` (any page stride), ``tile_scale`` ``"raw"`` / ``"pow2"``, ``interleaved``: GPT-J
     pairs (DeepSeek's), else NeoX. Returns ``(q_pe, kv_c_normed [T, D], k_pe)``: q_pe
     itself, the new normed latent, the roped ``kv_input[:, D:]`` view."""
-    from liger_kernel.ops.rms_norm import rms_norm_forward  # the function engine_triton uses
-
     rope_dim = q_pe.shape[-1]
     if cos_sin_cache.shape[-1] != rope_dim:
         raise ValueError(f"cos_sin_cache: {cos_sin_cache.shape[-1]} columns, q_pe {rope_dim}")
@@ -167,8 +165,6 @@ def ds_mla_chain(q_pe: torch.Tensor, positions: torch.Tensor, slot_mapping: torc
         raise ValueError(f"gamma: expected [{kv_dim}] {kv_input.dtype} (Liger rounds the "
                          f"normalized value to the latent's dtype), got "
                          f"{tuple(gamma.shape)} {gamma.dtype}")
-    kv_c, k_pe = kv_input.split([kv_dim, rope_dim], dim=-1)
-    kv_c_normed = rms_norm_forward(kv_c, gamma, epsilon, 0.0, "llama", None)[0]
-    rotary_embedding_(positions, q_pe, k_pe, cos_sin_cache, is_neox=not interleaved)
-    concat_and_cache_ds_mla(kv_c_normed, k_pe, kv_cache_u8, slot_mapping, tile_scale)
-    return q_pe, kv_c_normed, k_pe
+    return vllm_mla_chain_triton(q_pe, kv_input, cos_sin_cache, gamma, kv_cache_u8,
+                                 slot_mapping, positions, "fp8_ds_mla", None, epsilon,
+                                 not interleaved, tile_scale)

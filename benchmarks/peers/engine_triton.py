@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .engine_steps import FP8_DTYPES, KV_LORA_RANK, QK_NOPE_HEAD_DIM
+from .engine_steps import FP8_DTYPES, QK_NOPE_HEAD_DIM
 
 
 @triton.jit
@@ -222,19 +222,44 @@ def concat_and_cache_mla(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch
         CACHE_MAX=float(torch.finfo(cache.dtype).max) if quantize else 0.0)
 
 
+def vllm_mla_chain_triton(q_pe: torch.Tensor, kv_lora: torch.Tensor,
+                          cos_sin_cache: torch.Tensor, kv_a_layernorm_weight: torch.Tensor,
+                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          positions: torch.Tensor, kv_cache_dtype: str = "auto",
+                          k_scale: torch.Tensor | None = None, eps: float = 1e-6,
+                          is_neox: bool = False, tile_scale: str = "raw"):
+    """vLLM's sequence in three Triton launches: Liger's RMSNorm (``"llama"`` casting: vLLM's
+    rounding) of ``kv_lora[:, :D]``, ``rotary_embedding_`` on ``q_pe [T, H, R]`` and
+    ``kv_lora``'s ``k_pe`` columns (in place), then the cache writer of ``kv_cache_dtype``:
+    ``concat_and_cache_mla`` ("auto", "fp8", "fp8_e4m3", "fp8_e5m2" with ``k_scale``) or
+    ``ds_mla_chain.concat_and_cache_ds_mla`` ("fp8_ds_mla", with ``tile_scale``; a uint8
+    ``[num_pages, page_size, 656]`` cache). ``kv_lora [T, D + R]`` (any row stride).
+    Returns ``(q_pe, kv_c_normed [T, D], k_pe [T, R] view)``."""
+    from liger_kernel.ops.rms_norm import rms_norm_forward  # the function liger.py uses
+
+    rope_dim = q_pe.shape[-1]
+    kv_c, k_pe = kv_lora.split([kv_lora.shape[-1] - rope_dim, rope_dim], dim=-1)
+    kv_c_normed = rms_norm_forward(kv_c, kv_a_layernorm_weight, eps, 0.0, "llama", None)[0]
+    rotary_embedding_(positions, q_pe, k_pe, cos_sin_cache, is_neox=is_neox)
+    if kv_cache_dtype == "fp8_ds_mla":
+        from .ds_mla_chain import concat_and_cache_ds_mla  # it imports this module
+
+        concat_and_cache_ds_mla(kv_c_normed, k_pe, kv_cache, slot_mapping, tile_scale)
+    else:
+        concat_and_cache_mla(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype,
+                             k_scale)
+    return q_pe, kv_c_normed, k_pe
+
+
 def vllm_mla_prologue_triton(q: torch.Tensor, kv_lora: torch.Tensor,
                              cos_sin_cache: torch.Tensor, kv_a_layernorm_weight: torch.Tensor,
                              kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                              positions: torch.Tensor, kv_cache_dtype: str = "auto",
                              k_scale: torch.Tensor | None = None, eps: float = 1e-6):
-    """vLLM's sequence in three Triton launches: Liger's RMSNorm (``"llama"`` casting: vLLM's
-    rounding), ``rotary_embedding_`` on ``q[..., 128:]`` and ``kv_lora``'s ``k_pe`` columns
-    (in place), ``concat_and_cache_mla``. Arguments and return value as
-    ``engine_steps.vllm_mla_prologue``: ``(q, kv_c_normed [T, 512], k_pe [T, 64] view)``."""
-    from liger_kernel.ops.rms_norm import rms_norm_forward  # the function liger.py uses
-
-    kv_c, k_pe = kv_lora.split([KV_LORA_RANK, kv_lora.shape[-1] - KV_LORA_RANK], dim=-1)
-    kv_c_normed = rms_norm_forward(kv_c, kv_a_layernorm_weight, eps, 0.0, "llama", None)[0]
-    rotary_embedding_(positions, q[..., QK_NOPE_HEAD_DIM:], k_pe, cos_sin_cache)
-    concat_and_cache_mla(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale)
+    """``vllm_mla_chain_triton`` on ``q[..., 128:]`` of a full MLA ``q [T, H, 192]``.
+    Arguments and return value as ``engine_steps.vllm_mla_prologue``: ``(q, kv_c_normed
+    [T, 512], k_pe [T, 64] view)``."""
+    _, kv_c_normed, k_pe = vllm_mla_chain_triton(
+        q[..., QK_NOPE_HEAD_DIM:], kv_lora, cos_sin_cache, kv_a_layernorm_weight, kv_cache,
+        slot_mapping, positions, kv_cache_dtype, k_scale, eps)
     return q, kv_c_normed, k_pe

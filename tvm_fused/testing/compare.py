@@ -307,7 +307,7 @@ def check_run(before: OpInputs, after: OpInputs, out: torch.Tensor,
                        rows_same, counted, tokens.errors)
 
 
-def _query_buffer(inputs: OpInputs, out_dtype: torch.dtype, out_columns, gen):
+def query_buffer(inputs: OpInputs, out_dtype: torch.dtype, out_columns, gen):
     """``(out, q_nope_out)`` of random values (bytes, for fp8) inside guards: with
     ``inputs.q_nope``, the two column slices of a head-padded attention query ``[n, H + 2, D
     + R]`` (an fp8 decode kernel's input); else ``out`` alone, columns ``out_columns =
@@ -351,7 +351,7 @@ def run_and_check(inputs: OpInputs, *, in_place: bool = False, interleaved: bool
     if in_place:
         out = q
     else:
-        out, q_nope_out = _query_buffer(inputs, out_dtype or q.dtype, out_columns, gen)
+        out, q_nope_out = query_buffer(inputs, out_dtype or q.dtype, out_columns, gen)
     out_storage_before = whole_storage(out).clone()
     scale = None if q_scale is None else torch.tensor([q_scale], device=q.device)
     rows = rows_storage_before = None
