@@ -19,11 +19,11 @@ cp -r tuning_logs "$head/tvm_fused/tuning_logs"
 # shellcheck disable=SC2086  # token counts and options are several words
 for rev in "$@"; do  # build (and cache) every kernel before timing, in parallel
   PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py build --build $options $tokens \
-    >/dev/null 2>&1 &
+    >/dev/null 2>>"$out.stderr" &
 done
 for s in ${schedules//,/ }; do
   PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py build --build --schedules "$s" \
-    $options $tokens >/dev/null 2>&1 &
+    $options $tokens >/dev/null 2>>"$out.stderr" &
 done
 wait
 for round in 1 2; do
@@ -31,10 +31,10 @@ for round in 1 2; do
     # shellcheck disable=SC2086
     PYTHONPATH="$rev:${PYTHONPATH:-}" python3 scripts/time_revision.py "$(basename "$rev") r$round" \
       $options $tokens \
-      2>/dev/null | tee -a "$out"
+      2>>"$out.stderr" | tee -a "$out"
   done
   # shellcheck disable=SC2086
   PYTHONPATH="$head:${PYTHONPATH:-}" python3 scripts/time_revision.py "head r$round" --schedules "$schedules" \
     $options $tokens \
-    2>/dev/null | tee -a "$out"
+    2>>"$out.stderr" | tee -a "$out"
 done

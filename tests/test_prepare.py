@@ -74,13 +74,18 @@ def test_a_first_call_captured_after_prepare_replays(form, monkeypatch):
     inputs = inputs_for(form, *RAGGED, device="cuda")
     before = inputs.clone()
     out = torch.empty_like(inputs.q_rope)
+    rows = torch.zeros_like(inputs.kv_input) if form.kv_output else None
+    rows_before = None if rows is None else rows.clone()
     errors = torch.zeros(1, dtype=torch.int32, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        inputs.call(out=out, errors=errors, interleaved=form.interleaved, validate=False)
+        inputs.call(out=out, kv_output=rows, errors=errors, interleaved=form.interleaved,
+                    validate=False)
     graph.replay()
     torch.cuda.synchronize()
-    report = check_run(before, inputs, out, errors_counted=int(errors))
+    report = check_run(before, inputs, out, errors_counted=int(errors),
+                       interleaved=form.interleaved, kv_output=rows,
+                       kv_output_storage_before=rows_before)
     assert report.ok, report.summary()
 
 
