@@ -38,6 +38,11 @@ BAD = [
     (("source", "--page-size", "24"), "page_size must be a power of two"),
     (("source", "--arch", "sm_xx"), "--arch must look like"),
     (("fuzz", "--cases", "0"), "must be a positive integer"),
+    (("run", "--requests", "-3"), "--requests: must be a positive integer"),
+    (("source", "--write-through", "--cache-dtype", "float8_e4m3fn", "--arch", "sm_80"),
+     "fp8 caches and queries need sm_89 or newer"),
+    (("source", "--cache-format", "fp8_ds_mla", "--write-through", "--arch", "sm_86"),
+     "fp8 caches and queries need sm_89 or newer"),
 ]
 if not torch.cuda.is_available():
     BAD.append((("run", "--device", "cuda"), "no CUDA GPU is available"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tvm_fused import OP_NAME, Form, api, build
-from tvm_fused.testing.inputs import make_inputs
+from tvm_fused.testing.inputs import make_inputs, split_table
 
 from .cases import call_with as _call
 from .cases import snapshot, unchanged
@@ -40,6 +40,7 @@ def odd_freqs(i): return i.freqs_cis[:, :-1]
 def column_major_freqs(i): return i.freqs_cis.t().contiguous().t()
 def int_freqs(i): return i.freqs_cis.to(torch.int32)
 def fp16_freqs(i): return i.freqs_cis.half()
+def full_q(i): return torch.randn(*i.q_rope.shape[:2], 192).to(i.q_rope.dtype)
 
 
 BAD_ARGUMENTS = [
@@ -57,13 +58,15 @@ BAD_ARGUMENTS = [
     _bad("lookup_table", short_lookup, ValueError, "lookup_table must have batch"),
     _bad("cache_lengths", int64_lengths, TypeError, "cache_lengths must have dtype"),
     _bad("cache_lengths", long_lengths, ValueError, "input_row_offsets must have batch"),
-    _bad("gamma", short_gamma, ValueError, "k_cache rows must hold"),
+    _bad("gamma", short_gamma, ValueError, "gamma must have kv_norm_dim = 512 elements"),
     _bad("gamma", int_gamma, TypeError, "gamma must have dtype"),
     _bad("gamma", meta_gamma, ValueError, "gamma is on meta"),
     _bad("freqs_cis", odd_freqs, ValueError, "freqs_cis must have rope_dim"),
     _bad("freqs_cis", column_major_freqs, ValueError, "freqs_cis must be contiguous"),
     _bad("freqs_cis", int_freqs, TypeError, "freqs_cis must have dtype"),
     _bad("freqs_cis", fp16_freqs, TypeError, "freqs_cis must have dtype"),
+    _bad("q_rope", full_q, ValueError,
+         r"q_rope's last dim must be rope_dim = 64 .* q\[\.\.\., -64:\]"),
 ]
 
 
@@ -144,6 +147,42 @@ def test_overlapping_written_tensors_are_refused(case, mode, monkeypatch):
     with pytest.raises(ValueError, match=message):
         _call(inputs.args(), validate=validate, **replace(inputs))
     assert unchanged(inputs, before)
+
+
+SELF_OVERLAPPING = {
+    "k_cache": lambda i: i.k_cache[:1].expand(i.k_cache.shape),
+    "out": lambda i: torch.empty_like(i.q_rope[:1]).expand(i.q_rope.shape),
+    "kv_output": lambda i: torch.empty_like(i.kv_input[:1]).expand(i.kv_input.shape),
+}
+
+
+@pytest.mark.parametrize("validate", [None, True], ids=["cpu-default", "validate"])
+@pytest.mark.parametrize("name", SELF_OVERLAPPING)
+def test_a_self_overlapping_written_tensor_is_refused(name, validate):
+    """An expanded view the op writes would have two tokens write one address: the checks
+    (validate=True, the CPU's default) refuse it, naming it."""
+    inputs = make_inputs([2, 0, 3], [5, 1, 127], num_q_heads=4, page_size=16,
+                         write_through=True)
+    before = snapshot(inputs)
+    with pytest.raises(ValueError, match=f"{name} is a self-overlapping view"):
+        _call(inputs.args(), validate=validate, kv_input=inputs.kv_input,
+              **{name: SELF_OVERLAPPING[name](inputs)})
+    assert unchanged(inputs, before)
+
+
+@pytest.mark.parametrize("given, declared", [("split", "interleaved"),
+                                             ("interleaved", "split")])
+def test_a_table_in_the_other_layout_is_refused_under_validate(given, declared):
+    """Row 0 of a cos/sin table (position 0: cosines 1, sines 0) tells the layouts apart:
+    a table in the other layout than ``freqs_layout`` is refused by validate=True."""
+    inputs = _inputs()
+    table = split_table(inputs.freqs_cis) if given == "split" else inputs.freqs_cis
+    before = snapshot(inputs)
+    with pytest.raises(ValueError, match=f"freqs_cis is a {given} table.*"
+                                         f"pass freqs_layout='{given}'"):
+        _call(inputs.args(), validate=True, freqs_cis=table, freqs_layout=declared)
+    assert unchanged(inputs, before)
+    _call(inputs.args(), validate=True, freqs_cis=table, freqs_layout=given)  # accepted
 
 
 @pytest.mark.parametrize("epsilon", [-1e-6, float("nan"), float("inf"), 1e39])

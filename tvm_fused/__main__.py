@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     op = _form_of(args)
     device = torch.device(_device(args.device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (llvm target)"
-    requests = args.requests or max(1, min(args.tokens, 8))
+    requests = args.requests or min(args.tokens, 8)
     base, extra = divmod(args.tokens, requests)
     new = [base + (i < extra) for i in range(requests)]
     rng = random.Random(0)
@@ -122,9 +122,14 @@ def source(args: argparse.Namespace) -> int:
         raise UsageError(f"--arch must look like sm_90a or sm_80, got {args.arch!r}")
     op = _form_of(args)
     from .compiler.build import cuda_target
-    from .kernels import cuda_source
+    from .kernels import check_target, cuda_source
 
-    print(cuda_source(op, cuda_target(args.arch)))
+    target = cuda_target(args.arch)
+    try:
+        check_target(op, target)
+    except ValueError as error:
+        raise UsageError(f"--arch {args.arch}: {error}") from None
+    print(cuda_source(op, target))
     return 0
 
 
@@ -194,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
     form.add_cli_options(run_parser, exclude=("alignment",))  # the inputs' own
     run_parser.add_argument("--tokens", type=_positive, default=1024,
                             help="new tokens in the step (default 1024)")
-    run_parser.add_argument("--requests", type=int, default=0,
+    run_parser.add_argument("--requests", type=_positive, default=None,
                             help="requests the tokens are spread over (default min(tokens, 8))")
     run_parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                             help="auto: the GPU if there is one, else the CPU (llvm)")

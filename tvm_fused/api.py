@@ -46,7 +46,13 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import check_arguments, check_contents, check_scales, check_slot_contents
+from .arguments import (
+    check_arguments,
+    check_contents,
+    check_scales,
+    check_slot_contents,
+    check_table_layout,
+)
 from .dispatch import KERNELS, lookup
 from .form import ITEMSIZE, OFFSETS, SLOTS
 
@@ -255,6 +261,7 @@ def _check(addressing, tensors, indices, options, epsilon, *, contents: bool) ->
                     cache_format=options[4], epsilon=epsilon, freqs_name=freqs_name)
     if contents:
         check_scales(k_scale=k_scale, q_scale=q_scale)
+        check_table_layout(freqs, options[1], freqs_name)
     if contents and addressing == "slots":
         check_slot_contents(*indices, freqs, k_cache)
     elif contents:

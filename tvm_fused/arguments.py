@@ -83,6 +83,22 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
 WRITTEN = ("out", "q_nope_out", "k_cache", "kv_output", "errors")  # what the op writes
 
 
+def _check_own_memory(name: str, tensor) -> None:
+    """A tensor the op writes must not be an expanded or otherwise self-overlapping view
+    (two of its elements at one address: two tokens would write one location)."""
+    if tensor is None:
+        return
+    reach = 0  # the largest offset, in elements, reached by the dims checked so far
+    for size, stride in sorted((d for d in zip(tensor.shape, tensor.stride()) if d[0] > 1),
+                               key=lambda d: d[1]):
+        if stride <= reach:
+            raise ValueError(f"{name} is a self-overlapping view (strides "
+                             f"{tensor.stride()} for shape {tuple(tensor.shape)}, e.g. from "
+                             f"expand): the op would write one address for two elements; "
+                             f"give {name} memory of its own")
+        reach += (size - 1) * stride
+
+
 def _check_no_overlap(spans: list) -> None:
     """No tensor named in ``WRITTEN`` may share memory with another of ``spans`` (``(name,
     tensor, start, end)``, q_rope first), but ``out`` may be ``q_rope`` itself, and column
@@ -221,6 +237,9 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, *, out=None,
                 cache_format)
     out_dtype = _check_out(q_rope, q_shape, q_strides, out, q_scale)
     _check_q_nope(q_shape, q_rope.dtype, out_dtype, gamma_shape[0], q_nope, q_nope_out)
+    for name, written in (("out", out), ("q_nope_out", q_nope_out), ("k_cache", k_cache),
+                          ("kv_output", kv_output)):
+        _check_own_memory(name, written)
 
     if errors is not None:
         _check_one_element("errors", errors, torch.int32)
@@ -228,16 +247,24 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, *, out=None,
         raise ValueError(f"epsilon must be a finite non-negative float32, got {epsilon!r}")
 
     rope_dim = q_shape[2]
-    if rope_dim % 2 != 0:
-        raise ValueError(f"q_rope's last dim (rope_dim) must be even, got {rope_dim}")
+    kv_norm_dim = gamma_shape[0]
+    row = cache_shape[2] if cache_format == "plain" else None
     if freqs_shape[1] != rope_dim:
+        if freqs_shape[1] == (row or 0) - kv_norm_dim:  # the table and the cache agree
+            raise ValueError(f"q_rope's last dim must be rope_dim = {freqs_shape[1]} (the "
+                             f"columns of {freqs_name} and of k_cache's rows past gamma's "
+                             f"{kv_norm_dim}), got shape {tuple(q_shape)}: pass the rope "
+                             f"part of q, e.g. q[..., -{freqs_shape[1]}:]")
         raise ValueError(f"{freqs_name} must have rope_dim={rope_dim} columns, got shape "
                          f"{tuple(freqs_shape)}")
+    if rope_dim % 2 != 0:
+        raise ValueError(f"q_rope's last dim (rope_dim) must be even, got {rope_dim}")
     if not _contiguous(freqs_shape, freqs_strides):
         raise ValueError(f"{freqs_name} must be contiguous")
-    kv_norm_dim = gamma_shape[0]
     if kv_norm_dim <= 0:
         raise ValueError("gamma must not be empty")
+    if row is not None and row != kv_norm_dim + rope_dim and row > rope_dim:
+        _blame_row_or_gamma(row, kv_norm_dim, rope_dim, kv_input)
     if cache_format == "fp8_ds_mla":
         _check_ds_mla_row(cache_shape[2], kv_norm_dim, rope_dim)
     for name, rows in (("k_cache", k_cache if cache_format == "plain" else None),
@@ -273,6 +300,24 @@ def check_arguments(q_rope, freqs_cis, gamma, k_cache, index: dict, *, out=None,
                                  f"{q_rope.device}: all tensors must be on one device")
     _check_no_overlap([(name, tensor, *_span(tensor)) for name, tensor in named
                        if tensor is not None])
+
+
+def _blame_row_or_gamma(row: int, kv_norm_dim: int, rope_dim: int, kv_input) -> None:
+    """Raise for k_cache rows of ``row`` elements that are not gamma's ``kv_norm_dim`` plus
+    ``rope_dim``, naming the one at fault: the one ``kv_input``'s rows disagree with, else
+    the one whose latent width is not a multiple of 16 (widths are: 512 in DeepSeek's
+    MLA), else both."""
+    width = None if kv_input is None else kv_input.shape[-1]
+    gamma_wrong = width == row or (width is None and kv_norm_dim % 16 != 0
+                                   and (row - rope_dim) % 16 == 0)
+    if gamma_wrong:
+        raise ValueError(f"gamma must have kv_norm_dim = {row - rope_dim} elements (k_cache's "
+                         f"rows of {row} less rope_dim {rope_dim}), got {kv_norm_dim}")
+    if width == kv_norm_dim + rope_dim or (row - rope_dim) % 16 != 0:
+        raise ValueError(f"k_cache rows must hold kv_norm_dim + rope_dim = {kv_norm_dim} + "
+                         f"{rope_dim} elements (gamma and q_rope's sizes), got {row}")
+    raise ValueError(f"gamma's {kv_norm_dim} elements and k_cache's rows of {row} disagree: "
+                     f"k_cache rows must hold len(gamma) + rope_dim ({rope_dim}) elements")
 
 
 def _check_ds_mla_row(row_bytes: int, kv_norm_dim: int, rope_dim: int) -> None:
@@ -351,6 +396,24 @@ def check_contents(q_rope, input_row_offsets, freqs_cis, k_cache, lookup_table,
     if rows.unique().numel() != rows.numel():
         raise ValueError("two new tokens map to one cache row: lookup_table shares a page "
                          "between requests whose new positions meet")
+
+
+def check_table_layout(freqs_cis, freqs_layout: str, name: str) -> None:
+    """Raise ValueError if the table's row 0 (position 0: every cosine nonzero, every sine
+    0) has the other layout's pattern: ``"interleaved"`` pairs ``(cos, sin)``, ``"split"``
+    all cosines then all sines (a table of one pair fits both)."""
+    rope_dim = freqs_cis.shape[1]
+    if freqs_cis.shape[0] == 0 or rope_dim < 4:
+        return
+    zero = (freqs_cis[0] == 0).cpu()
+    half = rope_dim // 2
+    looks = {"interleaved": bool(zero[1::2].all() and not zero[0::2].any()),
+             "split": bool(zero[half:].all() and not zero[:half].any())}
+    other = "split" if freqs_layout == "interleaved" else "interleaved"
+    if looks[other] and not looks[freqs_layout]:
+        raise ValueError(f"{name} is a {other} table (its row 0, position 0, has the sines "
+                         f"{'past the cosines' if other == 'split' else 'between them'}), but "
+                         f"freqs_layout is {freqs_layout!r}: pass freqs_layout={other!r}")
 
 
 def check_slot_contents(positions, slot_mapping, freqs_cis, k_cache) -> None:

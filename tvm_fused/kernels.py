@@ -29,6 +29,21 @@ def shaping_sources() -> tuple[Path, ...]:
             *sorted(Path(schedules.__file__).parent.glob("*.py")))
 
 
+FP8_MIN_ARCH = 89  # the first arch with fp8 conversions (Ada); TVM emits none before it
+
+
+def check_target(form: Form, target: tvm.target.Target) -> None:
+    """ValueError if ``target`` cannot run ``form``: fp8 values (a cache, the query or the
+    fp8_ds_mla row) on a GPU older than ``sm_89``."""
+    if target.kind.name != "cuda" or not (form.cache_dtype or form.ds_mla or form.out_dtype):
+        return
+    arch = str(target.attrs["arch"])
+    if int(arch[3:].rstrip("a")) < FP8_MIN_ARCH:
+        raise ValueError(f"fp8 caches and queries need sm_{FP8_MIN_ARCH} or newer (Ada, "
+                         f"Hopper, Blackwell): TVM's CUDA code generation has no fp8 "
+                         f"conversion for {arch}")
+
+
 def build(form: Form, target: str | tvm.target.Target = CPU_TARGET,
           schedule=None) -> tvm.runtime.Module:
     """Compile ``form`` for ``target`` (``schedule``: a ``ScheduleConfig`` for CUDA, a
@@ -36,6 +51,7 @@ def build(form: Form, target: str | tvm.target.Target = CPU_TARGET,
     the kernel, called with the arguments of ``fused_rope_rmsnorm_func(form)`` in order
     (torch tensors pass through DLPack)."""
     target = as_target(target)
+    check_target(form, target)
     config = schedule or schedules.default_config(form, target)
     return compile_module(schedules.scheduled_module(form, target, config), target)
 
@@ -45,6 +61,7 @@ def cuda_source(form: Form, target: str | tvm.target.Target = "cuda", schedule=N
     target = as_target(target)
     if target.kind.name != "cuda":
         raise ValueError("cuda_source needs a CUDA target")
+    check_target(form, target)
     config = schedule or schedules.default_config(form, target)
     return kernel_source(schedules.scheduled_module(form, target, config), target)
 
@@ -52,6 +69,7 @@ def cuda_source(form: Form, target: str | tvm.target.Target = "cuda", schedule=N
 def kernel(form: Form, target: tvm.target.Target, schedule):
     """The callable kernel of ``form`` on ``target`` with the schedule config ``schedule``:
     from the disk cache, else built."""
+    check_target(form, target)
     return kernel_cache.load_or_build(
         OP_NAME, kernel_cache.kernel_key(form, schedule, target),
         kernel_cache.source_digest(shaping_sources()),
