@@ -144,9 +144,11 @@ def test_overlapping_written_tensors_are_refused(case, mode, monkeypatch):
     inputs = _inputs()
     replace, message = OVERLAPS[case]
     before = snapshot(inputs)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         _call(inputs.args(), validate=validate, **replace(inputs))
     assert unchanged(inputs, before)
+    # one exception, one traceback: not raised while the entry's refusal was handled
+    assert refused.value.__context__ is None and refused.value.__cause__ is None
 
 
 SELF_OVERLAPPING = {
