@@ -35,7 +35,6 @@ from tvm_fused.testing.inputs import OpInputs, inputs_for, split_table
 from tvm_fused.timing import bytes_moved, time_cuda, time_graph
 from tvm_fused.tuning import decisions
 from tvm_fused.tuning.buckets import bucket_case, nearest_bucket
-from tvm_fused.tuning.layout import default_logs_dir
 
 from .peers.torch_eager import (
     slot_mapping,
@@ -267,7 +266,7 @@ def providers(form: Form, tokens: int, names: tuple[str, ...]) -> dict[str, Prov
     default = default_for_tokens(nearest_bucket(tokens), form)  # the hand-written one
     decided = {}
     if "tvm-fused tuned" in names:
-        decided = decisions.for_gpu(default_logs_dir(), torch.cuda.get_device_name(), form)
+        decided = decisions.for_gpu(torch.cuda.get_device_name(), form)
     torch_op, wrap = ((torch_write_through, _with_slots) if form.write_through
                       else (torch_fused_rope_rmsnorm, _with_token_count))
     makers = {

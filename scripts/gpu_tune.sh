@@ -34,7 +34,7 @@ for item in $plan; do
   start=$(date +%s)
   # shellcheck disable=SC2086  # the form's flags are several words
   python3 -m tvm_fused tune --heads "$heads" --trials "$trials" $flags \
-    ${BUCKETS:+--buckets "$BUCKETS"} --work-dir /tmp/tuning_work 2>&1 \
+    ${BUCKETS:+--buckets "$BUCKETS"} --out tuning_logs --work-dir /tmp/tuning_work 2>&1 \
     | grep -E "^\[|records:" | tee -a "$out/tune.log"
   echo "heads $heads trials $trials ${form:-in-place}: $(( $(date +%s) - start )) s wall" \
     | tee -a "$out/tune.log"

@@ -321,7 +321,7 @@ def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
     # CPU schedule), which the suite offers where this GPU has decisions: pretend it has.
     # "tvm-fused default" is left out: it passes the GPU's hand-written block-group config
     # as ``schedule=``, which a CPU build cannot apply (the CPU has a schedule of its own)
-    monkeypatch.setattr(suite.decisions, "for_gpu", lambda logs, gpu, form: {1: "decided"})
+    monkeypatch.setattr(suite.decisions, "for_gpu", lambda gpu, form: {1: "decided"})
     csv = tmp_path / "bench.csv"
     names = ("tvm-fused tuned", "torch eager")
     parts = [Part(2, True, (2,), names),

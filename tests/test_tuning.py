@@ -18,6 +18,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from tvm_fused import OP_NAME, Form, build, fused_rope_rmsnorm_func
 from tvm_fused.__main__ import main as cli_main
+from tvm_fused.__main__ import parser as cli_parser
 from tvm_fused.compiler.build import cuda_target, kernel_source
 from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.schedules.config import DEFAULT_SCHEDULE, default_for_tokens
@@ -34,7 +35,7 @@ from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, measure, records, summary
 from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
-from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, records_dir
+from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, records_dir, user_logs_dir
 from tvm_fused.tuning.tune import RpcTarget, seed_configs, tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
 
@@ -211,12 +212,39 @@ def test_a_form_without_decisions_is_named(tmp_path):
     folder = records_dir(tmp_path, "Tuned GPU", tuned)
     folder.mkdir(parents=True)
     decisions.write(folder, "Tuned GPU", tuned, {1: DEFAULT_SCHEDULE})
-    assert decisions.for_gpu(tmp_path, "Tuned GPU", tuned) == {1: DEFAULT_SCHEDULE}
+    assert decisions.for_gpu("Tuned GPU", tuned, (tmp_path,)) == {1: DEFAULT_SCHEDULE}
     with pytest.warns(UserWarning, match=f"tuned-gpu/{untuned.key()}; using the default"):
-        assert decisions.for_gpu(tmp_path, "Tuned GPU", untuned) == {}
+        assert decisions.for_gpu("Tuned GPU", untuned, (tmp_path,)) == {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # narrower tensors than tuned: the default, silently
-        assert decisions.for_gpu(tmp_path, "Tuned GPU", Form(num_q_heads=3, alignment=8)) == {}
+        assert decisions.for_gpu("Tuned GPU", Form(num_q_heads=3, alignment=8),
+                                 (tmp_path,)) == {}
+
+
+def test_the_users_decisions_come_before_the_packages(tmp_path, monkeypatch):
+    """``tune`` writes under the user's cache folder by default; the runtime reads the user's
+    decisions of a form first, the package's where the user has none."""
+    monkeypatch.setenv("TVM_FUSED_CACHE_DIR", str(tmp_path))
+    committed = next(path.parent for path in COMMITTED if CPU_DEVICE not in str(path))
+    decided = json.loads((committed / decisions.DECISIONS).read_text())
+    gpu, form = decided["gpu"], Form(**decided["op"])
+    packaged = decisions.for_gpu(gpu, form)
+    assert packaged and user_logs_dir() == tmp_path / "tuning_logs"
+    own = {1: dataclasses.replace(DEFAULT_SCHEDULE, unroll=not DEFAULT_SCHEDULE.unroll)}
+    folder = records_dir(user_logs_dir(), gpu, form)
+    folder.mkdir(parents=True)
+    decisions.write(folder, gpu, form, own)
+    assert decisions.for_gpu(gpu, form) == own != packaged
+
+
+def test_tune_defaults_to_the_users_cache_folder():
+    """Neither the installed package nor the working directory: ``--out`` and ``--work-dir``
+    default to the user's cache folder."""
+    args = cli_parser().parse_args(["tune"])
+    assert args.out is None and args.work_dir is None
+    usage = subprocess.run([sys.executable, "-m", "tvm_fused", "tune", "--help"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "~/.cache/tvm_fused" in " ".join(usage.split())
 
 
 @pytest.mark.slow

@@ -139,7 +139,8 @@ def tune(args: argparse.Namespace) -> int:
     import torch
 
     from .compiler.build import as_target, device_target
-    from .tuning.layout import CPU_DEVICE, default_logs_dir, gpu_slug
+    from .compiler.kernel_cache import cache_dir
+    from .tuning.layout import CPU_DEVICE, gpu_slug, user_logs_dir
     from .tuning.tune import RpcTarget
     from .tuning.tune import tune as run_tuning
 
@@ -155,8 +156,10 @@ def tune(args: argparse.Namespace) -> int:
     if args.rpc_tracker:
         host, port = args.rpc_tracker.rsplit(":", 1)
         rpc = RpcTarget(host, int(port), args.rpc_key, args.rpc_workers)
-    logs_dir = Path(args.out) if args.out else default_logs_dir()
-    work_dir = Path(args.work_dir) / gpu_slug(device_name) / op.key()
+    logs_dir = Path(args.out) if args.out else user_logs_dir()
+    work_dir = Path(args.work_dir or cache_dir() / "tuning_work") / gpu_slug(device_name) \
+        / op.key()
+    print(f"records and decisions: {logs_dir}; MetaSchedule's database: {work_dir}")
     run_tuning(op, target, buckets=buckets, trials=args.trials, logs_dir=logs_dir,
                work_dir=work_dir, device_name=device_name, cost_model=args.cost_model,
                rpc=rpc)
@@ -219,9 +222,12 @@ def parser() -> argparse.ArgumentParser:
     tune_parser.add_argument("--target", default="auto",
                              help="auto (this GPU, else llvm), cuda, llvm or a target JSON")
     tune_parser.add_argument("--out", default=None,
-                             help="records folder (default: the package's tuning_logs/)")
-    tune_parser.add_argument("--work-dir", default="tuning_work",
-                             help="MetaSchedule's working database; re-runs resume from it")
+                             help="records folder (default: tuning_logs/ in the user's kernel "
+                                  "cache folder, $TVM_FUSED_CACHE_DIR or ~/.cache/tvm_fused, "
+                                  "whose decisions the runtime prefers to the package's)")
+    tune_parser.add_argument("--work-dir", default=None,
+                             help="MetaSchedule's working database; re-runs resume from it "
+                                  "(default: tuning_work/ in the kernel cache folder)")
     tune_parser.add_argument("--cost-model", choices=("auto", "xgb", "random", "mlp"),
                              default="auto", help="auto: xgb if xgboost imports, else random")
     tune_parser.add_argument("--rpc-tracker", default=None,

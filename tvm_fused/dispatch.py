@@ -28,7 +28,6 @@ from .compiler.definition import PARAMETERS, parameters
 from .form import EARLY_INDICES, Form, dtype_name
 from .tuning import decisions
 from .tuning.buckets import thresholds
-from .tuning.layout import default_logs_dir
 
 
 class CallKey(NamedTuple):
@@ -163,7 +162,7 @@ def _bucket_configs(form: Form, device: torch.device, target, schedule) -> dict:
     decisions of its model, else the hand-written default, bucket by bucket."""
     if schedule is not None or device.type != "cuda":
         return {0: schedule or schedules.default_config(form, target)}
-    decided = decisions.for_gpu(default_logs_dir(), torch.cuda.get_device_name(device), form)
+    decided = decisions.for_gpu(torch.cuda.get_device_name(device), form)
     return decisions.with_defaults(
         decided, lambda tokens: schedules.default_config(form, target, tokens))
 

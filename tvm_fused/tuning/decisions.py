@@ -20,7 +20,7 @@ from pathlib import Path
 from ..form import Form
 from ..schedules.config import ScheduleConfig
 from .buckets import BUCKETS
-from .layout import records_dir
+from .layout import default_logs_dir, records_dir, user_logs_dir
 
 DECISIONS = "decisions.json"
 # records are tuned on 16-byte-aligned tensors; kernels for narrower ones use the default
@@ -42,14 +42,17 @@ def read(path: Path, config_type: type = ScheduleConfig) -> dict:
     return {int(tokens): config_type(**fields) for tokens, fields in buckets.items()}
 
 
-def for_gpu(logs_dir: Path, gpu_name: str, form: Form) -> dict[int, ScheduleConfig]:
-    """Bucket -> config decided for ``form`` on ``gpu_name``; empty (with a warning) if there
-    are none, and for tensors narrower than the tuned alignment."""
+def for_gpu(gpu_name: str, form: Form, logs_dirs: tuple[Path, ...] | None = None
+            ) -> dict[int, ScheduleConfig]:
+    """Bucket -> config decided for ``form`` on ``gpu_name``, from the first of ``logs_dirs``
+    (default: the user's, then the project's) that has decisions for it; empty (with a
+    warning) if none has, and for tensors narrower than the tuned alignment."""
     if form.alignment < TUNED_ALIGNMENT:
         return {}
-    path = records_dir(Path(logs_dir), gpu_name, form)
-    if (path / DECISIONS).is_file():
-        return read(path)
+    for logs_dir in logs_dirs or (user_logs_dir(), default_logs_dir()):
+        path = records_dir(Path(logs_dir), gpu_name, form)
+        if (path / DECISIONS).is_file():
+            return read(path)
     warnings.warn(f"tvm_fused: no tuning decisions for {path.parent.name}/{form.key()}; "
                   "using the default schedule", stacklevel=3)
     return {}

@@ -1,5 +1,7 @@
-"""Where tuning results live: ``tuning_logs/<gpu slug>/<op key>/`` (installed as
-``tvm_fused.tuning_logs``), one folder per GPU model and form."""
+"""Where tuning results live: ``<logs dir>/<gpu slug>/<op key>/``, one folder per GPU model
+and form. Two logs dirs: the project's committed ``tuning_logs/`` (installed as
+``tvm_fused.tuning_logs``, read only) and the user's (``user_logs_dir``), where ``tune``
+writes by default and whose decisions the runtime prefers."""
 
 from __future__ import annotations
 
@@ -16,6 +18,14 @@ def default_logs_dir() -> Path:
     from .. import tuning_logs
 
     return Path(tuning_logs.__file__).resolve().parent
+
+
+def user_logs_dir() -> Path:
+    """The user's tuning results: ``tuning_logs/`` in the kernel cache's folder
+    (``$TVM_FUSED_CACHE_DIR``, default ``~/.cache/tvm_fused``)."""
+    from ..compiler.kernel_cache import cache_dir
+
+    return cache_dir() / "tuning_logs"
 
 
 def gpu_slug(name: str) -> str:
