@@ -17,6 +17,10 @@ kernels::
 than ``positions`` when vLLM pads q). SGLang's layer differs in its RMSNorm, which rounds
 once, and its cache, ``kv_buffer [size + 1, 1, 576]`` indexed by ``out_cache_loc`` (a cache
 of page size 1, unscaled fp8): ``sglang_mla_prologue``.
+
+Run from a checkout, ``python -m examples.engine_drop_in`` checks both against the engines'
+own three steps (``benchmarks/peers/engine_steps.py``, plain torch) on a small DeepSeek-shaped
+layer, on the GPU if there is one, else on the CPU, and prints one line per engine and cache.
 """
 
 from __future__ import annotations
@@ -73,3 +77,67 @@ def sglang_mla_prologue(q: torch.Tensor, latent_cache: torch.Tensor,
         q_pe, positions, out_cache_loc, cos_sin_cache, kv_a_layernorm_weight, cache,
         kv_input=latent_cache, kv_output=latent, epsilon=eps, out=q_pe, norm_rounding="once")
     return q, latent[:, :KV_LORA_RANK], latent[:, KV_LORA_RANK:]
+
+
+def main() -> int:
+    """Each drop-in against its engine's three steps, on copies of the same small layer (16
+    heads, 40 tokens, the last 3 of them CUDA-graph padding, one ``-1`` slot): prints the
+    share of bit-identical values of q, the written cache rows and the latent, then one
+    verdict. The drop-ins match where at least 99.9% are identical and the rest one rounding
+    step apart (float32 evaluation order, as ``tests/test_drop_in.py`` requires)."""
+    from benchmarks.peers import engine_steps
+    from tvm_fused.testing.compare import agreement
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    tokens, heads, blocks, block_size = 40, 16, 12, 16
+    q = torch.randn(tokens, heads, 192, generator=gen).to(torch.bfloat16).to(device)
+    kv_lora = torch.randn(tokens, 576, generator=gen).to(torch.bfloat16).to(device)
+    weight = (1 + 0.25 * torch.randn(512, generator=gen)).to(torch.bfloat16).to(device)
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens - 3].to(device)
+    slots[7] = -1  # vLLM's PAD_SLOT_ID
+    table = engine_steps.cos_sin_cache(4096, device=device)  # bf16, as vLLM keeps it
+
+    matched = []
+
+    def report(engine, cache_name, ours, theirs):
+        parts = []
+        for name, a, b in zip(("q", "cache rows", "latent"), ours, theirs):
+            same, apart = agreement(a.cpu(), b.cpu())
+            matched.append(same >= 0.999 and apart <= 1)
+            parts.append(f"{name} {100 * same:.3f}% identical (max {apart} ulp)")
+        print(f"{engine} drop-in, {cache_name} cache, {device}: " + ", ".join(parts))
+
+    for cache_name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+        cache = torch.zeros(blocks, block_size, 576, dtype=dtype, device=device)
+        kv_cache_dtype, k_scale = "auto", None
+        if dtype != torch.bfloat16:  # vLLM's fp8 cache: uint8 bytes, a per-tensor scale
+            cache, kv_cache_dtype = cache.view(torch.uint8), "fp8"
+            k_scale = torch.tensor([0.3], device=device)
+        runs = []
+        for prologue in (vllm_mla_prologue, engine_steps.vllm_mla_prologue):
+            q_run, cache_run = q.clone(), cache.clone()
+            _, kv_c_normed, k_pe = prologue(q_run, kv_lora.clone(), table, weight, cache_run,
+                                            slots, positions, kv_cache_dtype, k_scale)
+            rows = cache_run.view(dtype).flatten(0, 1)[slots[slots >= 0]]
+            runs.append((q_run, rows, torch.cat((kv_c_normed, k_pe.reshape(tokens, -1)), -1)))
+        report("vLLM", cache_name, *runs)
+
+    buffer = torch.zeros(blocks * block_size + 1, 1, 576, dtype=torch.bfloat16, device=device)
+    loc = torch.randperm(blocks * block_size, generator=gen)[:tokens].to(device) + 1
+    table = engine_steps.cos_sin_cache(4096, dtype=torch.float32, device=device)  # SGLang's
+    runs = []
+    for prologue in (sglang_mla_prologue, engine_steps.sglang_mla_prologue):
+        q_run, buffer_run = q.clone(), buffer.clone()
+        _, k_nope, k_pe = prologue(q_run, kv_lora.clone(), table, weight, buffer_run, loc,
+                                   positions)
+        runs.append((q_run, buffer_run[loc], torch.cat((k_nope, k_pe), -1)))
+    report("SGLang", "bf16", *runs)
+    print("OK: one launch matches the engines' three steps" if all(matched) else
+          "MISMATCH: a drop-in differs from its engine's steps")
+    return 0 if all(matched) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
