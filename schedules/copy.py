@@ -10,14 +10,17 @@ elements, one per thread; a block's ``Y * X`` threads take consecutive vectors o
       for tx in threadIdx.x (X)                  thread -> (token, head, vector)
        locate token t                            (registers)
        if the token is OK: q_nope_out[t, h, v*V : +V] = [fp8(] q_nope[t, h, v*V : +V] [)]
-                                                 (a vector load and store)
+                                                 (a vector load and store; an fp8 query
+                                                 loads the vector into registers, nope_load,
+                                                 quantizes it there, nope_quant, and stores
+                                                 the fp8 vector)
 """
 
 from __future__ import annotations
 
 from tvm import s_tir
 
-from tvm_fused.compiler.branches import nope_copy_dtype
+from tvm_fused.compiler.branches import nope_copy_dtype, nope_staged
 from tvm_fused.form import ITEMSIZE, Form
 
 from .config import ScheduleConfig
@@ -38,5 +41,15 @@ def schedule_copy_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     sch.vectorize(lane)
-    sch.compute_at(locate, tx if strides is None else strides)
+    where = tx if strides is None else strides
+    if op.out_dtype is not None:  # an fp8 query: quantized in registers, stored as a vector
+        quant = sch.get_sblock("nope_quant")
+        sch.compute_at(quant, where)
+        set_local(sch, quant)
+    if nope_staged(op):  # from words loaded as one vector
+        load = sch.get_sblock("nope_load")
+        sch.compute_at(load, where)
+        sch.vectorize(sch.get_loops(load)[-1])
+        set_local(sch, load)
+    sch.compute_at(locate, where)
     set_local(sch, locate)

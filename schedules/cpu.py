@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from tvm import s_tir
 
+from tvm_fused.compiler.branches import nope_staged
 from tvm_fused.form import Form
 
 from .util import merge_scale_store
@@ -27,7 +28,8 @@ def branch_stages(op: Form) -> dict[str, tuple[str, ...]]:
     q_quant = ("quant",) if op.out_dtype is not None else ()
     rope = {"q": ("locate", "freqs", "load", "rope", *q_quant),
             "k": ("locate", "freqs", "load", "rope", *quant)} if op.rope_dim else {}
-    nope = {"nope": ("locate",)} if op.q_nope else {}
+    nope_load = ("load",) if nope_staged(op) else ()
+    nope = {"nope": ("locate", *nope_load, *q_quant)} if op.q_nope else {}
     return {**rope, **nope,
             "norm": ("locate", "load", "sumsq", "scale", "apply", *quant, *tiles)}
 

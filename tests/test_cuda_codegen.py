@@ -383,12 +383,10 @@ def test_16_byte_stores_stay_whole(source, schedule, tmp_path):
     assert result.returncode == 0, result.stderr
     widths = _store_widths((tmp_path / "k.ptx").read_text())
     fp8 = op.cache_dtype or op.out_dtype or op.ds_mla
-    # fp8_ds_mla's scales are 4-byte stores; an fp8 q_nope_out is still stored byte by byte
-    # (TVM's CUDA codegen names no vector of 8 fp8 values computed in place: issue 31)
+    # fp8_ds_mla's scales are 4-byte stores; an fp8 q_nope_out, 8-byte vectors like q's
     whole = not (op.cache_dtype and op.out_dtype) or op.kv_output  # a 16-bit value stored
     assert widths == {*([16] if whole else []), *([8] if fp8 else []),
-                      *([4] if op.ds_mla else []),
-                      *([1] if op.q_nope and op.out_dtype else [])}, widths
+                      *([4] if op.ds_mla else [])}, widths
 
 
 def test_vector_store_rewrite_touches_only_global_stores():

@@ -93,12 +93,29 @@ def _words(name: str, buffer, dtype: str):
                    strides=(s0 // ratio, s1 // ratio, T.int64(1)))
 
 
+def nope_staged(form) -> bool:
+    """Whether the nope branch of an fp8 query loads ``q_nope`` as 4-byte words into
+    registers first (where the alignment allows; else its quantization reads ``q_nope``)."""
+    return form.out_dtype is not None and form.alignment >= 4
+
+
+def _half(word, which, dtype: str):
+    """The 16-bit value ``which`` (0: the low half, the first in memory) of a ``uint32``
+    word, as ``dtype``."""
+    bits = T.Cast("uint16", T.shift_right(word, T.Cast("uint32", which * 16)))
+    return T.reinterpret(dtype, bits)
+
+
 def nope_branch(layout: Layout):
     """``q_nope_out[t] = q_nope[t]`` (an fp8 output: ``fp8(saturate(value / q_scale))``) for
     every OK token t: the attention query's other columns, located like q's. A copy with no
-    staging: the store reads ``q_nope`` itself, only for OK tokens."""
+    staging: the store reads ``q_nope`` itself, only for OK tokens; an fp8 query stages a
+    vector of 4-byte words in registers (``nope_load``: CUDA's codegen names no vector of
+    8 bf16 loaded from a strided view) and quantizes its halves (``nope_quant``), so that
+    both ends stay vectors."""
     H, odtype, unit = layout.H, layout.odtype, nope_copy_dtype(layout.form)
     fp8 = odtype != layout.dtype
+    staged = nope_staged(layout.form)
     width = T.int64(layout.form.kv_norm_dim * ITEMSIZE[layout.dtype] // ITEMSIZE[unit])
 
     @T.macro
@@ -106,14 +123,33 @@ def nope_branch(layout: Layout):
         source = T.meta_var(_words("q_nope_words", q_nope, unit))
         target = T.meta_var(_words("q_nope_out_words", q_nope_out, odtype if fp8 else unit))
         nope_state = T.sblock_alloc_buffer((n,), "int32")
+        if fp8:
+            nope_quantized = T.sblock_alloc_buffer((n, H, width), odtype)
+        if staged:
+            words = T.meta_var(_words("q_nope_words", q_nope, "uint32"))
+            nope_in = T.sblock_alloc_buffer((n, H, width // 2), "uint32")
         locate_stage(layout)("nope_locate", n, index, None, None, nope_state)
+        if staged:
+            for t, h, w in T.grid(n, H, width // 2):
+                with T.sblock("nope_load"):  # every row of q_nope is in bounds
+                    vt, vh, vw = T.axis.remap("SSS", [t, h, w])
+                    nope_in[vt, vh, vw] = words[vt, vh, vw]
+        if fp8:
+            for t, h, c in T.grid(n, H, width):
+                with T.sblock("nope_quant"):
+                    vt, vh, vc = T.axis.remap("SSS", [t, h, c])
+                    if staged:
+                        nope_quantized[vt, vh, vc] = saturating_fp8(odtype, layout.scaled(
+                            _half(nope_in[vt, vh, vc // 2], vc % 2, layout.dtype), q_scale))
+                    else:  # every row of q_nope is in bounds
+                        nope_quantized[vt, vh, vc] = saturating_fp8(
+                            odtype, layout.scaled(source[vt, vh, vc], q_scale))
         for t, h, c in T.grid(n, H, width):
             with T.sblock("nope_store"):
                 vt, vh, vc = T.axis.remap("SSS", [t, h, c])
                 if nope_state[vt] == OK:
                     if fp8:
-                        target[vt, vh, vc] = saturating_fp8(
-                            odtype, layout.scaled(source[vt, vh, vc], q_scale))
+                        target[vt, vh, vc] = nope_quantized[vt, vh, vc]
                     else:
                         target[vt, vh, vc] = source[vt, vh, vc]
     return branch
