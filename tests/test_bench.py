@@ -93,6 +93,7 @@ ALL_NAMES = (*NAMES, "liger", ENGINE_CHAIN)
 def test_each_form_has_its_providers(write_through, cache_dtype, kv_output, copy):
     """The copy before the in-place op exists only where the in-place op can do the rest:
     a cache of q's dtype, no ``kv_output``."""
+    pytest.importorskip("triton", reason="the Triton peer: pip install -e '.[bench]'")
     found = providers(_form(write_through, cache_dtype, kv_output=kv_output), 8, NAMES)
     assert list(found) == [name for name in NAMES if name != COPY_THEN_IN_PLACE or copy]
 
@@ -120,6 +121,7 @@ FORMAT_FORMS = {"ds_mla": ("fp8_ds_mla", None, False),
 def test_format_forms_have_tvm_fused_and_vllms_chain(form_args):
     """DeepSeek-V3.2's row and the fp8 attention query: tvm-fused and vLLM's chain, no fused
     peer (they write neither)."""
+    pytest.importorskip("triton", reason="vLLM's chain in Triton: pip install -e '.[bench]'")
     form = _format_form(*form_args)
     assert form_name(form) == ("fp8-query" if form.q_nope else "write-through")
     assert list(providers(form, 8, ALL_NAMES)) == ["tvm-fused default", ENGINE_CHAIN]

@@ -30,7 +30,6 @@ import os
 
 import torch
 import tvm_ffi
-from liger_kernel.ops.rms_norm import rms_norm_forward
 
 from .torch_eager import token_pages
 
@@ -91,10 +90,13 @@ class FlashInferMLAppend:
         self.none_cache = torch.empty(0, dtype=k_cache.dtype, device=device)
         self.quant_scale_kv = 1.0 / k_scale
         self.fn = _module()["rope_quantize_append_paged_kv_cache"]
+        from liger_kernel.ops.rms_norm import rms_norm_forward  # the norm before the kernel
+
+        self.rms_norm = rms_norm_forward
 
     def __call__(self) -> None:
         latent = self.kv_input[:, :self.gamma.shape[0]]
-        self.append(rms_norm_forward(latent, self.gamma, self.epsilon, 0.0, "llama", None)[0])
+        self.append(self.rms_norm(latent, self.gamma, self.epsilon, 0.0, "llama", None)[0])
 
     def append(self, latent: torch.Tensor) -> None:
         """FlashInfer's kernel alone, with ``latent [n, D]`` (q's dtype) as the rows' latent
