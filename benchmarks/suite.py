@@ -29,6 +29,7 @@ import torch
 import tvm
 
 from tvm_fused import Form, fused_rope_rmsnorm, fused_rope_rmsnorm_slots
+from tvm_fused.progress import Progress
 from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.testing.compare import CheckReport, check_run, query_buffer, whole_storage
 from tvm_fused.testing.inputs import OpInputs, inputs_for, split_table
@@ -515,6 +516,7 @@ def run_suite(parts, base: Form, csv_path: Path | None, reps: int = 100,
     log(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_tb_s:.3f} TB/s "
         f"({COPY_BYTES >> 20} MiB read + written, cold L2)")
     rows, failures = [], []
+    progress = Progress(sum(len(part.tokens) for part in parts), "suite")
     for part in parts:
         form = part.form(base)
         for tokens in part.tokens:
@@ -523,4 +525,5 @@ def run_suite(parts, base: Form, csv_path: Path | None, reps: int = 100,
             if csv_path is not None:
                 write_csv(measured, csv_path)
             rows += measured
+            progress.advance(note=f"{form_name(form)}, {part.heads} heads, {tokens} tokens")
     return rows, failures

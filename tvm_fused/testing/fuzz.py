@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from .. import form as config
+from ..progress import Progress
 from ..tokens import locate_tokens
 from .compare import CheckReport, run_and_check
 from .inputs import OpInputs, engine_addressed, make_inputs, with_options
@@ -203,11 +204,11 @@ def fuzz(first_seed: int, cases: int, device: str, log=print, jobs: int = 1) -> 
         else:
             results = map(_failure, seeds, devices)
         failures = []
-        for done, failure in enumerate(results, 1):
+        progress = Progress(cases, "fuzz")
+        for failure in results:
             if failure is not None:
                 failures.append(failure)
                 log(f"FAIL {failure}")
-            if done % 10 == 0 and done < cases:
-                log(f"{done - len(failures)}/{done} cases passed so far")
+            progress.advance(note=f"{len(failures)} failed")
     log(f"{cases - len(failures)}/{cases} cases passed on {device}")
     return failures

@@ -29,6 +29,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from ..compiler.definition import OP_NAME
 from ..form import Form
+from ..progress import Progress
 from ..schedules.space import can_draw, schedule_fn, single_changes, space_for
 from . import decisions, records
 from .buckets import BUCKETS
@@ -83,10 +84,12 @@ def _runner(form: Form, rpc: RpcTarget | None):
 
 @derived_object
 class _Progress(ms.measure_callback.PyMeasureCallback):
-    """One status line per measured batch: bucket, trials so far, best time."""
+    """One status line per measured batch (bucket, trials so far, best time), and the
+    progress of the search."""
 
-    def __init__(self, names: list[str], log):
+    def __init__(self, names: list[str], log, total: int):
         self.names, self.log, self.best, self.count = names, log, {}, {}
+        self.progress = Progress(total, "tune")
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
               runner_results):
@@ -100,6 +103,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         best_us = self.best.get(name, float("nan")) * 1e6
         self.log(f"[{name}] +{len(runner_results)} measured ({failed} failed), "
                  f"{self.count[name]} this run, best {best_us:.2f} us")
+        self.progress.advance(len(runner_results), f"measured ({name})")
 
 
 def seed_configs(space, default, decided) -> list:
@@ -184,7 +188,7 @@ class _Session:
             runner=self.runner, database=self.database, cost_model=self.cost_model,
             task_scheduler="round-robin",
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                               _Progress(names, self.log)])
+                               _Progress(names, self.log, sum(counts))])
 
 
 def _log_seeds(log, tokens: int, measured: list, earlier) -> None:
