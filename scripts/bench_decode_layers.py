@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import itertools
 import json
 import sys
@@ -58,6 +59,7 @@ TOKENS, HEADS, CACHES, FORMS = (1, 8, 64, 256), (16, 128), ("auto", "fp8"), (
     "write-through", "in-place")
 PDL = {"tvm-fused": False, "tvm-fused pdl": True, "tvm-fused pdl early-indices": "early-indices"}
 PROVIDERS = (*PDL, "triton fused", "vllm steps in triton")
+NEEDS = {"triton fused": ("triton",), "vllm steps in triton": ("triton", "liger_kernel")}
 QUICK = {"tokens": (1, 64), "heads": (16, 128), "caches": ("auto",)}
 EPS, K_SCALE = 1e-6, 0.5
 
@@ -316,7 +318,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{name}: unknown {unknown}, expected some of {allowed}")
     if args.layers < 1 or args.reps < 1:
         p.error("--layers and --reps must be positive")
+    args.providers = [name for name in args.providers if _available(name)]
     return args
+
+
+def _available(provider: str) -> bool:
+    """Whether the peers ``provider`` needs import here; if not, a note on stderr."""
+    missing = [module for module in NEEDS.get(provider, ())
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"skipping {provider!r}: {', '.join(missing)} not installed "
+              "(pip install -e '.[bench]')", file=sys.stderr)
+    return not missing
 
 
 def main(argv=None) -> int:

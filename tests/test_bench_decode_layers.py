@@ -21,6 +21,17 @@ def test_options():
         bench.parse_args(["--providers", "nope"])
 
 
+def test_a_peer_that_is_not_installed_is_skipped_with_a_note(monkeypatch, capsys):
+    """Without Liger, vLLM's chain is left out (a note says why), not a traceback."""
+    found = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name: None if name == "liger_kernel" else found(name))
+    args = bench.parse_args(["--quick"])
+    assert "vllm steps in triton" not in args.providers and "tvm-fused" in args.providers
+    assert "skipping 'vllm steps in triton': liger_kernel not installed" in \
+        capsys.readouterr().err
+
+
 CPU_STEP = ["--device", "cpu", "--layers", "2", "--tokens", "3", "--heads", "16"]
 
 
