@@ -322,10 +322,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that fails to import, a stub module
+        return False
+
+
 def _available(provider: str) -> bool:
     """Whether the peers ``provider`` needs import here; if not, a note on stderr."""
-    missing = [module for module in NEEDS.get(provider, ())
-               if importlib.util.find_spec(module) is None]
+    missing = [module for module in NEEDS.get(provider, ()) if not _importable(module)]
     if missing:
         print(f"skipping {provider!r}: {', '.join(missing)} not installed "
               "(pip install -e '.[bench]')", file=sys.stderr)

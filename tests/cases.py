@@ -3,6 +3,7 @@ requests and page-boundary crossings, and indices that point nowhere."""
 
 import itertools
 
+import pytest
 import torch
 
 from tvm_fused import fused_rope_rmsnorm
@@ -22,6 +23,14 @@ def matrix_id(heads, dtype, page_size):
 HEADS = (1, 16, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PAGE_SIZES = (1, 16, 128)
+def thinned(values, ids=None, every: int = 3) -> list:
+    """``values`` as pytest params, all but every ``every``-th marked slow: the test command
+    runs a spread of the cases, ``-m slow`` (CI) the rest."""
+    ids = ids or [None] * len(values)
+    return [pytest.param(value, id=name, marks=() if i % every == 0 else pytest.mark.slow)
+            for i, (value, name) in enumerate(zip(values, ids))]
+
+
 MATRIX = list(itertools.product(HEADS, DTYPES, PAGE_SIZES))
 MATRIX_IDS = [matrix_id(*case) for case in MATRIX]
 

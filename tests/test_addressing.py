@@ -12,7 +12,7 @@ from tvm_fused.testing.compare import agreement, check_run, located, run_and_che
 from tvm_fused.testing.inputs import engine_addressed, make_inputs, with_options
 from tvm_fused.testing.reference import reference_outputs
 
-from .cases import BAD_SLOTS, FORMS, RAGGED, bad_index_inputs, snapshot, unchanged
+from .cases import BAD_SLOTS, FORMS, RAGGED, bad_index_inputs, snapshot, thinned, unchanged
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 ADDRESSINGS = ("offsets", "slots")
@@ -39,7 +39,7 @@ def _inputs(index: int, device: str, **extra):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(len(COMBINATIONS)), ids=IDS)
+@pytest.mark.parametrize("index", thinned(range(len(COMBINATIONS)), IDS, every=2))
 def test_combination_matches_reference(device, index):
     inputs = _inputs(index, device)
     for in_place in (False, True):

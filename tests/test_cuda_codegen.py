@@ -21,6 +21,8 @@ from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.schedules.cpu import CpuScheduleConfig
 from tvm_fused.schedules.fused import apply_block_group_schedule, block_groups
 
+from .cases import thinned
+
 CONFIGS = {
     "deepseek-v3": Form(num_q_heads=128),
     "v2-lite-fp16": Form(num_q_heads=16, dtype="float16", gamma_dtype="float16"),
@@ -63,7 +65,7 @@ def _nvcc():
     return path
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=thinned(sorted(CONFIGS), sorted(CONFIGS), every=2))
 def source(request):
     return request.param, cuda_source(CONFIGS[request.param])
 
@@ -219,8 +221,8 @@ FORMS = {"in-place": {}, "write-through": {"write_through": True, "kv_output": T
 
 
 @pytest.mark.parametrize("alignment", [2, 4, 8, 16])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+@pytest.mark.parametrize("dtype", thinned(["bfloat16", "float32", "float16"], every=2))
+@pytest.mark.parametrize("interleaved", thinned([True, False], ["gptj", "neox"], every=2))
 @pytest.mark.parametrize("form", FORMS)
 def test_no_global_access_is_wider_than_the_alignment(alignment, dtype, interleaved, form):
     """A kernel built for ``alignment`` bytes never reads or writes global memory wider than
@@ -362,12 +364,10 @@ def _store_widths(ptx: str) -> set[int]:
     return widths
 
 
-@pytest.mark.parametrize("schedule", [None, ScheduleConfig(rope_vectors_per_thread=2),
-                                      ScheduleConfig(norm_first=True),
-                                      ScheduleConfig(grid_blocks=1024),
-                                      ScheduleConfig(k_rope_in_norm_group=True)],
-                         ids=["default", "two-vectors", "norm-first", "persistent",
-                              "k-rope-in-norm-group"])
+@pytest.mark.parametrize("schedule", thinned(
+    [None, ScheduleConfig(rope_vectors_per_thread=2), ScheduleConfig(norm_first=True),
+     ScheduleConfig(grid_blocks=1024), ScheduleConfig(k_rope_in_norm_group=True)],
+    ["default", "two-vectors", "norm-first", "persistent", "k-rope-in-norm-group"], every=5))
 def test_16_byte_stores_stay_whole(source, schedule, tmp_path):
     """NVVM splits some of TVM's ``*(uint4*)(p) = v`` stores into 4-byte pieces; through
     ``__stwb`` every store of a 16-byte-aligned kernel keeps its vector's width: 16 bytes,

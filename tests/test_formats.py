@@ -26,6 +26,8 @@ from tvm_fused.testing.reference import (
 )
 from tvm_fused.tokens import locate_slots, locate_tokens
 
+from .cases import thinned
+
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 BF16 = torch.bfloat16
 D, R = 512, 64
@@ -170,7 +172,8 @@ def test_ds_mla_tile_scales_follow_the_spec():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("addressing", ["slots", "offsets"])
 @pytest.mark.parametrize("cache", ["bfloat16", "float8_e4m3fn", "fp8_ds_mla"])
-@pytest.mark.parametrize("out_dtype", [torch.float8_e4m3fn, BF16])
+@pytest.mark.parametrize("out_dtype", thinned([torch.float8_e4m3fn, BF16], ["fp8", "bf16"],
+                                              every=2))
 def test_one_launch_writes_the_whole_attention_query(device, addressing, cache, out_dtype):
     """``out`` and ``q_nope_out`` as the two column slices of a head-padded ``[T, H_pad, D +
     R]`` buffer: the roped q and ``q_nope``, fp8 with ``q_scale`` (exactly the quantization
@@ -239,7 +242,7 @@ def test_rope_dim_zero_is_the_norm_and_the_cache_write(device, write_through):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("heads", [6, 8, 12, 16, 96, 128])
+@pytest.mark.parametrize("heads", thinned([6, 8, 12, 16, 96, 128], every=2))
 def test_any_head_count(device, heads):
     """Every head count engines run, in place and write-through with an fp8 query."""
     case = Case(device, heads=heads, ds_mla=False)
@@ -322,7 +325,7 @@ FORMS = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", FORMS)
+@pytest.mark.parametrize("name", thinned(list(FORMS), list(FORMS), every=2))
 def test_each_form_against_the_reference(device, name):
     """Each new form from its description (``inputs_for``, ``run_and_check``, what ``python
     -m tvm_fused run`` does): decode and prefill requests, guards around every tensor, a

@@ -8,7 +8,7 @@ import pytest
 
 from tvm_fused.testing.fuzz import CACHE_DTYPES, CORRUPTIONS, fuzz, random_case
 
-CHUNK = 10
+CHUNK = 5
 CPU_CASES = 200
 GPU_CASES = 1000
 GPU_FIRST_SEED = 100_000
