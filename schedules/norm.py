@@ -79,8 +79,10 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
     split_row(sch.get_loops(sumsq)[-1])
     sch.compute_at(load, row)
     sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
-    # with the index reads before PDL's wait, the locate comes first
-    sch.compute_at(locate, row, index=0 if op.pdl_early_indices else -1)
+    # the locate comes first: its index loads (position, then slot) are then in flight
+    # while the row is loaded and reduced, not a round trip of their own before the store
+    # (write-through: the store is their only consumer); with PDL they go before the wait
+    sch.compute_at(locate, row, index=0)
     # gamma's vectors are loaded second in the row's body, before its reduction: independent
     # of the token, they need not wait for its sum of squares (one load round less per row)
     gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])
@@ -103,10 +105,11 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
 def _schedule_tiles(sch: s_tir.Schedule, row, apply, split_row, threads: int) -> None:
     """fp8_ds_mla: the normed row (``apply``) at the row's loop, in the row's thread layout;
     each tile's amax reduced across the row's threads like the sum of squares (one reduction
-    per tile), its scale recomputed where used, and the row's scales stored by its first
-    threads."""
-    amax = sch.get_sblock("norm_tile_amax")
-    sch.compute_inline(sch.get_sblock("norm_tile_scale"))
+    per tile), the tiles' scales computed once per thread into registers (inlined, each
+    value's division would select among divisions: a branch per value), and the row's scales
+    stored by its first threads."""
+    amax, scales = sch.get_sblock("norm_tile_amax"), sch.get_sblock("norm_tile_scale")
+    sch.compute_at(scales, row)
     sch.compute_at(amax, row)
     split_row(sch.get_loops(amax)[-1])
     sch.compute_at(apply, row)
@@ -114,4 +117,4 @@ def _schedule_tiles(sch: s_tir.Schedule, row, apply, split_row, threads: int) ->
     scale_store = sch.get_sblock("norm_scale_store")
     _, tx = sch.split(sch.get_loops(scale_store)[-1], [None, threads])
     sch.bind(tx, "threadIdx.x")
-    set_local(sch, amax)
+    set_local(sch, amax, scales)

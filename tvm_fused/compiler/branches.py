@@ -305,6 +305,7 @@ def norm_branch(layout: Layout):
 DS_MLA_FP8 = "float8_e4m3fn"
 _FLT_MIN = 2.0**-126  # the smallest normal float32
 _CANONICAL_NAN = 0x7FC00000  # a quiet float32 NaN, sign clear
+_FLOAT32_INF = 0x7F800000
 
 
 def _tile_scale(rule: str, amax):
@@ -334,11 +335,13 @@ def tile_stages(layout: Layout):
     128: ``amax[t, i]`` over the tile's finite values (a reduction over the whole row, the
     other tiles' values counting 0, so that a GPU schedule reduces it like the sum of
     squares; each value rounded to q's dtype first, as ``kv_output`` holds it), its scale
-    (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))`` (NaN for a
-    non-finite value)."""
+    (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``, a non-finite value
+    divided as NaN (NaN stays NaN). No select holds the division: TVM turns a select whose
+    operand reads a buffer into a branch, and a branch around a division stays one."""
     D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
     rule, tiles = layout.form.tile_scale, layout.form.scale_tiles
     nan = T.reinterpret("float32", T.uint32(_CANONICAL_NAN))
+    inf = T.reinterpret("float32", T.uint32(_FLOAT32_INF))
 
     @T.macro
     def stages(n, values, scales, quantized):
@@ -348,9 +351,10 @@ def tile_stages(layout: Layout):
                 vt, vi, vc = T.axis.remap("SSR", [t, i, c])
                 with T.init():
                     amax[vt, vi] = T.min_value("float32")
-                value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
+                magnitude = T.meta_var(T.fabs(round_to(dtype, f32(values[vt, vc]))))
+                # `magnitude < inf` is false for NaN and inf: one comparison
                 amax[vt, vi] = T.max(amax[vt, vi], T.Select(
-                    T.isfinite(value) and vc // TILE == vi, T.fabs(value), T.float32(0)))
+                    magnitude < inf and vc // TILE == vi, magnitude, T.float32(0)))
         for t, i in T.grid(n, TILES):
             with T.sblock("norm_tile_scale"):
                 vt, vi = T.axis.remap("SS", [t, i])
@@ -359,9 +363,9 @@ def tile_stages(layout: Layout):
             with T.sblock("norm_quant"):
                 vt, vc = T.axis.remap("SS", [t, c])
                 value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
-                quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, T.Select(
-                    T.isfinite(value), div_rn(value, tile_of(scales, vt, vc // TILE, tiles)),
-                    nan))
+                quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, div_rn(
+                    T.Select(T.fabs(value) < inf, value, nan),
+                    tile_of(scales, vt, vc // TILE, tiles)))
     return stages
 
 

@@ -36,6 +36,14 @@ def _round_bf16_bits(x):
     return T.Select(T.isnan(x), x, T.reinterpret("float32", rounded))
 
 
+def _cuda_round_bf16(x):
+    """On CUDA, where a bfloat16 register holds bfloat16 bits: ``x`` itself when it is a
+    bfloat16 value widened (already on the grid; nvcc keeps a cast pair), else a cast pair."""
+    if isinstance(x, tvm.tirx.Cast) and str(x.value.ty) == "bfloat16":
+        return x
+    return T.Cast("float32", T.Cast("bfloat16", x))
+
+
 # name -> (operands, lowering per target)
 _INTRINSICS = {
     DIV_RN: (2, {
@@ -43,7 +51,7 @@ _INTRINSICS = {
         "default": lambda call: call.args[0] / call.args[1],
     }),
     ROUND_BF16: (1, {
-        "cuda": lambda call: T.Cast("float32", T.Cast("bfloat16", call.args[0])),
+        "cuda": lambda call: _cuda_round_bf16(call.args[0]),
         "default": lambda call: _round_bf16_bits(call.args[0]),
     }),
 }
