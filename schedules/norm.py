@@ -105,8 +105,8 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
 def _schedule_tiles(sch: s_tir.Schedule, row, apply, split_row, threads: int) -> None:
     """fp8_ds_mla: the normed row (``apply``) at the row's loop, in the row's thread layout;
     each tile's amax reduced across the row's threads like the sum of squares (one reduction
-    per tile), the tiles' scales computed once per thread into registers (inlined, each
-    value's division would select among divisions: a branch per value), and the row's scales
+    per tile), the tiles' scales computed once per thread into registers (not inlined into
+    each value's division, where they would be a branch per value), and the row's scales
     stored by its first threads."""
     amax, scales = sch.get_sblock("norm_tile_amax"), sch.get_sblock("norm_tile_scale")
     sch.compute_at(scales, row)

@@ -308,6 +308,11 @@ _CANONICAL_NAN = 0x7FC00000  # a quiet float32 NaN, sign clear
 _FLOAT32_INF = 0x7F800000
 
 
+def _finite(x):
+    """``x`` (float32) is neither NaN nor ±inf, in one comparison (false for NaN)."""
+    return T.fabs(x) < T.reinterpret("float32", T.uint32(_FLOAT32_INF))
+
+
 def _tile_scale(rule: str, amax):
     """The float32 scale of a tile whose finite values reach ``amax``: ``max(amax / 448,
     FLT_MIN)`` (``"raw"``), or ``2^ceil(log2(max(amax / 448, 1e-4)))`` (``"pow2"``, on the
@@ -341,7 +346,6 @@ def tile_stages(layout: Layout):
     D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
     rule, tiles = layout.form.tile_scale, layout.form.scale_tiles
     nan = T.reinterpret("float32", T.uint32(_CANONICAL_NAN))
-    inf = T.reinterpret("float32", T.uint32(_FLOAT32_INF))
 
     @T.macro
     def stages(n, values, scales, quantized):
@@ -351,10 +355,9 @@ def tile_stages(layout: Layout):
                 vt, vi, vc = T.axis.remap("SSR", [t, i, c])
                 with T.init():
                     amax[vt, vi] = T.min_value("float32")
-                magnitude = T.meta_var(T.fabs(round_to(dtype, f32(values[vt, vc]))))
-                # `magnitude < inf` is false for NaN and inf: one comparison
+                value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
                 amax[vt, vi] = T.max(amax[vt, vi], T.Select(
-                    magnitude < inf and vc // TILE == vi, magnitude, T.float32(0)))
+                    _finite(value) and vc // TILE == vi, T.fabs(value), T.float32(0)))
         for t, i in T.grid(n, TILES):
             with T.sblock("norm_tile_scale"):
                 vt, vi = T.axis.remap("SS", [t, i])
@@ -364,7 +367,7 @@ def tile_stages(layout: Layout):
                 vt, vc = T.axis.remap("SS", [t, c])
                 value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
                 quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, div_rn(
-                    T.Select(T.fabs(value) < inf, value, nan),
+                    T.Select(_finite(value), value, nan),
                     tile_of(scales, vt, vc // TILE, tiles)))
     return stages
 
