@@ -24,7 +24,7 @@ from .util import merge_scale_store
 def branch_stages(op: Form) -> dict[str, tuple[str, ...]]:
     """The stages each branch of ``op`` computes per token before its store, in order."""
     quant = ("quant",) if op.cache_dtype is not None else ()
-    tiles = ("tile_amax", "tile_scale", "quant") if op.ds_mla else ()
+    tiles = ("tile_share", "tile_amax", "tile_scale", "quant") if op.ds_mla else ()
     q_quant = ("quant",) if op.out_dtype is not None else ()
     rope = {"q": ("locate", "freqs", "load", "rope", *q_quant),
             "k": ("locate", "freqs", "load", "rope", *quant)} if op.rope_dim else {}

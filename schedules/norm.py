@@ -104,11 +104,12 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
 
 def _schedule_tiles(sch: s_tir.Schedule, row, apply, split_row, threads: int) -> None:
     """fp8_ds_mla: the normed row (``apply``) at the row's loop, in the row's thread layout;
-    each tile's amax reduced across the row's threads like the sum of squares (one reduction
-    per tile), the tiles' scales computed once per thread into registers (not inlined into
-    each value's division, where they would be a branch per value), and the row's scales
-    stored by its first threads."""
+    every tile's amax reduced across the row's threads at once, like the sum of squares (one
+    allreduce of a tuple of maxima, the values' shares inlined into it), the tiles' scales
+    computed once per thread into registers (not inlined into each value's division, where
+    they would be a branch per value), and the row's scales stored by its first threads."""
     amax, scales = sch.get_sblock("norm_tile_amax"), sch.get_sblock("norm_tile_scale")
+    sch.compute_inline(sch.get_sblock("norm_tile_share"))
     sch.compute_at(scales, row)
     sch.compute_at(amax, row)
     split_row(sch.get_loops(amax)[-1])

@@ -11,6 +11,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..form import DS_MLA_TILE, ITEMSIZE
+from . import tile_max
 from .exact_math import div_rn, round_to
 from .fp8 import saturating_fp8
 from .layout import Layout, declare, f32
@@ -337,31 +338,38 @@ def tile_of(buffer, vt, tile, tiles: int):
 
 def tile_stages(layout: Layout):
     """fp8_ds_mla's quantization of the normed rows ``values [n, D]`` (q's dtype) by tiles of
-    128: ``amax[t, i]`` over the tile's finite values (a reduction over the whole row, the
-    other tiles' values counting 0, so that a GPU schedule reduces it like the sum of
-    squares; each value rounded to q's dtype first, as ``kv_output`` holds it), its scale
-    (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``, a non-finite value
-    divided as NaN (NaN stays NaN). No select holds the division: TVM turns a select whose
-    operand reads a buffer into a branch, and a branch around a division stays one."""
+    128: each value's share of its tile's amax (``|v|`` if finite, else 0; each value rounded
+    to q's dtype first, as ``kv_output`` holds it), each tile's ``amax`` (one reduction over
+    the whole row for all the tiles, each value counting 0 in the other tiles: a tuple of
+    maxima, ``tile_max.py``, that a GPU schedule reduces in one allreduce), the tiles'
+    scales (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``, a non-finite
+    value divided as NaN (NaN stays NaN). No select holds the division: TVM turns a select
+    whose operand reads a buffer into a branch, and a branch around a division stays one."""
     D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
     rule, tiles = layout.form.tile_scale, layout.form.scale_tiles
     nan = T.reinterpret("float32", T.uint32(_CANONICAL_NAN))
 
     @T.macro
     def stages(n, values, scales, quantized):
-        amax = T.sblock_alloc_buffer((n, TILES), "float32")
-        for t, i, c in T.grid(n, TILES, D):
-            with T.sblock("norm_tile_amax"):
-                vt, vi, vc = T.axis.remap("SSR", [t, i, c])
-                with T.init():
-                    amax[vt, vi] = T.min_value("float32")
+        share = T.sblock_alloc_buffer((n, D), "float32")
+        amax = T.meta_var(tile_max.alloc_maxima(n, tiles))
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_tile_share"):
+                vt, vc = T.axis.remap("SS", [t, c])
                 value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
-                amax[vt, vi] = T.max(amax[vt, vi], T.Select(
-                    _finite(value) and vc // TILE == vi, T.fabs(value), T.float32(0)))
+                share[vt, vc] = T.Select(_finite(value), T.fabs(value), T.float32(0))
+        for t, c in T.grid(n, D):
+            with T.sblock("norm_tile_amax"):
+                vt, vc = T.axis.remap("SR", [t, c])
+                with T.init():
+                    tile_max.init_maxima(amax, vt)
+                tile_max.update_maxima(amax, vt, [
+                    T.Select(vc // TILE == T.int64(i), share[vt, vc], T.float32(0))
+                    for i in range(tiles)])
         for t, i in T.grid(n, TILES):
             with T.sblock("norm_tile_scale"):
                 vt, vi = T.axis.remap("SS", [t, i])
-                scales[vt, vi] = _tile_scale(rule, amax[vt, vi])
+                scales[vt, vi] = _tile_scale(rule, tile_max.pick(amax, vt, vi))
         for t, c in T.grid(n, D):
             with T.sblock("norm_quant"):
                 vt, vc = T.axis.remap("SS", [t, c])

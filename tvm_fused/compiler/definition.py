@@ -38,8 +38,9 @@ What each field of the form changes:
   value is first rounded to ``dtype``, as SPEC.md asks;
 - ``cache_format="fp8_ds_mla"``: the cache is uint8 rows viewed three ways (``Layout.
   cache_views``: the latent as e4m3, the tile scales as float32, the rope part in q's
-  dtype); the norm branch gains ``norm_tile_amax`` (a reduction per tile over the row),
-  ``norm_tile_scale``, ``norm_quant`` and ``norm_scale_store`` (``branches.tile_stages``);
+  dtype); the norm branch gains ``norm_tile_share`` and ``norm_tile_amax`` (every tile's
+  maximum in one reduction over the row), ``norm_tile_scale``, ``norm_quant`` and
+  ``norm_scale_store`` (``branches.tile_stages``);
 - ``out_dtype`` (fp8): ``q_quant`` between ``q_rope`` and ``q_store``, by ``q_scale``;
   ``q_nope``: the nope branch; ``rope_dim`` 0: no q and k branches;
 - ``addressing``: the locate stages' body (``locate.py``), either way giving every branch

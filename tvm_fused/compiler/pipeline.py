@@ -22,6 +22,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.tirx.build import split_host_device_mods
 
+from . import tile_max  # noqa: F401 (importing it registers the reducer of the tiles' maxima)
 from .alignment_check import CheckDataAlignment
 from .atomic_add import LowerAtomicAdd
 from .block_groups import MergeBlockGroups
