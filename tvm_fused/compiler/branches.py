@@ -81,14 +81,15 @@ def nope_copy_dtype(form) -> str:
     return form.dtype
 
 
-def _words(name: str, buffer, dtype: str):
+def _words(layout: Layout, name: str, buffer, dtype: str):
     """A view of ``buffer`` ``[n, H, D]`` (row strides multiples of the unit) in ``dtype``'s
-    units."""
+    units, its strides visible multiples of the alignment (so that CUDA's codegen can prove
+    a vector of words aligned and load it whole)."""
     if dtype == buffer.dtype:
         return buffer
     ratio = T.int64(tvm.DataType(dtype).bits // buffer.dtype.bits)
     n, heads, dims = buffer.shape
-    s0, s1, _ = buffer.strides
+    s0, s1, _ = (layout.aligned(s, str(buffer.dtype)) for s in buffer.strides)
     return declare(name, (n, heads, dims // ratio), dtype, data=buffer.data,
                    elem_offset=buffer.elem_offset // ratio,
                    strides=(s0 // ratio, s1 // ratio, T.int64(1)))
@@ -121,13 +122,13 @@ def nope_branch(layout: Layout):
 
     @T.macro
     def branch(n, q_nope, q_nope_out, q_scale, index):
-        source = T.meta_var(_words("q_nope_words", q_nope, unit))
-        target = T.meta_var(_words("q_nope_out_words", q_nope_out, odtype if fp8 else unit))
+        source = T.meta_var(_words(layout, "q_nope_words", q_nope, unit))
+        target = T.meta_var(_words(layout, "q_nope_out_words", q_nope_out, odtype if fp8 else unit))
         nope_state = T.sblock_alloc_buffer((n,), "int32")
         if fp8:
             nope_quantized = T.sblock_alloc_buffer((n, H, width), odtype)
         if staged:
-            words = T.meta_var(_words("q_nope_words", q_nope, "uint32"))
+            words = T.meta_var(_words(layout, "q_nope_words", q_nope, "uint32"))
             nope_in = T.sblock_alloc_buffer((n, H, width // 2), "uint32")
         locate_stage(layout)("nope_locate", n, index, None, None, nope_state)
         if staged:
