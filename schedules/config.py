@@ -46,6 +46,10 @@ class ScheduleConfig:
         row's rope part (its first ``rope_dim / elements per vector`` threads, a vector
         each), so a block covers the same rows in both and the merged grid has no k rope
         group (``rope_vectors_per_thread`` then applies to q alone).
+    nope_vectors_per_thread : vectors of ``q_nope`` each nope-copy thread moves, a block's
+        width apart (each access stays coalesced): a thread locates its token once for all
+        of them and has that many loads in flight, so a block covers that many times more
+        of a token's heads.
     """
 
     block_threads: int = 128
@@ -57,6 +61,7 @@ class ScheduleConfig:
     norm_first: bool = False
     grid_blocks: int = 0
     k_rope_in_norm_group: bool = False
+    nope_vectors_per_thread: int = 1
 
     def __post_init__(self) -> None:
         if self.block_threads % self.norm_threads_per_row:
@@ -66,8 +71,10 @@ class ScheduleConfig:
                              "block_threads within [32, 1024]")
         if self.vector_bytes not in (4, 8, 16):
             raise ValueError(f"vector_bytes must be 4, 8 or 16, got {self.vector_bytes}")
-        if self.rope_vectors_per_thread < 1 or self.norm_rows_per_thread < 1:
-            raise ValueError("rope_vectors_per_thread and norm_rows_per_thread must be positive")
+        if min(self.rope_vectors_per_thread, self.norm_rows_per_thread,
+               self.nope_vectors_per_thread) < 1:
+            raise ValueError("rope_vectors_per_thread, norm_rows_per_thread and "
+                             "nope_vectors_per_thread must be positive")
         if self.grid_blocks < 0:
             raise ValueError(f"grid_blocks must be 0 or positive, got {self.grid_blocks}")
         if self.norm_threads_per_row > 32 and (self.norm_rows_per_thread > 1

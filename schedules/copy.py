@@ -2,21 +2,26 @@
 part, copied and, for an fp8 query, quantized) onto its own thread blocks.
 
 The store stage is the anchor. A token's ``H * D`` values are cut into vectors of ``V``
-elements, one per thread; a block's ``Y * X`` threads take consecutive vectors of one token:
+elements; each of a block's ``Y * X`` threads takes ``K`` (``nope_vectors_per_thread``)
+adjacent vectors, the block consecutive runs of one token:
 
-    for blk  in blockIdx.x  (n * ceil(H * D / V / (Y * X)); a persistent grid: grid_blocks,
-                             and a serial loop over the block's chunks right inside tx)
+    for blk  in blockIdx.x  (n * ceil(H * D / V / (K * Y * X)); a persistent grid:
+                             grid_blocks, and a serial loop over the block's chunks right
+                             inside tx)
      for ty  in threadIdx.y (Y)
-      for tx in threadIdx.x (X)                  thread -> (token, head, vector)
+      for tx in threadIdx.x (X)                  thread -> (token, head, run of K vectors)
        locate token t                            (registers)
-       if the token is OK: q_nope_out[t, h, v*V : +V] = [fp8(] q_nope[t, h, v*V : +V] [)]
-                                                 (a vector load and store; an fp8 query
-                                                 loads the vector into registers, nope_load,
-                                                 quantizes it there, nope_quant, and stores
-                                                 the fp8 vector)
+       if the token is OK: q_nope_out[t, h, r*K*V : +K*V] = [fp8(] q_nope[...] [)]
+                                                 (K vector loads and stores; an fp8 query
+                                                 loads the K vectors into registers first,
+                                                 nope_load, quantizes them there, nope_quant,
+                                                 and stores them as vectors as wide as
+                                                 vector_bytes allows: K = 2 stores 16 fp8)
 """
 
 from __future__ import annotations
+
+import math
 
 from tvm import s_tir
 
@@ -28,28 +33,33 @@ from .util import bind_grid, set_local
 
 
 def schedule_copy_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) -> None:
-    """Bind the ``nope_locate`` and ``nope_store`` stages, a vector per thread."""
+    """Bind the ``nope_locate`` and ``nope_store`` stages, ``nope_vectors_per_thread``
+    adjacent vectors per thread."""
     locate, store = sch.get_sblock("nope_locate"), sch.get_sblock("nope_store")
-    unit = nope_copy_dtype(op)  # the store's elements
-    vector = config.vector_elems(op, unit, op.kv_norm_dim * ITEMSIZE[op.dtype] // ITEMSIZE[unit])
+    unit = nope_copy_dtype(op)  # the copy's elements
+    width = op.kv_norm_dim * ITEMSIZE[op.dtype] // ITEMSIZE[unit]  # of a head's row
+    vector = config.vector_elems(op, unit, width)
+    run = vector * math.gcd(config.nope_vectors_per_thread, width // vector)  # a thread's
+    stored = min(run, config.vector_elems(op, op.out_dtype or unit, width))  # per store
     t, h, c = sch.get_loops(store)
-    column, lane = sch.split(c, [None, vector])
+    column, elems = sch.split(c, [None, run])
     blk_part, thread = sch.split(sch.fuse(h, column), [None, config.block_threads])
     blk = sch.fuse(t, blk_part)
     ty, tx = sch.split(thread, [None, config.norm_threads_per_row])
     strides = bind_grid(sch, blk, config.grid_blocks, [ty, tx])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
-    sch.vectorize(lane)
+    sch.vectorize(sch.split(elems, [None, stored])[1])
     where = tx if strides is None else strides
-    if op.out_dtype is not None:  # an fp8 query: quantized in registers, stored as a vector
+    if op.out_dtype is not None:  # an fp8 query: quantized in registers, stored as vectors
         quant = sch.get_sblock("nope_quant")
         sch.compute_at(quant, where)
         set_local(sch, quant)
-    if nope_staged(op):  # from words loaded as one vector
+    if nope_staged(op):  # from words loaded as vectors, all before the locate
         load = sch.get_sblock("nope_load")
         sch.compute_at(load, where)
-        sch.vectorize(sch.get_loops(load)[-1])
+        words = vector * ITEMSIZE[unit] // 4
+        sch.vectorize(sch.split(sch.get_loops(load)[-1], [None, words])[1])
         set_local(sch, load)
     sch.compute_at(locate, where)
     set_local(sch, locate)

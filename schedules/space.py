@@ -59,8 +59,9 @@ GPU_SPACE = DesignSpace(
         "unroll": (1, 0),
         "norm_first": (0, 1),
         "grid_blocks": (0, 1024, 2048, 4096),
-        # last: records drawn before it decode without it
+        # last: records drawn before them decode without them
         "k_rope_in_norm_group": (0, 1),
+        "nope_vectors_per_thread": (1, 2, 4, 8),
     },
     config_type=ScheduleConfig,
     apply=apply_block_group_schedule,
