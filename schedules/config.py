@@ -23,7 +23,9 @@ class ScheduleConfig:
     norm_threads_per_row : threads that reduce one cache row (``threadIdx.x``); a block
         normalizes ``block_threads / norm_threads_per_row`` rows (``threadIdx.y``). Both rope
         groups use the same ``(x, y)`` thread shape, so no thread of the merged launch idles.
-        32 (one warp) reduces with shuffles alone; more threads add a shared-memory step.
+        32 (one warp) reduces with shuffles alone; more threads add a shared-memory step;
+        16 (half a warp) gives each thread twice the vectors and, in an fp8_ds_mla row of
+        16-byte vectors, each vector of a thread its own tile of 128, known statically.
     vector_bytes : bytes per global load/store (16: one ``uint4`` per access).
     rope_vectors_per_thread : vectors each rope thread handles, so a block covers that many
         times more heads (q) or tokens (k): fewer, longer blocks. A q thread's are adjacent
@@ -66,8 +68,9 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.block_threads % self.norm_threads_per_row:
             raise ValueError("block_threads must be a multiple of norm_threads_per_row")
-        if self.norm_threads_per_row % 32 or not 32 <= self.block_threads <= 1024:
-            raise ValueError("norm_threads_per_row must be a multiple of 32 and "
+        if (self.norm_threads_per_row % 32 and self.norm_threads_per_row != 16) \
+                or not 32 <= self.block_threads <= 1024:
+            raise ValueError("norm_threads_per_row must be 16 or a multiple of 32 and "
                              "block_threads within [32, 1024]")
         if self.vector_bytes not in (4, 8, 16):
             raise ValueError(f"vector_bytes must be 4, 8 or 16, got {self.vector_bytes}")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tvm_fused import Form, fused_rope_rmsnorm, fused_rope_rmsnorm_slots
+from tvm_fused.schedules import ScheduleConfig
 from tvm_fused.testing.compare import check_run, run_and_check, ulp, whole_storage
 from tvm_fused.testing.inputs import inputs_for, rope_freqs, split_table
 from tvm_fused.testing.reference import (
@@ -114,12 +115,16 @@ def _assert_close_bf16(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("addressing", ["slots", "offsets"])
 @pytest.mark.parametrize("tile_scale", ["raw", "pow2"])
 def test_ds_mla_rows_are_the_specs_bytes(device, addressing, tile_scale):
+    _assert_ds_mla_rows(device, addressing, tile_scale)
+
+
+def _assert_ds_mla_rows(device, addressing, tile_scale, schedule=None):
     case = Case(device)
     k_cache = case.k_cache.clone()
     storage_before = k_cache.cpu().clone()
     kv_output = torch.zeros(TOKENS + 1, D + R, dtype=BF16, device=device)
     case.call(addressing, k_cache=k_cache, kv_output=kv_output, cache_format="fp8_ds_mla",
-              tile_scale=tile_scale)
+              tile_scale=tile_scale, schedule=schedule)
     tokens = case.tokens(addressing)
     reference = case.reference(addressing, tile_scale)
     _assert_close_bf16(kv_output[:TOKENS], reference.rows)
@@ -179,12 +184,17 @@ def test_one_launch_writes_the_whole_attention_query(device, addressing, cache, 
     R]`` buffer: the roped q and ``q_nope``, fp8 with ``q_scale`` (exactly the quantization
     of the op's own bf16 q) or bf16 (vLLM's concatenated query); padded heads, the padding
     row and error-free rows' other bytes untouched."""
+    _assert_whole_query(device, addressing, cache, out_dtype)
+
+
+def _assert_whole_query(device, addressing, cache, out_dtype, schedule=None):
     ds_mla = cache == "fp8_ds_mla"
     case = Case(device, ds_mla=ds_mla)
     cache_options = ({"cache_format": "fp8_ds_mla"} if ds_mla else {})
     k_cache = case.k_cache.clone()
     if cache == "float8_e4m3fn":
         k_cache = torch.zeros(PAGES, PAGE, D + R, dtype=torch.float8_e4m3fn, device=device)
+    cache_options["schedule"] = schedule
     roped = case.call(addressing, k_cache=k_cache.clone(), **cache_options)  # a bf16 q
     buffer = torch.randn(TOKENS + 1, H_PAD, D + R, device=device).to(out_dtype)
     before = buffer.cpu().clone()
@@ -207,6 +217,28 @@ def test_one_launch_writes_the_whole_attention_query(device, addressing, cache, 
     as_bytes = (lambda t: t.view(torch.uint8)) if fp8 else (lambda t: t)
     assert torch.equal(as_bytes(result[:, case.heads:]), as_bytes(before[:, case.heads:]))
     assert torch.equal(as_bytes(result[TOKENS:]), as_bytes(before[TOKENS:]))
+
+
+OTHER_SCHEDULES = {  # the knobs the new formats add to a schedule, away from the default
+    "half-warp-rows": ScheduleConfig(norm_threads_per_row=16, nope_vectors_per_thread=2),
+    "persistent-nope-runs": ScheduleConfig(norm_threads_per_row=16, grid_blocks=3,
+                                           rope_vectors_per_thread=2,
+                                           nope_vectors_per_thread=4),
+    "wide-blocks-long-runs": ScheduleConfig(block_threads=256, nope_vectors_per_thread=8,
+                                            norm_first=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", OTHER_SCHEDULES.values(), ids=OTHER_SCHEDULES)
+@pytest.mark.parametrize("addressing", ["slots", "offsets"])
+def test_other_schedules_write_the_specs_bytes(schedule, addressing):
+    """Half-warp norm rows (every tile of a thread's vectors known statically) and runs of
+    several q_nope vectors per thread (blocks that span tokens, persistent grids) give the
+    spec's fp8_ds_mla rows and the whole fp8 query too."""
+    _assert_ds_mla_rows("cuda", addressing, "pow2", schedule)
+    _assert_whole_query("cuda", addressing, "fp8_ds_mla", torch.float8_e4m3fn, schedule)
+    _assert_whole_query("cuda", addressing, "bfloat16", BF16, schedule)
 
 
 @pytest.mark.parametrize("device", DEVICES)
