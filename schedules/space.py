@@ -52,8 +52,7 @@ def _gpu_constraint(name: str, chosen: dict, values: tuple) -> tuple:
 GPU_SPACE = DesignSpace(
     knobs={
         "block_threads": (64, 128, 256, 512),
-        "norm_threads_per_row": (32, 64, 128, 16),  # 16 last: records drawn before it keep
-        # their indices
+        "norm_threads_per_row": (32, 64, 128),
         "vector_bytes": (16, 8, 4),
         "rope_vectors_per_thread": (1, 2, 4),
         "norm_rows_per_thread": (1, 2, 4),

@@ -219,13 +219,12 @@ def _assert_whole_query(device, addressing, cache, out_dtype, schedule=None):
     assert torch.equal(as_bytes(result[TOKENS:]), as_bytes(before[TOKENS:]))
 
 
-OTHER_SCHEDULES = {  # the knobs the new formats add to a schedule, away from the default
-    "half-warp-rows": ScheduleConfig(norm_threads_per_row=16, nope_vectors_per_thread=2),
-    "persistent-nope-runs": ScheduleConfig(norm_threads_per_row=16, grid_blocks=3,
-                                           rope_vectors_per_thread=2,
+OTHER_SCHEDULES = {  # runs of q_nope vectors, away from the default
+    "nope-runs": ScheduleConfig(nope_vectors_per_thread=2, norm_first=True),
+    "persistent-nope-runs": ScheduleConfig(grid_blocks=3, rope_vectors_per_thread=2,
                                            nope_vectors_per_thread=4),
     "wide-blocks-long-runs": ScheduleConfig(block_threads=256, nope_vectors_per_thread=8,
-                                            norm_first=True),
+                                            norm_threads_per_row=64),
 }
 
 
@@ -233,9 +232,8 @@ OTHER_SCHEDULES = {  # the knobs the new formats add to a schedule, away from th
 @pytest.mark.parametrize("schedule", OTHER_SCHEDULES.values(), ids=OTHER_SCHEDULES)
 @pytest.mark.parametrize("addressing", ["slots", "offsets"])
 def test_other_schedules_write_the_specs_bytes(schedule, addressing):
-    """Half-warp norm rows (every tile of a thread's vectors known statically) and runs of
-    several q_nope vectors per thread (blocks that span tokens, persistent grids) give the
-    spec's fp8_ds_mla rows and the whole fp8 query too."""
+    """Runs of several q_nope vectors per thread (blocks that span tokens, persistent
+    grids; two-warp norm rows) give the spec's fp8_ds_mla rows and the whole query too."""
     _assert_ds_mla_rows("cuda", addressing, "pow2", schedule)
     _assert_whole_query("cuda", addressing, "fp8_ds_mla", torch.float8_e4m3fn, schedule)
     _assert_whole_query("cuda", addressing, "bfloat16", BF16, schedule)

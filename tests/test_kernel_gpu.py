@@ -115,15 +115,13 @@ SCHEDULES = [
     ScheduleConfig(grid_blocks=3),
     ScheduleConfig(block_threads=256, rope_vectors_per_thread=2, norm_rows_per_thread=2,
                    grid_blocks=5, norm_first=True),
-    ScheduleConfig(norm_threads_per_row=16, rope_vectors_per_thread=2, norm_rows_per_thread=2),
     *K_ROPE_IN_NORM_GROUP,
 ]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES,
                          ids=["narrow", "two-warp-rows", "wide", "norm-first-two-vectors",
-                              "persistent", "persistent-two-rows", "half-warp-rows",
-                              *K_ROPE_IN_NORM_GROUP_IDS])
+                              "persistent", "persistent-two-rows", *K_ROPE_IN_NORM_GROUP_IDS])
 @pytest.mark.parametrize("heads, interleaved", [(128, True), (128, False), (1, False)],
                          ids=["v3", "v3-neox", "one-head-neox"])
 def test_schedule_variants(schedule, heads, interleaved):
