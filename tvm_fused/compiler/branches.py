@@ -7,6 +7,9 @@ accessed. ``row(t)`` is cache row ``k_cache[slot[t] // page_size, slot[t] % page
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import tvm
 from tvm.script import tirx as T
 
@@ -310,9 +313,23 @@ _CANONICAL_NAN = 0x7FC00000  # a quiet float32 NaN, sign clear
 _FLOAT32_INF = 0x7F800000
 
 
-def _finite(x):
-    """``x`` (float32) is neither NaN nor ±inf, in one comparison (false for NaN)."""
-    return T.fabs(x) < T.reinterpret("float32", T.uint32(_FLOAT32_INF))
+# The tile stages choose values without a select: TVM turns a select whose operands read a
+# buffer into a branch (RewriteUnsafeSelect), and nvcc keeps those branches, a few dozen
+# per row, each re-reading the thread index, on the decode's critical path.
+
+
+def _where_finite(x, otherwise: int):
+    """``x`` (float32) where it is finite (neither NaN nor ±inf), else the float32 of bits
+    ``otherwise``, on the bits (a mask from one comparison)."""
+    bits = T.reinterpret("uint32", x)
+    finite = (bits & T.uint32(_FLOAT32_INF)) != T.uint32(_FLOAT32_INF)  # exponent not all 1s
+    keep = T.Select(finite, T.uint32(0xFFFFFFFF), T.uint32(0))  # of constants: no branch
+    return T.reinterpret("float32", (bits & keep) | (T.uint32(otherwise) & ~keep))
+
+
+def _one_if(condition):
+    """1.0 where ``condition`` holds, else 0.0 (float32)."""
+    return T.Cast("float32", condition)
 
 
 def _tile_scale(rule: str, amax):
@@ -328,13 +345,12 @@ def _tile_scale(rule: str, amax):
 
 
 def tile_of(buffer, vt, tile, tiles: int):
-    """``buffer[vt, tile]`` read at constant indices only, a select among the ``tiles``: on
-    the GPU a thread's tile depends on its index, and a register array indexed by it would
-    live in local memory."""
-    value = buffer[vt, T.int64(tiles - 1)]
-    for i in reversed(range(tiles - 1)):
-        value = T.Select(tile == T.int64(i), buffer[vt, T.int64(i)], value)
-    return value
+    """``buffer[vt, tile]`` (finite values: the tiles' scales) read at constant indices only,
+    as the sum of each tile's value times ``tile == i`` (exact: one term is the value, the
+    others +0): on the GPU a thread's tile depends on its index, and a register array
+    indexed by it would live in local memory."""
+    terms = [buffer[vt, T.int64(i)] * _one_if(tile == T.int64(i)) for i in range(tiles)]
+    return functools.reduce(operator.add, terms)
 
 
 def tile_stages(layout: Layout):
@@ -344,11 +360,10 @@ def tile_stages(layout: Layout):
     the whole row for all the tiles, each value counting 0 in the other tiles: a tuple of
     maxima, ``tile_max.py``, that a GPU schedule reduces in one allreduce), the tiles'
     scales (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``, a non-finite
-    value divided as NaN (NaN stays NaN). No select holds the division: TVM turns a select
-    whose operand reads a buffer into a branch, and a branch around a division stays one."""
+    value divided as NaN (NaN stays NaN). No stage selects (``_where_finite``, ``_one_if``,
+    ``tile_of``)."""
     D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
     rule, tiles = layout.form.tile_scale, layout.form.scale_tiles
-    nan = T.reinterpret("float32", T.uint32(_CANONICAL_NAN))
 
     @T.macro
     def stages(n, values, scales, quantized):
@@ -358,14 +373,14 @@ def tile_stages(layout: Layout):
             with T.sblock("norm_tile_share"):
                 vt, vc = T.axis.remap("SS", [t, c])
                 value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
-                share[vt, vc] = T.Select(_finite(value), T.fabs(value), T.float32(0))
+                share[vt, vc] = _where_finite(T.fabs(value), 0)
         for t, c in T.grid(n, D):
             with T.sblock("norm_tile_amax"):
                 vt, vc = T.axis.remap("SR", [t, c])
                 with T.init():
                     tile_max.init_maxima(amax, vt)
                 tile_max.update_maxima(amax, vt, [
-                    T.Select(vc // TILE == T.int64(i), share[vt, vc], T.float32(0))
+                    share[vt, vc] * _one_if(vc // TILE == T.int64(i))
                     for i in range(tiles)])
         for t, i in T.grid(n, TILES):
             with T.sblock("norm_tile_scale"):
@@ -376,7 +391,7 @@ def tile_stages(layout: Layout):
                 vt, vc = T.axis.remap("SS", [t, c])
                 value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
                 quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, div_rn(
-                    T.Select(_finite(value), value, nan),
+                    _where_finite(value, _CANONICAL_NAN),
                     tile_of(scales, vt, vc // TILE, tiles)))
     return stages
 

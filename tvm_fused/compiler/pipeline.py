@@ -1,6 +1,8 @@
 """The TIR lowering of tvm-fused, pass by pass: TVM 0.27's s_tir pipeline (its default options)
 with our passes in their places.
 
+- ``HoistLoopGuards`` (``loop_guards.py``) right after ``HoistIfThenElse``: a guard that is
+  a loop's whole body and does not depend on it goes outside the loop;
 - ``LowerAtomicAdd`` (``atomic_add.py``), ``MergeBlockGroups`` (``block_groups.py``) and
   ``InsertGridDependency`` (``grid_dependency.py``) run right before ``SplitHostDevice``,
   after the thread-level lowering (cross-thread reductions, barriers): accumulations a
@@ -27,6 +29,7 @@ from .alignment_check import CheckDataAlignment
 from .atomic_add import LowerAtomicAdd
 from .block_groups import MergeBlockGroups
 from .grid_dependency import InsertGridDependency, LaunchWithGridDependency
+from .loop_guards import HoistLoopGuards
 from .overlap_check import CheckNoOverlap
 
 
@@ -59,6 +62,7 @@ def lowering_passes() -> list[tvm.transform.Pass]:
         s_tir.transform.InjectDoubleBuffer(),
         tirx.transform.StorageRewrite(),
         s_tir.transform.HoistIfThenElse(),
+        HoistLoopGuards,
         tirx.transform.UnrollLoop(),
         s_tir.transform.RenormalizeSplitPattern(),
         tirx.transform.StmtSimplify(),
