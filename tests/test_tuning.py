@@ -88,9 +88,10 @@ def test_single_changes_of_the_default_are_valid_draws():
     assert all(c.norm_rows_per_thread == 1 and c.grid_blocks == 0 for c in changes)
     assert ScheduleConfig(block_threads=256, norm_threads_per_row=128) in changes
     assert ScheduleConfig(block_threads=128, norm_threads_per_row=32) in changes
-    # blocks, rows, vectors, rope, unroll, order, the k rope's group
-    assert len(changes) == 2 + 2 + 2 + 2 + 1 + 1 + 1
-    assert len(single_changes(GPU_SPACE, ScheduleConfig())) == 3 + 2 + 2 + 2 + 2 + 1 + 1 + 3 + 1
+    # blocks, rows, vectors, rope, unroll, order, the k rope's group, q_nope runs
+    assert len(changes) == 2 + 2 + 2 + 2 + 1 + 1 + 1 + 3
+    assert len(single_changes(GPU_SPACE, ScheduleConfig())) == (3 + 2 + 2 + 2 + 2 + 1 + 1 + 3
+                                                                 + 1 + 3)
 
 
 def test_seeds_are_the_default_the_earlier_decision_and_the_one_knob_changes():
