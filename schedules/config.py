@@ -46,10 +46,10 @@ class ScheduleConfig:
         row's rope part (its first ``rope_dim / elements per vector`` threads, a vector
         each), so a block covers the same rows in both and the merged grid has no k rope
         group (``rope_vectors_per_thread`` then applies to q alone).
-    nope_vectors_per_thread : vectors of ``q_nope`` each nope-copy thread moves, a block's
-        width apart (each access stays coalesced): a thread locates its token once for all
-        of them and has that many loads in flight, so a block covers that many times more
-        of a token's heads.
+    nope_vectors_per_thread : adjacent vectors of ``q_nope`` each nope-copy thread moves: it
+        issues all their loads before it locates its token (once for all of them), stores
+        them as vectors as wide as ``vector_bytes`` allows (two give one 16-byte fp8 store),
+        and a block covers that many times more of a token's heads.
     """
 
     block_threads: int = 128

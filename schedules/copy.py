@@ -39,8 +39,9 @@ def schedule_copy_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
     unit = nope_copy_dtype(op)  # the copy's elements
     width = op.kv_norm_dim * ITEMSIZE[op.dtype] // ITEMSIZE[unit]  # of a head's row
     vector = config.vector_elems(op, unit, width)
-    run = vector * math.gcd(config.nope_vectors_per_thread, width // vector)  # a thread's
-    stored = min(run, config.vector_elems(op, op.out_dtype or unit, width))  # per store
+    # the elements a thread moves (whole vectors within a head's row), and per store
+    run = vector * math.gcd(config.nope_vectors_per_thread, width // vector)
+    stored = min(run, config.vector_elems(op, op.out_dtype or unit, width))
     t, h, c = sch.get_loops(store)
     column, elems = sch.split(c, [None, run])
     blk_part, thread = sch.split(sch.fuse(h, column), [None, config.block_threads])

@@ -344,13 +344,18 @@ def _tile_scale(rule: str, amax):
     return T.reinterpret("float32", exponent << T.uint32(23))
 
 
-def tile_of(buffer, vt, tile, tiles: int):
-    """``buffer[vt, tile]`` (finite values: the tiles' scales) read at constant indices only,
-    as the sum of each tile's value times ``tile == i`` (exact: one term is the value, the
-    others +0): on the GPU a thread's tile depends on its index, and a register array
-    indexed by it would live in local memory."""
-    terms = [buffer[vt, T.int64(i)] * _one_if(tile == T.int64(i)) for i in range(tiles)]
+def _pick(values: list, tile):
+    """``values[tile]`` of finite float32 values, each read at a constant index, as the sum
+    of each value times ``tile == i`` (exact: one term is the value, the others ±0): on the
+    GPU a thread's tile depends on its index, and a register array indexed by it would live
+    in local memory."""
+    terms = [value * _one_if(tile == T.int64(i)) for i, value in enumerate(values)]
     return functools.reduce(operator.add, terms)
+
+
+def tile_of(buffer, vt, tile, tiles: int):
+    """``buffer[vt, tile]`` (the tiles' scales) among the ``tiles`` (``_pick``)."""
+    return _pick([buffer[vt, T.int64(i)] for i in range(tiles)], tile)
 
 
 def tile_stages(layout: Layout):
@@ -360,8 +365,7 @@ def tile_stages(layout: Layout):
     the whole row for all the tiles, each value counting 0 in the other tiles: a tuple of
     maxima, ``tile_max.py``, that a GPU schedule reduces in one allreduce), the tiles'
     scales (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``, a non-finite
-    value divided as NaN (NaN stays NaN). No stage selects (``_where_finite``, ``_one_if``,
-    ``tile_of``)."""
+    value divided as NaN (NaN stays NaN). No stage selects (``_where_finite``, ``_pick``)."""
     D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
     rule, tiles = layout.form.tile_scale, layout.form.scale_tiles
 
@@ -385,7 +389,7 @@ def tile_stages(layout: Layout):
         for t, i in T.grid(n, TILES):
             with T.sblock("norm_tile_scale"):
                 vt, vi = T.axis.remap("SS", [t, i])
-                scales[vt, vi] = _tile_scale(rule, tile_max.pick(amax, vt, vi))
+                scales[vt, vi] = _tile_scale(rule, _pick([m[vt] for m in amax], vi))
         for t, c in T.grid(n, D):
             with T.sblock("norm_quant"):
                 vt, vc = T.axis.remap("SS", [t, c])

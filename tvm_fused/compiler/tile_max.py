@@ -4,7 +4,7 @@ cross-thread allreduce (each shuffle step moves all the tiles' values, independe
 other) instead of one allreduce after another.
 
 TVM recognizes a reduction block only through its registry of comm reducers, which knows sums,
-maxima and argmax: ``register_max_reducer(k)`` adds the k-tuple of maxima. The registry is a
+maxima and argmax: ``_register_max_reducer(k)`` adds the k-tuple of maxima. The registry is a
 C++ static that outlives the interpreter, so the Python getters it holds are never freed (a
 reference is leaked on purpose: freeing them after Python has shut down crashes at exit).
 Importing this module registers the tuples of 2 to ``MAX_TILES`` maxima: every process that
@@ -58,11 +58,3 @@ def update_maxima(maxima: list, t, values: list) -> None:
                                                                              strict=True)]
     for buffer, value in zip(maxima, bound, strict=True):
         builder.buffer_store(buffer, value, [t])
-
-
-def pick(maxima: list, t, tile):
-    """``maxima[tile][t]``, a select among the tiles (constant buffer reads only)."""
-    value = maxima[-1][t]
-    for i in reversed(range(len(maxima) - 1)):
-        value = T.Select(tile == T.int64(i), maxima[i][t], value)
-    return value
