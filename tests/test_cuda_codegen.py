@@ -128,18 +128,20 @@ def test_aligned_configs_use_16_byte_accesses(source):
 
 
 def test_fp8_caches_divide_exactly_and_store_half_width(source):
-    """``value / k_scale`` is IEEE division (``__fdiv_rn``) whatever the compiler's flags,
-    converted by CUDA's saturating fp8 constructors (one instruction, not the CPU's integer
-    arithmetic on the bits: its 23-bit significand mask), and the cache stores of a
-    16-byte-aligned fp8 kernel are 8 bytes wide (the bf16 values they come from are 16)."""
+    """``value / k_scale`` is ``quantizer_div`` (exact for fp8 whatever the compiler's flags,
+    without ``__fdiv_rn``'s branch per value: the divisor's reciprocal once, fused
+    multiply-adds per value), converted by CUDA's saturating fp8 constructors (one
+    instruction, not the CPU's integer arithmetic on the bits: its 23-bit significand
+    mask), and the cache stores of a 16-byte-aligned fp8 kernel are 8 bytes wide (the bf16
+    values they come from are 16)."""
     name, src = source
     op = CONFIGS[name]
     kernel = src[src.rindex('extern "C" __global__'):]
     divides = op.cache_dtype is not None or op.out_dtype is not None or op.ds_mla
-    assert ("__fdiv_rn(" in kernel) == divides
+    assert "__fdiv_rn(" not in kernel
+    assert ("__frcp_rn(" in kernel) == divides
     if op.cache_dtype is not None:
-        fp8_type = {"float8_e4m3fn": "__nv_fp8_e4m3", "float8_e5m2": "__nv_fp8_e5m2"}
-        assert kernel.count(f"({fp8_type[op.cache_dtype]})__fdiv_rn(") >= 8
+        assert kernel.count("__fmaf_rn(") >= 4 * 8  # a row's vector of 8 values at least
         assert str(0x7FFFFF) not in kernel  # the integer lowering's significand mask
     cache_stores = re.findall(r"\*\((\w+)\*\)\(k_(?:rows|pairs)_ptr", kernel)
     if op.cache_dtype is not None and op.alignment == 16:

@@ -15,7 +15,7 @@ from tvm.script import tirx as T
 
 from ..form import DS_MLA_TILE, ITEMSIZE
 from . import tile_max
-from .exact_math import div_rn, round_to
+from .exact_math import quantizer_div, round_to
 from .fp8 import saturating_fp8
 from .layout import Layout, declare, f32
 from .locate import ERROR, OK, freqs_stage, locate_stage
@@ -336,7 +336,7 @@ def _tile_scale(rule: str, amax):
     """The float32 scale of a tile whose finite values reach ``amax``: ``max(amax / 448,
     FLT_MIN)`` (``"raw"``), or ``2^ceil(log2(max(amax / 448, 1e-4)))`` (``"pow2"``, on the
     bits: the exponent, one up where any mantissa bit is set)."""
-    ratio = div_rn(amax, T.float32(448))
+    ratio = quantizer_div(amax, T.float32(448))
     if rule == "raw":
         return T.max(ratio, T.float32(_FLT_MIN))
     bits = T.reinterpret("uint32", T.max(ratio, T.float32(1e-4)))
@@ -394,7 +394,7 @@ def tile_stages(layout: Layout):
             with T.sblock("norm_quant"):
                 vt, vc = T.axis.remap("SS", [t, c])
                 value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
-                quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, div_rn(
+                quantized[vt, vc] = saturating_fp8(DS_MLA_FP8, quantizer_div(
                     _where_finite(value, _CANONICAL_NAN),
                     tile_of(scales, vt, vc // TILE, tiles)))
     return stages

@@ -8,7 +8,7 @@ from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
 
 from ..form import ITEMSIZE, Form
-from .exact_math import div_rn, round_to
+from .exact_math import quantizer_div, round_to
 
 
 def f32(x):
@@ -112,9 +112,10 @@ class Layout:
         return latent, pairs, scales
 
     def scaled(self, value, k_scale):
-        """``value`` (q's dtype) over the cache's scale, correctly rounded float32 (the value
-        rounded to q's dtype on every target first: see ``exact_math``)."""
-        return div_rn(round_to(self.dtype, f32(value)), k_scale[0])
+        """``value`` (q's dtype) over the cache's scale: a float32 quotient exact for fp8
+        (``quantizer_div``; the value rounded to q's dtype on every target first: see
+        ``exact_math``)."""
+        return quantizer_div(round_to(self.dtype, f32(value)), k_scale[0])
 
 
 def declare(name: str, *args, **kwargs):
