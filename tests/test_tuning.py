@@ -1,9 +1,12 @@
 """MetaSchedule tuning on the CPU: the space, a tiny end-to-end run, record handling, and
 the staleness check of the committed records."""
 
+import base64
 import dataclasses
 import json
+import lzma
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -326,14 +329,19 @@ def test_compaction_keeps_only_the_ops_workloads(tmp_path):
         o, "value") else list(o)))  # plain JSON, as the database stores it
     work = tmp_path / "work"
     work.mkdir()
+    module = {"root_index": 0, "nodes": [{"type": "None"}]}
+    text = json.dumps(module).encode()  # MetaSchedule's frame: length, JSON, in base64
+    frame = base64.b64encode(struct.pack("<Q", len(text)) + text).decode()
     (work / records.WORKLOADS).write_text("".join(
-        json.dumps([h, {"mod": h}]) + "\n" for h in ("other-op", "ours")))
+        json.dumps([h, frame]) + "\n" for h in ("other-op", "ours")))
     (work / records.RECORDS).write_text("".join(
         json.dumps([index, [trace, [secs]]]) + "\n"
         for index, secs in ((0, 1e-6), (1, 2e-6), (0, 3e-6), (1, 4e-6))))
     dest = tmp_path / "folder"
     records.compact(work, dest, CPU_SPACE, {"ours": CpuScheduleConfig()})
     assert records.workload_hashes(dest / records.FOLDER_WORKLOADS) == ["ours"]
+    with lzma.open(dest / records.FOLDER_WORKLOADS, "rt") as table:  # the module in plain
+        assert [json.loads(line) for line in table] == [["ours", module]]
     best = records.folder_best_records(dest)
     assert list(best) == ["ours"] and [r[0] for r in best["ours"]] == [2e-6, 4e-6]
 

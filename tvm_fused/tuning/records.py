@@ -4,7 +4,9 @@
 
 - ``database_tuning_record.json.xz``: MetaSchedule's record table, the best few per workload
   of the op's buckets, xz-compressed (each trace is kilobytes of JSON);
-- ``database_workload.json.xz``: its workload table, xz-compressed (the PrimFuncs are large);
+- ``database_workload.json.xz``: its workload table, each line ``[structural hash, the
+  module's JSON]`` (MetaSchedule frames that JSON in base64; plain, the compressor shares
+  the buckets' near-identical modules: a third of the size), xz-compressed;
 - ``metadata.json``: GPU, versions, date, trials, and per bucket the workload's structural
   hash, the best and the default time;
 - ``decisions.json`` (``decisions.py``): the config chosen per bucket, which is all the
@@ -13,8 +15,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import lzma
+import struct
 import warnings
 from pathlib import Path
 
@@ -100,6 +104,15 @@ def workload_hashes(path: Path) -> list[str]:
         return [json.loads(line)[0] for line in lines if line.strip()]
 
 
+def _plain_workload(line: str) -> str:
+    """A work directory's workload line ``[hash, frame]`` (the module's JSON after its
+    length, a little-endian uint64, base64-encoded) as ``[hash, the module's JSON]``."""
+    digest, frame = json.loads(line)
+    raw = base64.b64decode(frame)
+    (length,) = struct.unpack_from("<Q", raw)
+    return json.dumps([digest, json.loads(raw[8:8 + length])], separators=(",", ":"))
+
+
 def best_records(path: Path, workloads: Path) -> dict[str, list]:
     """Workload hash -> its records ``(mean seconds, trace, line)``, fastest first (tables
     plain or ``.xz``)."""
@@ -128,7 +141,7 @@ def compact(work_dir: Path, dest: Path, space, defaults: dict,
     lines = {json.loads(line)[0]: line for line in workloads.read_text().splitlines()
              if line.strip()}
     with lzma.open(dest / FOLDER_WORKLOADS, "wt", preset=9) as out:
-        out.writelines(lines[h] + "\n" for h in kept)
+        out.writelines(_plain_workload(lines[h]) + "\n" for h in kept)
     with lzma.open(dest / FOLDER_RECORDS, "wt", preset=9) as out:
         for new_index, h in enumerate(kept):
             default = default_records(best[h], space, defaults[h])
