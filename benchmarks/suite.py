@@ -70,9 +70,11 @@ ALL_PROVIDERS = tuple(dict.fromkeys(PROVIDERS["in-place"] + PROVIDERS["write-thr
 
 
 # the options of the forms the peers take: MAX's addressing and interleaved table, and the
-# RMSNorm rounded to gamma's dtype before the product (HF's order); tvm-fused takes every form
+# RMSNorm rounded to gamma's dtype before the product (HF's order); the Triton fused peer
+# takes either addressing and table layout (TRITON_OPTIONS); tvm-fused takes every form
 PEER_OPTIONS = {"addressing": "offsets", "freqs_layout": "interleaved",
                 "norm_rounding": "before_gamma"}
+TRITON_OPTIONS = {"norm_rounding": "before_gamma"}
 
 
 def cache_name(form: Form) -> str:
@@ -218,14 +220,17 @@ def engine_chain(form: Form) -> Provider:
     return run
 
 
-def triton_provider(interleaved: bool) -> Provider:
-    """The Triton fused kernel in the inputs' form."""
-    from .peers.triton_fused import triton_fused_rope_rmsnorm
+def triton_provider(form: Form) -> Provider:
+    """The Triton fused kernel in ``form`` (the inputs' form): its entry point of the form's
+    addressing, with the form's pairing and table layout."""
+    from .peers.triton_fused import triton_fused_rope_rmsnorm, triton_fused_rope_rmsnorm_slots
+
+    entry = (triton_fused_rope_rmsnorm_slots if form.addressing == "slots"
+             else triton_fused_rope_rmsnorm)
 
     def run(call: Call) -> None:
-        triton_fused_rope_rmsnorm(*call.inputs.args(), **call.inputs.latent(),
-                                  kv_output=call.kv_output, out=call.out,
-                                  interleaved=interleaved)
+        entry(*call.inputs.args(), **call.inputs.latent(), kv_output=call.kv_output,
+              out=call.out, interleaved=form.interleaved, freqs_layout=form.freqs_layout)
 
     return run
 
@@ -260,9 +265,9 @@ def _compiled(fn):
 def providers(form: Form, tokens: int, names: tuple[str, ...]) -> dict[str, Provider]:
     """The providers in ``names`` that exist for ``form`` (``PROVIDERS`` of its
     ``form_name``): "tvm-fused tuned" only with tuning decisions for this GPU and form,
-    the peers only in the options they take (``PEER_OPTIONS``), "liger" only for NeoX
-    pairs, the copy before the in-place op only into a cache of q's dtype without
-    ``kv_output``."""
+    the peers only in the options they take (``PEER_OPTIONS``; the Triton fused peer's:
+    ``TRITON_OPTIONS``), "liger" only for NeoX pairs, the copy before the in-place op only
+    into a cache of q's dtype without ``kv_output``."""
     interleaved = form.interleaved
     default = default_for_tokens(nearest_bucket(tokens), form)  # the hand-written one
     decided = {}
@@ -275,18 +280,20 @@ def providers(form: Form, tokens: int, names: tuple[str, ...]) -> dict[str, Prov
         "tvm-fused default": lambda: tvm_provider(form, default),
         COPY_THEN_IN_PLACE: lambda: copy_then_in_place(form, default),
         ENGINE_CHAIN: lambda: engine_chain(form),
-        "triton fused": lambda: triton_provider(interleaved),
+        "triton fused": lambda: triton_provider(form),
         "liger": lambda: _with_token_count(_liger(), interleaved),
         "torch.compile": lambda: wrap(_compiled(torch_op), interleaved),
         "torch eager": lambda: wrap(torch_op, interleaved),
     }
     peers = all(getattr(form, name) == value for name, value in PEER_OPTIONS.items())
     plain = peers and not form.ds_mla  # the fused peers write plain rows only
+    triton = not form.ds_mla and all(getattr(form, name) == value
+                                      for name, value in TRITON_OPTIONS.items())
     available = {"tvm-fused tuned": bool(decided), "liger": plain and not interleaved,
                  COPY_THEN_IN_PLACE: form.cache_dtype is None and not (form.kv_output
                                                                         or form.ds_mla),
                  ENGINE_CHAIN: peers and not form.kv_output and form.dtype == form.gamma_dtype,
-                 "triton fused": plain, "torch.compile": plain, "torch eager": plain}
+                 "triton fused": triton, "torch.compile": plain, "torch eager": plain}
     return {name: makers[name]() for name in names
             if name in PROVIDERS[form_name(form)] and available.get(name, True)}
 

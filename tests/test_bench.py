@@ -98,12 +98,18 @@ def test_each_form_has_its_providers(write_through, cache_dtype, kv_output, copy
     assert list(found) == [name for name in NAMES if name != COPY_THEN_IN_PLACE or copy]
 
 
-@pytest.mark.parametrize("option, value", [
-    ("addressing", "slots"), ("freqs_layout", "split"), ("norm_rounding", "once")])
-def test_peers_exist_only_in_the_options_they_take(option, value):
+@pytest.mark.parametrize("option, value, triton", [
+    ("addressing", "slots", True), ("freqs_layout", "split", True),
+    ("norm_rounding", "once", False)])
+def test_peers_exist_only_in_the_options_they_take(option, value, triton):
+    """The Triton fused peer takes either addressing and table layout; the other peers MAX's
+    addressing and interleaved table; none the RMSNorm rounded once."""
+    if triton:
+        pytest.importorskip("triton", reason="the Triton peer: pip install -e '.[bench]'")
     form = dataclasses.replace(_form(True), **{option: value})
     assert value != PEER_OPTIONS[option]
-    assert list(providers(form, 8, NAMES)) == ["tvm-fused default", COPY_THEN_IN_PLACE]
+    assert list(providers(form, 8, NAMES)) == ["tvm-fused default", COPY_THEN_IN_PLACE,
+                                               *["triton fused"] * triton]
 
 
 def _format_form(cache_format="fp8_ds_mla", cache_dtype=None, fp8_query=False,

@@ -9,36 +9,18 @@ import pytest
 import torch
 
 from tvm_fused.testing.compare import check_run
-from tvm_fused.testing.inputs import make_inputs
+from tvm_fused.testing.inputs import engine_addressed, make_inputs, with_options
 
 from .cases import RAGGED
-
-INTERPRETED = textwrap.dedent("""
-    import torch
-    from tvm_fused.testing.compare import check_run
-    from tvm_fused.testing.inputs import make_inputs
-    from benchmarks.peers.triton_fused import triton_fused_rope_rmsnorm
-    for dtype, interleaved in ((torch.float32, True), (torch.bfloat16, False)):
-        inputs = make_inputs([3, 0, 2], [5, 1, 14], num_q_heads=4, page_size=16, dtype=dtype,
-                             padding_rows=2)
-        before = inputs.clone()
-        out = torch.randn_like(inputs.q_rope)
-        out_before = out.clone()
-        triton_fused_rope_rmsnorm(*inputs.args(), out=out, interleaved=interleaved,
-                                  heads_per_program=2)
-        report = check_run(before, inputs, out, out_before, interleaved=interleaved)
-        assert report.ok, report.summary()
-""")
 
 # The interpreter's float downcast rounds ties up and drops the carry into the exponent
 # (triton-lang/triton#8322; the carry: PR #11897), so its fp8 values are off where the GPU's
 # cvt.rn is right: fp32 -> fp8 here is torch's cast (nearest even), the kernel's code as is.
-INTERPRETED_WRITE_THROUGH = textwrap.dedent("""
+FP8_ROUNDING = textwrap.dedent("""
     import numpy as np
     import torch
     import triton.language as tl
     from triton.runtime import interpreter
-    from tests.test_peers import CACHES, PAIRINGS, check_triton_write_through
 
     FP8 = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
     convert_float = interpreter._convert_float
@@ -50,10 +32,40 @@ INTERPRETED_WRITE_THROUGH = textwrap.dedent("""
         return convert_float(values, input_dtype, output_dtype, rounding_mode)
 
     interpreter._convert_float = convert_float_rn
-    for cache in CACHES.values():
-        for interleaved in PAIRINGS.values():
-            check_triton_write_through(cache, interleaved, True, heads=4, device="cpu",
-                                       heads_per_program=2)
+""")
+
+# In place, by offsets: every tile of TILES
+INTERPRETED = textwrap.dedent("""
+    from tests.test_peers import TILES, check_triton_peer, peer_inputs
+    for dtype, interleaved, layout, heads, tile, page_size in TILES:
+        inputs = peer_inputs(heads, dtype=dtype, page_size=page_size, freqs_layout=layout)
+        check_triton_peer(inputs, interleaved, tile)
+""")
+
+# Write-through, by offsets: every cache with both pairings and kv_output, tiles in turn
+INTERPRETED_WRITE_THROUGH = FP8_ROUNDING + textwrap.dedent("""
+    import itertools
+    from tests.test_peers import CACHES, PAIRINGS, SMALL_TILES, check_triton_peer, peer_inputs
+    cases = itertools.product(CACHES.values(), PAIRINGS.values())
+    for (cache, interleaved), tile in zip(cases, itertools.cycle(SMALL_TILES)):
+        check_triton_peer(peer_inputs(4, cache=cache), interleaved, tile, kv_output=True)
+""")
+
+# By slots (int32 and int64 indices, both table layouts): in place, with out = q_rope too,
+# and every cache with both pairings, tiles in turn
+INTERPRETED_SLOTS = FP8_ROUNDING + textwrap.dedent("""
+    import itertools
+    from tests.test_peers import CACHES, PAIRINGS, SMALL_TILES, check_triton_peer, peer_inputs
+    cases = [(None, True, False), (None, False, True)] + [
+        (cache, interleaved, False)
+        for cache, interleaved in itertools.product(CACHES.values(), PAIRINGS.values())]
+    options = itertools.cycle(itertools.product((torch.int32, torch.int64),
+                                                ("split", "interleaved")))
+    for (cache, interleaved, out_is_q), tile, (index, layout) in zip(
+            cases, itertools.cycle(SMALL_TILES), options):
+        inputs = peer_inputs(6, cache=cache, freqs_layout=layout, slots=index)
+        check_triton_peer(inputs, interleaved, tile, kv_output=cache is not None,
+                          out_is_q=out_is_q)
 """)
 
 # caches of the write-through form: (cache dtype (None: q's), k_scale (None: no tensor));
@@ -68,6 +80,93 @@ CACHES = {
 PAIRINGS = {"interleaved": True, "neox": False}
 
 
+# (q dtype, GPT-J pairs, table layout, heads, tile, page size) of the interpreted in-place
+# runs: heads that the tile's heads do not divide (6, 12; 4 in a tile of 32), the 18 rows
+# (16 tokens, 2 of padding) in tiles of 4 and 8 tokens
+TILES = [
+    (torch.float32, True, "interleaved", 4, (2, 1), 16),
+    (torch.bfloat16, False, "interleaved", 4, (32, 2), 16),
+    (torch.bfloat16, True, "split", 6, (4, 2), 16),
+    (torch.float16, False, "split", 12, (8, 4), 1),
+    (torch.bfloat16, True, "interleaved", 16, (16, 8), 128),
+    (torch.bfloat16, False, "interleaved", 128, (32, 4), 128),
+]
+SMALL_TILES = [(2, 1), (4, 2), (8, 4), (4, 8)]  # (heads, tokens) per program, 4 or 6 heads
+
+
+def peer_inputs(heads: int, *, dtype=torch.bfloat16, page_size: int = 16,
+                freqs_layout: str = "interleaved", cache: tuple | None = None,
+                slots: torch.dtype | None = None, device: str = "cpu"):
+    """RAGGED (16 tokens, one request empty) and 2 padding rows, the page of request 2's
+    last tokens missing from the page table (-1: no cache row); write-through into
+    ``cache`` (a value of ``CACHES``; None: in place); the table in ``freqs_layout``; with
+    ``slots``, addressed by positions and slots of that dtype, tokens 4 and 5 without a row
+    (slot -1, the most negative) and the last 2 past ``slot_mapping``."""
+    cache_dtype, k_scale = cache or (None, None)
+    inputs = make_inputs(*RAGGED, num_q_heads=heads, page_size=page_size, dtype=dtype,
+                         padding_rows=2, write_through=cache is not None,
+                         cache_dtype=cache_dtype, k_scale=k_scale, device=device)
+    inputs.lookup_table[2, 130 // page_size] = -1  # request 2 writes positions 126-130
+    inputs = with_options(inputs, freqs_layout=freqs_layout)
+    if slots is not None:
+        inputs = engine_addressed(inputs, unslotted=2, index_dtypes=(slots, slots))
+        inputs.slot_mapping[4] = -1
+        inputs.slot_mapping[5] = torch.iinfo(slots).min
+    return inputs
+
+
+def check_triton_peer(inputs, interleaved: bool, tile: tuple[int, int] | None = None, *,
+                      kv_output: bool = False, out_is_q: bool = False) -> None:
+    """The Triton peer of ``inputs``' addressing, form and table layout, checked against the
+    reference: ``tile`` ``(heads, tokens)`` per program (None: autotuned); ``out`` random
+    in its own storage, or ``q_rope`` itself if ``out_is_q``; ``kv_output`` if asked."""
+    from benchmarks.peers.triton_fused import (
+        triton_fused_rope_rmsnorm,
+        triton_fused_rope_rmsnorm_slots,
+    )
+
+    entry = triton_fused_rope_rmsnorm_slots if inputs.engine else triton_fused_rope_rmsnorm
+    heads, tokens = tile or (None, None)
+
+    def run(out, rows):
+        entry(*inputs.args(), **inputs.latent(), kv_output=rows, out=out,
+              interleaved=interleaved, freqs_layout=inputs.freqs_layout,
+              heads_per_program=heads, tokens_per_program=tokens)
+
+    if not out_is_q:
+        check_write_through(inputs, interleaved, kv_output, run)
+        return
+    before = inputs.clone()
+    run(inputs.q_rope, None)
+    report = check_run(before, inputs, inputs.q_rope, in_place=True, interleaved=interleaved)
+    assert report.ok, report.summary()
+
+
+# The autotuned path, with a stub for the GPU timer that runs each config three times:
+# the in-place cache, and q when out is q, must come out right (tuned on copies), the
+# write-through form too (tuned on the call's own tensors)
+INTERPRETED_AUTOTUNE = textwrap.dedent("""
+    import torch
+    from benchmarks.peers import triton_fused
+    from tests.test_peers import CACHES, check_triton_peer, peer_inputs
+
+    timed = []
+
+    def stub_timer(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        timed.append(1)
+        return [1.0 / len(timed)] * len(quantiles)  # the last config is the fastest
+
+    triton_fused._autotuned = lambda q_rope: True
+    triton_fused._fused_kernel.__dict__["do_bench"] = stub_timer
+    check_triton_peer(peer_inputs(4), True)
+    check_triton_peer(peer_inputs(4, slots=torch.int64), False, out_is_q=True)
+    check_triton_peer(peer_inputs(4, cache=CACHES["fp8-e4m3-scaled"]), True, kv_output=True)
+    assert len(timed) == 15, timed  # 5 configs of tiles up to 8 heads, each form
+""")
+
+
 def _interpret(script: str) -> None:
     """Run ``script`` in a Python process with Triton's CPU interpreter; it must succeed."""
     pytest.importorskip("triton")
@@ -78,6 +177,7 @@ def _interpret(script: str) -> None:
 
 
 def test_triton_fused_peer_in_the_interpreter():
+    """In place by offsets, each of ``TILES``, the missing page's tokens without a row."""
     _interpret(INTERPRETED)
 
 
@@ -87,12 +187,35 @@ def test_triton_write_through_peer_in_the_interpreter():
     _interpret(INTERPRETED_WRITE_THROUGH)
 
 
-@pytest.mark.parametrize(("write_through", "quantize", "heads_per_program"),
-                         [(False, False, 1), (True, False, 4), (True, True, 16)],
-                         ids=["in-place", "write-through", "write-through-fp8"])
-def test_triton_peer_compiles_for_sm90(write_through, quantize, heads_per_program):
+def test_triton_peer_autotuned_in_the_interpreter():
+    """Autotuning (its timer a stub) leaves the first call of each form right."""
+    _interpret(FP8_ROUNDING + INTERPRETED_AUTOTUNE)
+
+
+def test_triton_slots_peer_in_the_interpreter():
+    """``triton_fused_rope_rmsnorm_slots``: in place (``out`` its own or ``q_rope``) and
+    write-through into every cache, negative slots and tokens past ``slot_mapping`` without
+    a row, int32 and int64 indices, both table layouts."""
+    _interpret(INTERPRETED_SLOTS)
+
+
+# (slots, write-through, fp8 cache, GPT-J pairs, split table, (heads, tokens) per program)
+# compiled for sm_90
+COMPILED = {
+    "offsets-in-place": (False, False, False, True, False, (16, 1)),
+    "offsets-write-through": (False, True, False, False, True, (64, 2)),
+    "offsets-write-through-fp8": (False, True, True, True, False, (16, 8)),
+    "slots-in-place": (True, False, False, False, True, (32, 4)),
+    "slots-write-through-fp8": (True, True, True, True, True, (128, 1)),
+}
+
+
+@pytest.mark.parametrize(("slots", "write_through", "quantize", "interleaved", "split",
+                          "tile"), COMPILED.values(), ids=COMPILED)
+def test_triton_peer_compiles_for_sm90(slots, write_through, quantize, interleaved, split,
+                                       tile):
     """The Triton kernel through Triton's compiler for sm_90 (no GPU needed), which the
-    interpreter skips. Under Triton 3.6 (the GPU machine's) this failed on the earlier peer,
+    interpreter skips. Under Triton 3.6 (the GPU machine's) this failed on an earlier peer,
     which gave a name different types in the two branches of an if and a function returns of
     two types; newer Triton accepts both, so CI's run guards against other compile errors."""
     triton = pytest.importorskip("triton")
@@ -102,16 +225,17 @@ def test_triton_peer_compiles_for_sm90(write_through, quantize, heads_per_progra
     from benchmarks.peers.triton_fused import _fused_kernel
 
     fn = _fused_kernel.fn
-    constants = {"NUM_HEADS": 128, "ROPE_DIM": 64, "HALF": 32, "NORM_DIM": 512,
-                 "PAGE_SIZE": 128, "INTERLEAVED": True, "WRITE_THROUGH": write_through,
-                 "KV_OUTPUT": write_through, "QUANTIZE": quantize,
-                 "CACHE_MAX": 448.0 if quantize else 3.0e38,
-                 "HEADS_PER_PROGRAM": heads_per_program}
-    types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "offsets_ptr": "*i32",
-             "freqs_ptr": "*fp32", "gamma_ptr": "*bf16", "table_ptr": "*i32",
-             "lengths_ptr": "*i32", "kv_ptr": "*bf16", "kvo_ptr": "*bf16",
-             "scale_ptr": "*fp32", "epsilon": "fp32",
-             "k_ptr": "*fp8e4nv" if quantize else "*bf16"}
+    heads, tokens = tile
+    constants = {"NUM_HEADS": 128, "ROPE_DIM": 64, "NORM_DIM": 512, "PAGE_SIZE": 128,
+                 "INTERLEAVED": interleaved, "FREQS_SPLIT": split, "SLOTS": slots,
+                 "WRITE_THROUGH": write_through, "KV_OUTPUT": write_through,
+                 "QUANTIZE": quantize, "CACHE_MAX": 448.0 if quantize else 3.0e38,
+                 "TOKENS_PER_PROGRAM": tokens, "HEADS_PER_PROGRAM": heads}
+    types = {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_ptr": "*fp8e4nv" if quantize else "*bf16",
+             "freqs_ptr": "*fp32", "gamma_ptr": "*bf16", "kv_ptr": "*bf16", "kvo_ptr": "*bf16",
+             "scale_ptr": "*fp32", "offsets_ptr": "*i32", "lengths_ptr": "*i32",
+             "table_ptr": "*i32", "positions_ptr": "*i64", "slots_ptr": "*i64",
+             "epsilon": "fp32"}
     signature = {name: "constexpr" if name in constants else types.get(name, "i32")
                  for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs={
@@ -121,16 +245,20 @@ def test_triton_peer_compiles_for_sm90(write_through, quantize, heads_per_progra
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
-def test_triton_fused_peer_on_the_gpu(interleaved):
-    from benchmarks.peers.triton_fused import triton_fused_rope_rmsnorm
+@pytest.mark.parametrize("slots", [None, torch.int64], ids=["offsets", "slots"])
+def test_triton_fused_peer_on_the_gpu(slots, interleaved):
+    """128 heads in place, autotuned (vLLM's split table by slots): the tuning runs, on
+    copies of the cache, leave the first call right."""
+    inputs = peer_inputs(128, page_size=128, slots=slots, device="cuda",
+                         freqs_layout="interleaved" if slots is None else "split")
+    check_triton_peer(inputs, interleaved)
 
-    inputs = make_inputs(*RAGGED, num_q_heads=128, padding_rows=3, device="cuda")
-    before = inputs.clone()
-    out = torch.randn_like(inputs.q_rope)
-    out_before = out.clone()
-    triton_fused_rope_rmsnorm(*inputs.args(), out=out, interleaved=interleaved)
-    report = check_run(before, inputs, out, out_before, interleaved=interleaved)
-    assert report.ok, report.summary()
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [None, torch.int32], ids=["offsets", "slots"])
+def test_triton_peer_tunes_q_in_place_on_the_gpu(slots):
+    """``out`` is ``q_rope`` (64 heads, a tuning key of its own): tuned on a copy of q."""
+    check_triton_peer(peer_inputs(64, slots=slots, device="cuda"), True, out_is_q=True)
 
 
 @pytest.mark.gpu
@@ -193,9 +321,9 @@ def write_through_inputs(cache: tuple, heads: int, device: str):
 
 
 def check_write_through(inputs, interleaved: bool, kv_output: bool, run) -> None:
-    """Call ``run(out, kv_output)`` on write-through ``inputs`` (``out``, and ``kv_output``
-    if asked or else None: random, each its own storage), then check the outputs against
-    the reference."""
+    """Call ``run(out, kv_output)`` on ``inputs`` (``out``, and ``kv_output`` if asked, of
+    the write-through form, or else None: random, each its own storage), then check the
+    outputs against the reference."""
     before = inputs.clone()
     q = inputs.q_rope
     out = torch.randn(q.shape, dtype=q.dtype, device=q.device)
@@ -223,18 +351,6 @@ def check_torch_write_through(fn, device: str, cache: tuple, interleaved: bool,
         inputs.q_rope, positions, slots, inputs.freqs_cis, inputs.gamma, inputs.kv_input,
         inputs.k_cache, k_scale=inputs.k_scale, out=out, kv_output=rows,
         interleaved=interleaved))
-
-
-def check_triton_write_through(cache: tuple, interleaved: bool, kv_output: bool, *,
-                               heads: int = 128, device: str = "cuda",
-                               heads_per_program: int | None = None) -> None:
-    """The Triton peer in the write-through form (autotuned unless ``heads_per_program``)."""
-    from benchmarks.peers.triton_fused import triton_fused_rope_rmsnorm
-
-    inputs = write_through_inputs(cache, heads, device)
-    check_write_through(inputs, interleaved, kv_output, lambda out, rows: (
-        triton_fused_rope_rmsnorm(*inputs.args(), **inputs.latent(), kv_output=rows, out=out,
-                                  interleaved=interleaved, heads_per_program=heads_per_program)))
 
 
 @pytest.mark.parametrize("kv_output", [True, False], ids=["kv_output", "cache-only"])
@@ -269,15 +385,20 @@ def test_torch_write_through_on_the_gpu(cache, interleaved):
 @pytest.mark.gpu
 @pytest.mark.parametrize("interleaved", PAIRINGS.values(), ids=PAIRINGS)
 @pytest.mark.parametrize("cache", CACHES.values(), ids=CACHES)
-def test_triton_write_through_peer_on_the_gpu(cache, interleaved):
-    """128 heads, 4 heads a program (the GPU's own fp8 conversion, bit for bit)."""
-    check_triton_write_through(cache, interleaved, True, heads_per_program=4)
+@pytest.mark.parametrize("slots", [None, torch.int64], ids=["offsets", "slots"])
+def test_triton_write_through_peer_on_the_gpu(slots, cache, interleaved):
+    """128 heads, tiles of 4 heads x 2 tokens (the GPU's own fp8 conversion, bit for
+    bit)."""
+    check_triton_peer(peer_inputs(128, cache=cache, slots=slots, device="cuda"), interleaved,
+                      (4, 2), kv_output=True)
 
 
 @pytest.mark.gpu
-def test_triton_write_through_peer_autotuned_on_the_gpu():
-    """The autotuned kernel into an fp8 cache: its tuning runs must leave it right."""
-    check_triton_write_through(CACHES["fp8-e4m3-scaled"], True, False)
+@pytest.mark.parametrize("slots", [None, torch.int64], ids=["offsets", "slots"])
+def test_triton_write_through_peer_autotuned_on_the_gpu(slots):
+    """The autotuned kernel into an fp8 cache."""
+    check_triton_peer(peer_inputs(128, cache=CACHES["fp8-e4m3-scaled"], slots=slots,
+                                  device="cuda"), True)
 
 
 def test_flashinfer_cos_sin_table_splits_the_interleaved_pairs():
