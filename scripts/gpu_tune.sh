@@ -2,7 +2,9 @@
 # Tuning on the GPU machine (see README): an RPC tuning demo on every GPU (scripts/tune_rpc.sh),
 # then the per-bucket tuning of each plan item; records and work databases go to OUT.
 # A plan item is HEADS:TRIALS[:FORM], FORM one of in-place (the default), write-through, fp8
-# (write-through into an fp8 e4m3 cache) and kv-output; BUCKETS (comma-separated) limits the
+# (write-through into an fp8 e4m3 cache), kv-output, ds-mla (write-through into an fp8_ds_mla
+# cache), fp8-query and fp8-query-ds-mla (the whole fp8 attention query, with an fp8 or an
+# fp8_ds_mla cache); BUCKETS (comma-separated) limits the
 # buckets, as --buckets does.
 # Usage: [BUCKETS=1,64] scripts/gpu_tune.sh OUT "HEADS:TRIALS[:FORM] ..." [--rpc-demo]
 #   (plan may be "")
@@ -19,12 +21,16 @@ if [ "${1:-}" = "--rpc-demo" ]; then  # the tracker needs tornado: carry its whe
     | tee "$out/rpc_tune.log"
   cat /tmp/rpc_logs/*/*/metadata.json >>"$out/rpc_tune.log" 2>/dev/null
 fi
+fp8_query="--out-dtype float8_e4m3fn --q-nope"
 form_flags() {
   case "$1" in
     in-place) ;;
     write-through) echo "--write-through" ;;
     fp8) echo "--write-through --cache-dtype float8_e4m3fn" ;;
     kv-output) echo "--write-through --kv-output" ;;
+    ds-mla) echo "--write-through --cache-format fp8_ds_mla" ;;
+    fp8-query) echo "--write-through --cache-dtype float8_e4m3fn $fp8_query" ;;
+    fp8-query-ds-mla) echo "--write-through --cache-format fp8_ds_mla $fp8_query" ;;
     *) echo "unknown form $1" >&2; return 1 ;;
   esac
 }

@@ -124,9 +124,16 @@ def test_nearest_bucket():
     Form(num_q_heads=2, write_through=True, kv_output=True, cache_dtype="float8_e4m3fn"),
     Form(num_q_heads=2, addressing="slots", positions_dtype="int32"),
     Form(num_q_heads=2, addressing="slots", write_through=True, freqs_layout="split",
-         norm_rounding="once")],
+         norm_rounding="once"),
+    Form(num_q_heads=2, write_through=True, cache_format="fp8_ds_mla"),
+    Form(num_q_heads=2, write_through=True, out_dtype="float8_e4m3fn"),
+    Form(num_q_heads=2, write_through=True, cache_dtype="float8_e4m3fn",
+         out_dtype="float8_e4m3fn", q_nope=True),
+    Form(num_q_heads=2, addressing="slots", write_through=True, cache_format="fp8_ds_mla",
+         out_dtype="float8_e5m2", q_nope=True)],
     ids=["in-place", "write-through", "kv-output", "fp8", "kv-output-fp8", "slots",
-         "slots-write-through-split-once"])
+         "slots-write-through-split-once", "ds-mla", "fp8-query", "fp8-query-q-nope",
+         "slots-ds-mla-fp8-query-q-nope"])
 def test_runner_makes_the_forms_inputs(op):
     """The runner rebuilds a bucket's inputs for the form it is given (in another process,
     maybe remote), matching every shape and dtype of the workload's arguments."""

@@ -25,12 +25,16 @@ def bucket_inputs(form: Form, tokens: int, device="cpu") -> OpInputs:
 
 def bucket_tensors(form: Form, tokens: int, device="cpu") -> list[torch.Tensor]:
     """The kernel's tensor arguments for a bucket, in parameter order (``parameters``, but
-    epsilon): ``bucket_inputs`` with a contiguous ``q_rope_output`` (and ``kv_output``, if
-    the form has one), an fp8 cache's ``k_scale`` 1, and an error counter."""
+    epsilon): ``bucket_inputs`` with a contiguous ``q_rope_output`` of the query's dtype (and
+    ``kv_output``, a contiguous ``q_nope_out``, if the form has them), an fp8 cache's
+    ``k_scale`` and an fp8 query's ``q_scale`` 1, and an error counter."""
     inputs = bucket_inputs(form, tokens, device)
-    q, rows = inputs.q_rope, inputs.kv_input
+    q, rows, nope = inputs.q_rope, inputs.kv_input, inputs.q_nope
+    out_dtype = getattr(torch, form.out_element)
     values = {
-        "q_rope": q, "q_rope_output": torch.empty_like(q), "kv_input": rows,
+        "q_rope": q, "q_rope_output": torch.empty_like(q, dtype=out_dtype), "q_nope": nope,
+        "q_nope_out": None if nope is None else torch.empty_like(nope, dtype=out_dtype),
+        "q_scale": torch.ones(1, device=device), "kv_input": rows,
         "kv_output": None if rows is None else torch.empty_like(rows),
         "offsets": inputs.input_row_offsets, "freqs_cis": inputs.freqs_cis,
         "gamma": inputs.gamma, "k_cache": inputs.k_cache,
