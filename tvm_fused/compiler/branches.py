@@ -318,13 +318,25 @@ _FLOAT32_INF = 0x7F800000
 # per row, each re-reading the thread index, on the decode's critical path.
 
 
+def _all_ones_if(condition):
+    """``0xFFFFFFFF`` where ``condition`` holds, else 0 (uint32; a select of constants: no
+    branch)."""
+    return T.Select(condition, T.uint32(0xFFFFFFFF), T.uint32(0))
+
+
 def _where_finite(x, otherwise: int):
     """``x`` (float32) where it is finite (neither NaN nor ±inf), else the float32 of bits
     ``otherwise``, on the bits (a mask from one comparison)."""
     bits = T.reinterpret("uint32", x)
-    finite = (bits & T.uint32(_FLOAT32_INF)) != T.uint32(_FLOAT32_INF)  # exponent not all 1s
-    keep = T.Select(finite, T.uint32(0xFFFFFFFF), T.uint32(0))  # of constants: no branch
+    keep = _all_ones_if((bits & T.uint32(_FLOAT32_INF)) != T.uint32(_FLOAT32_INF))
     return T.reinterpret("float32", (bits & keep) | (T.uint32(otherwise) & ~keep))
+
+
+def _finite_magnitude_bits(x):
+    """The bits of ``|x|`` (float32) where it is finite, else 0: a uint32 that orders as the
+    magnitudes do."""
+    magnitude = T.reinterpret("uint32", x) & T.uint32(0x7FFFFFFF)
+    return magnitude & _all_ones_if(magnitude < T.uint32(_FLOAT32_INF))
 
 
 def _one_if(condition):
@@ -360,36 +372,39 @@ def tile_of(buffer, vt, tile, tiles: int):
 
 def tile_stages(layout: Layout):
     """fp8_ds_mla's quantization of the normed rows ``values [n, D]`` (q's dtype) by tiles of
-    128: each value's share of its tile's amax (``|v|`` if finite, else 0; each value rounded
-    to q's dtype first, as ``kv_output`` holds it), each tile's ``amax`` (one reduction over
-    the whole row for all the tiles, each value counting 0 in the other tiles: a tuple of
-    maxima, ``tile_max.py``, that a GPU schedule reduces in one allreduce), the tiles'
-    scales (``_tile_scale``), and each value as ``e4m3(saturate(v / scale))``, a non-finite
-    value divided as NaN (NaN stays NaN). No stage selects (``_where_finite``, ``_pick``)."""
+    128: each value's share of its tile's amax (the bits of ``|v|`` if finite, else 0; each
+    value rounded to q's dtype first, as ``kv_output`` holds it), each tile's ``amax`` (one
+    reduction over the whole row for all the tiles, each value counting 0 in the other
+    tiles, by a mask: a tuple of uint32 maxima, ``tile_max.py``, that a GPU schedule reduces
+    in one allreduce, and where nvcc knows a thread's value is not in a tile, a max with 0
+    it drops), the tiles' scales (``_tile_scale``), and each value as
+    ``e4m3(saturate(v / scale))``, a non-finite value divided as NaN (NaN stays NaN). No
+    stage selects on a value it reads (``_all_ones_if``, ``_pick``)."""
     D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
     rule, tiles = layout.form.tile_scale, layout.form.scale_tiles
 
     @T.macro
     def stages(n, values, scales, quantized):
-        share = T.sblock_alloc_buffer((n, D), "float32")
+        share = T.sblock_alloc_buffer((n, D), "uint32")
         amax = T.meta_var(tile_max.alloc_maxima(n, tiles))
         for t, c in T.grid(n, D):
             with T.sblock("norm_tile_share"):
                 vt, vc = T.axis.remap("SS", [t, c])
                 value = T.meta_var(round_to(dtype, f32(values[vt, vc])))
-                share[vt, vc] = _where_finite(T.fabs(value), 0)
+                share[vt, vc] = _finite_magnitude_bits(value)
         for t, c in T.grid(n, D):
             with T.sblock("norm_tile_amax"):
                 vt, vc = T.axis.remap("SR", [t, c])
                 with T.init():
                     tile_max.init_maxima(amax, vt)
                 tile_max.update_maxima(amax, vt, [
-                    share[vt, vc] * _one_if(vc // TILE == T.int64(i))
+                    share[vt, vc] & _all_ones_if(vc // TILE == T.int64(i))
                     for i in range(tiles)])
         for t, i in T.grid(n, TILES):
             with T.sblock("norm_tile_scale"):
                 vt, vi = T.axis.remap("SS", [t, i])
-                scales[vt, vi] = _tile_scale(rule, _pick([m[vt] for m in amax], vi))
+                scales[vt, vi] = _tile_scale(rule, _pick(
+                    [T.reinterpret("float32", m[vt]) for m in amax], vi))
         for t, c in T.grid(n, D):
             with T.sblock("norm_quant"):
                 vt, vc = T.axis.remap("SS", [t, c])

@@ -1,10 +1,12 @@
 """Several maxima reduced by one block: ``amax_i[t] = max(amax_i[t], value_i)`` for each tile
-``i`` of a row, a tuple reduction, so that a GPU schedule reduces every tile of the row in one
+``i`` of a row (of uint32 values: the bits of non-negative floats, which order alike), a tuple
+reduction, so that a GPU schedule reduces every tile of the row in one
 cross-thread allreduce (each shuffle step moves all the tiles' values, independent of each
 other) instead of one allreduce after another.
 
 TVM recognizes a reduction block only through its registry of comm reducers, which knows sums,
-maxima and argmax: ``_register_max_reducer(k)`` adds the k-tuple of maxima. The registry is a
+maxima and argmax: ``_register_max_reducer(k)`` adds the k-tuple of maxima (of any dtype, the
+identity its smallest value: 0 for uint32). The registry is a
 C++ static that outlives the interpreter, so the Python getters it holds are never freed (a
 reference is leaked on purpose: freeing them after Python has shut down crashes at exit).
 Importing this module registers the tuples of 2 to ``MAX_TILES`` maxima: every process that
@@ -27,7 +29,7 @@ MAX_TILES = 16  # tiles of 128 per row: latent rows of up to 2048 elements
 
 @functools.cache
 def _register_max_reducer(count: int) -> None:
-    """Teach TVM's reducer registry the ``count``-tuple of float maxima (once)."""
+    """Teach TVM's reducer registry the ``count``-tuple of maxima (once)."""
     combiner = tvm_ffi.convert(lambda x, y: [T.max(a, b) for a, b in zip(x, y, strict=True)])
     identity = tvm_ffi.convert(lambda values: [T.min_value(v.ty.dtype) for v in values])
     for getter in (combiner, identity):
@@ -40,14 +42,14 @@ for _count in range(2, MAX_TILES + 1):
 
 
 def alloc_maxima(n, count: int) -> list:
-    """``count`` float32 buffers ``[n]``, one per tile (inside a block's scope)."""
-    return [T.sblock_alloc_buffer((n,), "float32") for _ in range(count)]
+    """``count`` uint32 buffers ``[n]``, one per tile (inside a block's scope)."""
+    return [T.sblock_alloc_buffer((n,), "uint32") for _ in range(count)]
 
 
 def init_maxima(maxima: list, t) -> None:
-    """The reduction's init: ``maxima[i][t] = -FLT_MAX`` for every tile ``i``."""
+    """The reduction's init: ``maxima[i][t] = 0`` for every tile ``i``."""
     for buffer in maxima:
-        builder.buffer_store(buffer, T.min_value("float32"), [t])
+        builder.buffer_store(buffer, T.uint32(0), [t])
 
 
 def update_maxima(maxima: list, t, values: list) -> None:
