@@ -5,6 +5,7 @@ import base64
 import dataclasses
 import json
 import lzma
+import os
 import socket
 import struct
 import subprocess
@@ -523,3 +524,27 @@ def test_tuning_over_rpc_measures_on_the_tracker_servers(tmp_path):
     assert metadata["buckets"]["1"]["records"] == 3
     assert any("default schedule" in line for line in lines)
     assert set(decisions.read(dest, CpuScheduleConfig)) == {1}
+
+
+@pytest.mark.slow
+def test_rpc_script_runs_two_servers_on_a_single_gpu(tmp_path):
+    """scripts/tune_rpc.sh end to end on a machine of one GPU (here a stand-in nvidia-smi and
+    the llvm target): two servers on the GPU register with the tracker, the run measures
+    through them, and the records folder holds the bucket's decisions."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: Stand-in (UUID: GPU-0)"\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    script = Path(__file__).parent.parent / "scripts" / "tune_rpc.sh"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", RPC_PORT=str(_free_port()))
+    result = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out"), "--heads", "2", "--dtype", "float32",
+         "--buckets", "1", "--trials", "3", "--target", "llvm", "--cost-model", "random",
+         "--out", str(tmp_path / "logs"), "--work-dir", str(tmp_path / "work")],
+        env=env, capture_output=True, text=True, timeout=600, check=False)
+    log = (tmp_path / "out" / "tune.log").read_text()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 GPUs, 2 servers each" in log
+    assert log.count("server:gpu") == 2  # the tracker's list of servers
+    folder = next((tmp_path / "logs").glob("*/*"))
+    assert set(decisions.read(folder, CpuScheduleConfig)) == {1}
