@@ -6,7 +6,6 @@ FLT_MIN in magnitude, else below it with the dividend's sign, and the same fp8 v
 
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 import tvm
@@ -110,4 +109,4 @@ def test_quantizer_div_on_the_gpu_matches_ieee_division():
     result = torch.empty_like(a)
     build(_divider(N, gpu=True), device_target("cuda"))["divide"](a, b, result)
     _assert_quotients(result, a, b)
-    assert np.isfinite(result.cpu().numpy()).sum() > N // 2  # the test divides mostly finites
+    assert int(result.isfinite().sum()) > N // 2  # the test divides mostly finites

@@ -70,13 +70,10 @@ def _cuda_quantizer_div(call):
     division by ``b``, which nvcc computes once."""
     a, b = call.args
     u32 = lambda value: tvm.tirx.const(value, "uint32")  # noqa: E731
-    tiny_b, bits, exponent, m, y, power = (
-        tvm.tirx.Var(name, dtype) for name, dtype in (
-            ("tiny_b", "bool"), ("b_bits", "uint32"), ("b_exponent", "uint32"),
-            ("b_significand", "float32"), ("b_reciprocal", "float32"),
-            ("b_power", "float32")))
-    tiny_a, x, q0, q1, q2 = (tvm.tirx.Var(name, "float32" if name != "tiny_a" else "bool")
-                             for name in ("tiny_a", "scaled_a", "q0", "q1", "q2"))
+    tiny_b, tiny_a = (tvm.tirx.Var(name, "bool") for name in ("tiny_b", "tiny_a"))
+    bits, exponent = (tvm.tirx.Var(name, "uint32") for name in ("b_bits", "b_exponent"))
+    m, y, power, x, q0, q1, q2 = (tvm.tirx.Var(name, "float32") for name in (
+        "b_significand", "b_reciprocal", "b_power", "scaled_a", "q0", "q1", "q2"))
     residual = lambda q: _extern("__fmaf_rn", -m, q, x)  # noqa: E731  exact: x - m * q
     bound = [
         (tiny_b, b < _f32(2.0**-64)),
@@ -86,7 +83,7 @@ def _cuda_quantizer_div(call):
         (y, _extern("__frcp_rn", m)),
         (power, T.reinterpret("float32", (u32(255) - exponent) << u32(23)) * _f32(0.5)),
         (tiny_a, T.fabs(a) < T.Select(tiny_b, _f32(0.0), _f32(2.0**-100))),
-        (x, a * T.Select(tiny_b, _f32(2.0**64), T.Select(tiny_a, _f32(2.0**64), _f32(1.0)))),
+        (x, a * T.Select(tiny_b | tiny_a, _f32(2.0**64), _f32(1.0))),
         (q0, _extern("__fmul_rn", x, y)),
         (q1, _extern("__fmaf_rn", residual(q0), y, q0)),
         (q2, _extern("__fmaf_rn", residual(q1), y, q1)),

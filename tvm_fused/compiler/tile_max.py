@@ -1,17 +1,17 @@
 """Several maxima reduced by one block: ``amax_i[t] = max(amax_i[t], value_i)`` for each tile
 ``i`` of a row (of uint32 values: the bits of non-negative floats, which order alike), a tuple
-reduction, so that a GPU schedule reduces every tile of the row in one
-cross-thread allreduce (each shuffle step moves all the tiles' values, independent of each
-other) instead of one allreduce after another.
+reduction, so that a GPU schedule reduces every tile of the row in one cross-thread allreduce
+(each shuffle step moves all the tiles' values, independent of each other) instead of one
+allreduce after another.
 
 TVM recognizes a reduction block only through its registry of comm reducers, which knows sums,
 maxima and argmax: ``_register_max_reducer(k)`` adds the k-tuple of maxima (of any dtype, the
-identity its smallest value: 0 for uint32). The registry is a
-C++ static that outlives the interpreter, so the Python getters it holds are never freed (a
-reference is leaked on purpose: freeing them after Python has shut down crashes at exit).
-Importing this module registers the tuples of 2 to ``MAX_TILES`` maxima: every process that
-lowers a module with such a block (a build, a MetaSchedule builder worker) imports it through
-``pipeline.py``; a longer tuple is registered where its block is defined.
+identity its smallest value: 0 for uint32). The registry is a C++ static that outlives the
+interpreter, so the Python getters it holds are never freed (a reference is leaked on
+purpose: freeing them after Python has shut down crashes at exit). Importing this module
+registers the tuples of 2 to ``MAX_TILES`` maxima: every process that lowers a module with
+such a block (a build, a MetaSchedule builder worker) imports it through ``pipeline.py``; a
+longer tuple is registered where its block is defined.
 """
 
 from __future__ import annotations
