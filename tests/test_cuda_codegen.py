@@ -127,6 +127,24 @@ def test_aligned_configs_use_16_byte_accesses(source):
         assert not re.search(r"make_(?:longlong|int)\d\(", src)
 
 
+def test_request_guess_loads_leave_together(source):
+    """Each locate by offsets loads its guess's first token, the next request's and the
+    cache length with ``__ldg`` (a volatile ``ld.global.nc``), before it compares any: NVVM
+    predicated the last two on the first comparison (a second dependent round of loads
+    before every block's position, sm_90a SASS), which it may not do to these."""
+    name, src = source
+    kernel = src[src.rindex('extern "C" __global__'):]
+    locates = re.findall(r"int guess_first\w* = [^;]*;\s*int guess_next\w* = [^;]*;\s*"
+                         r"int guess_length\w* = [^;]*;\s*bool hit", kernel)
+    if CONFIGS[name].addressing == "slots":
+        assert not locates and "__ldg(" not in kernel
+        return
+    assert locates and len(locates) == kernel.count("bool hit")
+    for locate in locates:
+        assert locate.count("__ldg((&(offsets_ptr[") == 2, locate
+        assert locate.count("__ldg((&(cache_lengths_ptr[") == 1, locate
+
+
 def test_fp8_caches_divide_exactly_and_store_half_width(source):
     """``value / k_scale`` is ``quantizer_div`` (exact for fp8 whatever the compiler's flags,
     without ``__fdiv_rn``'s branch per value: the divisor's reciprocal once, fused

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import tvm
 from tvm.script import tirx as T
 
+from .eager_load import eager
 from .layout import Layout
 
 PADDING, OK, ERROR = 0, 1, 2  # token states
@@ -92,9 +93,10 @@ def locator(layout: Layout):
         ``cache_lengths`` and ``lookup_table``.
 
         Request ``min(token, batch - 1)`` is tried first, its offsets and cache length loaded
-        in one round with ``offsets[batch]``: right for every token of a decode step (one new
-        token per request), which so skips the log2(batch) dependent loads of the binary
-        search that finds the request otherwise. The search compares tokens and offsets in 32
+        in one round with ``offsets[batch]`` (``eager``: the CUDA compiler would otherwise
+        wait for the first to decide whether the others are needed): right for every token
+        of a decode step (one new token per request), which so skips the log2(batch)
+        dependent loads of the binary search that finds the request otherwise. The search compares tokens and offsets in 32
         bits (a token index is below 2^31; larger offsets, which no valid call has, only make
         the search pick a wrong request, whose index stays in range); the position is
         computed and checked in 64 bits, so no length overflows it."""
@@ -112,13 +114,14 @@ def locator(layout: Layout):
         real: T.let = token < T.Cast("int32", offsets[batch])
         if batch > 0:
             guess: T.let = T.min(token, batch - 1)
-            guess_first: T.let = T.Cast("int32", offsets[guess])
-            guess_length: T.let = cache_lengths[guess]
-            if guess_first <= token and token < T.Cast("int32", offsets[guess + 1]):
-                request[0] = guess
-                first[0] = guess_first
-                length[0] = guess_length
-            elif real:
+            guess_first: T.let = T.Cast("int32", eager(offsets[guess]))
+            guess_next: T.let = T.Cast("int32", eager(offsets[guess + 1]))
+            guess_length: T.let = eager(cache_lengths[guess])
+            hit: T.let = guess_first <= token and token < guess_next
+            request[0] = T.Select(hit, guess, -1)
+            first[0] = T.Select(hit, guess_first, 0)
+            length[0] = T.Select(hit, guess_length, 0)
+            if not hit and real:
                 lo[0] = 0
                 hi[0] = batch - 1
                 while lo[0] < hi[0]:  # the last request starting at or before the token
