@@ -20,7 +20,7 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
-from tvm_fused import OP_NAME, Form, build, fused_rope_rmsnorm_func
+from tvm_fused import OP_NAME, Form, build, fused_rope_rmsnorm_func, timing
 from tvm_fused.__main__ import main as cli_main
 from tvm_fused.__main__ import parser as cli_parser
 from tvm_fused.compiler.build import cuda_target, kernel_source
@@ -38,7 +38,7 @@ from tvm_fused.schedules.space import (
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import make_inputs
 from tvm_fused.tuning import decisions, measure, records, summary
-from tvm_fused.tuning.buckets import BUCKETS, nearest_bucket
+from tvm_fused.tuning.buckets import BUCKETS, DECODE_MAX, nearest_bucket
 from tvm_fused.tuning.layout import CPU_DEVICE, default_logs_dir, records_dir, user_logs_dir
 from tvm_fused.tuning.tune import RpcTarget, seed_configs, tune
 from tvm_fused.tuning.workload import bucket_workload, workload_hash
@@ -159,6 +159,31 @@ def test_local_runner_reuses_a_buckets_inputs():
     other = measure.alloc_local(op, device, args_info(64), 1)
     assert other is not first and other[0][0].shape[0] == 64
     assert measure.alloc_local(op, device, args_info(8), 1) is not first  # made again
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 65, 4096])
+def test_gpu_runner_times_decode_buckets_as_a_decode_step(tokens, monkeypatch):
+    """On a GPU a decode bucket's candidate is timed as the suite's steady state (GPU time
+    per call of 50 calls captured in one graph), a prefill bucket's as one cold call: each
+    bucket is ranked by what an engine pays at its size."""
+    timed = []
+
+    def graph(fn, reps, calls):
+        timed.append(("graph", reps, calls))
+        return timing.Timing(100.0, 0.0, 0.0, reps)
+
+    def cold(fn, reps):
+        timed.append(("cold", reps))
+        return timing.Timing(7.0, 0.0, 0.0, reps)
+
+    monkeypatch.setattr(measure, "time_graph", graph)
+    monkeypatch.setattr(measure, "time_cuda", cold)
+    seconds = measure.gpu_seconds(lambda *args: None, [torch.empty(tokens, 2, 64)], runs=9)
+    if tokens <= DECODE_MAX:
+        assert timed == [("graph", 9, measure.STEADY_CALLS)]
+        assert seconds == pytest.approx(100.0 / measure.STEADY_CALLS * 1e-6)
+    else:
+        assert timed == [("cold", 9)] and seconds == pytest.approx(7e-6)
 
 
 @pytest.mark.slow

@@ -96,10 +96,11 @@ def locator(layout: Layout):
         in one round with ``offsets[batch]`` (``eager``: the CUDA compiler would otherwise
         wait for the first to decide whether the others are needed): right for every token
         of a decode step (one new token per request), which so skips the log2(batch)
-        dependent loads of the binary search that finds the request otherwise. The search compares tokens and offsets in 32
-        bits (a token index is below 2^31; larger offsets, which no valid call has, only make
-        the search pick a wrong request, whose index stays in range); the position is
-        computed and checked in 64 bits, so no length overflows it."""
+        dependent loads of the binary search that finds the request otherwise. The search
+        compares tokens and offsets in 32 bits (a token index is below 2^31; larger offsets,
+        which no valid call has, only make the search pick a wrong request, whose index
+        stays in range); the position is computed and checked in 64 bits, so no length
+        overflows it."""
         offsets, cache_lengths, lookup_table = index.offsets, index.cache_lengths, index.table
         batch: T.let = T.Cast("int32", offsets.shape[0] - T.int64(1))
         token: T.let = T.Cast("int32", vt)

@@ -4,8 +4,11 @@ The builder compiles as the runtime build does (the ``tvm_fused`` pipeline, with
 the block-group merge). The runners feed every candidate the bucket's *valid* inputs (real
 offsets, page tables and positions: random integers would send it out of bounds), rebuilt
 in the runner process from the argument shapes (locally, once per bucket). Locally on a GPU,
-a candidate is timed like the benchmarks, with CUDA events on a cold L2; over RPC, with
-TVM's time evaluator.
+a candidate is timed as the benchmarks time what an engine pays: a decode bucket (up to
+``DECODE_MAX`` tokens) by its GPU time per call of ``STEADY_CALLS`` calls captured back to
+back in one CUDA graph (the steady state of a decode step, L2 warm after the first call; a
+single cold call is mostly launch and cache misses, and ranked decode configs by those), a
+prefill bucket by CUDA events on a cold L2; over RPC, with TVM's time evaluator.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ import tvm
 from ..compiler.build import build
 from ..compiler.definition import OP_NAME
 from ..form import Form, dtype_name
-from ..timing import time_cuda
+from ..timing import time_cuda, time_graph
+from .buckets import DECODE_MAX
 from .workload import bucket_tensors
 
 _CUDA = 2  # DLPack device type
+STEADY_CALLS = 50  # calls per graph of a decode bucket's time (the suite's steady state)
+TIMING = {"cuda": "decode buckets: GPU time per call of 50 calls back to back in one CUDA "
+                  "graph; prefill buckets: median of CUDA-event runs on a cold L2",
+          "rpc": "TVM time evaluator"}
 
 
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None):
@@ -65,15 +73,21 @@ def alloc_local(form: Form, device: tvm.runtime.Device, args_info, alloc_repeat:
         _bucket_tensors(form, args_info, torch_device) for _ in range(alloc_repeat)])
 
 
+def gpu_seconds(kernel, args: list[torch.Tensor], runs: int) -> float:
+    """A candidate's time on the GPU (see the module's docstring): ``args`` the bucket's
+    tensors, q first (its first dim is the token count)."""
+    if args[0].shape[0] <= DECODE_MAX:
+        graph = time_graph(lambda: kernel(*args), reps=runs, calls=STEADY_CALLS)
+        return graph.median_us / STEADY_CALLS * 1e-6
+    return time_cuda(lambda: kernel(*args), reps=runs).median_us * 1e-6
+
+
 def run_local(rt_mod, device, evaluator_config, repeated_args) -> list[float]:
-    """LocalRunner timing, in seconds: cold-L2 CUDA events on a GPU, TVM's evaluator else."""
+    """LocalRunner timing, in seconds: ``gpu_seconds`` on a GPU, TVM's evaluator else."""
     kernel = rt_mod[OP_NAME]  # epsilon is bound in the workload: tensors only
     if device.dlpack_device_type() == _CUDA:
-        costs = []
-        for args in repeated_args:
-            runs = evaluator_config.repeat * evaluator_config.number
-            costs.append(time_cuda(lambda a=args: kernel(*a), reps=runs).median_us * 1e-6)
-        return costs
+        runs = evaluator_config.repeat * evaluator_config.number
+        return [gpu_seconds(kernel, args, runs) for args in repeated_args]
     evaluator = rt_mod.time_evaluator(OP_NAME, device, number=evaluator_config.number,
                                       repeat=evaluator_config.repeat,
                                       min_repeat_ms=evaluator_config.min_repeat_ms)

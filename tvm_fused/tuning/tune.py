@@ -34,7 +34,7 @@ from ..schedules.space import can_draw, schedule_fn, single_changes, space_for
 from . import decisions, records
 from .buckets import BUCKETS
 from .layout import records_dir
-from .measure import alloc_local, alloc_rpc, build_candidate, run_local
+from .measure import TIMING, alloc_local, alloc_rpc, build_candidate, run_local
 from .workload import bucket_workload, workload_hash
 
 BUILD_TIMEOUT_SEC = 180  # a fresh builder worker imports TVM's tensor intrinsics first
@@ -241,9 +241,8 @@ def tune(form: Form, target: tvm.target.Target, *, buckets=BUCKETS, trials: int 
         workload_hash(w): session.space.default_for(tokens, form)
         for tokens, w in workloads.items()})
     chosen = _write_metadata(session, dest, device_name, workloads, time.time() - started,
-                             timing="median of CUDA-event runs on a cold L2"
-                             if target.kind.name == "cuda" and rpc is None
-                             else "TVM time evaluator", work_dir=work_dir)
+                             timing=TIMING["cuda" if target.kind.name == "cuda" and rpc is None
+                                           else "rpc"], work_dir=work_dir)
     decisions.write(dest, device_name, form, chosen)
     log(f"records: {dest} ({time.time() - started:.0f} s)")
     return dest
