@@ -1,0 +1,178 @@
+"""Where a decode call's time goes: variants of the generated CUDA, timed beside the Triton
+peer in one run (the measurement behind benchmarks/README.md, "Where a decode call's time
+goes").
+
+Each variant rewrites the kernel's CUDA source (``tvm_fused.compiler.cuda.kernel_source``)
+and builds into a kernel cache folder of its own:
+
+- ``base``: this checkout; ``cfg:KNOB=V+KNOB=V``: the default schedule with those knobs;
+- ``lazy``: the locate's ``__ldg`` loads as plain loads (as before the eager loads);
+- ``only-GROUP`` (``norm``, ``k``, ``q``, ``count``): every other block group returns at
+  once (its blocks still launch); ``none``: every group returns (an empty launch of the
+  same grid);
+- ``cut:norm:P``: only the norm group, stopped after the locate's loads (P=1), the page
+  table's (2), or the row's load and reduction (3); ``cut:q:P``: only the q group, stopped
+  after its locate (1) or its page table (2). What was computed is kept alive by a store
+  that never happens.
+
+``base``, ``lazy`` and ``cfg:`` variants are checked against the float64 reference first.
+Up to 256 tokens: GPU µs per call of 50 calls back to back in one CUDA graph (median of 3);
+past: cold-L2 µs and the share of the copy bandwidth. Forms: ``ip`` (in place), ``wt``
+(write-through), ``fp8`` (write-through into an fp8 e4m3 cache); GPU only.
+
+usage: PYTHONPATH=. python scripts/decode_phases.py VARIANTS TOKENS HEADS FORMS
+  e.g. base,lazy,only-norm,cut:norm:1,none 1,16 128 ip
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+import torch
+
+import tvm_fused.compiler.cuda as cuda
+from benchmarks.suite import (
+    check_provider,
+    copy_bandwidth,
+    engine_addressing,
+    new_call,
+    sweep_inputs,
+    triton_provider,
+    tvm_provider,
+)
+from tvm_fused import dispatch
+from tvm_fused.form import Form
+from tvm_fused.schedules.config import default_for_tokens
+from tvm_fused.timing import bytes_moved, time_cuda, time_graph
+
+GROUP_TEST = re.compile(r"if \(\(\(int64_t\)blockIdx\.x\) < (?![ms]\))[^\n]*\{\n")
+FORMS = {"ip": Form(num_q_heads=128), "wt": Form(num_q_heads=128, write_through=True),
+         "fp8": Form(num_q_heads=128, write_through=True, cache_dtype="float8_e4m3fn")}
+KEEP = "if ({value} == {magic}) {{ errors_ptr[0] = 1; }} return;\n"
+NORM_CUTS = ((r"bool positioned = ", "p", "(int64_t)-12345"),
+             (r"norm_slot_local_ptr\[0\] = row", "row", "(int64_t)-12345"),
+             (r"red_buf0_ptr\[\(int64_t\)0\] = __shfl_sync", "red_buf0_ptr[0]", "-12345.0f"))
+ORIGINAL = cuda.kernel_source
+
+
+def _group_names(code: str, tests: list) -> list[str]:
+    """The block groups in grid order, named by the first local buffers of each."""
+    names = []
+    for i, test in enumerate(tests):
+        body = code[test.end():test.end() + 3000]
+        names.append("q" if "q_pos_local" in body else "count" if "count_state" in body
+                     else "norm" if "norm_" in body else "k")
+    return names
+
+
+def only(code: str, keep: set[str]) -> str:
+    """``code`` with every block group not in ``keep`` returning at its start."""
+    tests = list(GROUP_TEST.finditer(code))
+    for test, name in reversed(list(zip(tests, _group_names(code, tests)))):
+        if name not in keep:
+            code = code[:test.end()] + "return;\n" + code[test.end():]
+    return code
+
+
+def _after(code: str, pattern: str, keep: str, start: int = 0) -> str:
+    """``code`` with ``keep`` inserted after the first statement matching ``pattern`` from
+    ``start`` on."""
+    end = code.index(";", re.compile(pattern).search(code, start).end()) + 1
+    return code[:end] + "\n" + keep + code[end:]
+
+
+def cut(code: str, group: str, point: int) -> str:
+    """Only ``group`` working, stopped at ``point`` (see the module's docstring)."""
+    code = only(code, {group})
+    if group == "norm":
+        pattern, value, magic = NORM_CUTS[point - 1]
+        return _after(code, pattern, KEEP.format(value=value, magic=magic))
+    start = code.index("q_pos_local_ptr[1];")
+    suffix = re.compile(r"bool positioned(_\d+)? = ").search(code, start).group(1) or ""
+    if point == 1:
+        return _after(code, r"bool positioned" + suffix + " = ",
+                      KEEP.format(value="p" + suffix, magic="(int64_t)-12345"), start)
+    return _after(code, r"q_state_local_ptr\[0\] = ",
+                  KEEP.format(value="q_state_local_ptr[0]", magic="7"), start)
+
+
+def rewrite(variant: str, code: str) -> str:
+    """The CUDA source of ``variant``."""
+    if variant.startswith("cut:"):
+        _, group, point = variant.split(":")
+        return cut(code, group, int(point))
+    if variant == "lazy":
+        return re.sub(r"__ldg\(\(&\((\w+_ptr\[[^\]]*\])\)\)\)", r"\1", code)
+    if variant.startswith("only-"):
+        return only(code, {variant.removeprefix("only-")})
+    if variant == "none":
+        return only(code, set())
+    return code
+
+
+def schedule_of(variant: str, form: Form, tokens: int):
+    """``cfg:K=V+K=V``: the default with those knobs; anything else: the runtime's choice."""
+    if not variant.startswith("cfg:"):
+        return None
+    default = default_for_tokens(tokens, form)
+    knobs = dict(item.split("=") for item in variant[4:].split("+"))
+    return dataclasses.replace(default, **{
+        k: type(getattr(default, k))(int(v)) for k, v in knobs.items()})
+
+
+def timed(provider, call, form: Form, tokens: int, copy: float) -> str:
+    """Graph µs per call up to 256 tokens; cold µs and the share of the copy bandwidth
+    past."""
+    if tokens <= 256:
+        return "{:.2f}".format(statistics.median(
+            time_graph(lambda: provider(call), reps=30, calls=50).median_us / 50
+            for _ in range(3)))
+    us = time_cuda(lambda: provider(call), reps=20).median_us
+    return f"{us:.1f} ({bytes_moved(form, tokens) / us / 1e6 / copy:.1%})"
+
+
+def measure(variant: str, form: Form, base, tokens: int, copy: float) -> str:
+    """``variant``'s time on a copy of ``base``, built into a cache folder of its own."""
+    os.environ["TVM_FUSED_CACHE_DIR"] = tempfile.mkdtemp(prefix="decode_phases")
+    dispatch.KERNELS.clear()
+    cuda.kernel_source = lambda device: rewrite(variant, ORIGINAL(device))
+    try:
+        run = tvm_provider(form, schedule_of(variant, form, tokens))
+        call = new_call(base.clone(), form, engine_addressing(base))
+        if variant in ("base", "lazy") or variant.startswith("cfg:"):
+            check_provider(variant, run, base, form)
+        else:
+            run(call)
+        return timed(run, call, form, tokens, copy)
+    finally:
+        cuda.kernel_source = ORIGINAL
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 4:
+        sys.exit(__doc__)
+    variants = argv[0].split(",")
+    copy = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()} copy {copy:.3f} TB/s", flush=True)
+    for name in argv[3].split(","):
+        for heads in (int(h) for h in argv[2].split(",")):
+            form = dataclasses.replace(FORMS[name], num_q_heads=heads)
+            for tokens in (int(t) for t in argv[1].split(",")):
+                base = sweep_inputs(form, tokens)
+                peer = triton_provider(form)
+                check_provider("triton", peer, base, form)
+                row = {"triton": timed(peer, new_call(base.clone(), form,
+                                                      engine_addressing(base)),
+                                       form, tokens, copy)}
+                row |= {v: measure(v, form, base, tokens, copy) for v in variants}
+                print(f"{name} {heads}h {tokens:5d} tok: "
+                      + " | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
