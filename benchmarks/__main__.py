@@ -3,7 +3,8 @@
   suite   check, then time, tvm-fused and its peers on the GPU (the suite of
           benchmarks.suite.SUITE unless heads, tokens, providers, --neox, a form, a cache
           dtype or --kv-output are given)
-  report  markdown tables and PNG plots from a suite CSV (no GPU needed)
+  report  markdown tables and PNG plots from a suite CSV (no GPU needed); with --headline,
+          the README's performance tables from results/headline.csv (--readme rewrites them)
 
 The write-through form against the in-place op, bf16 and fp8 caches, 128 and 16 heads:
   python -m benchmarks suite --form in-place,write-through \\
@@ -97,6 +98,16 @@ def suite(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from .report import groups, markdown_table, plot, plot_path, read_rows, series
 
+    if args.headline:
+        from . import headline
+
+        rows = headline.read(Path(args.csv))
+        if args.readme:
+            changed = headline.update_readme(Path(args.readme), rows)
+            print(f"{args.readme}: headline tables {'rewritten' if changed else 'unchanged'}")
+        else:
+            print(headline.render(rows))
+        return 0
     rows = read_rows(Path(args.csv))
     for group in groups(rows):
         for heads, pairing in ((int(h), p) for h in _names(args.heads)
@@ -149,6 +160,11 @@ def parser() -> argparse.ArgumentParser:
                                help="write the plot of 128 heads, GPT-J here (other forms: "
                                     "beside it, named after the form)")
     report_parser.add_argument("--heads", default="128,64,16", help="head counts to report")
+    report_parser.add_argument("--headline", action="store_true",
+                               help="the CSV is results/headline.csv: the README's tables, one "
+                                    "per GPU")
+    report_parser.add_argument("--readme", default=None,
+                               help="with --headline: rewrite this README's headline block")
     report_parser.set_defaults(func=report)
     return parser
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import headline
 from benchmarks.__main__ import main
 from benchmarks.report import Group, groups, markdown_table, plot, plot_path, read_rows
 
@@ -154,3 +155,43 @@ def test_report_plots_each_form(forms_csv, tmp_path):
     assert main(["report", str(forms_csv), "--png", str(png)]) == 0
     for group in (Group(), WRITE_THROUGH, FP8):
         assert plot_path(png, group).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+HEADLINE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "headline.csv"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_tables_are_the_headline_csv_rendered():
+    """The README's performance tables are what the report command makes of the committed
+    headline CSV (one table per GPU), and each row's source file is in the repository."""
+    rows = headline.read(HEADLINE)
+    assert headline.readme_block(README) == headline.render(rows).strip("\n")
+    assert {row["gpu"] for row in rows} >= {"NVIDIA H200", "NVIDIA H100 80GB HBM3"}
+    for row in rows:
+        assert (README.parent / row["source"]).exists(), row["source"]
+
+
+def test_headline_report_rewrites_only_its_block(tmp_path, capsys):
+    rows = [dict(gpu="GPU A", date="2026-12-07", revision="abc1234", copy_tb_s="3.00",
+                 what="decode, in place", heads="128", tokens="1", timing="graph",
+                 tvm_fused_us="2.00", tvm_pct_copy="", peer="Triton fused", peer_us="3.00",
+                 peer_pct_copy="", peer_note="", source="x.csv"),
+            dict(gpu="GPU B", date="2026-12-07", revision="abc1234", copy_tb_s="4.00",
+                 what="in place", heads="16", tokens="32768", timing="cold",
+                 tvm_fused_us="100", tvm_pct_copy="90.4", peer="Triton fused", peer_us="90",
+                 peer_pct_copy="99.0", peer_note="another run", source="y.csv")]
+    path = tmp_path / "headline.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=headline.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{headline.BEGIN}\nstale rows\n{headline.END}\n\nafter\n")
+    assert main(["report", str(path), "--headline", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n\n") and text.endswith(f"{headline.END}\n\nafter\n")
+    assert "stale rows" not in text and text.index("**GPU A**") < text.index("**GPU B**")
+    assert "| 2.00 | Triton fused 3.00 | 1.50x |" in text
+    assert "100.00 (90% of copy) | Triton fused 90.00 (99% of copy) (another run) | 0.90x" in text
+    assert main(["report", str(path), "--headline", "--readme", str(readme)]) == 0
+    assert "unchanged" in capsys.readouterr().out
