@@ -526,9 +526,14 @@ def run_suite(parts, base: Form, csv_path: Path | None, reps: int = 100,
     progress = Progress(sum(len(part.tokens) for part in parts), "suite")
     for part in parts:
         form = part.form(base)
-        for tokens in part.tokens:
-            measured = measure(form, tokens, providers(form, tokens, part.providers),
-                               copy_tb_s, failures, reps, log)
+        for index, tokens in enumerate(part.tokens):
+            provider_map = providers(form, tokens, part.providers)
+            if index == 0 and "tvm-fused tuned" in part.providers and \
+                    "tvm-fused tuned" not in provider_map:
+                log(f"note: no tuning decisions for {form_name(form)}, {cache_name(form)} "
+                    f"cache, {part.heads} heads on this GPU: 'tvm-fused tuned' is left out "
+                    "(the runtime runs the default schedule: ask for 'tvm-fused default')")
+            measured = measure(form, tokens, provider_map, copy_tb_s, failures, reps, log)
             if csv_path is not None:
                 write_csv(measured, csv_path)
             rows += measured

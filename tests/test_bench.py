@@ -374,3 +374,27 @@ def test_suite_rows_carry_the_form_on_the_cpu(tmp_path, monkeypatch):
                                                r.provider) for r in rows)
     assert set(groups(written)) == {Group(), Group("write-through"),
                                     Group("write-through", "float8_e5m2", True)}
+
+
+def test_suite_says_when_tuned_is_left_out(tmp_path, monkeypatch):
+    """Asked for "tvm-fused tuned" on a GPU without decisions for the form, the suite says
+    so once per part (the row would otherwise be missing without a word)."""
+    from benchmarks import suite
+    from tvm_fused.timing import Timing
+
+    sweep = suite.sweep_inputs
+    monkeypatch.setattr(suite, "sweep_inputs", lambda form, tokens: sweep(form, tokens, "cpu"))
+    monkeypatch.setattr(suite, "copy_us", lambda nbytes, reps: 1.0)
+    monkeypatch.setattr(suite, "copy_bandwidth", lambda: 1.0)
+    monkeypatch.setattr(suite, "time_cuda", lambda fn, reps=50: Timing(10.0, 9.0, 11.0, reps))
+    monkeypatch.setattr(suite, "time_graph",
+                        lambda fn, reps=50, calls=1: Timing(10.0, 9.0, 11.0, reps))
+    monkeypatch.setattr(suite, "host_us", lambda fn: 5.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "CPU")
+    monkeypatch.setattr(suite.decisions, "for_gpu", lambda gpu, form: {})
+    lines = []
+    parts = [Part(2, True, (1, 2), ("tvm-fused tuned", "torch eager"))]
+    rows, failures = suite.run_suite(parts, Form(), None, reps=3, log=lines.append)
+    assert failures == [] and {r.provider for r in rows} == {"torch eager"}
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and "'tvm-fused tuned' is left out" in notes[0]
