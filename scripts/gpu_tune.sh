@@ -6,6 +6,7 @@
 # cache), fp8-query and fp8-query-ds-mla (the whole fp8 attention query, with an fp8 or an
 # fp8_ds_mla cache); BUCKETS (comma-separated) limits the
 # buckets, as --buckets does.
+# The tuner's whole output goes to OUT/tune_full.log (its bucket lines also to OUT/tune.log).
 # Usage: [BUCKETS=1,64] scripts/gpu_tune.sh OUT "HEADS:TRIALS[:FORM] ..." [--rpc-demo]
 #   (plan may be "")
 set -uo pipefail
@@ -41,8 +42,9 @@ for item in $plan; do
   # shellcheck disable=SC2086  # the form's flags are several words
   python3 -m tvm_fused tune --heads "$heads" --trials "$trials" $flags \
     ${BUCKETS:+--buckets "$BUCKETS"} --out tuning_logs --work-dir /tmp/tuning_work 2>&1 \
-    | grep -E "^\[|records:" | tee -a "$out/tune.log"
-  echo "heads $heads trials $trials ${form:-in-place}: $(( $(date +%s) - start )) s wall" \
-    | tee -a "$out/tune.log"
+    | tee -a "$out/tune_full.log" | grep -E "^\[|records:" | tee -a "$out/tune.log"
+  status=${PIPESTATUS[0]}  # the tuner's: a failure shows in tune_full.log (its traceback)
+  echo "heads $heads trials $trials ${form:-in-place}: exit $status," \
+    "$(( $(date +%s) - start )) s wall" | tee -a "$out/tune.log"
   tar czf "$out/tuning_logs.tgz" tuning_logs
 done
