@@ -10,6 +10,9 @@ and builds into a kernel cache folder of its own:
 - ``only-GROUP`` (``norm``, ``k``, ``q``, ``count``): every other block group returns at
   once (its blocks still launch); ``none``: every group returns (an empty launch of the
   same grid);
+- ``triton-empty``: the Triton peer's launch (its grid of 16 heads a program, one token, as
+  it tunes itself at 1-64 tokens, and its arguments) of a kernel that returns at once: the
+  peer's empty launch, to set beside ``none``;
 - ``cut:norm:P``: only the norm group, stopped after the locate's loads (P=1), the page
   table's (2), or the row's load and reduction (3); ``cut:q:P``: only the q group, stopped
   after its locate (1) or its page table (2). What was computed is kept alive by a store
@@ -136,8 +139,51 @@ def timed(provider, call, form: Form, tokens: int, copy: float) -> str:
     return f"{us:.1f} ({bytes_moved(form, tokens) / us / 1e6 / copy:.1%})"
 
 
+def _empty_peer_kernel():
+    """A Triton kernel with the peer's parameters that returns at once."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def empty(q_ptr, out_ptr, k_ptr, freqs_ptr, gamma_ptr, kv_ptr, kvo_ptr, scale_ptr,
+              offsets_ptr, lengths_ptr, table_ptr, positions_ptr, slots_ptr, n_tokens, batch,
+              n_slots, token_bucket, epsilon, q_s0, q_s1, o_s0, o_s1, k_s0, k_s1, t_s0, kv_s0,
+              kvo_s0, NUM_HEADS: tl.constexpr, ROPE_DIM: tl.constexpr,
+              NORM_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, INTERLEAVED: tl.constexpr,
+              FREQS_SPLIT: tl.constexpr, SLOTS: tl.constexpr, WRITE_THROUGH: tl.constexpr,
+              KV_OUTPUT: tl.constexpr, QUANTIZE: tl.constexpr, CACHE_MAX: tl.constexpr,
+              TOKENS_PER_PROGRAM: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr):
+        pass
+
+    return empty
+
+
+def empty_peer(form: Form):
+    """The ``triton-empty`` variant's provider (offsets addressing)."""
+    import types
+
+    from benchmarks.peers import triton_fused
+
+    stand_in = types.SimpleNamespace(fn=_empty_peer_kernel())
+
+    def run(call) -> None:
+        kept, triton_fused._fused_kernel = triton_fused._fused_kernel, stand_in
+        try:
+            triton_fused.triton_fused_rope_rmsnorm(
+                *call.inputs.args(), **call.inputs.latent(), kv_output=call.kv_output,
+                out=call.out, interleaved=form.interleaved, freqs_layout=form.freqs_layout,
+                heads_per_program=16, tokens_per_program=1)
+        finally:
+            triton_fused._fused_kernel = kept
+
+    return run
+
+
 def measure(variant: str, form: Form, base, tokens: int, copy: float) -> str:
     """``variant``'s time on a copy of ``base``, built into a cache folder of its own."""
+    if variant == "triton-empty":
+        return timed(empty_peer(form), new_call(base.clone(), form, engine_addressing(base)),
+                     form, tokens, copy)
     os.environ["TVM_FUSED_CACHE_DIR"] = tempfile.mkdtemp(prefix="decode_phases")
     dispatch.KERNELS.clear()
     cuda.kernel_source = lambda device: rewrite(variant, ORIGINAL(device))

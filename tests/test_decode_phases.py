@@ -62,3 +62,12 @@ def test_knob_variants_name_a_schedule():
     assert config.norm_first is True and config.grid_blocks == 264
     assert phases.schedule_of("base", FORM, 1) is None
     assert re.search("usage", phases.__doc__)
+
+
+def test_the_empty_peer_takes_the_peers_arguments():
+    """The ``triton-empty`` stand-in has the Triton peer's parameters, in order (the peer's
+    launch passes them by position)."""
+    pytest.importorskip("triton")
+    from benchmarks.peers.triton_fused import _fused_kernel
+
+    assert phases._empty_peer_kernel().arg_names == _fused_kernel.fn.arg_names
