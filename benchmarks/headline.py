@@ -64,10 +64,15 @@ def render(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def _block(text: str) -> tuple[int, int]:
+    """Where the headline block's content lies in ``text`` (between the markers)."""
+    return text.index(BEGIN) + len(BEGIN), text.index(END)
+
+
 def update_readme(readme: Path, rows: list[dict]) -> bool:
     """Rewrite ``readme``'s headline block with ``render(rows)``; whether it changed."""
     text = readme.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    start, end = _block(text)
     new = text[:start] + "\n\n" + render(rows) + "\n" + text[end:]
     readme.write_text(new)
     return new != text
@@ -76,4 +81,5 @@ def update_readme(readme: Path, rows: list[dict]) -> bool:
 def readme_block(readme: Path) -> str:
     """The README's headline block as it stands (what ``update_readme`` writes)."""
     text = readme.read_text()
-    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip("\n")
+    start, end = _block(text)
+    return text[start:end].strip("\n")

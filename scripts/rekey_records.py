@@ -46,8 +46,7 @@ def rekey(folder: Path, note: str) -> int:
     if not changed:
         return 0
     with lzma.open(table, "wt", preset=9) as out:  # same order: records index the lines
-        out.writelines(json.dumps([new_hash[h], module[h]], separators=(",", ":")) + "\n"
-                       for h in stored)
+        out.writelines(records.workload_line(new_hash[h], module[h]) + "\n" for h in stored)
     metadata.setdefault("rekeyed", []).append(f"{datetime.date.today()}: {note}")
     (folder / records.METADATA).write_text(json.dumps(metadata, indent=1) + "\n")
     return changed

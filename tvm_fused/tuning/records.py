@@ -104,13 +104,18 @@ def workload_hashes(path: Path) -> list[str]:
         return [json.loads(line)[0] for line in lines if line.strip()]
 
 
+def workload_line(digest: str, module: dict) -> str:
+    """A records folder's workload line: ``[hash, the module's JSON]``."""
+    return json.dumps([digest, module], separators=(",", ":"))
+
+
 def _plain_workload(line: str) -> str:
     """A work directory's workload line ``[hash, frame]`` (the module's JSON after its
-    length, a little-endian uint64, base64-encoded) as ``[hash, the module's JSON]``."""
+    length, a little-endian uint64, base64-encoded) as a folder's ``workload_line``."""
     digest, frame = json.loads(line)
     raw = base64.b64decode(frame)
     (length,) = struct.unpack_from("<Q", raw)
-    return json.dumps([digest, json.loads(raw[8:8 + length])], separators=(",", ":"))
+    return workload_line(digest, json.loads(raw[8:8 + length]))
 
 
 def best_records(path: Path, workloads: Path) -> dict[str, list]:
