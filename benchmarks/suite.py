@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import functools
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from tvm_fused.timing import bytes_moved, time_cuda, time_graph
 from tvm_fused.tuning import decisions
 from tvm_fused.tuning.buckets import bucket_case, nearest_bucket
 
+from .peers.flashinfer_rope import LIB_ENV as FLASHINFER_LIB
 from .peers.torch_eager import (
     slot_mapping,
     torch_fused_rope_rmsnorm,
@@ -58,15 +60,16 @@ Q_SCALE = 0.5  # q_scale of the fp8 attention query
 FORMS = ("in-place", "write-through", "fp8-query")
 COPY_THEN_IN_PLACE = "copy + tvm-fused in-place"
 ENGINE_CHAIN = "vllm chain (triton)"
+FLASHINFER = "liger norm + flashinfer"
 # the providers of each form, in the order they are timed
 PROVIDERS = {
     "in-place": ("tvm-fused tuned", "tvm-fused default", "triton fused", "liger",
                  "torch.compile", "torch eager"),
     "write-through": ("tvm-fused tuned", "tvm-fused default", COPY_THEN_IN_PLACE,
                       ENGINE_CHAIN, "triton fused", "torch.compile", "torch eager"),
-    "fp8-query": ("tvm-fused tuned", "tvm-fused default", ENGINE_CHAIN),
+    "fp8-query": ("tvm-fused tuned", "tvm-fused default", ENGINE_CHAIN, FLASHINFER),
 }
-ALL_PROVIDERS = tuple(dict.fromkeys(PROVIDERS["in-place"] + PROVIDERS["write-through"]))
+ALL_PROVIDERS = tuple(dict.fromkeys(name for names in PROVIDERS.values() for name in names))
 
 
 # the options of the forms the peers take: MAX's addressing and interleaved table, and the
@@ -220,6 +223,29 @@ def engine_chain(form: Form) -> Provider:
     return run
 
 
+def flashinfer_append(form: Form) -> Provider:
+    """FlashInfer's launch for the whole fp8 attention query with a per-tensor fp8 cache
+    (its rope + quantize + paged append kernel, ``flashinfer_rope.FlashInferMLAppend``, writing
+    the query's column slices), after Liger's RMSNorm; prepared once per call (its
+    addressing computed from the call's index tensors, as an engine's scheduler does).
+    Needs ``$FLASHINFER_ROPE_LIB`` (``scripts/build_flashinfer_rope.sh``)."""
+    from .peers.flashinfer_rope import AttentionQuery, FlashInferMLAppend
+
+    prepared = {}
+
+    def run(call: Call) -> None:
+        if id(call) not in prepared:
+            inputs = call.inputs
+            query = AttentionQuery(inputs.q_nope, call.q_nope_out, call.out,
+                                   float(call.q_scale))
+            prepared[id(call)] = call, FlashInferMLAppend(
+                *inputs.args(), inputs.kv_input, float(inputs.k_scale),
+                num_tokens=call.positions.shape[0], query=query)
+        prepared[id(call)][1]()
+
+    return run
+
+
 def triton_provider(form: Form) -> Provider:
     """The Triton fused kernel in ``form`` (the inputs' form): its entry point of the form's
     addressing, with the form's pairing and table layout."""
@@ -267,7 +293,8 @@ def providers(form: Form, tokens: int, names: tuple[str, ...]) -> dict[str, Prov
     ``form_name``): "tvm-fused tuned" only with tuning decisions for this GPU and form,
     the peers only in the options they take (``PEER_OPTIONS``; the Triton fused peer's:
     ``TRITON_OPTIONS``), "liger" only for NeoX pairs, the copy before the in-place op only
-    into a cache of q's dtype without ``kv_output``."""
+    into a cache of q's dtype without ``kv_output``, FlashInfer's only into an fp8 e4m3
+    cache with GPT-J pairs and ``$FLASHINFER_ROPE_LIB`` set."""
     interleaved = form.interleaved
     default = default_for_tokens(nearest_bucket(tokens), form)  # the hand-written one
     decided = {}
@@ -280,6 +307,7 @@ def providers(form: Form, tokens: int, names: tuple[str, ...]) -> dict[str, Prov
         "tvm-fused default": lambda: tvm_provider(form, default),
         COPY_THEN_IN_PLACE: lambda: copy_then_in_place(form, default),
         ENGINE_CHAIN: lambda: engine_chain(form),
+        FLASHINFER: lambda: flashinfer_append(form),
         "triton fused": lambda: triton_provider(form),
         "liger": lambda: _with_token_count(_liger(), interleaved),
         "torch.compile": lambda: wrap(_compiled(torch_op), interleaved),
@@ -293,7 +321,9 @@ def providers(form: Form, tokens: int, names: tuple[str, ...]) -> dict[str, Prov
                  COPY_THEN_IN_PLACE: form.cache_dtype is None and not (form.kv_output
                                                                         or form.ds_mla),
                  ENGINE_CHAIN: peers and not form.kv_output and form.dtype == form.gamma_dtype,
-                 "triton fused": triton, "torch.compile": plain, "torch eager": plain}
+                 "triton fused": triton, "torch.compile": plain, "torch eager": plain,
+                 FLASHINFER: plain and interleaved and form.cache_dtype == "float8_e4m3fn"
+                 and bool(os.environ.get(FLASHINFER_LIB))}
     return {name: makers[name]() for name in names
             if name in PROVIDERS[form_name(form)] and available.get(name, True)}
 

@@ -29,7 +29,7 @@ from tvm_fused.compiler.branches import nope_copy_dtype, nope_staged
 from tvm_fused.form import ITEMSIZE, Form
 
 from .config import ScheduleConfig
-from .util import bind_grid, set_local
+from .util import bind_grid, scale_early, set_local
 
 
 def schedule_copy_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) -> None:
@@ -56,6 +56,7 @@ def schedule_copy_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
         quant = sch.get_sblock("nope_quant")
         sch.compute_at(quant, where)
         set_local(sch, quant)
+        scale_early(sch, quant, "q_scale", where, index=0)
     if nope_staged(op):  # from words loaded as vectors, all before the locate
         load = sch.get_sblock("nope_load")
         sch.compute_at(load, where)

@@ -23,7 +23,7 @@ from tvm import s_tir
 from tvm_fused.form import Form
 
 from .config import ScheduleConfig
-from .util import bind_grid, merge_scale_store, set_local
+from .util import bind_grid, merge_scale_store, scale_early, set_local
 
 
 def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) -> None:
@@ -77,16 +77,24 @@ def schedule_norm_branch(sch: s_tir.Schedule, op: Form, config: ScheduleConfig) 
 
     sch.compute_at(sumsq, row)
     split_row(sch.get_loops(sumsq)[-1])
-    sch.compute_at(load, row)
+    sch.compute_at(load, row)  # first in the row's body
     sch.vectorize(split_row(sch.get_loops(load)[-1])[-1])
-    # the locate comes first: its index loads (position, then slot) are then in flight
-    # while the row is loaded and reduced, not a round trip of their own before the store
-    # (write-through: the store is their only consumer); with PDL they go before the wait
-    sch.compute_at(locate, row, index=0)
-    # gamma's vectors are loaded second in the row's body, before its reduction: independent
-    # of the token, they need not wait for its sum of squares (one load round less per row)
+    # the locate's index loads (position, then slot) go early, in flight while the row is
+    # loaded and reduced, not a round trip of their own before the store: first in place
+    # (the row's load needs the slot), right after the row's load in write-through (the
+    # row of kv_input needs no index; the store is the locate's only consumer); with PDL's
+    # early index reads, first (before the wait)
+    after_row = op.write_through and not op.pdl_early_indices
+    # gamma's vectors (and an fp8 cache's scale) are loaded before the row's reduction, and
+    # before the locate's branches in write-through: independent of the token, they need not
+    # wait for its sum of squares or its position (a load round less per row)
     gamma = sch.cache_read(apply, "gamma", "local", consumer_blocks=[apply])
     sch.compute_at(gamma, row, index=1)
+    early = 2  # the row's load and gamma's
+    if op.cache_dtype is not None:
+        scale_early(sch, sch.get_sblock("norm_quant"), "k_scale", row, index=early)
+        early += 1
+    sch.compute_at(locate, row, index=early if after_row else 0)
     gamma_vector = config.vector_elems(op, op.gamma_dtype, vector)
     sch.vectorize(sch.split(split_row(sch.get_loops(gamma)[-1])[-1], [None, gamma_vector])[-1])
     set_local(sch, locate, load, sumsq, apply, *computed)

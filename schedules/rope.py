@@ -34,7 +34,7 @@ from tvm import s_tir
 from tvm_fused.form import Form
 
 from .config import ScheduleConfig
-from .util import bind_grid, loops_under, set_local, vectorize_tail
+from .util import bind_grid, loops_under, scale_early, set_local, vectorize_tail
 
 
 def schedule_rope_branch(
@@ -115,6 +115,9 @@ def schedule_rope_branch(
         sch.compute_at(stage, item)
     sch.compute_at(load, per_token)
     sch.compute_at(freqs, per_token)
+    if len(computed) > 1:  # fp8: the scale the quantization divides by, first
+        scale_early(sch, computed[0], "q_scale" if prefix == "q" else "k_scale", per_token,
+                    index=0)
     # each stage goes right before its first consumer, so a load that needs no index value
     # (slots addressing: t < len(positions) is known) is issued before the locate; with the
     # index reads before PDL's wait, the locate comes first

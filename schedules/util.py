@@ -55,6 +55,15 @@ def set_local(sch: s_tir.Schedule, *blocks: s_tir.SBlockRV) -> None:
             sch.set_scope(block, index, "local")
 
 
+def scale_early(sch: s_tir.Schedule, consumer: s_tir.SBlockRV, name: str, loop: s_tir.LoopRV,
+                index: int) -> None:
+    """The one-element float32 scale ``name`` (``k_scale``, ``q_scale``) that ``consumer``
+    divides by, read once into a register at ``loop`` (at ``index`` in its body) instead of
+    beside each value, where nvcc leaves the load after the row's loads and reduction: a
+    load round of its own before the first store."""
+    scale = sch.cache_read(consumer, name, "local", consumer_blocks=[consumer])
+    sch.compute_at(scale, loop, index=index)
+
 
 def merge_scale_store(sch: s_tir.Schedule) -> None:
     """fp8_ds_mla: put the store of a row's tile scales (``norm_scale_store``) in the token

@@ -144,6 +144,8 @@ def _empty_peer_kernel():
     import triton
     import triton.language as tl
 
+    globals()["tl"] = tl  # triton.jit resolves the annotations in the module's globals
+
     @triton.jit
     def empty(q_ptr, out_ptr, k_ptr, freqs_ptr, gamma_ptr, kv_ptr, kvo_ptr, scale_ptr,
               offsets_ptr, lengths_ptr, table_ptr, positions_ptr, slots_ptr, n_tokens, batch,

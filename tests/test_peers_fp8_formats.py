@@ -491,6 +491,7 @@ def test_flashinfer_fp8_query_without_flashinfer_is_an_import_error(monkeypatch)
     from benchmarks.peers.fp8_query_chain import FlashInferUnavailable, flashinfer_fp8_query
 
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # import flashinfer fails
+    monkeypatch.delenv("FLASHINFER_ROPE_LIB", raising=False)  # and no library built
     monkeypatch.setitem(sys.modules, "flashinfer.rope", None)
     q_nope, q, positions, table, storage = query_inputs("cpu")
     with pytest.raises(FlashInferUnavailable, match="flashinfer") as raised:

@@ -33,6 +33,8 @@ prepared) and its table float32.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .engine_steps import compiled, rotary_gptj_split_cache
@@ -140,13 +142,21 @@ def triton_rope_fp8_query_chain(q_nope: torch.Tensor, q_pe: torch.Tensor,
 
 
 def _mla_rope_quantize_fp8():
-    """FlashInfer's ``mla_rope_quantize_fp8``, or ``FlashInferUnavailable``."""
+    """FlashInfer's ``mla_rope_quantize_fp8``: the package's, else the rope library of
+    ``$FLASHINFER_ROPE_LIB`` (``flashinfer_rope.mla_rope_quantize_fp8``), else
+    ``FlashInferUnavailable``."""
+    from .flashinfer_rope import LIB_ENV
+
     try:
         from flashinfer.rope import mla_rope_quantize_fp8
     except ImportError as error:  # flashinfer absent, or one of the libraries it imports
+        if os.environ.get(LIB_ENV):
+            from .flashinfer_rope import mla_rope_quantize_fp8
+            return mla_rope_quantize_fp8
         raise FlashInferUnavailable(
             f"FlashInfer's mla_rope_quantize_fp8 is unavailable ({error}): install "
-            f"flashinfer-python on a CUDA machine to time this peer") from error
+            f"flashinfer-python on a CUDA machine, or set {LIB_ENV} to the library "
+            f"scripts/build_flashinfer_rope.sh builds, to time this peer") from error
     return mla_rope_quantize_fp8
 
 

@@ -1,8 +1,11 @@
 """The branches of the definition, each a macro of stages named after what they do (the table
 in ``definition.py``): q rope, k rope, norm, error count. Every branch locates its tokens
-itself (``locate.py``); loads and stores are stages of their own, guarded, so that a
-schedule can stage rows through registers with wide accesses and untouched rows are never
-accessed. ``row(t)`` is cache row ``k_cache[slot[t] // page_size, slot[t] % page_size]``.
+itself (``locate.py``); loads and stores are stages of their own, so that a schedule can
+stage rows through registers with wide accesses. Cache rows are accessed only where the
+token has one (guarded); the rows of q and ``kv_input`` are loaded for every token ``t < n``
+unguarded (both tensors have ``n`` rows), so that they are in flight while the token is
+located instead of waiting for it (a load round less per decode call). ``row(t)`` is cache
+row ``k_cache[slot[t] // page_size, slot[t] % page_size]``.
 """
 
 from __future__ import annotations
@@ -48,10 +51,7 @@ def q_branch(layout: Layout):
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_load"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
-                if index.readable(vt, q_pos):
-                    q_in[vt, vh, vj, vp] = q_pairs[vt, vh, vj, vp]
-                else:
-                    q_in[vt, vh, vj, vp] = T.Cast(dtype, 0)
+                q_in[vt, vh, vj, vp] = q_pairs[vt, vh, vj, vp]
         for t, h, j, p in T.grid(n, H, R2, TWO):
             with T.sblock("q_rope"):
                 vt, vh, vj, vp = T.axis.remap("SSSS", [t, h, j, p])
@@ -182,10 +182,7 @@ def k_branch(layout: Layout):
             with T.sblock("k_load"):
                 vt, vj, vp = T.axis.remap("SSS", [t, j, p])
                 if layout.write_through:
-                    if index.readable(vt, k_pos):
-                        k_in[vt, vj, vp] = k_source[vt, vj, vp]
-                    else:
-                        k_in[vt, vj, vp] = T.Cast(dtype, 0)
+                    k_in[vt, vj, vp] = k_source[vt, vj, vp]
                 else:
                     if index.in_cache(k_slot[vt]):
                         k_in[vt, vj, vp] = k_source[k_slot[vt] // PS, k_slot[vt] % PS, vj, vp]
@@ -246,10 +243,7 @@ def norm_branch(layout: Layout):
             with T.sblock("norm_load"):
                 vt, vc = T.axis.remap("SS", [t, c])
                 if layout.write_through:
-                    if index.readable(vt, norm_pos):
-                        norm_in[vt, vc] = norm_source[vt, vc]
-                    else:
-                        norm_in[vt, vc] = T.Cast(dtype, 0)
+                    norm_in[vt, vc] = norm_source[vt, vc]
                 else:
                     if index.in_cache(norm_slot[vt]):
                         norm_in[vt, vc] = norm_source[norm_slot[vt] // PS, norm_slot[vt] % PS,

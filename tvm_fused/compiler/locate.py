@@ -36,15 +36,6 @@ class Index:
     max_seq_len: tvm.tirx.PrimExpr
     end: tvm.tirx.PrimExpr
 
-    def readable(self, vt, pos: tvm.tirx.Buffer) -> tvm.tirx.PrimExpr:
-        """Whether token ``vt``'s rows of q and ``kv_input`` may be read: it is real. Located
-        by slots, that is ``vt < len(positions)``, known before any index is loaded, so the
-        row loads need not wait for the locate's; by offsets, it has a position (``pos[vt]
-        >= 0``; the offsets it takes are loaded anyway)."""
-        if self.positions is not None:
-            return vt < self.positions.shape[0]
-        return pos[vt] >= 0
-
     def in_cache(self, slot) -> tvm.tirx.PrimExpr:
         """The token has a cache row (its slot is a row of a physical page)."""
         return tvm.tirx.all(T.int64(0) <= slot, slot < self.end)
