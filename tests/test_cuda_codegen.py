@@ -1,5 +1,6 @@
 """CUDA code generation without a GPU: one kernel in four block groups, built by nvcc."""
 
+import itertools
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from tvm.script import tirx as T
 from tvm_fused import Form, build, cuda_source, schedules
 from tvm_fused.compiler import cuda, vector_stores
 from tvm_fused.compiler.block_groups import GROUP_ORDER
+from tvm_fused.compiler.branches import nope_staged
 from tvm_fused.compiler.build import cuda_target, kernel_source
 from tvm_fused.compiler.definition import fused_rope_rmsnorm_func
 from tvm_fused.compiler.pipeline import lower
@@ -143,6 +145,42 @@ def test_request_guess_loads_leave_together(source):
     for locate in locates:
         assert locate.count("__ldg((&(offsets_ptr[") == 2, locate
         assert locate.count("__ldg((&(cache_lengths_ptr[") == 1, locate
+
+
+def _group_sources(kernel: str) -> list[str]:
+    """The kernel's source cut at each block group's first test."""
+    starts = [match.start() for match in BLOCK_GROUP.finditer(kernel)] + [len(kernel)]
+    return [kernel[a:b] for a, b in itertools.pairwise(starts)]
+
+
+ROW_LOADS = re.compile(r"\*\(\w+\*\)\((?:q_pairs|q_nope_words|q_nope|input_rows|input_pairs)_ptr "
+                       r"\+|\b(?:q_pairs|q_nope|input_rows|input_pairs)_ptr\[")
+INDEX_LOADS = re.compile(r"\b(?:offsets|cache_lengths|lookup_table|positions|slot_mapping)_ptr\[")
+
+
+def test_rows_load_before_the_token_is_located(source):
+    """Every group that reads rows of q, ``q_nope`` (staged in registers) or ``kv_input``
+    issues their loads before its first index load (they need no index: the tensors have
+    ``n`` rows), so that they are in flight while the token is located; with PDL's early
+    index reads, the index loads come first (before the wait). A one-element scale is read
+    once per group, into a register, before any reduction's shuffle."""
+    name, src = source
+    op = CONFIGS[name]
+    kernel = src[src.rindex('extern "C" __global__'):]
+    checked = 0
+    for group in _group_sources(kernel):
+        if "nope_state" in group and not nope_staged(op):
+            continue  # the plain copy of q_nope reads it in its guarded store
+        row, index = ROW_LOADS.search(group), INDEX_LOADS.search(group)
+        if row is not None and index is not None:
+            checked += 1
+            assert (row.start() > index.start()) == op.pdl_early_indices, group[:3000]
+        for scale in ("k_scale_ptr[0]", "q_scale_ptr[0]"):
+            assert group.count(scale) <= 1, scale
+            if scale in group and "__shfl" in group:
+                assert group.index(scale) < group.index("__shfl"), scale
+    # the q group (with a rope part), and the norm group's kv_input
+    assert checked >= (op.rope_dim > 0) + op.write_through
 
 
 def test_fp8_caches_divide_exactly_and_store_half_width(source):
