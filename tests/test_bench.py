@@ -14,6 +14,7 @@ from benchmarks.suite import (
     DECODE_MAX,
     DECODE_TOKENS,
     ENGINE_CHAIN,
+    FLASHINFER,
     FP8_K_SCALE,
     PEER_OPTIONS,
     PREFILL_TOKENS,
@@ -81,7 +82,7 @@ def test_bytes_per_op_follow_the_form():
 
 NAMES = ("tvm-fused default", COPY_THEN_IN_PLACE, "triton fused", "torch.compile",
          "torch eager")
-ALL_NAMES = (*NAMES, "liger", ENGINE_CHAIN)
+ALL_NAMES = (*NAMES, "liger", ENGINE_CHAIN, FLASHINFER)
 
 
 @pytest.mark.parametrize("write_through, cache_dtype, kv_output, copy", [
@@ -124,13 +125,19 @@ FORMAT_FORMS = {"ds_mla": ("fp8_ds_mla", None, False),
 
 
 @pytest.mark.parametrize("form_args", FORMAT_FORMS.values(), ids=FORMAT_FORMS)
-def test_format_forms_have_tvm_fused_and_vllms_chain(form_args):
+def test_format_forms_have_tvm_fused_and_vllms_chain(form_args, monkeypatch):
     """DeepSeek-V3.2's row and the fp8 attention query: tvm-fused and vLLM's chain, no fused
-    peer (they write neither)."""
+    peer (they write neither); FlashInfer's launch only for the fp8 query into a per-tensor
+    fp8 cache, and only with its library built (``$FLASHINFER_ROPE_LIB``)."""
     pytest.importorskip("triton", reason="vLLM's chain in Triton: pip install -e '.[bench]'")
     form = _format_form(*form_args)
     assert form_name(form) == ("fp8-query" if form.q_nope else "write-through")
+    monkeypatch.delenv("FLASHINFER_ROPE_LIB", raising=False)
     assert list(providers(form, 8, ALL_NAMES)) == ["tvm-fused default", ENGINE_CHAIN]
+    monkeypatch.setenv("FLASHINFER_ROPE_LIB", "/nonexistent/flashinfer_rope.so")
+    flashinfer = form.q_nope and form.cache_dtype == "float8_e4m3fn"
+    assert list(providers(form, 8, ALL_NAMES)) == ["tvm-fused default", ENGINE_CHAIN,
+                                                   *[FLASHINFER] * flashinfer]
 
 
 @pytest.mark.parametrize("tokens", [3, 600])
