@@ -18,7 +18,12 @@ and builds into a kernel cache folder of its own:
   after its locate (1) or its page table (2). What was computed is kept alive by a store
   that never happens.
 
-``base``, ``lazy`` and ``cfg:`` variants are checked against the float64 reference first.
+- ``bounds:B``: ``__launch_bounds__`` asks for at least ``B`` blocks an SM, so that nvcc
+  caps the registers a thread (16 blocks of 128 threads: 32 registers); the kernel is one
+  for every group, so the group that needs the most sets everyone's occupancy.
+
+``base``, ``lazy``, ``cfg:`` and ``bounds:`` variants are checked against the float64
+reference first.
 Up to 256 tokens: GPU µs per call of 50 calls back to back in one CUDA graph (median of 3);
 past: cold-L2 µs and the share of the copy bandwidth. Forms: ``ip`` (in place), ``wt``
 (write-through), ``fp8`` (write-through into an fp8 e4m3 cache); GPU only.
@@ -115,6 +120,9 @@ def rewrite(variant: str, code: str) -> str:
         return only(code, {variant.removeprefix("only-")})
     if variant == "none":
         return only(code, set())
+    if variant.startswith("bounds:"):  # at least that many blocks an SM: nvcc caps registers
+        return re.sub(r"__launch_bounds__\((\d+)\)",
+                      rf"__launch_bounds__(\1, {int(variant[7:])})", code)
     return code
 
 
@@ -192,7 +200,7 @@ def measure(variant: str, form: Form, base, tokens: int, copy: float) -> str:
     try:
         run = tvm_provider(form, schedule_of(variant, form, tokens))
         call = new_call(base.clone(), form, engine_addressing(base))
-        if variant in ("base", "lazy") or variant.startswith("cfg:"):
+        if variant in ("base", "lazy") or variant.startswith(("cfg:", "bounds:")):
             check_provider(variant, run, base, form)
         else:
             run(call)

@@ -45,16 +45,23 @@ def test_variants_stop_the_groups_they_name(source):
         assert cut.count("errors_ptr[0] = 1; } return;") == 1
 
 
-@pytest.mark.parametrize("variant", ["lazy", "cut:norm:3", "cut:q:1"])
+@pytest.mark.parametrize("variant", ["lazy", "cut:norm:3", "cut:q:1", "bounds:16"])
 def test_variants_compile(source, variant, tmp_path):
+    """Each variant compiles; ``bounds:16`` to at most 32 registers a thread (16 blocks of
+    128 threads an SM), without spilling."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
     path = tmp_path / "k.cu"
     path.write_text(phases.rewrite(variant, source))
-    result = subprocess.run([nvcc, "-cubin", "-arch=sm_90a", "-o", str(tmp_path / "k.cubin"),
-                             str(path)], capture_output=True, text=True, check=False)
+    result = subprocess.run([nvcc, "-cubin", "-arch=sm_90a", "-Xptxas", "-v", "-o",
+                             str(tmp_path / "k.cubin"), str(path)],
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+    if variant == "bounds:16":
+        assert "__launch_bounds__(128, 16)" in path.read_text()
+        assert int(re.findall(r"Used (\d+) registers", result.stderr)[-1]) <= 32
+        assert "0 bytes spill stores" in result.stderr
 
 
 def test_knob_variants_name_a_schedule():
