@@ -118,9 +118,9 @@ def schedule_rope_branch(
     if len(computed) > 1:  # fp8: the scale the quantization divides by, first
         scale_early(sch, computed[0], "q_scale" if prefix == "q" else "k_scale", per_token,
                     index=0)
-    # each stage goes right before its first consumer, so a load that needs no index value
-    # (slots addressing: t < len(positions) is known) is issued before the locate; with the
-    # index reads before PDL's wait, the locate comes first
+    # each stage goes right before its first consumer, so the row's load, which needs no
+    # index value, is issued before the locate; with the index reads before PDL's wait, the
+    # locate comes first
     sch.compute_at(locate, per_token, index=0 if op.pdl_early_indices else -1)
     if config.unroll:
         for stage in computed:
