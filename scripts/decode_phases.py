@@ -7,7 +7,7 @@ and builds into a kernel cache folder of its own:
 
 - ``base``: this checkout; ``cfg:KNOB=V+KNOB=V``: the default schedule with those knobs;
 - ``lazy``: the locate's ``__ldg`` loads as plain loads (as before the eager loads);
-- ``only-GROUP`` (``norm``, ``k``, ``q``, ``count``): every other block group returns at
+- ``only-GROUP`` (``norm``, ``k``, ``q``, ``nope``, ``count``): every other block group returns at
   once (its blocks still launch); ``none``: every group returns (an empty launch of the
   same grid);
 - ``triton-empty``: the Triton peer's launch (its grid of 16 heads a program, one token, as
@@ -26,7 +26,9 @@ and builds into a kernel cache folder of its own:
 reference first.
 Up to 256 tokens: GPU µs per call of 50 calls back to back in one CUDA graph (median of 3);
 past: cold-L2 µs and the share of the copy bandwidth. Forms: ``ip`` (in place), ``wt``
-(write-through), ``fp8`` (write-through into an fp8 e4m3 cache); GPU only.
+(write-through), ``fp8`` (write-through into an fp8 e4m3 cache), ``ds`` (into an fp8_ds_mla
+cache), ``fq`` and ``fqds`` (the whole fp8 attention query with an fp8 or fp8_ds_mla
+cache; these three without the Triton peer, which writes neither); GPU only.
 
 usage: PYTHONPATH=. python scripts/decode_phases.py VARIANTS TOKENS HEADS FORMS
   e.g. base,lazy,only-norm,cut:norm:1,none 1,16 128 ip
@@ -59,8 +61,15 @@ from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.timing import bytes_moved, time_cuda, time_graph
 
 GROUP_TEST = re.compile(r"if \(\(\(int64_t\)blockIdx\.x\) < (?![ms]\))[^\n]*\{\n")
+FP8_QUERY = {"out_dtype": "float8_e4m3fn", "q_nope": True}
 FORMS = {"ip": Form(num_q_heads=128), "wt": Form(num_q_heads=128, write_through=True),
-         "fp8": Form(num_q_heads=128, write_through=True, cache_dtype="float8_e4m3fn")}
+         "fp8": Form(num_q_heads=128, write_through=True, cache_dtype="float8_e4m3fn"),
+         "ds": Form(num_q_heads=128, write_through=True, cache_format="fp8_ds_mla"),
+         "fq": Form(num_q_heads=128, write_through=True, cache_dtype="float8_e4m3fn",
+                    **FP8_QUERY),
+         "fqds": Form(num_q_heads=128, write_through=True, cache_format="fp8_ds_mla",
+                      **FP8_QUERY)}
+TRITON_FORMS = {"ip", "wt", "fp8"}  # those the Triton peer writes
 KEEP = "if ({value} == {magic}) {{ errors_ptr[0] = 1; }} return;\n"
 NORM_CUTS = ((r"bool positioned = ", "p", "(int64_t)-12345"),
              (r"norm_slot_local_ptr\[0\] = row", "row", "(int64_t)-12345"),
@@ -74,7 +83,8 @@ def _group_names(code: str, tests: list) -> list[str]:
     for i, test in enumerate(tests):
         body = code[test.end():test.end() + 3000]
         names.append("q" if "q_pos_local" in body else "count" if "count_state" in body
-                     else "norm" if "norm_" in body else "k")
+                     else "nope" if "nope_state" in body else "norm" if "norm_" in body
+                     else "k")
     return names
 
 
@@ -220,11 +230,13 @@ def main(argv: list[str]) -> None:
             form = dataclasses.replace(FORMS[name], num_q_heads=heads)
             for tokens in (int(t) for t in argv[1].split(",")):
                 base = sweep_inputs(form, tokens)
-                peer = triton_provider(form)
-                check_provider("triton", peer, base, form)
-                row = {"triton": timed(peer, new_call(base.clone(), form,
-                                                      engine_addressing(base)),
-                                       form, tokens, copy)}
+                row = {}
+                if name in TRITON_FORMS:
+                    peer = triton_provider(form)
+                    check_provider("triton", peer, base, form)
+                    row["triton"] = timed(peer, new_call(base.clone(), form,
+                                                         engine_addressing(base)),
+                                          form, tokens, copy)
                 row |= {v: measure(v, form, base, tokens, copy) for v in variants}
                 print(f"{name} {heads}h {tokens:5d} tok: "
                       + " | ".join(f"{k} {v}" for k, v in row.items()), flush=True)

@@ -64,6 +64,18 @@ def test_variants_compile(source, variant, tmp_path):
         assert "0 bytes spill stores" in result.stderr
 
 
+def test_the_fp8_query_forms_name_their_nope_group():
+    """The fp8 query's forms (``fq``, ``fqds``) have a nope group of their own, which
+    ``only-nope`` keeps alone; the Triton peer is timed only beside the forms it writes."""
+    form = phases.FORMS["fq"]
+    code = cuda_source(form, schedule=default_for_tokens(64, form))
+    assert sorted(phases._group_names(code, list(phases.GROUP_TEST.finditer(code)))) == [
+        "count", "k", "nope", "norm", "q"]
+    assert _groups_returning(phases.rewrite("only-nope", code)) and \
+        "nope" not in _groups_returning(phases.rewrite("only-nope", code))
+    assert phases.TRITON_FORMS == {"ip", "wt", "fp8"} < set(phases.FORMS)
+
+
 def test_knob_variants_name_a_schedule():
     config = phases.schedule_of("cfg:norm_first=1+grid_blocks=264", FORM, 32768)
     assert config.norm_first is True and config.grid_blocks == 264
