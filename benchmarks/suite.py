@@ -34,7 +34,7 @@ from tvm_fused.progress import Progress
 from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.testing.compare import CheckReport, check_run, query_buffer, whole_storage
 from tvm_fused.testing.inputs import OpInputs, inputs_for, split_table
-from tvm_fused.timing import bytes_moved, time_cuda, time_graph
+from tvm_fused.timing import STEADY_CALLS, bytes_moved, time_cuda, time_graph
 from tvm_fused.tuning import decisions
 from tvm_fused.tuning.buckets import bucket_case, nearest_bucket
 
@@ -52,7 +52,6 @@ DECODE_MAX = 256
 CHECK_MAX_TOKENS = 4096  # the float64 reference runs on the CPU: larger checks take minutes
 PREFIX_POOL_PAGES = 64  # decode contexts share cached pages: 256 long requests fit in memory
 COPY_BYTES = 1 << 30
-STEADY_CALLS = 50  # calls per graph of the steady-state figure: a decode step's layers
 FP8_K_SCALE = 0.5  # k_scale of fp8 caches (its value does not change the time)
 Q_SCALE = 0.5  # q_scale of the fp8 attention query
 

@@ -46,12 +46,11 @@ def schedule_rope_branch(
         sch.get_sblock(f"{prefix}_{stage}")
         for stage in ("locate", "freqs", "load", "rope", "store")
     )
-    # the k branch of an fp8 cache quantizes the roped values in registers before the store
-    computed = [rope]
-    if prefix == "k" and op.cache_dtype is not None:
-        computed.insert(0, sch.get_sblock("k_quant"))
-    if prefix == "q" and op.out_dtype is not None:  # an fp8 query, quantized the same way
-        computed.insert(0, sch.get_sblock("q_quant"))
+    # the k branch of an fp8 cache quantizes the roped values in registers before the store,
+    # by k_scale; an fp8 query the same way, by q_scale
+    quantized = op.cache_dtype if prefix == "k" else op.out_dtype
+    quant = sch.get_sblock(f"{prefix}_quant") if quantized is not None else None
+    computed = [rope] if quant is None else [quant, rope]
     vector, elems, lanes = config.rope_lanes(op, prefix)
     threads = config.block_threads
     heads = op.num_q_heads if prefix == "q" else 1
@@ -115,9 +114,8 @@ def schedule_rope_branch(
         sch.compute_at(stage, item)
     sch.compute_at(load, per_token)
     sch.compute_at(freqs, per_token)
-    if len(computed) > 1:  # fp8: the scale the quantization divides by, first
-        scale_early(sch, computed[0], "q_scale" if prefix == "q" else "k_scale", per_token,
-                    index=0)
+    if quant is not None:  # the scale the quantization divides by, first
+        scale_early(sch, quant, f"{prefix}_scale", per_token, index=0)
     # each stage goes right before its first consumer, so the row's load, which needs no
     # index value, is issued before the locate; with the index reads before PDL's wait, the
     # locate comes first

@@ -7,17 +7,16 @@ and builds into a kernel cache folder of its own:
 
 - ``base``: this checkout; ``cfg:KNOB=V+KNOB=V``: the default schedule with those knobs;
 - ``lazy``: the locate's ``__ldg`` loads as plain loads (as before the eager loads);
-- ``only-GROUP`` (``norm``, ``k``, ``q``, ``nope``, ``count``): every other block group returns at
-  once (its blocks still launch); ``none``: every group returns (an empty launch of the
-  same grid);
+- ``only-GROUP`` (``norm``, ``k``, ``q``, ``nope``, ``count``): every other block group
+  returns at once (its blocks still launch); ``none``: every group returns (an empty launch
+  of the same grid);
 - ``triton-empty``: the Triton peer's launch (its grid of 16 heads a program, one token, as
   it tunes itself at 1-64 tokens, and its arguments) of a kernel that returns at once: the
   peer's empty launch, to set beside ``none``;
 - ``cut:norm:P``: only the norm group, stopped after the locate's loads (P=1), the page
   table's (2), or the row's load and reduction (3); ``cut:q:P``: only the q group, stopped
   after its locate (1) or its page table (2). What was computed is kept alive by a store
-  that never happens.
-
+  that never happens;
 - ``bounds:B``: ``__launch_bounds__`` asks for at least ``B`` blocks an SM, so that nvcc
   caps the registers a thread (16 blocks of 128 threads: 32 registers); the kernel is one
   for every group, so the group that needs the most sets everyone's occupancy.
@@ -47,6 +46,7 @@ import torch
 
 import tvm_fused.compiler.cuda as cuda
 from benchmarks.suite import (
+    DECODE_MAX,
     check_provider,
     copy_bandwidth,
     engine_addressing,
@@ -58,7 +58,7 @@ from benchmarks.suite import (
 from tvm_fused import dispatch
 from tvm_fused.form import Form
 from tvm_fused.schedules.config import default_for_tokens
-from tvm_fused.timing import bytes_moved, time_cuda, time_graph
+from tvm_fused.timing import STEADY_CALLS, bytes_moved, time_cuda, time_graph
 
 GROUP_TEST = re.compile(r"if \(\(\(int64_t\)blockIdx\.x\) < (?![ms]\))[^\n]*\{\n")
 FP8_QUERY = {"out_dtype": "float8_e4m3fn", "q_nope": True}
@@ -80,7 +80,7 @@ ORIGINAL = cuda.kernel_source
 def _group_names(code: str, tests: list) -> list[str]:
     """The block groups in grid order, named by the first local buffers of each."""
     names = []
-    for i, test in enumerate(tests):
+    for test in tests:
         body = code[test.end():test.end() + 3000]
         names.append("q" if "q_pos_local" in body else "count" if "count_state" in body
                      else "nope" if "nope_state" in body else "norm" if "norm_" in body
@@ -149,9 +149,10 @@ def schedule_of(variant: str, form: Form, tokens: int):
 def timed(provider, call, form: Form, tokens: int, copy: float) -> str:
     """Graph µs per call up to 256 tokens; cold µs and the share of the copy bandwidth
     past."""
-    if tokens <= 256:
+    if tokens <= DECODE_MAX:
         return "{:.2f}".format(statistics.median(
-            time_graph(lambda: provider(call), reps=30, calls=50).median_us / 50
+            time_graph(lambda: provider(call), reps=30, calls=STEADY_CALLS).median_us
+            / STEADY_CALLS
             for _ in range(3)))
     us = time_cuda(lambda: provider(call), reps=20).median_us
     return f"{us:.1f} ({bytes_moved(form, tokens) / us / 1e6 / copy:.1%})"

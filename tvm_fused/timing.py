@@ -10,6 +10,7 @@ import torch
 from .form import ITEMSIZE, Form
 
 FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MiB)
+STEADY_CALLS = 50  # calls per graph of a decode step's steady state (a model's layers)
 
 
 @dataclasses.dataclass

@@ -227,7 +227,6 @@ def norm_branch(layout: Layout):
     def branch(n, norm_source, cache_rows, output_rows, gamma, epsilon, k_scale, index):
         # the cache's row view and (fp8_ds_mla) its tile scales' view
         k_rows, k_scales = T.meta_var(cache_rows)
-        norm_pos = T.sblock_alloc_buffer((n,), "int64")
         norm_slot = T.sblock_alloc_buffer((n,), "int64")
         norm_in = T.sblock_alloc_buffer((n, D), dtype)
         sumsq = T.sblock_alloc_buffer((n,), "float32")
@@ -238,7 +237,7 @@ def norm_branch(layout: Layout):
         if layout.ds_mla:
             norm_quantized = T.sblock_alloc_buffer((n, D), DS_MLA_FP8)
             tile_scales = T.sblock_alloc_buffer((n, layout.TILES), "float32")
-        locate_stage(layout)("norm_locate", n, index, norm_pos, norm_slot, None)
+        locate_stage(layout)("norm_locate", n, index, None, norm_slot, None)
         for t, c in T.grid(n, D):
             with T.sblock("norm_load"):
                 vt, vc = T.axis.remap("SS", [t, c])

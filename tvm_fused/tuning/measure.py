@@ -21,12 +21,11 @@ import tvm
 from ..compiler.build import build
 from ..compiler.definition import OP_NAME
 from ..form import Form, dtype_name
-from ..timing import time_cuda, time_graph
+from ..timing import STEADY_CALLS, time_cuda, time_graph
 from .buckets import DECODE_MAX
 from .workload import bucket_tensors
 
 _CUDA = 2  # DLPack device type
-STEADY_CALLS = 50  # calls per graph of a decode bucket's time (the suite's steady state)
 TIMING = {"cuda": f"decode buckets: GPU time per call of {STEADY_CALLS} calls back to back in "
                   "one CUDA graph; prefill buckets: median of CUDA-event runs on a cold L2",
           "rpc": "TVM time evaluator"}  # what metadata.json says of a folder's times
