@@ -19,9 +19,12 @@ and builds into a kernel cache folder of its own:
   that never happens;
 - ``bounds:B``: ``__launch_bounds__`` asks for at least ``B`` blocks an SM, so that nvcc
   caps the registers a thread (16 blocks of 128 threads: 32 registers); the kernel is one
-  for every group, so the group that needs the most sets everyone's occupancy.
+  for every group, so the group that needs the most sets everyone's occupancy;
+- ``narrow``: every 64-bit integer of the kernel's body in 32 bits (the 64-bit arguments
+  narrowed once on entry): what 64-bit index arithmetic costs a decode call, for sizes
+  whose offsets all fit in 31 bits.
 
-``base``, ``lazy``, ``cfg:`` and ``bounds:`` variants are checked against the float64
+``base``, ``lazy``, ``cfg:``, ``bounds:`` and ``narrow`` variants are checked against the float64
 reference first.
 Up to 256 tokens: GPU µs per call of 50 calls back to back in one CUDA graph (median of 3);
 past: cold-L2 µs and the share of the copy bandwidth. Forms: ``ip`` (in place), ``wt``
@@ -119,6 +122,19 @@ def cut(code: str, group: str, point: int) -> str:
                   KEEP.format(value="q_state_local_ptr[0]", magic="7"), start)
 
 
+def narrow(code: str) -> str:
+    """``code`` with the kernel's body in 32-bit integers: each ``int64_t NAME`` argument
+    renamed ``NAME_wide`` and narrowed into ``int NAME`` on entry (the launch still passes
+    64-bit values), every other ``int64_t`` an ``int``."""
+    definition = re.search(r"__global__[^;{]*\) \{\n", code)
+    start, end = definition.start(), definition.end() - len(") {\n")
+    head, brace, body = code[:end], ") {\n", code[definition.end():]
+    wide = re.findall(r"int64_t (\w+)", head[start:])
+    signature = re.sub(r"int64_t (\w+)", r"int64_t \1_wide", head[start:])
+    entry = "".join(f"  int {name} = (int){name}_wide;\n" for name in wide)
+    return head[:start] + signature + brace + entry + body.replace("int64_t", "int")
+
+
 def rewrite(variant: str, code: str) -> str:
     """The CUDA source of ``variant``."""
     if variant.startswith("cut:"):
@@ -130,6 +146,8 @@ def rewrite(variant: str, code: str) -> str:
         return only(code, {variant.removeprefix("only-")})
     if variant == "none":
         return only(code, set())
+    if variant == "narrow":
+        return narrow(code)
     if variant.startswith("bounds:"):  # at least that many blocks an SM: nvcc caps registers
         return re.sub(r"__launch_bounds__\((\d+)\)",
                       rf"__launch_bounds__(\1, {int(variant[7:])})", code)
@@ -211,7 +229,7 @@ def measure(variant: str, form: Form, base, tokens: int, copy: float) -> str:
     try:
         run = tvm_provider(form, schedule_of(variant, form, tokens))
         call = new_call(base.clone(), form, engine_addressing(base))
-        if variant in ("base", "lazy") or variant.startswith(("cfg:", "bounds:")):
+        if variant in ("base", "lazy", "narrow") or variant.startswith(("cfg:", "bounds:")):
             check_provider(variant, run, base, form)
         else:
             run(call)
