@@ -127,12 +127,12 @@ def narrow(code: str) -> str:
     renamed ``NAME_wide`` and narrowed into ``int NAME`` on entry (the launch still passes
     64-bit values), every other ``int64_t`` an ``int``."""
     definition = re.search(r"__global__[^;{]*\) \{\n", code)
-    start, end = definition.start(), definition.end() - len(") {\n")
-    head, brace, body = code[:end], ") {\n", code[definition.end():]
-    wide = re.findall(r"int64_t (\w+)", head[start:])
-    signature = re.sub(r"int64_t (\w+)", r"int64_t \1_wide", head[start:])
-    entry = "".join(f"  int {name} = (int){name}_wide;\n" for name in wide)
-    return head[:start] + signature + brace + entry + body.replace("int64_t", "int")
+    start, end = definition.span()
+    signature = code[start:end]
+    entry = "".join(f"  int {name} = (int){name}_wide;\n"
+                    for name in re.findall(r"int64_t (\w+)", signature))
+    return (code[:start] + re.sub(r"int64_t (\w+)", r"int64_t \1_wide", signature) + entry
+            + code[end:].replace("int64_t", "int"))
 
 
 def rewrite(variant: str, code: str) -> str:

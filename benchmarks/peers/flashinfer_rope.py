@@ -102,12 +102,12 @@ class FlashInferMLAppend:
         device = q_rope.device
         self.kv_input, self.gamma, self.epsilon = kv_input[:num_tokens], gamma, epsilon
         self.q_rope = q_rope[:num_tokens]
-        self.quant_scale_q = 1.0
         if query is not None:  # the whole fp8 attention query, into its column slices
             self.q_nope, self.q_nope_out = query.q_nope[:num_tokens], query.q_nope_out
             self.q_out, self.quant_scale_q = query.q_rope_out, 1.0 / query.q_scale
             self.q_nope_bytes = 0  # the op's bytes count them
         else:
+            self.quant_scale_q = 1.0
             self.q_out = torch.empty(n, heads, rope_dim, dtype=k_cache.dtype, device=device)
             rows = n * heads if real_q_nope else 1
             self.q_nope = torch.randn(rows, norm_dim, dtype=q_rope.dtype, device=device
