@@ -20,11 +20,10 @@ and builds into a kernel cache folder of its own:
 - ``bounds:B``: ``__launch_bounds__`` asks for at least ``B`` blocks an SM, so that nvcc
   caps the registers a thread (16 blocks of 128 threads: 32 registers); the kernel is one
   for every group, so the group that needs the most sets everyone's occupancy;
-- ``narrow``: every 64-bit integer of the kernel's body in 32 bits (the 64-bit arguments
-  narrowed once on entry): what 64-bit index arithmetic costs a decode call, for sizes
-  whose offsets all fit in 31 bits.
+- ``wide``: the kernel of 64-bit index arithmetic (``Form(index_bits=64)``, what a call
+  with a tensor of 2^31 elements or more runs) instead of the 32-bit one.
 
-``base``, ``lazy``, ``cfg:``, ``bounds:`` and ``narrow`` variants are checked against the float64
+``base``, ``lazy``, ``cfg:``, ``bounds:`` and ``wide`` variants are checked against the float64
 reference first.
 Up to 256 tokens: GPU µs per call of 50 calls back to back in one CUDA graph (median of 3);
 past: cold-L2 µs and the share of the copy bandwidth. Forms: ``ip`` (in place), ``wt``
@@ -47,6 +46,7 @@ import tempfile
 
 import torch
 
+import tvm_fused.api as api
 import tvm_fused.compiler.cuda as cuda
 from benchmarks.suite import (
     DECODE_MAX,
@@ -59,11 +59,14 @@ from benchmarks.suite import (
     tvm_provider,
 )
 from tvm_fused import dispatch
-from tvm_fused.form import Form
+from tvm_fused.form import INDEX_LIMIT, Form
 from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.timing import STEADY_CALLS, bytes_moved, time_cuda, time_graph
 
-GROUP_TEST = re.compile(r"if \(\(\(int64_t\)blockIdx\.x\) < (?![ms]\))[^\n]*\{\n")
+# a block group's test: its body opens with its block index (a test inside a group does not),
+# or with the ``return;`` a variant puts there
+GROUP_TEST = re.compile(
+    r"if \(\(\(int\)blockIdx\.x\) < [^\n]*\{\n(?=(?:return;\n)? *int blockIdx_x)")
 FP8_QUERY = {"out_dtype": "float8_e4m3fn", "q_nope": True}
 FORMS = {"ip": Form(num_q_heads=128), "wt": Form(num_q_heads=128, write_through=True),
          "fp8": Form(num_q_heads=128, write_through=True, cache_dtype="float8_e4m3fn"),
@@ -75,8 +78,8 @@ FORMS = {"ip": Form(num_q_heads=128), "wt": Form(num_q_heads=128, write_through=
 TRITON_FORMS = {"ip", "wt", "fp8"}  # those the Triton peer writes
 KEEP = "if ({value} == {magic}) {{ errors_ptr[0] = 1; }} return;\n"
 NORM_CUTS = ((r"bool positioned = ", "p", "(int64_t)-12345"),
-             (r"norm_slot_local_ptr\[0\] = row", "row", "(int64_t)-12345"),
-             (r"red_buf0_ptr\[\(int64_t\)0\] = __shfl_sync", "red_buf0_ptr[0]", "-12345.0f"))
+             (r"norm_slot_local_ptr\[0\] = ", "norm_slot_local_ptr[0]", "-12345"),
+             (r"red_buf0_ptr\[0\] = __shfl_sync", "red_buf0_ptr[0]", "-12345.0f"))
 ORIGINAL = cuda.kernel_source
 
 
@@ -122,19 +125,6 @@ def cut(code: str, group: str, point: int) -> str:
                   KEEP.format(value="q_state_local_ptr[0]", magic="7"), start)
 
 
-def narrow(code: str) -> str:
-    """``code`` with the kernel's body in 32-bit integers: each ``int64_t NAME`` argument
-    renamed ``NAME_wide`` and narrowed into ``int NAME`` on entry (the launch still passes
-    64-bit values), every other ``int64_t`` an ``int``."""
-    definition = re.search(r"__global__[^;{]*\) \{\n", code)
-    start, end = definition.span()
-    signature = code[start:end]
-    entry = "".join(f"  int {name} = (int){name}_wide;\n"
-                    for name in re.findall(r"int64_t (\w+)", signature))
-    return (code[:start] + re.sub(r"int64_t (\w+)", r"int64_t \1_wide", signature) + entry
-            + code[end:].replace("int64_t", "int"))
-
-
 def rewrite(variant: str, code: str) -> str:
     """The CUDA source of ``variant``."""
     if variant.startswith("cut:"):
@@ -146,8 +136,6 @@ def rewrite(variant: str, code: str) -> str:
         return only(code, {variant.removeprefix("only-")})
     if variant == "none":
         return only(code, set())
-    if variant == "narrow":
-        return narrow(code)
     if variant.startswith("bounds:"):  # at least that many blocks an SM: nvcc caps registers
         return re.sub(r"__launch_bounds__\((\d+)\)",
                       rf"__launch_bounds__(\1, {int(variant[7:])})", code)
@@ -226,16 +214,17 @@ def measure(variant: str, form: Form, base, tokens: int, copy: float) -> str:
     os.environ["TVM_FUSED_CACHE_DIR"] = tempfile.mkdtemp(prefix="decode_phases")
     dispatch.KERNELS.clear()
     cuda.kernel_source = lambda device: rewrite(variant, ORIGINAL(device))
+    api.INDEX_LIMIT = 0 if variant == "wide" else INDEX_LIMIT  # 0: every call is wide
     try:
         run = tvm_provider(form, schedule_of(variant, form, tokens))
         call = new_call(base.clone(), form, engine_addressing(base))
-        if variant in ("base", "lazy", "narrow") or variant.startswith(("cfg:", "bounds:")):
+        if variant in ("base", "lazy", "wide") or variant.startswith(("cfg:", "bounds:")):
             check_provider(variant, run, base, form)
         else:
             run(call)
         return timed(run, call, form, tokens, copy)
     finally:
-        cuda.kernel_source = ORIGINAL
+        cuda.kernel_source, api.INDEX_LIMIT = ORIGINAL, INDEX_LIMIT
 
 
 def main(argv: list[str]) -> None:

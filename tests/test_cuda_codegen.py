@@ -1,5 +1,6 @@
 """CUDA code generation without a GPU: one kernel in four block groups, built by nvcc."""
 
+import dataclasses
 import itertools
 import os
 import re
@@ -76,7 +77,8 @@ def source(request):
 INDEX_BUFFERS = {f"{name}_ptr" for name in ("offsets", "lookup_table", "cache_lengths",
                                              "positions", "slot_mapping")}
 # a group's first test (the slots locate's own tests compare blockIdx.x with m and s)
-BLOCK_GROUP = re.compile(r"if \(\(\(int64_t\)blockIdx\.x\) < (?![ms]\))")
+# a group's test: its body opens with its block index (an index test inside a group does not)
+BLOCK_GROUP = re.compile(r"if \(\(\(int\)blockIdx\.x\) < [^\n]*\{\n(?= *int blockIdx_x)")
 MEMORY_ACCESS = re.compile(r"\b(\w+_ptr)\[|\*\(\w+\*\)\((\w+_ptr)|__stwb\(\(\w+\*\)\((\w+_ptr)"
                            r"|atomic_add\(")
 
@@ -157,6 +159,27 @@ def _group_sources(kernel: str) -> list[str]:
 ROW_LOADS = re.compile(r"\*\(\w+\*\)\((?:q_pairs|q_nope_words|q_nope|input_rows|input_pairs)_ptr "
                        r"\+|\b(?:q_pairs|q_nope|input_rows|input_pairs)_ptr\[")
 INDEX_LOADS = re.compile(r"\b(?:offsets|cache_lengths|lookup_table|positions|slot_mapping)_ptr\[")
+
+
+@pytest.mark.parametrize("op", [CONFIGS["deepseek-v3"], CONFIGS["write-through"]])
+def test_the_kernel_indexes_in_32_bits_unless_built_for_64(op):
+    """``index_bits=32`` (the default): the grid, the loops and every offset in 32-bit
+    integers; 64-bit ones only where the locate computes and checks a position or a slot
+    (an index past 2^31 must not wrap into range). ``index_bits=64``: 64-bit arithmetic
+    from the block index on."""
+    config = default_for_tokens(64, op)
+
+    def body(form):
+        code = cuda_source(form, schedule=config)
+        return code[code.rindex('extern "C" __global__'):].split(") {\n", 1)[1]
+
+    narrow, wide = body(op), body(dataclasses.replace(op, index_bits=64))
+    assert "((int)blockIdx.x)" in narrow and "(int64_t)blockIdx.x)" not in narrow
+    assert "((int64_t)blockIdx.x)" in wide
+    wide_lines = [line for line in narrow.splitlines() if "int64_t" in line]
+    assert wide_lines and all(re.search(r"\b(p|row|positioned|listed|condval)(_\d+)?\b", line)
+                              or "_slot_local_ptr[0] = " in line or "offsets_ptr[" in line
+                              or "gamma_ptr" in line for line in wide_lines), wide_lines
 
 
 def test_rows_load_before_the_token_is_located(source):
@@ -512,10 +535,10 @@ def test_k_rope_in_norm_group_shares_the_norm_blocks(norm_first):
     rows_end = groups[rows + 1]
     assert groups[rope] < kernel.index("__stwb((uint4*)(out_pairs_ptr") < groups[rope + 1]
     k_store = kernel.index("__stwb((uint4*)(k_pairs_ptr")
-    first_lanes = kernel.index("(((int64_t)threadIdx.x) & (int64_t)31) < (int64_t)8)")
+    first_lanes = kernel.index("(((int)threadIdx.x) & 31) < 8)")
     assert groups[rows] < first_lanes < k_store < kernel.index("__shfl_down_sync") < rows_end
     assert kernel.index("__stwb((uint4*)(k_rows_ptr") < rows_end
-    assert not re.search(r"if \(\(\(\(int64_t\)blockIdx\.x\) - ", kernel)  # no guard
+    assert not re.search(r"if \(\(\(\(int\)blockIdx\.x\) - ", kernel)  # no guard
 
 
 @pytest.mark.parametrize("schedule", [
@@ -548,5 +571,5 @@ def test_persistent_grid_gives_each_group_grid_blocks_blocks():
     blocks (constant group bounds), whatever the token count; the count group follows."""
     kernel = cuda_source(Form(), schedule=ScheduleConfig(grid_blocks=1024))
     kernel = kernel[kernel.rindex('extern "C" __global__'):]
-    bounds = re.findall(r"if \(\(\(int64_t\)blockIdx\.x\) < \(int64_t\)(\d+)\)", kernel)
+    bounds = re.findall(r"if \(\(\(int\)blockIdx\.x\) < (\d+)\)", kernel)
     assert bounds == ["1024", "2048", "3072"], bounds

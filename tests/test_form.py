@@ -23,6 +23,7 @@ CHANGES = {
     "freqs_dtype": ("bfloat16", {}), "gamma_dtype": ("float32", {}),
     "offsets_dtype": ("int32", {}), "positions_dtype": ("int32", {"addressing": "slots"}),
     "slots_dtype": ("int32", {"addressing": "slots"}), "alignment": (4, {}),
+    "index_bits": (64, {}),
     "cache_format": ("fp8_ds_mla", {"write_through": True}),
     "tile_scale": ("pow2", {"write_through": True, "cache_format": "fp8_ds_mla"}),
     "out_dtype": ("float8_e5m2", {}), "q_nope": (True, {}),

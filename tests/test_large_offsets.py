@@ -12,7 +12,9 @@ import dataclasses
 import pytest
 import torch
 
+import tvm_fused.api
 from tvm_fused import Form
+from tvm_fused.dispatch import KERNELS, CallKey
 from tvm_fused.testing.compare import check_run
 from tvm_fused.testing.inputs import OpInputs, inputs_for
 
@@ -65,9 +67,15 @@ def _far(inputs: OpInputs) -> tuple[OpInputs, int]:
     return far, base
 
 
+def _index_bits_of_calls() -> set[int]:
+    """The index arithmetic of the kernels called since ``KERNELS`` was last cleared."""
+    return {key[CallKey._fields.index("index_bits")] for key in KERNELS}
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(FORMS))
 def test_offsets_past_two_to_the_31(name, device):
+    """The compact call runs the 32-bit kernel, the far one the 64-bit kernel: same bits."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     compact = inputs_for(FORMS[name], NEW_TOKENS, CACHE_LENGTHS, device=device)
@@ -75,10 +83,29 @@ def test_offsets_past_two_to_the_31(name, device):
     assert far.q_rope[4].data_ptr() - far.q_rope.data_ptr() >= 2**31 * 2
     assert base * far.k_cache.stride(0) >= 2**31
     before = compact.clone()
+    KERNELS.clear()
     out = compact.call(out=torch.empty_like(compact.q_rope))
+    assert _index_bits_of_calls() == {32}
     report = check_run(before, compact, out)
     assert report.ok, report.summary()
     far_out = _far_rows(torch.zeros_like(compact.q_rope))
     far.call(out=far_out)
+    assert _index_bits_of_calls() == {32, 64}
     assert torch.equal(far_out.view(torch.uint8), out.view(torch.uint8))
     assert torch.equal(far.k_cache[base:].view(torch.uint8), compact.k_cache.view(torch.uint8))
+
+
+def test_a_32_bit_kernel_refuses_tensors_past_two_to_the_31(monkeypatch):
+    """Called with the far tensors (the entry point made to pick the 32-bit kernel), the
+    kernel's entry refuses them before anything is written."""
+    compact = inputs_for(FORMS["write-through-fp8"], NEW_TOKENS, CACHE_LENGTHS, device="cpu")
+    far, base = _far(compact)
+    far_out = _far_rows(torch.zeros_like(compact.q_rope))
+    monkeypatch.setattr(tvm_fused.api, "INDEX_LIMIT", 2**62)
+    KERNELS.clear()
+    with pytest.raises(ValueError, match="64-bit indices"):
+        far.call(out=far_out)
+    assert _index_bits_of_calls() == {32}
+    assert not far_out.any()
+    assert torch.equal(far.k_cache[base:].view(torch.uint8), compact.k_cache.view(torch.uint8))
+    assert torch.equal(far.q_rope, compact.q_rope)

@@ -261,6 +261,21 @@ def test_a_form_without_decisions_is_named(tmp_path):
                                  (tmp_path,)) == {}
 
 
+def test_a_64_bit_kernel_takes_its_32_bit_twins_decisions(tmp_path):
+    """A form of 64-bit indices (tensors past 2^31 elements) without decisions of its own
+    uses those of the same form in 32 bits; with its own, its own."""
+    narrow = Form(num_q_heads=3)
+    wide = dataclasses.replace(narrow, index_bits=64)
+    own = dataclasses.replace(DEFAULT_SCHEDULE, block_threads=256)
+    for form, config in ((narrow, DEFAULT_SCHEDULE), (wide, own)):
+        folder = records_dir(tmp_path / form.key(), "Tuned GPU", form)
+        folder.mkdir(parents=True)
+        decisions.write(folder, "Tuned GPU", form, {1: config})
+    assert decisions.for_gpu("Tuned GPU", wide, (tmp_path / narrow.key(),)) == {
+        1: DEFAULT_SCHEDULE}
+    assert decisions.for_gpu("Tuned GPU", wide, (tmp_path / wide.key(),)) == {1: own}
+
+
 def test_the_users_decisions_come_before_the_packages(tmp_path, monkeypatch):
     """``tune`` writes under the user's cache folder by default; the runtime reads the user's
     decisions of a form first, the package's where the user has none."""

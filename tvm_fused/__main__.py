@@ -199,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
     commands = main_parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser(
         "run", help="build the fused kernel, check it against float64, time it on a GPU")
-    form.add_cli_options(run_parser, exclude=("alignment",))  # the inputs' own
+    form.add_cli_options(run_parser, exclude=("alignment", "index_bits"))  # the inputs' own
     run_parser.add_argument("--tokens", type=_positive, default=1024,
                             help="new tokens in the step (default 1024)")
     run_parser.add_argument("--requests", type=_positive, default=None,

@@ -54,7 +54,7 @@ from .arguments import (
     check_table_layout,
 )
 from .dispatch import KERNELS, lookup
-from .form import ITEMSIZE, OFFSETS, SLOTS
+from .form import INDEX_LIMIT, ITEMSIZE, OFFSETS, SLOTS
 
 _VECTOR_BYTES = 16  # the widest access the schedules use
 # bytes per element of each dtype a tensor of the op may have (any other: the entry refuses)
@@ -288,20 +288,34 @@ def _run(addressing, tensors, indices, options, epsilon, schedule):
     bits = ((q0 | q1) * size | (o0 | o1) * out_size | (k0 | k1) * _ITEMSIZE[cache_dtype]
             | shape[2] * _ITEMSIZE[freqs_dtype] | q_rope.data_ptr() | out.data_ptr()
             | k_cache.data_ptr() | freqs.data_ptr() | gamma.data_ptr() | _VECTOR_BYTES)
+    n, heads, rope = shape
+    pages, rows, width = k_cache.shape
+    dims, table = gamma.shape[0], indices[1]  # the page table or slot_mapping
+    # at least the largest element count or stride span (``form.INDEX_LIMIT``)
+    span = max(n * heads * rope, n * q0 + heads * q1 + rope, n * o0 + heads * o1 + rope,
+               pages * rows * width, pages * k0 + rows * k1 + width,
+               freqs.shape[0] * freqs.stride(0) + freqs.shape[1],
+               indices[0].numel(), table.shape[0] * table.stride(0) + table.shape[-1])
     if kv_input is not None:
-        bits |= kv_input.stride()[0] * size | kv_input.data_ptr()
+        kv0 = kv_input.stride()[0]
+        bits |= kv0 * size | kv_input.data_ptr()
+        span = max(span, n * width, n * kv0 + width)
     if kv_output is not None:
-        bits |= kv_output.stride()[0] * size | kv_output.data_ptr()
+        kv0 = kv_output.stride()[0]
+        bits |= kv0 * size | kv_output.data_ptr()
+        span = max(span, n * width, n * kv0 + width)
     if q_nope is not None:
         n0, n1, _ = q_nope.stride()
         bits |= (n0 | n1) * size | q_nope.data_ptr()
+        span = max(span, n * heads * dims, n * n0 + heads * n1 + dims)
     if q_nope_out is not None:
         n0, n1, _ = q_nope_out.stride()
         bits |= (n0 | n1) * out_size | q_nope_out.data_ptr()
-    key = (q_rope.get_device(), dtype, shape[1], shape[2], gamma.shape[0], k_cache.shape[1],
-           cache_dtype, out.dtype, freqs_dtype, gamma.dtype,
-           (indices[0].dtype, indices[1].dtype), addressing, *options, kv_input is not None,
-           kv_output is not None, q_nope is not None, bits & -bits, schedule)
+        span = max(span, n * n0 + heads * n1 + dims)
+    key = (q_rope.get_device(), dtype, heads, rope, gamma.shape[0], rows, cache_dtype,
+           out.dtype, freqs_dtype, gamma.dtype, (indices[0].dtype, indices[1].dtype),
+           addressing, *options, kv_input is not None, kv_output is not None,
+           q_nope is not None, bits & -bits, 32 if span < INDEX_LIMIT else 64, schedule)
     entry = KERNELS.get(key) or lookup(key)
     k_scale = entry.scale("k_scale", k_scale)
     q_scale = entry.scale("q_scale", q_scale)

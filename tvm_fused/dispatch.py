@@ -2,13 +2,14 @@
 
 A call's key (``CallKey``) holds what shapes its kernel and is known on the host without a
 sync: the device, the dtypes, the static dims, the entry point's options, the tensors'
-alignment class and a schedule override. The entry points build it as a plain tuple in
-``CallKey``'s field order (a tuple costs nothing to build; ``CallKey`` names its fields);
-``prepare`` builds it from a ``Form``. The map's value, ``Prepared``, holds the form, the
-scratch tensors of calls that pass no error counter or scale, the schedule config of each
-token bucket (the GPU's tuning decisions, else the hand-written default) and each bucket's
-kernel, built (or loaded from the disk cache) when a call first needs it, or all at once by
-``prepare``. A call costs one dictionary lookup and a bisect.
+alignment class, the index arithmetic they need (32 or 64 bits) and a schedule override.
+The entry points build it as a plain tuple in ``CallKey``'s field order (a tuple costs
+nothing to build; ``CallKey`` names its fields); ``prepare`` builds it from a ``Form``.
+The map's value, ``Prepared``, holds the form, the scratch tensors of calls that pass no
+error counter or scale, the schedule config of each token bucket (the GPU's tuning
+decisions, else the hand-written default) and each bucket's kernel, built (or loaded from
+the disk cache) when a call first needs it, or all at once by ``prepare``. A call costs
+one dictionary lookup and a bisect.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class CallKey(NamedTuple):
     kv_output: bool
     q_nope: bool
     alignment: int
+    index_bits: int  # 64 where a tensor has 2^31 elements or more, or its strides span as many
     schedule: object  # a schedule config to use instead of the decided one, or None
 
 
@@ -85,7 +87,8 @@ def form_of(key: CallKey) -> Form:
         pdl=bool(key.pdl) and gpu, pdl_early_indices=key.pdl == EARLY_INDICES and gpu,
         addressing=key.addressing, freqs_layout=key.freqs_layout,
         norm_rounding=key.norm_rounding, freqs_dtype=dtype_name(key.freqs_dtype),
-        gamma_dtype=dtype_name(key.gamma_dtype), alignment=key.alignment, **index)
+        gamma_dtype=dtype_name(key.gamma_dtype), alignment=key.alignment,
+        index_bits=key.index_bits, **index)
 
 
 def key_of(form: Form, device: torch.device, schedule=None) -> CallKey:
@@ -100,7 +103,7 @@ def key_of(form: Form, device: torch.device, schedule=None) -> CallKey:
         tuple(getattr(torch, d) for d in index), form.addressing, form.interleaved,
         form.freqs_layout, form.norm_rounding, form.pdl_mode, form.cache_format,
         form.tile_scale, form.write_through, form.kv_output, form.q_nope, form.alignment,
-        schedule)
+        form.index_bits, schedule)
 
 
 @dataclasses.dataclass

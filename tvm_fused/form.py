@@ -36,6 +36,10 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "floa
 CACHE_FORMATS = ("plain", "fp8_ds_mla")
 DS_MLA_TILE = 128  # fp8_ds_mla: latent values per float32 scale
 ALIGNMENTS = (16, 8, 4, 2, 1)
+INDEX_BITS = (32, 64)  # the kernel's index arithmetic (``index_bits``)
+# a 32-bit kernel's tensors each have fewer elements than this, and span fewer: the sum of
+# size * stride over their dims (past the last element's offset) is below it too
+INDEX_LIMIT = 2**31
 
 
 def dtype_name(dtype) -> str:
@@ -108,6 +112,10 @@ class Form:
     positions_dtype, slots_dtype : of ``positions`` and ``slot_mapping`` (slots addressing).
     alignment : bytes every tensor's data pointer and row strides are multiples of (16 lets
         the GPU kernel access 16-byte vectors); the kernel's entry refuses other tensors.
+    index_bits : 32: the kernel indexes in 32 bits, for tensors each of fewer than 2^31
+        elements whose strides span fewer than 2^31 (``INDEX_LIMIT``; its entry refuses
+        others); 64: any tensor (a cache of every layer, a long prefill's full q).
+        The torch entry points choose per call.
     """
 
     dtype: str = field(default="bfloat16", metadata=_choice(
@@ -175,6 +183,9 @@ class Form:
     alignment: int = field(default=16, metadata=_choice(
         ALIGNMENTS, ("--alignment",), "bytes every pointer and row stride is a multiple of",
         key=lambda form, value: "" if value == 16 else f"align{value}"))
+    index_bits: int = field(default=32, metadata=_choice(
+        INDEX_BITS, ("--index-bits",), "the kernel's index arithmetic (64: tensors of 2^31 "
+        "elements or more)", key=lambda form, value: "" if value == 32 else "index64"))
 
     def __post_init__(self) -> None:
         if self.gamma_dtype is None:
@@ -232,6 +243,11 @@ class Form:
     def aligned_elems(self, dtype: str) -> int:
         """Elements of ``dtype`` that ``alignment`` bytes hold (at least 1)."""
         return max(self.alignment // ITEMSIZE[dtype], 1)
+
+    @property
+    def index_dtype(self) -> str:
+        """The dtype of the kernel's index arithmetic."""
+        return f"int{self.index_bits}"
 
     @property
     def ds_mla(self) -> bool:
@@ -319,3 +335,4 @@ def from_cli(args: argparse.Namespace) -> Form:
     has no option (ValueError names a bad one)."""
     return Form(**{entry.name: getattr(args, entry.name, entry.default)
                    for entry in dataclasses.fields(Form)})
+

@@ -39,7 +39,7 @@ def q_branch(layout: Layout):
 
     @T.macro
     def branch(n, q_pairs, out_pairs, freqs_pairs, q_scale, index):
-        q_pos = T.sblock_alloc_buffer((n,), "int64")
+        q_pos = T.sblock_alloc_buffer((n,), layout.index_dtype)
         q_state = T.sblock_alloc_buffer((n,), "int32")
         q_freqs = T.sblock_alloc_buffer((n, R2, TWO), layout.fdtype)
         q_in = T.sblock_alloc_buffer((n, H, R2, TWO), dtype)
@@ -90,12 +90,12 @@ def _words(layout: Layout, name: str, buffer, dtype: str):
     a vector of words aligned and load it whole)."""
     if dtype == buffer.dtype:
         return buffer
-    ratio = T.int64(tvm.DataType(dtype).bits // buffer.dtype.bits)
+    ratio = layout.const(tvm.DataType(dtype).bits // buffer.dtype.bits)
     n, heads, dims = buffer.shape
     s0, s1, _ = (layout.aligned(s, str(buffer.dtype)) for s in buffer.strides)
     return declare(name, (n, heads, dims // ratio), dtype, data=buffer.data,
                    elem_offset=buffer.elem_offset // ratio,
-                   strides=(s0 // ratio, s1 // ratio, T.int64(1)))
+                   strides=(s0 // ratio, s1 // ratio, layout.ONE))
 
 
 def nope_staged(form) -> bool:
@@ -121,7 +121,7 @@ def nope_branch(layout: Layout):
     H, odtype, unit = layout.H, layout.odtype, nope_copy_dtype(layout.form)
     fp8 = odtype != layout.dtype
     staged = nope_staged(layout.form)
-    width = T.int64(layout.form.kv_norm_dim * ITEMSIZE[layout.dtype] // ITEMSIZE[unit])
+    width = layout.const(layout.form.kv_norm_dim * ITEMSIZE[layout.dtype] // ITEMSIZE[unit])
 
     @T.macro
     def branch(n, q_nope, q_nope_out, q_scale, index):
@@ -169,8 +169,8 @@ def k_branch(layout: Layout):
 
     @T.macro
     def branch(n, k_source, k_pairs, output_pairs, freqs_pairs, k_scale, index):
-        k_pos = T.sblock_alloc_buffer((n,), "int64")
-        k_slot = T.sblock_alloc_buffer((n,), "int64")
+        k_pos = T.sblock_alloc_buffer((n,), layout.index_dtype)
+        k_slot = T.sblock_alloc_buffer((n,), layout.index_dtype)
         k_freqs = T.sblock_alloc_buffer((n, R2, TWO), layout.fdtype)
         k_in = T.sblock_alloc_buffer((n, R2, TWO), dtype)
         k_out = T.sblock_alloc_buffer((n, R2, TWO), dtype)
@@ -227,7 +227,7 @@ def norm_branch(layout: Layout):
     def branch(n, norm_source, cache_rows, output_rows, gamma, epsilon, k_scale, index):
         # the cache's row view and (fp8_ds_mla) its tile scales' view
         k_rows, k_scales = T.meta_var(cache_rows)
-        norm_slot = T.sblock_alloc_buffer((n,), "int64")
+        norm_slot = T.sblock_alloc_buffer((n,), layout.index_dtype)
         norm_in = T.sblock_alloc_buffer((n, D), dtype)
         sumsq = T.sblock_alloc_buffer((n,), "float32")
         scale = T.sblock_alloc_buffer((n,), "float32")
@@ -354,13 +354,14 @@ def _pick(values: list, tile):
     of each value times ``tile == i`` (exact: one term is the value, the others ±0): on the
     GPU a thread's tile depends on its index, and a register array indexed by it would live
     in local memory."""
-    terms = [value * _one_if(tile == T.int64(i)) for i, value in enumerate(values)]
+    terms = [value * _one_if(tile == tvm.tirx.IntImm(tile.ty.dtype, i))
+             for i, value in enumerate(values)]
     return functools.reduce(operator.add, terms)
 
 
 def tile_of(buffer, vt, tile, tiles: int):
     """``buffer[vt, tile]`` (the tiles' scales) among the ``tiles`` (``_pick``)."""
-    return _pick([buffer[vt, T.int64(i)] for i in range(tiles)], tile)
+    return _pick([buffer[vt, tvm.tirx.IntImm(tile.ty.dtype, i)] for i in range(tiles)], tile)
 
 
 def tile_stages(layout: Layout):
@@ -373,7 +374,7 @@ def tile_stages(layout: Layout):
     it drops), the tiles' scales (``_tile_scale``), and each value as
     ``e4m3(saturate(v / scale))``, a non-finite value divided as NaN (NaN stays NaN). No
     stage selects on a value it reads (``_all_ones_if``, ``_pick``)."""
-    D, TILES, TILE, dtype = layout.D, layout.TILES, T.int64(DS_MLA_TILE), layout.dtype
+    D, TILES, TILE, dtype = layout.D, layout.TILES, layout.const(DS_MLA_TILE), layout.dtype
     rule, tiles = layout.form.tile_scale, layout.form.scale_tiles
 
     @T.macro
@@ -391,7 +392,7 @@ def tile_stages(layout: Layout):
                 with T.init():
                     tile_max.init_maxima(amax, vt)
                 tile_max.update_maxima(amax, vt, [
-                    share[vt, vc] & _all_ones_if(vc // TILE == T.int64(i))
+                    share[vt, vc] & _all_ones_if(vc // TILE == layout.const(i))
                     for i in range(tiles)])
         for t, i in T.grid(n, TILES):
             with T.sblock("norm_tile_scale"):

@@ -71,16 +71,18 @@ Unscheduled, the PrimFunc builds for ``llvm``; ``schedules/`` maps it onto GPU t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 
 import tvm
 from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
 
-from ..form import ITEMSIZE, Form
+from ..form import INDEX_LIMIT, ITEMSIZE, Form
 from .block_groups import BLOCK_GROUPS
 from .branches import count_branch, k_branch, nope_branch, norm_branch, q_branch
 from .grid_dependency import GRID_DEPENDENCY
-from .layout import Layout
+from .layout import Layout, declare
 from .locate import Index
 from .overlap_check import ALIAS, WRITTEN
 
@@ -106,8 +108,8 @@ def parameters(form: Form) -> tuple[str, ...]:
 
 
 def _symbols() -> dict:
-    """The symbolic sizes and strides of the parameters (64-bit: a layer view of a
-    multi-layer cache spans more than 2^31 elements)."""
+    """The symbolic sizes and strides of the parameters, as the ABI binds them (64-bit: a
+    layer view of a multi-layer cache spans more than 2^31 elements)."""
     return {name: tvm.tirx.Var(name, "int64") for name in (
         "n", "batch", "max_seq_len", "num_pages", "max_pages", "m", "s", "qs0", "qs1", "os0",
         "os1", "ns0", "ns1", "nos0", "nos1", "is0", "vs0", "ks0", "ks1", "ls0", "fs0")}
@@ -162,18 +164,76 @@ class Tensors:
         return self.buffers.get(name) if name in PARAMETERS else self.symbols[name]
 
 
-def declare_parameters(layout: Layout) -> Tensors:
-    """Declare the form's parameters in call order (inside the PrimFunc being built)."""
+def _constant(shape) -> bool:
+    """Every size in ``shape`` is a constant."""
+    return all(isinstance(size, tvm.tirx.IntImm) for size in shape)
+
+
+def declare_parameters(abi: Layout, body: Layout) -> Tensors:
+    """Declare the form's parameters in call order (inside the PrimFunc being built): the
+    symbolic sizes in ``abi``'s dtype (int64, what the ABI binds), a tensor of constant
+    sizes (gamma, the scales, the error count) in ``body``'s index dtype (its loops meet the
+    body's thread indices)."""
     symbols = _symbols()
-    declarations, buffers = _declarations(layout, symbols), {}
-    for name in parameters(layout.form):
+    wide, buffers = _declarations(abi, symbols), {}
+    narrow = _declarations(body, symbols)
+    for name in parameters(abi.form):
         if name == "epsilon":
             buffers[name] = T.arg("epsilon", T.float32())
             continue
-        shape, dtype, strides, align = declarations[name]
+        shape, dtype, strides, align = narrow[name] if _constant(narrow[name][0]) else wide[name]
         handle = T.arg(_handle_name(name), T.handle())
         buffers[name] = T.match_buffer(handle, shape, dtype, strides=strides, align=align)
         IRBuilder.name(name, buffers[name])
+    return Tensors(buffers, symbols)
+
+
+def _fits(buffer) -> tvm.tirx.PrimExpr:
+    """``buffer`` (an ABI parameter) has fewer than 2^31 elements, and its strides span
+    fewer (``form.INDEX_LIMIT``)."""
+    elements = functools.reduce(operator.mul, buffer.shape)
+    fits = elements < T.int64(INDEX_LIMIT)
+    if buffer.strides:
+        span = functools.reduce(operator.add, [size * stride for size, stride in zip(
+            buffer.shape, buffer.strides, strict=True)])
+        fits = tvm.tirx.all(fits, span < T.int64(INDEX_LIMIT))
+    return fits
+
+
+def _all_fit(tensors: Tensors) -> tvm.tirx.PrimExpr:
+    """Every tensor parameter ``_fits``."""
+    return tvm.tirx.all(*(_fits(buffer) for name, buffer in tensors.buffers.items()
+                          if name != "epsilon"))
+
+
+@T.macro
+def _assert_32_bit_index(a):
+    assert _all_fit(a), (
+        "ValueError", ["a tensor of 2^31 elements or more, or whose strides span as many, "
+                       "needs a kernel of 64-bit indices (Form(index_bits=64)); the torch "
+                       "entry points choose it themselves"])
+
+
+def narrow_parameters(tensors: Tensors, layout: Layout) -> Tensors:
+    """The parameters as the branches of a kernel indexing in ``layout.index_dtype`` see
+    them: ``tensors`` themselves for 64 bits; for 32, each tensor with a symbolic size
+    viewed with its sizes and strides narrowed (inside the PrimFunc being built, after
+    ``_assert_32_bit_index``); those of constant sizes (gamma, the scales, the error count)
+    as they are."""
+    if layout.index_dtype == "int64":
+        return tensors
+    used = {expr for name, buffer in tensors.buffers.items() if name != "epsilon"
+            for expr in (*buffer.shape, *buffer.strides) if isinstance(expr, tvm.tirx.Var)}
+    symbols = {name: T.Cast(layout.index_dtype, var) if var in used
+               else tvm.tirx.Var(name, layout.index_dtype)
+               for name, var in tensors.symbols.items()}
+    declarations, buffers = _declarations(layout, symbols), {}
+    for name, buffer in tensors.buffers.items():
+        if name == "epsilon" or _constant(buffer.shape):
+            buffers[name] = buffer
+            continue
+        shape, dtype, strides, _ = declarations[name]
+        buffers[name] = declare(name, shape, dtype, data=buffer.data, strides=strides)
     return Tensors(buffers, symbols)
 
 
@@ -291,15 +351,19 @@ def fused_rope_rmsnorm_func(form: Form) -> tvm.tirx.PrimFunc:
     bytes (so must ``freqs_cis`` and ``gamma``), and its row strides be multiples of it: the
     compiled entry refuses other tensors before launching.
     """
-    layout = Layout(form)
-    attrs, checks, branches = _func_attrs(form), _entry_checks(layout), _branches(layout)
+    abi, layout = Layout(form), Layout(form, form.index_dtype)
+    attrs, checks, branches = _func_attrs(form), _entry_checks(abi), _branches(layout)
+    narrow = form.index_bits == 32
 
     @T.prim_func(s_tir=True)
     def fused_rope_rmsnorm():
         T.func_attr(attrs)
-        tensors = T.meta_var(declare_parameters(layout))
+        tensors = T.meta_var(declare_parameters(abi, layout))
         checks(tensors)
-        branches(tensors)
+        if narrow:
+            _assert_32_bit_index(tensors)
+        narrowed = T.meta_var(narrow_parameters(tensors, layout))
+        branches(narrowed)
 
     return fused_rope_rmsnorm
 # fmt: on

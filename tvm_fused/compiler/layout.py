@@ -19,20 +19,21 @@ def f32(x):
 class Layout:
     """The static side of ``form``'s definition.
 
-    Sizes are 64-bit constants, like the symbolic dims (the ABI binds int64 shapes): ``H``
+    Sizes are constants of ``index_dtype``, the dtype of the symbolic dims they meet (the
+    ABI binds int64 shapes; a 32-bit kernel's body narrows them, see ``definition.py``): ``H``
     heads, ``R`` rope dims (``R2`` pairs), ``D`` latent dims, ``W = D + R`` a row, ``PS``
     rows per page. Rope pairs are addressed through views ``[..., R/2, 2]`` whose strides
     (``pair``: ``(pj, pp)``) encode the pairing, and the cos/sin table through a view
     ``[max_seq_len, R/2, 2]`` whose strides encode its layout.
     """
 
-    def __init__(self, form: Form):
-        self.form = form
-        self.H, self.R, self.D, self.PS, self.W, self.R2 = (T.int64(v) for v in (
+    def __init__(self, form: Form, index_dtype: str = "int64"):
+        self.form, self.index_dtype = form, index_dtype
+        self.H, self.R, self.D, self.PS, self.W, self.R2 = (self.const(v) for v in (
             form.num_q_heads, form.rope_dim, form.kv_norm_dim, form.page_size,
             form.row_width, form.rope_dim // 2))
-        self.ZERO, self.ONE, self.TWO, self.NONE = (T.int64(v) for v in (0, 1, 2, -1))
-        self.CW, self.TILES = T.int64(form.cache_row), T.int64(max(form.scale_tiles, 1))
+        self.ZERO, self.ONE, self.TWO, self.NONE = (self.const(v) for v in (0, 1, 2, -1))
+        self.CW, self.TILES = self.const(form.cache_row), self.const(max(form.scale_tiles, 1))
         self.dtype, self.gdtype, self.fdtype = form.dtype, form.gamma_dtype, form.freqs_dtype
         self.cdtype, self.odtype = form.cache_element, form.out_element
         self.write_through, self.kv_output = form.write_through, form.kv_output
@@ -46,6 +47,19 @@ class Layout:
         self.freqs_strides = ((self.R, self.TWO, self.ONE) if form.freqs_layout == "interleaved"
                               else (self.R, self.ONE, self.R2))
 
+    def const(self, value: int) -> tvm.tirx.IntImm:
+        """``value`` as an index constant."""
+        return tvm.tirx.IntImm(self.index_dtype, value)
+
+    def index(self, value, low=None, high=None):
+        """``value`` (int64) as an index: a 32-bit kernel's narrowed, clamped into ``[low,
+        high]`` first where given (every value past an end means what the end means)."""
+        if self.index_dtype == "int64":
+            return value
+        if low is not None:
+            value = T.max(T.min(value, high), low)
+        return T.Cast(self.index_dtype, value)
+
     def align(self, dtype: str) -> int:
         """Data-pointer alignment a buffer of ``dtype`` declares (and the entry checks)."""
         return max(self.form.alignment, ITEMSIZE[dtype])
@@ -54,7 +68,7 @@ class Layout:
         """``stride`` as a visible multiple of the elements of ``dtype`` (default q's) the
         alignment holds (equal to it: the entry asserts it), so that vector accesses through
         the views are provably aligned."""
-        elems = T.int64(self.form.aligned_elems(dtype or self.dtype))
+        elems = self.const(self.form.aligned_elems(dtype or self.dtype))
         return stride // elems * elems
 
     def pair_strides(self, *row_strides, dtype: str | None = None) -> tuple:
@@ -64,7 +78,7 @@ class Layout:
 
     def multiples(self, dtype: str, *strides):
         """The strides are multiples of the elements of ``dtype`` the alignment holds."""
-        elems = T.int64(self.form.aligned_elems(dtype))
+        elems = self.const(self.form.aligned_elems(dtype))
         return tvm.tirx.all(*(stride % elems == self.ZERO for stride in strides))
 
     def refusal(self, name: str, dtype: str) -> tuple:
@@ -104,10 +118,10 @@ class Layout:
                          elem_offset=start, strides=(
                              self.aligned(ks0, "uint8"), self.aligned(ks1, "uint8"), self.ONE))
         scales = declare("k_scales", (*lead, self.TILES), "float32", data=k_cache.data,
-                         elem_offset=start // T.int64(4) + T.int64(scales_at // 4),
-                         strides=(ks0 // T.int64(4), ks1 // T.int64(4), self.ONE))
+                         elem_offset=start // self.const(4) + self.const(scales_at // 4),
+                         strides=(ks0 // self.const(4), ks1 // self.const(4), self.ONE))
         pairs = declare("k_pairs", (*lead, self.R2, self.TWO), self.dtype, data=k_cache.data,
-                        elem_offset=start // self.TWO + T.int64(rope_at // 2),
+                        elem_offset=start // self.TWO + self.const(rope_at // 2),
                         strides=self.pair_strides(ks0 // self.TWO, ks1 // self.TWO))
         return latent, pairs, scales
 

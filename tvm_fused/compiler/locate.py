@@ -38,7 +38,7 @@ class Index:
 
     def in_cache(self, slot) -> tvm.tirx.PrimExpr:
         """The token has a cache row (its slot is a row of a physical page)."""
-        return tvm.tirx.all(T.int64(0) <= slot, slot < self.end)
+        return tvm.tirx.all(tvm.tirx.IntImm(self.end.ty.dtype, 0) <= slot, slot < self.end)
 
     def regions(self) -> list:
         """The whole of each buffer (what a locate stage may read)."""
@@ -65,17 +65,20 @@ def _elements(index, *buffers) -> list:
 # fmt: off
 def locator(layout: Layout):
     """The macro ``locate(vt, index, pos, slot, state)`` of ``layout``'s addressing."""
-    PS, ZERO, NONE = layout.PS, layout.ZERO, layout.NONE
+    # positions and rows are computed and checked in 64 bits (an index past 2^31 must not
+    # wrap into range); what is recorded is in range, or -1 / ``end``, in the layout's dtype
+    PS, ZERO, NONE = (T.int64(v) for v in (layout.form.page_size, 0, -1))
 
     @T.macro
     def record(vt, index, located, pos, slot, state):
         """Write a located token's outputs (each optional)."""
         if pos is not None:
-            pos[vt] = T.Select(located.positioned, located.position, NONE)
+            pos[vt] = layout.index(T.Select(located.positioned, located.position, NONE))
         if slot is not None:
-            slot[vt] = located.row
+            slot[vt] = layout.index(located.row, NONE, T.Cast("int64", index.end))
         if state is not None:
-            state[vt] = T.Select(located.real, T.Select(located.row < index.end, OK, ERROR),
+            state[vt] = T.Select(located.real, T.Select(located.row < T.Cast("int64", index.end),
+                                                         OK, ERROR),
                                  PADDING)
 
     @T.macro
@@ -93,7 +96,7 @@ def locator(layout: Layout):
         stays in range); the position is computed and checked in 64 bits, so no length
         overflows it."""
         offsets, cache_lengths, lookup_table = index.offsets, index.cache_lengths, index.table
-        batch: T.let = T.Cast("int32", offsets.shape[0] - T.int64(1))
+        batch: T.let = T.Cast("int32", offsets.shape[0]) - 1
         token: T.let = T.Cast("int32", vt)
         request = T.alloc_buffer((1,), "int32", scope="local")  # -1: no request claims vt
         first = T.alloc_buffer((1,), "int32", scope="local")  # the request's first token
@@ -126,12 +129,13 @@ def locator(layout: Layout):
                     request[0] = lo[0]
                     first[0] = T.Cast("int32", offsets[lo[0]])
                     length[0] = cache_lengths[lo[0]]
-        p: T.let = T.Cast("int64", length[0]) + vt - T.Cast("int64", first[0])
-        positioned: T.let = real and request[0] >= 0 and ZERO <= p and p < index.max_seq_len
-        listed: T.let = positioned and p // PS < lookup_table.shape[1]
+        p: T.let = T.Cast("int64", length[0]) + T.Cast("int64", vt) - T.Cast("int64", first[0])
+        positioned: T.let = (real and request[0] >= 0 and ZERO <= p
+                             and p < T.Cast("int64", index.max_seq_len))
+        listed: T.let = positioned and p // PS < T.Cast("int64", lookup_table.shape[1])
         row: T.let = T.if_then_else(
-            listed, T.Cast("int64", lookup_table[request[0], p // PS]) * PS + p % PS,
-            index.end)
+            listed, T.Cast("int64", lookup_table[request[0], T.Cast("int32", p // PS)]) * PS
+            + p % PS, T.Cast("int64", index.end))
         located = T.meta_var(Located(real, positioned, p, row))
         record(vt, index, located, pos, slot, state)
 
@@ -142,10 +146,11 @@ def locator(layout: Layout):
         row."""
         real: T.let = vt < index.positions.shape[0]
         p: T.let = T.if_then_else(real, T.Cast("int64", index.positions[vt]), NONE)
-        positioned: T.let = real and ZERO <= p and p < index.max_seq_len
+        positioned: T.let = real and ZERO <= p and p < T.Cast("int64", index.max_seq_len)
         row: T.let = T.if_then_else(
             positioned, T.if_then_else(vt < index.slots.shape[0],
-                                       T.Cast("int64", index.slots[vt]), NONE), index.end)
+                                       T.Cast("int64", index.slots[vt]), NONE),
+            T.Cast("int64", index.end))
         located = T.meta_var(Located(real, positioned, p, row))
         record(vt, index, located, pos, slot, state)
 

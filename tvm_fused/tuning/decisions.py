@@ -46,13 +46,17 @@ def for_gpu(gpu_name: str, form: Form, logs_dirs: tuple[Path, ...] | None = None
             ) -> dict[int, ScheduleConfig]:
     """Bucket -> config decided for ``form`` on ``gpu_name``, from the first of ``logs_dirs``
     (default: the user's, then the project's) that has decisions for it; empty (with a
-    warning) if none has, and for tensors narrower than the tuned alignment."""
+    warning) if none has, and for tensors narrower than the tuned alignment. A kernel of
+    64-bit indices without decisions of its own takes its 32-bit twin's (the same schedule
+    over wider arithmetic)."""
     if form.alignment < TUNED_ALIGNMENT:
         return {}
-    for logs_dir in logs_dirs or (user_logs_dir(), default_logs_dir()):
-        path = records_dir(Path(logs_dir), gpu_name, form)
-        if (path / DECISIONS).is_file():
-            return read(path)
+    twins = (form, dataclasses.replace(form, index_bits=32)) if form.index_bits != 32 else (form,)
+    for twin in twins:
+        for logs_dir in logs_dirs or (user_logs_dir(), default_logs_dir()):
+            path = records_dir(Path(logs_dir), gpu_name, twin)
+            if (path / DECISIONS).is_file():
+                return read(path)
     warnings.warn(f"tvm_fused: no tuning decisions for {path.parent.name}/{form.key()}; "
                   "using the default schedule", stacklevel=3)
     return {}

@@ -58,10 +58,12 @@ def bucket_workload(form: Form, tokens: int) -> tvm.IRModule:
     layouts of ``bucket_inputs``, q_rope_output contiguous) and epsilon bound to 1e-6
     (MetaSchedule measures functions of tensors only)."""
     func = fused_rope_rmsnorm_func(form)
-    # offsets' shape, batch + 1, follows from cache_lengths' (specialize binds plain vars)
+    # offsets' shape, batch + 1, follows from cache_lengths' (specialize binds plain vars);
+    # a tensor of constant sizes (gamma, the scales, the error count) is static already
     binding = {param: _static_buffer(param, tensor.shape, tensor.stride())
                for param, tensor in zip(func.params, bucket_tensors(form, tokens))
-               if param.name != "offsets"}
+               if param.name != "offsets" and not all(
+                   isinstance(size, tvm.tirx.IntImm) for size in param.shape)}
     binding[func.params[-1]] = tvm.tirx.FloatImm("float32", EPSILON)
     return tvm.IRModule({"main": func.specialize(binding)})
 
