@@ -63,10 +63,12 @@ from tvm_fused.form import INDEX_LIMIT, Form
 from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.timing import STEADY_CALLS, bytes_moved, time_cuda, time_graph
 
-# a block group's test: its body opens with its block index (a test inside a group does not),
-# or with the ``return;`` a variant puts there
+# a block group's test: its body opens with its block index, after a test of the threads it
+# uses where it uses fewer than the block's, or with the ``return;`` a variant puts there (a
+# test inside a group does not)
 GROUP_TEST = re.compile(
-    r"if \(\(\(int\)blockIdx\.x\) < [^\n]*\{\n(?=(?:return;\n)? *int blockIdx_x)")
+    r"if \(\(\(int\)blockIdx\.x\) < [^\n]*\{\n"
+    r"(?=(?:return;\n)?(?: *if \(\(\(int\)threadIdx\.x\) < \d+\) \{\n)? *int blockIdx_x)")
 FP8_QUERY = {"out_dtype": "float8_e4m3fn", "q_nope": True}
 FORMS = {"ip": Form(num_q_heads=128), "wt": Form(num_q_heads=128, write_through=True),
          "fp8": Form(num_q_heads=128, write_through=True, cache_dtype="float8_e4m3fn"),

@@ -77,8 +77,10 @@ def source(request):
 INDEX_BUFFERS = {f"{name}_ptr" for name in ("offsets", "lookup_table", "cache_lengths",
                                              "positions", "slot_mapping")}
 # a group's first test (the slots locate's own tests compare blockIdx.x with m and s)
-# a group's test: its body opens with its block index (an index test inside a group does not)
-BLOCK_GROUP = re.compile(r"if \(\(\(int\)blockIdx\.x\) < [^\n]*\{\n(?= *int blockIdx_x)")
+# a group's test: its body opens with its block index, after a test of the threads it uses
+# where it uses fewer than the block's (an index test inside a group does not)
+BLOCK_GROUP = re.compile(r"if \(\(\(int\)blockIdx\.x\) < [^\n]*\{\n"
+                         r"(?=(?: *if \(\(\(int\)threadIdx\.x\) < \d+\) \{\n)? *int blockIdx_x)")
 MEMORY_ACCESS = re.compile(r"\b(\w+_ptr)\[|\*\(\w+\*\)\((\w+_ptr)|__stwb\(\(\w+\*\)\((\w+_ptr)"
                            r"|atomic_add\(")
 
