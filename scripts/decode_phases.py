@@ -59,7 +59,7 @@ from benchmarks.suite import (
     tvm_provider,
 )
 from tvm_fused import dispatch
-from tvm_fused.form import INDEX_LIMIT, Form
+from tvm_fused.form import Form
 from tvm_fused.schedules.config import default_for_tokens
 from tvm_fused.timing import STEADY_CALLS, bytes_moved, time_cuda, time_graph
 
@@ -216,7 +216,7 @@ def measure(variant: str, form: Form, base, tokens: int, copy: float) -> str:
     os.environ["TVM_FUSED_CACHE_DIR"] = tempfile.mkdtemp(prefix="decode_phases")
     dispatch.KERNELS.clear()
     cuda.kernel_source = lambda device: rewrite(variant, ORIGINAL(device))
-    api.INDEX_LIMIT = 0 if variant == "wide" else INDEX_LIMIT  # 0: every call is wide
+    api.FIRST_INDEX_BITS = 64 if variant == "wide" else 32
     try:
         run = tvm_provider(form, schedule_of(variant, form, tokens))
         call = new_call(base.clone(), form, engine_addressing(base))
@@ -226,7 +226,7 @@ def measure(variant: str, form: Form, base, tokens: int, copy: float) -> str:
             run(call)
         return timed(run, call, form, tokens, copy)
     finally:
-        cuda.kernel_source, api.INDEX_LIMIT = ORIGINAL, INDEX_LIMIT
+        cuda.kernel_source, api.FIRST_INDEX_BITS = ORIGINAL, 32
 
 
 def main(argv: list[str]) -> None:

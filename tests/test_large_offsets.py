@@ -75,7 +75,8 @@ def _index_bits_of_calls() -> set[int]:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(FORMS))
 def test_offsets_past_two_to_the_31(name, device):
-    """The compact call runs the 32-bit kernel, the far one the 64-bit kernel: same bits."""
+    """The compact call runs the 32-bit kernel; the far one is refused by it and runs the
+    64-bit kernel: same bits."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     compact = inputs_for(FORMS[name], NEW_TOKENS, CACHE_LENGTHS, device=device)
@@ -96,12 +97,13 @@ def test_offsets_past_two_to_the_31(name, device):
 
 
 def test_a_32_bit_kernel_refuses_tensors_past_two_to_the_31(monkeypatch):
-    """Called with the far tensors (the entry point made to pick the 32-bit kernel), the
-    kernel's entry refuses them before anything is written."""
+    """Called with the far tensors (the entry point made not to retry in 64 bits), the
+    32-bit kernel's entry refuses them before anything is written: what lets the entry
+    points try it first."""
     compact = inputs_for(FORMS["write-through-fp8"], NEW_TOKENS, CACHE_LENGTHS, device="cpu")
     far, base = _far(compact)
     far_out = _far_rows(torch.zeros_like(compact.q_rope))
-    monkeypatch.setattr(tvm_fused.api, "INDEX_LIMIT", 2**62)
+    monkeypatch.setattr(tvm_fused.api, "INDEX_REFUSAL", "a message no kernel gives")
     KERNELS.clear()
     with pytest.raises(ValueError, match="64-bit indices"):
         far.call(out=far_out)

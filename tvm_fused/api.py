@@ -54,9 +54,10 @@ from .arguments import (
     check_table_layout,
 )
 from .dispatch import KERNELS, lookup
-from .form import INDEX_LIMIT, ITEMSIZE, OFFSETS, SLOTS
+from .form import INDEX_REFUSAL, ITEMSIZE, OFFSETS, SLOTS
 
 _VECTOR_BYTES = 16  # the widest access the schedules use
+FIRST_INDEX_BITS = 32  # the index width a call tries first (64: every call wide)
 # bytes per element of each dtype a tensor of the op may have (any other: the entry refuses)
 _ITEMSIZE = {getattr(torch, name): size for name, size in ITEMSIZE.items()}
 
@@ -273,9 +274,11 @@ def _run(addressing, tensors, indices, options, epsilon, schedule):
     tensors. Its alignment is the largest power of two up to 16 dividing every data pointer
     and row stride, in bytes (``freqs`` and ``gamma`` are compact, and ``kv_input``,
     ``kv_output`` and ``q_nope`` share q's element size, ``q_nope_out`` out's, or the
-    kernel's entry refuses them)."""
-    q_rope, out, freqs, gamma, k_cache, kv_input, kv_output, k_scale, errors, q_nope, \
-        q_nope_out, q_scale = tensors
+    kernel's entry refuses them). The kernel indexes in 32 bits; where its entry refuses
+    tensors too large for that (``INDEX_REFUSAL``), before writing anything, the call goes to
+    the 64-bit kernel of the same key: nothing on the host measures a tensor's span."""
+    q_rope, out, freqs, gamma, k_cache, kv_input, kv_output, _, _, q_nope, q_nope_out, _ = \
+        tensors
     shape, dtype, cache_dtype = q_rope.shape, q_rope.dtype, k_cache.dtype
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=q_rope.device)
@@ -288,35 +291,35 @@ def _run(addressing, tensors, indices, options, epsilon, schedule):
     bits = ((q0 | q1) * size | (o0 | o1) * out_size | (k0 | k1) * _ITEMSIZE[cache_dtype]
             | shape[2] * _ITEMSIZE[freqs_dtype] | q_rope.data_ptr() | out.data_ptr()
             | k_cache.data_ptr() | freqs.data_ptr() | gamma.data_ptr() | _VECTOR_BYTES)
-    n, heads, rope = shape
-    pages, rows, width = k_cache.shape
-    dims, table = gamma.shape[0], indices[1]  # the page table or slot_mapping
-    # at least the largest element count or stride span (``form.INDEX_LIMIT``)
-    span = max(n * heads * rope, n * q0 + heads * q1 + rope, n * o0 + heads * o1 + rope,
-               pages * rows * width, pages * k0 + rows * k1 + width,
-               freqs.shape[0] * freqs.stride(0) + freqs.shape[1],
-               indices[0].numel(), table.shape[0] * table.stride(0) + table.shape[-1])
     if kv_input is not None:
-        kv0 = kv_input.stride()[0]
-        bits |= kv0 * size | kv_input.data_ptr()
-        span = max(span, n * width, n * kv0 + width)
+        bits |= kv_input.stride()[0] * size | kv_input.data_ptr()
     if kv_output is not None:
-        kv0 = kv_output.stride()[0]
-        bits |= kv0 * size | kv_output.data_ptr()
-        span = max(span, n * width, n * kv0 + width)
+        bits |= kv_output.stride()[0] * size | kv_output.data_ptr()
     if q_nope is not None:
         n0, n1, _ = q_nope.stride()
         bits |= (n0 | n1) * size | q_nope.data_ptr()
-        span = max(span, n * heads * dims, n * n0 + heads * n1 + dims)
     if q_nope_out is not None:
         n0, n1, _ = q_nope_out.stride()
         bits |= (n0 | n1) * out_size | q_nope_out.data_ptr()
-        span = max(span, n * n0 + heads * n1 + dims)
-    key = (q_rope.get_device(), dtype, heads, rope, gamma.shape[0], rows, cache_dtype,
-           out.dtype, freqs_dtype, gamma.dtype, (indices[0].dtype, indices[1].dtype),
-           addressing, *options, kv_input is not None, kv_output is not None,
-           q_nope is not None, bits & -bits, 32 if span < INDEX_LIMIT else 64, schedule)
-    entry = KERNELS.get(key) or lookup(key)
+    key = (q_rope.get_device(), dtype, shape[1], shape[2], gamma.shape[0], k_cache.shape[1],
+           cache_dtype, out.dtype, freqs_dtype, gamma.dtype,
+           (indices[0].dtype, indices[1].dtype), addressing, *options, kv_input is not None,
+           kv_output is not None, q_nope is not None, bits & -bits, FIRST_INDEX_BITS, schedule)
+    try:
+        return _call(KERNELS.get(key) or lookup(key), addressing, tensors, out, indices,
+                     epsilon)
+    except ValueError as error:
+        if FIRST_INDEX_BITS == 64 or INDEX_REFUSAL not in str(error):
+            raise
+    wide = (*key[:-2], 64, schedule)
+    return _call(KERNELS.get(wide) or lookup(wide), addressing, tensors, out, indices, epsilon)
+
+
+def _call(entry, addressing, tensors, out, indices, epsilon):
+    """Launch ``entry``'s kernel (a ``dispatch.Prepared``) on the call's tensors, with its
+    scratch tensors for the error count and scales the call does not pass; returns out."""
+    q_rope, _, freqs, gamma, k_cache, kv_input, kv_output, k_scale, errors, q_nope, \
+        q_nope_out, q_scale = tensors
     k_scale = entry.scale("k_scale", k_scale)
     q_scale = entry.scale("q_scale", q_scale)
     if errors is None:
@@ -325,7 +328,7 @@ def _run(addressing, tensors, indices, options, epsilon, schedule):
         errors = errors.reshape(1)
     offsets, table, lengths = indices if addressing == "offsets" else (None, None, None)
     positions, slots = indices if addressing == "slots" else (None, None)
-    entry.kernel(shape[0])(*entry.arguments((
+    entry.kernel(q_rope.shape[0])(*entry.arguments((
         q_rope, out, q_nope, q_nope_out, kv_input, kv_output, offsets, freqs, gamma, k_cache,
         k_scale, q_scale, table, lengths, positions, slots, errors, float(epsilon))))
     return out

@@ -40,6 +40,9 @@ INDEX_BITS = (32, 64)  # the kernel's index arithmetic (``index_bits``)
 # a 32-bit kernel's tensors each have fewer elements than this, and span fewer: the sum of
 # size * stride over their dims (past the last element's offset) is below it too
 INDEX_LIMIT = 2**31
+# what a 32-bit kernel's entry says of tensors past INDEX_LIMIT (the torch entry points then
+# call the 64-bit kernel)
+INDEX_REFUSAL = "needs a kernel of 64-bit indices"
 
 
 def dtype_name(dtype) -> str:
@@ -115,7 +118,7 @@ class Form:
     index_bits : 32: the kernel indexes in 32 bits, for tensors each of fewer than 2^31
         elements whose strides span fewer than 2^31 (``INDEX_LIMIT``; its entry refuses
         others); 64: any tensor (a cache of every layer, a long prefill's full q).
-        The torch entry points choose per call.
+        The torch entry points call the 32-bit kernel, the 64-bit one where it refuses.
     """
 
     dtype: str = field(default="bfloat16", metadata=_choice(

@@ -78,7 +78,7 @@ import tvm
 from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
 
-from ..form import INDEX_LIMIT, ITEMSIZE, Form
+from ..form import INDEX_LIMIT, INDEX_REFUSAL, ITEMSIZE, Form
 from .block_groups import BLOCK_GROUPS
 from .branches import count_branch, k_branch, nope_branch, norm_branch, q_branch
 from .grid_dependency import GRID_DEPENDENCY
@@ -210,8 +210,8 @@ def _all_fit(tensors: Tensors) -> tvm.tirx.PrimExpr:
 def _assert_32_bit_index(a):
     assert _all_fit(a), (
         "ValueError", ["a tensor of 2^31 elements or more, or whose strides span as many, "
-                       "needs a kernel of 64-bit indices (Form(index_bits=64)); the torch "
-                       "entry points choose it themselves"])
+                       + INDEX_REFUSAL + " (Form(index_bits=64)); the torch entry points "
+                       "call it themselves"])
 
 
 def narrow_parameters(tensors: Tensors, layout: Layout) -> Tensors:
